@@ -1,0 +1,264 @@
+"""The Python client: submit a function over many inputs, stream or gather the results.
+
+>>> client = Client("http://localhost:8786")          # or Client() with $HQ_URL set
+>>> job = client.map(pow, range(10), [2] * 10)
+>>> job.result()
+[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]
+
+The client runs its HTTP traffic on a private event-loop thread, so it works the
+same from a script, a notebook (which has its own running loop) or a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from . import protocol
+from .errors import HQError, JobCancelled, TaskFailed
+from .protocol import FRAMES_CONTENT_TYPE, Codec
+from .transport import Transport
+
+T = TypeVar("T")
+
+SUBMIT_BATCH = 4096
+SUBMIT_IN_FLIGHT = 2
+POLL_WAIT = 30.0
+
+Frames = tuple[dict[str, Any], list[memoryview]]
+
+NO_URL_HELP = (
+    "no coffea-hq server URL: pass Client(url), set HQ_URL, or start one on this machine "
+    "with `with coffea_hq.LocalCluster() as cluster: Client(cluster.url)`"
+)
+
+
+def resolve_url(url: str | None) -> str:
+    """``url``, else $HQ_URL, else a clear error."""
+    url = url or os.environ.get(protocol.ENV_URL)
+    if not url:
+        raise HQError(NO_URL_HELP)
+    if not url.startswith(("http://", "https://")):
+        raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
+    return url
+
+
+class Client:
+    """A connection to a coffea-hq server.
+
+    ``url`` defaults to ``$HQ_URL``. ``retry_for`` is how long requests ride out an
+    unreachable server (restarts, network cuts) before raising.
+    """
+
+    def __init__(
+        self, url: str | None = None, *, token: str | None = None, retry_for: float = 120.0,
+        codec: Codec = Codec.LZ4,
+    ) -> None:
+        self.url = resolve_url(url)
+        self.codec = codec
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coffea-hq-client",
+                                        daemon=True)
+        self._thread.start()
+        self.transport = Transport(self.url, retry_for=retry_for, token=token)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._spawn(coro).result(timeout)
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        if self._closed:
+            coro.close()
+            raise HQError("this Client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def close(self) -> None:
+        """Close the connection (running jobs continue on the server)."""
+        if self._closed:
+            return
+        self._run(self.transport.close())
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ service
+
+    def health(self) -> dict[str, Any]:
+        """The server's ``/health`` document."""
+        return self._run(self.transport.call("GET", protocol.HEALTH)).json()  # type: ignore[no-any-return]
+
+    def queue(self) -> dict[str, int]:
+        """Queued and running task counts, jobs and workers."""
+        return self._run(self.transport.call("GET", protocol.QUEUE)).json()  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ jobs
+
+    def map(
+        self,
+        function: Callable[..., Any],
+        *iterables: Iterable[Any],
+        max_attempts: int = protocol.DEFAULT_MAX_ATTEMPTS,
+        fail_fast: bool = True,
+        label: str = "",
+    ) -> Job:
+        """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
+
+        ``max_attempts`` bounds retries after a worker dies or hangs (a task that raises
+        fails at once); with ``fail_fast`` the first failure ends the job.
+        """
+        items = list(zip(*iterables, strict=False))
+        payloads = [protocol.dumps(args, self.codec) for args in items]
+        blob = protocol.compress(cloudpickle.dumps(function), self.codec)
+        job = Job(self, uuid.uuid4().hex[:20], items)
+        self._run(self._create(job.id, blob, payloads, max_attempts, fail_fast, label))
+        return job
+
+    async def _create(
+        self, job: str, blob: bytes, payloads: list[bytes], max_attempts: int, fail_fast: bool,
+        label: str,
+    ) -> None:
+        sha = protocol.blob_name(blob)
+        path = protocol.BLOB.format(sha=sha)
+        found = await self.transport.call("HEAD", path, accept=(200, 404))
+        if found.status == 404:
+            await self.transport.call("PUT", path, body=blob,
+                                      content_type=protocol.BLOB_CONTENT_TYPE)
+        await self.transport.call("PUT", protocol.JOB.format(job=job), json_body={
+            "function": sha, "max_attempts": max_attempts, "fail_fast": fail_fast, "label": label,
+        })
+        limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
+
+        async def submit(start: int) -> None:
+            chunk = payloads[start : start + SUBMIT_BATCH]
+            header = {"tasks": [str(i) for i in range(start, start + len(chunk))]}
+            async with limit:
+                await self.transport.call(
+                    "POST", protocol.JOB_TASKS.format(job=job), body=protocol.pack(header, chunk),
+                    content_type=FRAMES_CONTENT_TYPE,
+                )
+
+        await asyncio.gather(*(submit(s) for s in range(0, len(payloads), SUBMIT_BATCH)))
+        await self.transport.call("POST", protocol.JOB_SEAL.format(job=job),
+                                  json_body={"total": len(payloads)})
+
+    async def _results(self, job: str, after: str, wait: float) -> Frames:
+        response = await self.transport.call(
+            "GET", protocol.JOB_RESULTS.format(job=job),
+            params={"after": after, "ack": after, "wait": str(wait)},
+        )
+        return response.frames()
+
+    async def _delete(self, job: str) -> None:
+        await self.transport.call("DELETE", protocol.JOB.format(job=job), accept=(200, 404))
+
+
+class Job:
+    """A handle on a submitted job: stream results, gather them, or cancel."""
+
+    __slots__ = ("id", "client", "items", "_values", "_received", "_finished", "_cursor")
+
+    def __init__(self, client: Client, job_id: str, items: list[tuple[Any, ...]]) -> None:
+        self.id = job_id
+        self.client = client
+        self.items = items
+        self._values: list[Any] = [None] * len(items)
+        self._received = bytearray(len(items))  # dedupe: a result may arrive twice after a
+        self._finished = False  # store restart, but counts once
+        self._cursor = "0"
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}: {len(self.items)} tasks>"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def status(self) -> dict[str, Any]:
+        """The server's summary: state, done, failed, total."""
+        c = self.client
+        return c._run(c.transport.call("GET", protocol.JOB.format(job=self.id))).json()  # type: ignore[no-any-return]
+
+    def cancel(self) -> None:
+        """Cancel the job: queued tasks are dropped, running ones' results refused."""
+        c = self.client
+        c._run(c.transport.call("POST", protocol.JOB_CANCEL.format(job=self.id)))
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, value)`` as results arrive, in completion order.
+
+        Raises :class:`TaskFailed` for a failed task, :class:`JobCancelled` if the job is
+        cancelled first, and :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures: list[TaskFailed] = []
+        fetch = self._fetch(deadline)
+        while not self._finished:
+            header, parts = fetch.result()
+            self._cursor = header["cursor"]
+            end = bool(header.get("end"))
+            if not end:
+                fetch = self._fetch(deadline)  # overlap the next long poll with our unpickling
+            for (task, outcome), part in zip(header["items"], parts, strict=True):
+                index = int(task)
+                if self._received[index]:
+                    continue
+                self._received[index] = 1
+                if outcome == "ok":
+                    value = protocol.loads(part)
+                    self._values[index] = value
+                    yield index, value
+                else:
+                    failure = self._failure(index, header["errors"].get(task, {}), part)
+                    if header.get("fail_fast", True):
+                        raise failure
+                    failures.append(failure)
+            if end:
+                self._finish(header["state"])
+            elif deadline is not None and time.monotonic() > deadline:
+                fetch.cancel()
+                raise TimeoutError(f"job {self.id}: no complete result within {timeout}s "
+                                   f"({sum(self._received)}/{len(self)} tasks done)")
+        if failures:
+            raise failures[0]
+
+    def result(self, timeout: float | None = None) -> list[Any]:
+        """All results, ordered like the inputs. Raises like :meth:`as_completed`."""
+        for _ in self.as_completed(timeout):
+            pass
+        return list(self._values)
+
+    def _fetch(self, deadline: float | None) -> Future[Frames]:
+        wait = POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
+        return self.client._spawn(self.client._results(self.id, self._cursor, wait))
+
+    def _failure(self, index: int, error: dict[str, Any], part: memoryview) -> TaskFailed:
+        exception = None
+        if len(part):
+            try:
+                exception = protocol.loads(part)
+            except Exception:  # the exception's class may not exist here
+                exception = None
+        return TaskFailed(self.id, index, self.items[index], error, exception)
+
+    def _finish(self, state: str) -> None:
+        self._finished = True
+        self.client._run(self.client._delete(self.id))
+        if state == protocol.JobState.CANCELLED.value and not all(self._received):
+            raise JobCancelled(f"job {self.id} was cancelled "
+                               f"({sum(self._received)}/{len(self)} results arrived)")

@@ -1,0 +1,56 @@
+"""The errors a user of coffea-hq can meet, each with a sentence saying what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .transport import ServerError, ServerUnreachable
+
+__all__ = [
+    "HQError", "JobCancelled", "ServerError", "ServerUnreachable", "TaskFailed", "WorkerLost",
+]
+
+
+class HQError(Exception):
+    """Base class of coffea-hq's errors."""
+
+
+class TaskFailed(HQError):
+    """A task raised, or lost its worker on every attempt.
+
+    ``item`` is the task's input, ``exc_type``/``message``/``traceback`` describe the
+    remote error, ``worker`` names the worker it last ran on, and ``exception`` holds
+    the original exception object when it could be transported.
+    """
+
+    def __init__(self, job: str, index: int, item: Any, error: dict[str, Any],
+                 exception: BaseException | None = None) -> None:
+        self.job = job
+        self.index = index
+        self.item = item
+        self.exc_type = str(error.get("type", "unknown"))
+        self.message = str(error.get("message", ""))
+        self.traceback = str(error.get("traceback", ""))
+        self.worker = str(error.get("worker", "?"))
+        self.attempt = error.get("attempt")
+        self.exception = exception
+        text = (
+            f"task {index} of job {job} failed on worker {self.worker}: "
+            f"{self.exc_type}: {self.message}\n  work item: {_short(item)}"
+        )
+        if self.traceback:
+            text += "\n\nRemote traceback:\n" + self.traceback
+        super().__init__(text)
+
+
+class WorkerLost(HQError):
+    """Type name the server gives tasks whose worker died or hung on every attempt."""
+
+
+class JobCancelled(HQError):
+    """The job was cancelled before all its results arrived."""
+
+
+def _short(item: Any, limit: int = 300) -> str:
+    text = repr(item)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

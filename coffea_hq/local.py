@@ -1,0 +1,190 @@
+"""``LocalCluster``: an embedded Redis, one hq-server and N hq-workers on this machine.
+
+>>> with LocalCluster(workers=2) as cluster:
+...     Client(cluster.url).map(abs, [-1, -2]).result()
+[1, 2]
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from . import protocol
+from .embedded import EmbeddedRedis, free_port
+from .errors import HQError
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class LocalCluster:
+    """Start everything coffea-hq needs on this machine; stop all of it on exit.
+
+    ``workers`` hq-worker processes with ``slots`` task subprocesses each. ``redis_url``
+    uses an existing store instead of the embedded one. ``port`` 0 picks a free one.
+    ``logs`` is a directory for the processes' logs (default: a temporary one,
+    removed at exit; ``None``-like ``"-"`` streams them to this terminal).
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        slots: int = 1,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        redis_url: str | None = None,
+        lease_timeout: float = protocol.DEFAULT_LEASE_TIMEOUT,
+        server_args: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
+        logs: str | None = None,
+    ) -> None:
+        if workers < 0 or slots < 1:
+            raise ValueError("LocalCluster needs workers >= 0 and slots >= 1")
+        self.n_workers = workers
+        self.slots = slots
+        self.host = host
+        self.port = port or free_port(host)
+        self.lease_timeout = lease_timeout
+        self.server_args = tuple(server_args)
+        self.worker_args = tuple(worker_args)
+        self._stream_logs = logs == "-"
+        self._own_logs = logs is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="coffea-hq-logs-") if logs in (None, "-")
+                            else logs)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis: EmbeddedRedis | None = None if redis_url else EmbeddedRedis()
+        self.redis_url = redis_url
+        self.server: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._log_files: list[IO[bytes]] = []
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        """The server URL to give a :class:`~coffea_hq.Client` (or ``HQ_URL``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.url}: {len(self.workers)} workers x {self.slots} slots>"
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> LocalCluster:
+        if self._started:
+            return self
+        self._started = True
+        atexit.register(self.close)
+        try:
+            if self.redis is not None:
+                self.redis.start()
+                self.redis_url = self.redis.url
+            self.start_server()
+            for _ in range(self.n_workers):
+                self.add_worker()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        out: IO[bytes] | None = None
+        if not self._stream_logs:
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in close())
+            self._log_files.append(out)
+        return subprocess.Popen([sys.executable, "-m", *argv], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT if out else None)
+
+    def start_server(self) -> None:
+        """(Re)start the hq-server process on this cluster's port."""
+        assert self.redis_url
+        self.server = self._spawn("server", [
+            "coffea_hq.server", "--redis", self.redis_url, "--host", self.host,
+            "--port", str(self.port), "--lease-timeout", str(self.lease_timeout),
+            *self.server_args,
+        ])
+        self._wait_healthy(self.server)
+
+    def add_worker(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start one more hq-worker process."""
+        n = len(self.workers)
+        proc = self._spawn(f"worker-{n}", [
+            "coffea_hq.worker", self.url, "--slots", str(self.slots), *self.worker_args, *extra,
+        ])
+        self.workers.append(proc)
+        return proc
+
+    def _wait_healthy(self, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise HQError(f"hq-server exited at start with code {proc.returncode}:\n"
+                              + self.log_tail("server"))
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(self.url + protocol.HEALTH, timeout=2) as r:
+                    if json.load(r).get("status") == "ok":
+                        return
+            if time.monotonic() > deadline:
+                raise HQError(f"hq-server did not answer at {self.url} within {START_TIMEOUT}s:\n"
+                              + self.log_tail("server"))
+            time.sleep(0.05)
+
+    def log_tail(self, name: str, size: int = 3000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-size:] if path.exists() else "(no log)"
+
+    # ------------------------------------------------------------------ stop
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        """Stop workers (draining), the server and the embedded Redis; remove temp files."""
+        if not self._started:
+            return
+        self._started = False
+        atexit.unregister(self.close)
+        # Stopped workers cannot be resumed by SIGTERM alone.
+        for proc in self.workers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+        self._terminate(self.workers, STOP_TIMEOUT)
+        if self.server is not None:
+            self._terminate([self.server], STOP_TIMEOUT)
+        if self.redis is not None:
+            self.redis.stop()
+        for f in self._log_files:
+            f.close()
+        if self._own_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

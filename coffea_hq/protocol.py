@@ -1,0 +1,242 @@
+"""The wire protocol shared by the client, the server and the worker.
+
+Everything that crosses the network is defined here, once: routes, message
+shapes, the binary framing, the serialisation of Python objects, limits and
+defaults. This module imports nothing else of ours.
+
+Binary payloads travel as *frames*: a small JSON header followed by raw byte
+parts, so pickled data is never base64-encoded inside JSON::
+
+    u32 header length | header JSON (with "sizes": [len(part), ...]) | part 0 | part 1 | ...
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import pickle
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+import cloudpickle
+import lz4.frame
+import zstandard
+
+API: Final = "/api/v1"
+FRAMES_CONTENT_TYPE: Final = "application/x-hq-frames"
+BLOB_CONTENT_TYPE: Final = "application/octet-stream"
+
+# Routes (aiohttp path syntax); the client formats them with str.format.
+HEALTH: Final = "/health"
+QUEUE: Final = API + "/queue"
+BLOB: Final = API + "/blobs/{sha}"
+JOBS: Final = API + "/jobs"
+JOB: Final = API + "/jobs/{job}"
+JOB_TASKS: Final = API + "/jobs/{job}/tasks"
+JOB_SEAL: Final = API + "/jobs/{job}/seal"
+JOB_CANCEL: Final = API + "/jobs/{job}/cancel"
+JOB_RESULTS: Final = API + "/jobs/{job}/results"
+LEASE: Final = API + "/lease"
+COMPLETE: Final = API + "/complete"
+RELEASE: Final = API + "/release"
+HEARTBEAT: Final = API + "/heartbeat"
+WORKERS: Final = API + "/workers"
+
+# Defaults, overridable by command-line flags.
+DEFAULT_PORT: Final = 8786
+DEFAULT_LEASE_TIMEOUT: Final = 30.0
+DEFAULT_MAX_ATTEMPTS: Final = 3
+DEFAULT_MAX_REQUEST_SIZE: Final = 256 * 1024 * 1024
+DEFAULT_RESULT_TTL: Final = 24 * 3600
+LEASE_MAX_TASKS: Final = 4096
+LONG_POLL_MAX: Final = 60.0
+ENV_URL: Final = "HQ_URL"
+
+# Identifiers chosen by clients and workers end up inside Redis key names.
+ID_MAX_LENGTH: Final = 64
+ID_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+class Outcome(str, enum.Enum):
+    """How a worker reports one task."""
+
+    OK = "ok"  # the function returned; the part holds its pickled value
+    ERROR = "error"  # the function raised; the header carries the error, the part the exception
+    CRASHED = "crashed"  # the subprocess died (segfault, os._exit, OOM kill); retried
+
+
+class CompleteStatus(str, enum.Enum):
+    """The server's verdict on one reported task."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # the same worker and attempt reported it already: harmless retry
+    REQUEUED = "requeued"  # a crash below the attempt limit: back in the queue
+    NOT_LEASED = "not_leased"  # the lease expired, moved on, or never was this worker's
+    UNKNOWN = "unknown"  # no such job or task
+    JOB_FINISHED = "job_finished"  # the job was cancelled or failed meanwhile
+
+
+def valid_id(value: object) -> bool:
+    """Whether ``value`` may be used as a job, task or worker identifier."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= ID_MAX_LENGTH
+        and all(c in ID_ALPHABET for c in value)
+    )
+
+
+# --------------------------------------------------------------------------- serialisation
+
+_RAW: Final = b"\x00"
+_LZ4: Final = b"\x01"
+_ZSTD: Final = b"\x02"
+_COMPRESS_MIN: Final = 1024  # small payloads cost more to compress than they save
+
+
+class Codec(str, enum.Enum):
+    """Compression applied to pickled payloads (the first byte of a payload names it)."""
+
+    NONE = "none"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+
+
+_zstd_c = zstandard.ZstdCompressor(level=3)
+_zstd_d = zstandard.ZstdDecompressor()
+
+
+def dumps(obj: Any, codec: Codec = Codec.LZ4) -> bytes:
+    """Pickle ``obj`` (plain pickle, cloudpickle for what it cannot) and compress it."""
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return compress(data, codec)
+
+
+def loads(data: bytes | memoryview) -> Any:
+    """Inverse of :func:`dumps`."""
+    return pickle.loads(decompress(data))
+
+
+def compress(data: bytes, codec: Codec = Codec.LZ4) -> bytes:
+    if codec is Codec.NONE or len(data) < _COMPRESS_MIN:
+        return _RAW + data
+    if codec is Codec.ZSTD:
+        return _ZSTD + _zstd_c.compress(data)
+    return _LZ4 + lz4.frame.compress(data)
+
+
+def decompress(data: bytes | memoryview) -> bytes:
+    view = memoryview(data)
+    tag, body = bytes(view[:1]), view[1:]
+    if tag == _RAW:
+        return bytes(body)
+    if tag == _LZ4:
+        return lz4.frame.decompress(body)
+    if tag == _ZSTD:
+        return _zstd_d.decompress(body)
+    raise ValueError(f"unknown payload codec byte {tag!r}: not a coffea-hq payload")
+
+
+def blob_name(data: bytes) -> str:
+    """The content address of a blob: the hex sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def valid_blob_name(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+# --------------------------------------------------------------------------- framing
+
+_LEN: Final = struct.Struct("!I")
+
+
+class FrameError(ValueError):
+    """A request or response body is not well-formed frames."""
+
+
+def pack(header: dict[str, Any], parts: Sequence[bytes] = ()) -> bytes:
+    """Frame a JSON header and raw byte parts into one body."""
+    head = dict(header)
+    head["sizes"] = [len(p) for p in parts]
+    encoded = json.dumps(head, separators=(",", ":")).encode()
+    return b"".join([_LEN.pack(len(encoded)), encoded, *parts])
+
+
+def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
+    """Split a body made by :func:`pack`; raises :class:`FrameError` on malformed input."""
+    if len(body) < _LEN.size:
+        raise FrameError("body too short to hold a frame header")
+    (head_len,) = _LEN.unpack_from(body)
+    end = _LEN.size + head_len
+    if end > len(body):
+        raise FrameError("frame header length exceeds the body")
+    try:
+        header = json.loads(body[_LEN.size : end])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FrameError(f"frame header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise FrameError("frame header must be a JSON object")
+    sizes = header.get("sizes")
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
+        raise FrameError("frame header needs 'sizes': a list of part lengths")
+    if end + sum(sizes) != len(body):
+        raise FrameError("part sizes do not add up to the body length")
+    view = memoryview(body)
+    parts = []
+    for size in sizes:
+        parts.append(view[end : end + size])
+        end += size
+    return header, parts
+
+
+# --------------------------------------------------------------------------- message shapes
+#
+# Headers are plain JSON objects. The shapes below are the contract; the server
+# validates every field it reads (see coffea_hq.server.validate).
+#
+# PUT  JOB          JSON {"function": sha, "max_attempts": int, "fail_fast": bool,
+#                         "label": str}                                  -> job summary
+# POST JOB_TASKS    frames {"tasks": [task_id, ...]} + one payload part per task
+#                                                                        -> {"added": n}
+# POST JOB_SEAL     JSON {"total": n}                                    -> job summary
+# GET  JOB_RESULTS  ?after=<cursor>&wait=<s>&ack=<cursor>
+#                   frames {"cursor": str, "state": str, "items": [[task, outcome], ...],
+#                           "errors": {task: error}, "done": n, "total": n|null}
+#                   + one part per item (pickled value, or pickled exception)
+# POST LEASE        JSON {"worker": id, "max": n, "wait": s}
+#                   frames {"tasks": [[job, task, attempt, function_sha], ...]} + payloads
+# POST COMPLETE     frames {"worker": id, "items": [[job, task, attempt, outcome, error|null]]}
+#                   + one part per item             -> {"items": [status, ...]}
+# POST RELEASE      JSON {"worker": id, "items": [[job, task, attempt], ...]}
+# POST HEARTBEAT    JSON {"worker": id, "slots": n, "host": str, "leases":
+#                         [[job, task, attempt], ...], "stats": {...}}
+#                   -> {"lost": [[job, task], ...]}
+#
+# An error from the server is JSON {"error": <code>, "message": <sentence>}.
+
+
+def error_info(exc: BaseException, traceback_text: str) -> dict[str, str]:
+    """The JSON description of a task's exception that travels beside the pickled exception."""
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": traceback_text,
+    }

@@ -1,0 +1,1 @@
+"""hq-server: the stateless aiohttp queue server. All state lives in Redis."""

@@ -1,0 +1,94 @@
+"""``hq-server``: run the queue server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from coffea_hq import protocol
+
+from .app import EvictionPolicyError, make_app
+from .config import ServerConfig
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hq-server",
+        description="The coffea-hq queue server (stateless; all state in Redis/Valkey/Dragonfly).",
+    )
+    p.add_argument("--redis", default=os.environ.get("HQ_REDIS_URL"),
+                   help="store URL, e.g. redis://host:6379/0 (default: $HQ_REDIS_URL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_positive(int), default=protocol.DEFAULT_PORT,
+                   help="port to listen on (default: %(default)s)")
+    p.add_argument("--prefix", default="hq", help="prefix of every Redis key (default: %(default)s)")
+    p.add_argument("--lease-timeout", type=_positive(float), default=protocol.DEFAULT_LEASE_TIMEOUT,
+                   help="seconds a lease lasts without a heartbeat (default: %(default)s)")
+    p.add_argument("--max-request-size", type=_positive(int),
+                   default=protocol.DEFAULT_MAX_REQUEST_SIZE,
+                   help="largest request body in bytes (default: %(default)s)")
+    p.add_argument("--result-ttl", type=_positive(int), default=protocol.DEFAULT_RESULT_TTL,
+                   help="seconds a finished job's results are kept if its client never collects "
+                   "them (default: %(default)s)")
+    p.add_argument("--allow-eviction", action="store_true",
+                   help="run even if the store's maxmemory-policy may evict keys (loses tasks)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.redis:
+        p.error("--redis URL is required (or set HQ_REDIS_URL), e.g. redis://localhost:6379/0")
+    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        p.error(f"--redis must be a redis://, rediss:// or unix:// URL, got {args.redis!r}")
+    if not protocol.valid_id(args.prefix):
+        p.error("--prefix may hold only letters, digits, '-', '_' and '.'")
+    if args.port > 65535:
+        p.error("--port must be at most 65535")
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s hq-server %(levelname)s %(message)s")
+    config = ServerConfig(
+        redis_url=args.redis,
+        host=args.host,
+        port=int(args.port),
+        prefix=args.prefix,
+        lease_timeout=args.lease_timeout,
+        max_request_size=int(args.max_request_size),
+        result_ttl=int(args.result_ttl),
+        allow_eviction=args.allow_eviction,
+    )
+    try:
+        web.run_app(make_app(config), host=config.host, port=config.port, print=None,
+                    shutdown_timeout=5.0, access_log=None)
+    except EvictionPolicyError as e:
+        print(f"hq-server: {e}", file=sys.stderr)
+        return 2
+    except (RedisConnectionError, OSError) as e:
+        print(f"hq-server: cannot start: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Long-poll leasing: a worker's lease request waits server-side until work exists.
+
+Each replica subscribes to the store's wake-up channel (published by every script
+that makes tasks leasable). Waiting requests queue up here in arrival order and
+are served one after another when a wake-up arrives, so a burst of new work does
+not stampede every waiting worker at the store at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from .store import LeasedTask, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    worker: str
+    maximum: int
+    future: asyncio.Future[list[LeasedTask]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class LeaseDispatcher:
+    """Serves lease requests, parking them until a wake-up when the queue is empty."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiters: deque[_Waiter] = deque()
+        self._generation = 0  # bumped by every wake-up, to catch ones that raced a lease
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def lease(self, worker: str, maximum: int, wait: float) -> list[LeasedTask]:
+        generation = self._generation
+        tasks = await self.store.lease(worker, maximum)
+        if tasks or wait <= 0:
+            return tasks
+        waiter = _Waiter(worker, maximum)
+        self._waiters.append(waiter)
+        if generation != self._generation:
+            self.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), wait)
+        except TimeoutError:
+            return []
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.cancel()
+
+    def notify(self) -> None:
+        """Work may have arrived: serve the parked requests."""
+        self._generation += 1
+        if self._waiters and (self._drainer is None or self._drainer.done()):
+            self._drainer = asyncio.create_task(self._drain())
+
+    def wake_worker(self, worker: str) -> None:
+        """End ``worker``'s parked requests with no tasks (it is draining)."""
+        for waiter in self._waiters:
+            if waiter.worker == worker and not waiter.future.done():
+                waiter.future.set_result([])
+
+    async def _drain(self) -> None:
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.future.done():
+                self._waiters.popleft()
+                continue
+            generation = self._generation
+            try:
+                tasks = await self.store.lease(waiter.worker, waiter.maximum)
+            except Exception:
+                log.exception("lease for a parked request failed; it will time out and retry")
+                return
+            if not tasks:
+                if generation == self._generation:
+                    return  # nothing new arrived while we looked
+                continue
+            if waiter.future.done():
+                # The request timed out while we leased: hand the tasks straight back.
+                await self.store.release(waiter.worker, [(t.job, t.task, t.attempt) for t in tasks])
+                continue
+            waiter.future.set_result(tasks)
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    async def close(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_result([])
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer

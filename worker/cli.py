@@ -1,0 +1,61 @@
+"""``hq-worker``: pull tasks from a coffea-hq server and run them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from coffea_hq import protocol
+
+from .agent import Worker, WorkerConfig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hq-worker",
+        description="A coffea-hq worker: leases tasks from the server and runs them in "
+        "subprocesses, one per slot. SIGTERM drains it: unstarted tasks go back, running "
+        "ones finish.",
+    )
+    p.add_argument("url", nargs="?", default=os.environ.get(protocol.ENV_URL),
+                   help=f"server URL, e.g. http://server:{protocol.DEFAULT_PORT} "
+                   f"(default: ${protocol.ENV_URL})")
+    p.add_argument("--slots", type=int, default=1, help="tasks run at once (default: %(default)s)")
+    p.add_argument("--name", default=None, help="worker name (default: host-pid-random)")
+    p.add_argument("--lease-wait", type=float, default=10.0,
+                   help="seconds one lease request waits on the server for work (default: %(default)s)")
+    p.add_argument("--retry-for", type=float, default=300.0,
+                   help="seconds to keep retrying an unreachable server before exiting "
+                   "(default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="on SIGTERM, seconds to wait for running tasks (default: until done)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.url:
+        p.error(f"give the server URL or set {protocol.ENV_URL}, e.g. http://localhost:8786")
+    if not args.url.startswith(("http://", "https://")):
+        p.error(f"server URL must start with http:// or https://, got {args.url!r}")
+    if not 1 <= args.slots <= 1024:
+        p.error("--slots must be between 1 and 1024")
+    if args.lease_wait <= 0 or args.retry_for <= 0:
+        p.error("--lease-wait and --retry-for must be positive")
+    if args.name is not None and not protocol.valid_id(args.name):
+        p.error("--name may hold 1-64 letters, digits, '-', '_' and '.'")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s")
+    config = WorkerConfig(url=args.url, slots=args.slots, name=args.name,
+                          lease_wait=args.lease_wait, retry_for=args.retry_for,
+                          drain_timeout=args.drain_timeout)
+    asyncio.run(Worker(config).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The task subprocess: ``python -m coffea_hq.worker.runner MARKER_FILE``.
+
+Long-lived, one per slot. It reads batches of tasks from stdin, runs them in
+order and writes results to the original stdout, which is moved away from fd 1
+first so that a task's own prints go to stderr instead of corrupting the pipe.
+Before each task it writes the task's sequence number into the shared marker
+file, so that if this process dies the worker knows which task killed it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+from coffea_hq import protocol
+from coffea_hq.protocol import Outcome
+
+from . import pipe
+
+MARKER = struct.Struct("!q")
+FUNCTION_CACHE = 16
+
+
+def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        pickled = protocol.dumps(exc)
+    except Exception:  # an exception that cannot travel still has its text
+        pickled = b""
+    return protocol.error_info(exc, text), pickled
+
+
+def _run_one(function: Any, payload: bytes) -> tuple[Outcome, dict[str, str] | None, bytes]:
+    try:
+        args = protocol.loads(payload)
+        value = function(*args)
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task fail the task
+        error, pickled = _error(exc)
+        return Outcome.ERROR, error, pickled
+    try:
+        return Outcome.OK, None, protocol.dumps(value)
+    except Exception as exc:
+        error, pickled = _error(exc)
+        error["message"] = f"the task's return value cannot be pickled: {error['message']}"
+        return Outcome.ERROR, error, pickled
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    inp = sys.stdin.buffer
+    with open(sys.argv[1], "r+b") as f:
+        marker = mmap.mmap(f.fileno(), MARKER.size)
+    functions: OrderedDict[str, Any] = OrderedDict()
+    while True:
+        message = pipe.read_blocking(inp)
+        if message is None:
+            return
+        if message[0] == "function":
+            _, sha, data = message
+            functions[sha] = protocol.loads(data)
+            while len(functions) > FUNCTION_CACHE:
+                functions.popitem(last=False)
+            continue
+        done: list[tuple[int, str, Any, bytes, float]] = []
+        last_flush = time.monotonic()
+        for seq, sha, payload in message[1]:
+            MARKER.pack_into(marker, 0, seq)
+            start = time.perf_counter()
+            outcome, error, data = _run_one(functions[sha], payload)
+            done.append((seq, outcome.value, error, data, time.perf_counter() - start))
+            now = time.monotonic()
+            if now - last_flush > pipe.FLUSH_EVERY:
+                out.write(pipe.encode(("done", done)))
+                done, last_flush = [], now
+        MARKER.pack_into(marker, 0, 0)
+        if done:
+            out.write(pipe.encode(("done", done)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""One slot = one long-lived task subprocess, restarted when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from coffea_hq.protocol import Outcome
+
+from . import pipe
+from .runner import MARKER
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """A leased task inside the worker."""
+
+    job: str
+    task: str
+    attempt: int
+    function: str
+    payload: bytes
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.job, self.task)
+
+
+@dataclass(slots=True)
+class Result:
+    item: WorkItem
+    outcome: Outcome
+    error: dict[str, Any] | None
+    data: bytes
+    seconds: float
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "the task subprocess vanished"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"the task subprocess was killed by {name}{hint}"
+    return f"the task subprocess exited with code {returncode} (os._exit or a fatal error)"
+
+
+class Slot:
+    """Runs batches of tasks in its subprocess; reports a crash as the crashed task's result."""
+
+    def __init__(self, index: int, fetch_function: Callable[[str], Awaitable[bytes]]) -> None:
+        self.index = index
+        self._fetch = fetch_function
+        self._proc: asyncio.subprocess.Process | None = None
+        self._functions: set[str] = set()
+        self._seq = 0
+        self._marker_path = ""
+        self.restarts = 0
+
+    async def start(self) -> None:
+        fd, self._marker_path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
+        os.write(fd, bytes(MARKER.size))
+        os.close(fd)
+        self._functions = set()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "coffea_hq.worker.runner", self._marker_path,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _crashed_seq(self) -> int:
+        with open(self._marker_path, "rb") as f:
+            return int(MARKER.unpack(f.read(MARKER.size))[0])
+
+    async def run(
+        self, batch: list[WorkItem], report: Callable[[list[Result]], None]
+    ) -> list[WorkItem]:
+        """Run ``batch``, calling ``report`` as results arrive. Returns the items that never
+        ran because the subprocess died under an earlier one (run them again elsewhere)."""
+        assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        by_seq: dict[int, WorkItem] = {}
+        order = []
+        for item in batch:
+            self._seq += 1
+            by_seq[self._seq] = item
+            order.append((self._seq, item.function, item.payload))
+        try:
+            for sha in {item.function for item in batch} - self._functions:
+                self._proc.stdin.write(pipe.encode(("function", sha, await self._fetch(sha))))
+                self._functions.add(sha)
+            self._proc.stdin.write(pipe.encode(("run", order)))
+            await self._proc.stdin.drain()
+            while by_seq:
+                head = await self._proc.stdout.readexactly(pipe.HEADER.size)
+                (size,) = pipe.HEADER.unpack(head)
+                _, done = pipe.decode(await self._proc.stdout.readexactly(size))
+                results = []
+                for seq, outcome, error, data, seconds in done:
+                    results.append(Result(by_seq.pop(seq), Outcome(outcome), error, data, seconds))
+                report(results)
+        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            return await self._after_crash(by_seq, report)
+        return []
+
+    async def _after_crash(
+        self, unreported: dict[int, WorkItem], report: Callable[[list[Result]], None]
+    ) -> list[WorkItem]:
+        assert self._proc is not None
+        returncode = await self._proc.wait()
+        crashed = self._crashed_seq()
+        reason = describe_exit(returncode)
+        leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
+        if crashed in unreported:
+            error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
+            report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
+        self.restarts += 1
+        self._cleanup_marker()
+        await self.start()
+        return leftover
+
+    def _cleanup_marker(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._marker_path)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        self._cleanup_marker()
+        self._proc = None
