@@ -75,13 +75,15 @@ class Worker:
         self._mean_runtime: float | None = None
         self._heartbeat_every = protocol.DEFAULT_LEASE_TIMEOUT / 3
         self._started = time.monotonic()
-        self.stats = {"done": 0, "failed": 0, "crashed": 0, "busy_seconds": 0.0}
+        self.stats = {"done": 0, "failed": 0, "crashed": 0, "busy_seconds": 0.0,
+                      "functions_fetched": 0}
         self._stopping = asyncio.Event()
         self._abort = asyncio.Event()
         self._work = asyncio.Event()
         self._room = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._busy = 0
+        self._lost: set[tuple[str, str]] = set()  # leases the server says we no longer hold
 
     # ------------------------------------------------------------------ control
 
@@ -196,23 +198,26 @@ class Worker:
             return self._functions[sha]
         fetch = self._function_fetches.get(sha)
         if fetch is None:
-            fetch = asyncio.create_task(
-                self.transport.call("GET", protocol.BLOB.format(sha=sha))
-            )  # type: ignore[arg-type]
-            self._function_fetches[sha] = fetch  # type: ignore[assignment]
+            fetch = asyncio.create_task(self._fetch_function(sha))
+            self._function_fetches[sha] = fetch
         try:
-            response: Any = await fetch
+            return await fetch
         finally:
             self._function_fetches.pop(sha, None)
-        data = response.body
+
+    async def _fetch_function(self, sha: str) -> bytes:
+        data = (await self.transport.call("GET", protocol.BLOB.format(sha=sha))).body
         if protocol.blob_name(data) != sha:
             raise ServerError(502, "bad_blob", f"blob {sha} arrived corrupted")
         self._functions[sha] = data
+        self.stats["functions_fetched"] += 1
         return data
 
     # ------------------------------------------------------------------ running
 
     def _take_batch(self) -> list[WorkItem]:
+        while self.pending and self.pending[0].key in self._lost:
+            self._forget(self.pending.popleft())
         n = 1
         if self._mean_runtime is not None and self._mean_runtime < SHORT_TASK:
             n = max(1, min(256, len(self.pending) // len(self.slots)))
@@ -237,7 +242,19 @@ class Worker:
             if slot.restarts:
                 log.debug("slot %d restarted %d time(s)", slot.index, slot.restarts)
 
+    def _forget(self, item: WorkItem) -> None:
+        self.held.pop(item.key, None)
+        self._lost.discard(item.key)
+        self._room.set()
+
     def _on_results(self, results: list[Result]) -> None:
+        wanted = []
+        for r in results:
+            if r.item.key in self._lost:
+                self._forget(r.item)  # nobody wants this result any more
+            else:
+                wanted.append(r)
+        results = wanted
         for r in results:
             self.stats["busy_seconds"] += r.seconds
             if r.outcome is Outcome.OK:
@@ -315,15 +332,19 @@ class Worker:
         })
         doc = response.json()
         self._heartbeat_every = float(doc.get("interval", self._heartbeat_every))
-        lost = {tuple(x) for x in doc.get("lost", [])}
+        lost = {(job, task) for job, task in doc.get("lost", [])}
         if lost:
-            # Cancelled jobs or expired leases: do not start what is no longer ours.
-            kept = [i for i in self.pending if i.key not in lost]
-            for item in self.pending:
-                if item.key in lost:
-                    self.held.pop(item.key, None)
-            self.pending = deque(kept)
-            self._room.set()
+            # Cancelled jobs or expired leases: do not start what is no longer ours, and
+            # stop what is running (its result would be refused anyway).
+            self._lost |= lost & self.held.keys()
+            for item in [i for i in self.pending if i.key in lost]:
+                self.pending.remove(item)
+                self._forget(item)
+            for slot in self.slots:
+                if slot.running & lost:
+                    log.info("worker %s: stopping slot %d, its task's lease is gone",
+                             self.id, slot.index)
+                    slot.kill()
 
     async def _heartbeat_loop(self) -> None:
         while True:

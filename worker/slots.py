@@ -66,6 +66,7 @@ class Slot:
         self._seq = 0
         self._marker_path = ""
         self.restarts = 0
+        self.running: set[tuple[str, str]] = set()  # keys of the batch in the subprocess now
 
     async def start(self) -> None:
         fd, self._marker_path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
@@ -92,6 +93,7 @@ class Slot:
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
         by_seq: dict[int, WorkItem] = {}
+        self.running = {item.key for item in batch}
         order = []
         for item in batch:
             self._seq += 1
@@ -109,11 +111,21 @@ class Slot:
                 _, done = pipe.decode(await self._proc.stdout.readexactly(size))
                 results = []
                 for seq, outcome, error, data, seconds in done:
-                    results.append(Result(by_seq.pop(seq), Outcome(outcome), error, data, seconds))
+                    item = by_seq.pop(seq)
+                    self.running.discard(item.key)
+                    results.append(Result(item, Outcome(outcome), error, data, seconds))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
             return await self._after_crash(by_seq, report)
+        finally:
+            self.running = set()
         return []
+
+    def kill(self) -> None:
+        """Kill the subprocess (its task's job was cancelled); :meth:`run` restarts it."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
     async def _after_crash(
         self, unreported: dict[int, WorkItem], report: Callable[[list[Result]], None]

@@ -1,0 +1,147 @@
+"""Fixtures that start real parts: a Redis-protocol server, hq-server and hq-worker processes.
+
+Every fixture that starts a process stops it in its teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from coffea_hq.embedded import EmbeddedRedis, free_port
+
+STORES = ["embedded"] + (["redis-server"] if shutil.which("redis-server") else [])
+
+
+def pytest_report_header() -> str:
+    return f"coffea-hq stores under test: {', '.join(STORES)}"
+
+
+@pytest.fixture(scope="session", params=STORES)
+def store(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
+    """A Redis-protocol server for the session: the embedded Valkey, and a system
+    redis-server where one is installed."""
+    binary = None if request.param == "embedded" else shutil.which("redis-server")
+    server = EmbeddedRedis(binary=binary).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def embedded_store() -> Iterator[EmbeddedRedis]:
+    """A private embedded store for one test (for tests that restart or kill it)."""
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix, so tests sharing a store never see each other's keys."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis_client(store: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(store.url)
+    yield client
+    client.close()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if json.load(r)["status"] == "ok":
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not healthy within {timeout}s")
+
+
+@dataclass
+class Processes:
+    """Starts hq-server and hq-worker processes for one test and always stops them."""
+
+    log_dir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def server(self, redis_url: str, *args: str, port: int | None = None,
+               prefix: str = "hq") -> tuple[str, subprocess.Popen[bytes]]:
+        port = port or free_port()
+        proc = self.spawn("server", ["coffea_hq.server", "--redis", redis_url, "--port", str(port),
+                                     "--prefix", prefix, *args])
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        return url, proc
+
+    def worker(self, url: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.spawn("worker", ["coffea_hq.worker", url, *args])
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        """Workers first (they drain through their server), then servers."""
+        workers = [p for p in self.procs if "coffea_hq.worker" in p.args]
+        for group in (workers, [p for p in self.procs if p not in workers]):
+            for proc in group:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGCONT)
+                        proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(procs.logs())
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def server_url(store: EmbeddedRedis, processes: Processes, prefix: str) -> str:
+    """A real hq-server on the shared store (short lease timeout for fast fault tests)."""
+    url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    return url

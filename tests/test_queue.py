@@ -1,0 +1,212 @@
+"""End to end through a real LocalCluster: embedded Valkey, hq-server, hq-worker processes."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from coffea_hq import Client, LocalCluster, TaskFailed
+from coffea_hq.errors import HQError, JobCancelled
+
+from .conftest import Processes
+
+# Tasks defined here must travel by value: the workers cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(workers=2, slots=2, lease_timeout=3) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster.url) as c:
+        yield c
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"cannot take {x}")
+    return x
+
+
+def segfault_on(x: int, bad: int) -> int:
+    if x == bad:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return x
+
+
+def exit_once(x: int, marker: str) -> int:
+    """Kills its own subprocess the first time it runs for x == 0."""
+    if x == 0 and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(3)
+    return x + 100
+
+
+def nap(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def test_map_returns_results_ordered_like_the_inputs(client: Client) -> None:
+    job = client.map(pow, range(3000), [2] * 3000)
+    assert job.result(timeout=60) == [i * i for i in range(3000)]
+
+
+def test_as_completed_yields_every_index_exactly_once(client: Client) -> None:
+    seen = [index for index, value in client.map(square, range(500)).as_completed(timeout=60)
+            if value == index * index]
+    assert sorted(seen) == list(range(500))
+
+
+def test_empty_map_finishes_at_once(client: Client) -> None:
+    assert client.map(square, []).result(timeout=10) == []
+
+
+def test_task_exception_carries_type_message_item_and_remote_traceback(client: Client) -> None:
+    job = client.map(fail_on, range(20), [7] * 20)
+    with pytest.raises(TaskFailed) as info:
+        job.result(timeout=60)
+    failure = info.value
+    assert failure.index == 7 and failure.item == (7, 7)
+    assert failure.exc_type == "builtins.ValueError" and failure.message == "cannot take 7"
+    assert "in fail_on" in failure.traceback and "raise ValueError" in failure.traceback
+    assert isinstance(failure.exception, ValueError)
+    assert "Remote traceback" in str(failure) and failure.worker != "?"
+
+
+def test_without_fail_fast_the_other_tasks_still_run(client: Client) -> None:
+    job = client.map(fail_on, range(30), [3] * 30, fail_fast=False)
+    got = {}
+    with pytest.raises(TaskFailed, match="cannot take 3"):
+        for index, value in job.as_completed(timeout=60):
+            got[index] = value
+    assert got == {i: i for i in range(30) if i != 3}
+
+
+def test_segfault_kills_only_its_subprocess_and_fails_after_max_attempts(client: Client) -> None:
+    job = client.map(segfault_on, range(40), [5] * 40, fail_fast=False, max_attempts=2)
+    got = {}
+    with pytest.raises(TaskFailed) as info:
+        for index, value in job.as_completed(timeout=60):
+            got[index] = value
+    assert got == {i: i for i in range(40) if i != 5}
+    assert info.value.index == 5 and "SIGSEGV" in info.value.message
+    assert "2 attempts" in info.value.message and info.value.worker != "?"
+    # The slots came back: the next job runs normally.
+    assert client.map(square, range(10)).result(timeout=30) == [i * i for i in range(10)]
+
+
+def test_os_exit_is_a_crash_and_the_retry_succeeds(client: Client, tmp_path: Path) -> None:
+    marker = str(tmp_path / "crashed-once")
+    job = client.map(exit_once, range(10), [marker] * 10)
+    assert job.result(timeout=60) == [i + 100 for i in range(10)]
+    assert os.path.exists(marker)
+
+
+def test_cancel_ends_the_job_and_drops_its_queue(client: Client) -> None:
+    job = client.map(nap, [0.2] * 200)
+    time.sleep(0.5)
+    job.cancel()
+    with pytest.raises(JobCancelled, match="cancelled"):
+        job.result(timeout=30)
+    deadline = time.monotonic() + 10
+    while client.queue()["work"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.queue()["work"] == 0
+
+
+def worker_stats(url: str) -> list[dict[str, float]]:
+    with urllib.request.urlopen(url + "/api/v1/workers") as r:
+        return [w["stats"] for w in json.load(r).values()]
+
+
+def test_result_timeout_raises_and_cancel_stops_the_running_task(cluster: LocalCluster,
+                                                                 client: Client) -> None:
+    restarts = sum(s["restarts"] for s in worker_stats(cluster.url))
+    job = client.map(nap, [0.5] * 2 + [60])
+    with pytest.raises(TimeoutError, match="2/3 tasks done"):
+        job.result(timeout=2)
+    job.cancel()
+    # The next heartbeat tells the worker its lease is gone; it kills the subprocess.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sum(s["restarts"] for s in worker_stats(cluster.url)) > restarts:
+            break
+        time.sleep(0.2)
+    assert sum(s["restarts"] for s in worker_stats(cluster.url)) > restarts
+
+
+def test_health_and_queue_endpoints_answer_json(cluster: LocalCluster) -> None:
+    with urllib.request.urlopen(cluster.url + "/health") as r:
+        assert r.status == 200 and json.load(r)["status"] == "ok"
+    with urllib.request.urlopen(cluster.url + "/api/v1/queue") as r:
+        doc = json.load(r)
+    assert set(doc) >= {"queued", "running", "work", "workers"}
+    assert doc["workers"] == 2
+
+
+def test_client_reads_hq_url(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HQ_URL", cluster.url)
+    with Client() as c:
+        assert c.url == cluster.url and c.map(square, [3]).result(timeout=30) == [9]
+    monkeypatch.delenv("HQ_URL")
+    with pytest.raises(HQError, match="LocalCluster"):
+        Client()
+
+
+def big_closure(size: int) -> object:
+    table = bytes(range(256)) * (size // 256)
+
+    def lookup(i: int) -> int:
+        return table[i % len(table)]
+
+    return lookup
+
+
+def test_function_blob_is_fetched_once_per_worker(cluster: LocalCluster, client: Client) -> None:
+    fn = big_closure(5_000_000)  # a processor holding 5 MB of correction tables
+    assert client.map(fn, range(400)).result(timeout=60) == [i % 256 for i in range(400)]
+    time.sleep(1.5)  # one heartbeat interval (lease timeout / 3)
+    fetched = [s["functions_fetched"] for s in worker_stats(cluster.url)]
+    # Each worker fetched each function it ran at most once, not once per task.
+    assert sum(fetched) <= 2 * 20 and max(fetched) < 400
+
+
+def test_two_servers_on_one_store_serve_the_same_job(store, processes: Processes,  # type: ignore[no-untyped-def]
+                                                     prefix: str) -> None:
+    url_a, _ = processes.server(store.url, prefix=prefix)
+    url_b, _ = processes.server(store.url, prefix=prefix)
+    processes.worker(url_a)
+    processes.worker(url_b)
+    with Client(url_a) as submitter, Client(url_b) as reader:
+        job = submitter.map(square, range(2000))
+        # Collect through the other replica: any replica answers any request.
+        job.client = reader
+        assert job.result(timeout=60) == [i * i for i in range(2000)]
+
+
+def test_local_cluster_stops_everything_it_started() -> None:
+    with LocalCluster(workers=1) as c:
+        procs = [c.server, *c.workers]
+        redis_proc = c.redis.process if c.redis else None
+        assert Client(c.url).map(square, [2]).result(timeout=30) == [4]
+    assert all(p is not None and p.poll() is not None for p in procs)
+    assert redis_proc is not None and redis_proc.poll() is not None
+    assert c.redis is not None and not c.redis.directory.exists()
