@@ -394,6 +394,13 @@ def make_app(config: ServerConfig) -> web.Application:
         await redis.aclose()
 
     app.cleanup_ctx.append(resources)
+
+    async def release_parked(app: web.Application) -> None:
+        # Shutdown waits for running handlers: end parked long polls now, not at their timeout.
+        if DISPATCHER in app:
+            await app[DISPATCHER].close()
+
+    app.on_shutdown.append(release_parked)
     r = app.router
     r.add_get(protocol.HEALTH, health)
     r.add_get(protocol.QUEUE, queue)
