@@ -24,7 +24,7 @@ _LAZY = {
     "WorkerLost": "coffea_hq.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["Client", "HQError", "Job", "JobCancelled", "LocalCluster", "TaskFailed", "WorkerLost"]
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job

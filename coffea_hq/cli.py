@@ -14,12 +14,17 @@ from .local import LocalCluster
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coffea-hq", description="coffea-hq operator commands.")
     sub = p.add_subparsers(dest="command", required=True)
-    local = sub.add_parser("local", help="embedded Redis + hq-server + workers on this machine, "
-                           "until Ctrl-C")
+    local = sub.add_parser(
+        "local", help="embedded Redis + hq-server + workers on this machine, until Ctrl-C"
+    )
     local.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     local.add_argument("--slots", type=int, default=1, help="slots per worker (default: 1)")
-    local.add_argument("--port", type=int, default=protocol.DEFAULT_PORT,
-                       help="server port (default: %(default)s; 0 picks a free one)")
+    local.add_argument(
+        "--port",
+        type=int,
+        default=protocol.DEFAULT_PORT,
+        help="server port (default: %(default)s; 0 picks a free one)",
+    )
     local.add_argument("--host", default="127.0.0.1", help="address to listen on")
     return p
 
@@ -40,11 +45,15 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCluster(workers=args.workers, slots=args.slots, port=args.port, host=args.host,
-                      logs="-") as cluster:
-        print(f"coffea-hq running at {cluster.url} with {args.workers} worker(s) x "
-              f"{args.slots} slot(s)\n  export {protocol.ENV_URL}={cluster.url}\n"
-              "Ctrl-C stops it.", flush=True)
+    with LocalCluster(
+        workers=args.workers, slots=args.slots, port=args.port, host=args.host, logs="-"
+    ) as cluster:
+        print(
+            f"coffea-hq running at {cluster.url} with {args.workers} worker(s) x "
+            f"{args.slots} slot(s)\n  export {protocol.ENV_URL}={cluster.url}\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
         stop.wait()
         print("stopping...", flush=True)
     return 0

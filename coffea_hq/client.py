@@ -59,14 +59,19 @@ class Client:
     """
 
     def __init__(
-        self, url: str | None = None, *, token: str | None = None, retry_for: float = 120.0,
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        retry_for: float = 120.0,
         codec: Codec = Codec.LZ4,
     ) -> None:
         self.url = resolve_url(url)
         self.codec = codec
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="coffea-hq-client",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="coffea-hq-client", daemon=True
+        )
         self._thread.start()
         self.transport = Transport(self.url, retry_for=retry_for, token=token)
         self._closed = False
@@ -102,11 +107,11 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` document."""
-        return self._run(self.transport.call("GET", protocol.HEALTH)).json()  # type: ignore[no-any-return]
+        return self._run(self.transport.call("GET", protocol.HEALTH)).json()
 
     def queue(self) -> dict[str, int]:
         """Queued and running task counts, jobs and workers."""
-        return self._run(self.transport.call("GET", protocol.QUEUE)).json()  # type: ignore[no-any-return]
+        return self._run(self.transport.call("GET", protocol.QUEUE)).json()
 
     # ------------------------------------------------------------------ jobs
 
@@ -131,18 +136,31 @@ class Client:
         return job
 
     async def _create(
-        self, job: str, blob: bytes, payloads: list[bytes], max_attempts: int, fail_fast: bool,
+        self,
+        job: str,
+        blob: bytes,
+        payloads: list[bytes],
+        max_attempts: int,
+        fail_fast: bool,
         label: str,
     ) -> None:
         sha = protocol.blob_name(blob)
         path = protocol.BLOB.format(sha=sha)
         found = await self.transport.call("HEAD", path, accept=(200, 404))
         if found.status == 404:
-            await self.transport.call("PUT", path, body=blob,
-                                      content_type=protocol.BLOB_CONTENT_TYPE)
-        await self.transport.call("PUT", protocol.JOB.format(job=job), json_body={
-            "function": sha, "max_attempts": max_attempts, "fail_fast": fail_fast, "label": label,
-        })
+            await self.transport.call(
+                "PUT", path, body=blob, content_type=protocol.BLOB_CONTENT_TYPE
+            )
+        await self.transport.call(
+            "PUT",
+            protocol.JOB.format(job=job),
+            json_body={
+                "function": sha,
+                "max_attempts": max_attempts,
+                "fail_fast": fail_fast,
+                "label": label,
+            },
+        )
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
 
         async def submit(start: int) -> None:
@@ -150,17 +168,21 @@ class Client:
             header = {"tasks": [str(i) for i in range(start, start + len(chunk))]}
             async with limit:
                 await self.transport.call(
-                    "POST", protocol.JOB_TASKS.format(job=job), body=protocol.pack(header, chunk),
+                    "POST",
+                    protocol.JOB_TASKS.format(job=job),
+                    body=protocol.pack(header, chunk),
                     content_type=FRAMES_CONTENT_TYPE,
                 )
 
         await asyncio.gather(*(submit(s) for s in range(0, len(payloads), SUBMIT_BATCH)))
-        await self.transport.call("POST", protocol.JOB_SEAL.format(job=job),
-                                  json_body={"total": len(payloads)})
+        await self.transport.call(
+            "POST", protocol.JOB_SEAL.format(job=job), json_body={"total": len(payloads)}
+        )
 
     async def _results(self, job: str, after: str, wait: float) -> Frames:
         response = await self.transport.call(
-            "GET", protocol.JOB_RESULTS.format(job=job),
+            "GET",
+            protocol.JOB_RESULTS.format(job=job),
             params={"after": after, "ack": after, "wait": str(wait)},
         )
         return response.frames()
@@ -192,7 +214,7 @@ class Job:
     def status(self) -> dict[str, Any]:
         """The server's summary: state, done, failed, total."""
         c = self.client
-        return c._run(c.transport.call("GET", protocol.JOB.format(job=self.id))).json()  # type: ignore[no-any-return]
+        return c._run(c.transport.call("GET", protocol.JOB.format(job=self.id))).json()
 
     def cancel(self) -> None:
         """Cancel the job: queued tasks are dropped, running ones' results refused."""
@@ -232,8 +254,10 @@ class Job:
                 self._finish(header["state"])
             elif deadline is not None and time.monotonic() > deadline:
                 fetch.cancel()
-                raise TimeoutError(f"job {self.id}: no complete result within {timeout}s "
-                                   f"({sum(self._received)}/{len(self)} tasks done)")
+                raise TimeoutError(
+                    f"job {self.id}: no complete result within {timeout}s "
+                    f"({sum(self._received)}/{len(self)} tasks done)"
+                )
         if failures:
             raise failures[0]
 
@@ -244,7 +268,9 @@ class Job:
         return list(self._values)
 
     def _fetch(self, deadline: float | None) -> Future[Frames]:
-        wait = POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
+        wait = (
+            POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
+        )
         return self.client._spawn(self.client._results(self.id, self._cursor, wait))
 
     def _failure(self, index: int, error: dict[str, Any], part: memoryview) -> TaskFailed:
@@ -260,5 +286,6 @@ class Job:
         self._finished = True
         self.client._run(self.client._delete(self.id))
         if state == protocol.JobState.CANCELLED.value and not all(self._received):
-            raise JobCancelled(f"job {self.id} was cancelled "
-                               f"({sum(self._received)}/{len(self)} results arrived)")
+            raise JobCancelled(
+                f"job {self.id} was cancelled ({sum(self._received)}/{len(self)} results arrived)"
+            )

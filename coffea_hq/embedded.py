@@ -56,9 +56,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedRedis:
     """A private ``valkey-server`` (or ``redis-server``) process on a loopback port."""
 
-    def __init__(self, *, binary: str | None = None, port: int | None = None,
-                 directory: str | os.PathLike[str] | None = None,
-                 appendfsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        port: int | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        appendfsync: str = "everysec",
+    ) -> None:
         self.binary = binary or server_binary()
         self.port = port or free_port()
         self._own_directory = directory is None
@@ -76,16 +81,26 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--appendonly", "yes",
-                "--appendfsync", self.appendfsync,
-                "--save", "",
-                "--maxmemory-policy", "noeviction",
-                "--protected-mode", "yes",
-                "--daemonize", "no",
-                "--logfile", str(self.directory / "server.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.appendfsync,
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+                "--protected-mode",
+                "yes",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.directory / "server.log"),
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -101,16 +116,19 @@ class EmbeddedRedis:
                 if self.process.poll() is not None:
                     log = self.directory / "server.log"
                     tail = log.read_text()[-2000:] if log.exists() else ""
-                    raise HQError(f"{self.binary} exited at start (code "
-                                  f"{self.process.returncode}):\n{tail}")
-                with contextlib.suppress(redis.exceptions.ConnectionError,
-                                         redis.exceptions.BusyLoadingError):
+                    raise HQError(
+                        f"{self.binary} exited at start (code {self.process.returncode}):\n{tail}"
+                    )
+                with contextlib.suppress(
+                    redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError
+                ):
                     if client.ping():
                         return
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise HQError(f"{self.binary} did not answer on port {self.port} "
-                                  f"within {START_TIMEOUT}s")
+                    raise HQError(
+                        f"{self.binary} did not answer on port {self.port} within {START_TIMEOUT}s"
+                    )
                 time.sleep(0.02)
         finally:
             client.close()

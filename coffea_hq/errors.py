@@ -7,7 +7,12 @@ from typing import Any
 from .transport import ServerError, ServerUnreachable
 
 __all__ = [
-    "HQError", "JobCancelled", "ServerError", "ServerUnreachable", "TaskFailed", "WorkerLost",
+    "HQError",
+    "JobCancelled",
+    "ServerError",
+    "ServerUnreachable",
+    "TaskFailed",
+    "WorkerLost",
 ]
 
 
@@ -23,8 +28,14 @@ class TaskFailed(HQError):
     the original exception object when it could be transported.
     """
 
-    def __init__(self, job: str, index: int, item: Any, error: dict[str, Any],
-                 exception: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        job: str,
+        index: int,
+        item: Any,
+        error: dict[str, Any],
+        exception: BaseException | None = None,
+    ) -> None:
         self.job = job
         self.index = index
         self.item = item

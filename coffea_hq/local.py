@@ -29,6 +29,23 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until the hq-server ``proc`` answers ``/health`` at ``url``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise HQError(f"hq-server exited at start with code {proc.returncode}")
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(url + protocol.HEALTH, timeout=2) as r,
+        ):
+            if json.load(r).get("status") == "ok":
+                return
+        if time.monotonic() > deadline:
+            raise HQError(f"hq-server did not answer at {url} within {timeout}s")
+        time.sleep(0.05)
+
+
 class LocalCluster:
     """Start everything coffea-hq needs on this machine; stop all of it on exit.
 
@@ -62,8 +79,9 @@ class LocalCluster:
         self.worker_args = tuple(worker_args)
         self._stream_logs = logs == "-"
         self._own_logs = logs is None
-        self.log_dir = Path(tempfile.mkdtemp(prefix="coffea-hq-logs-") if logs in (None, "-")
-                            else logs)
+        self.log_dir = Path(
+            tempfile.mkdtemp(prefix="coffea-hq-logs-") if logs in (None, "-") else logs
+        )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis: EmbeddedRedis | None = None if redis_url else EmbeddedRedis()
         self.redis_url = redis_url
@@ -105,42 +123,55 @@ class LocalCluster:
         if not self._stream_logs:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in close())
             self._log_files.append(out)
-        return subprocess.Popen([sys.executable, "-m", *argv], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT if out else None)
+        return subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
 
     def start_server(self) -> None:
         """(Re)start the hq-server process on this cluster's port."""
         assert self.redis_url
-        self.server = self._spawn("server", [
-            "coffea_hq.server", "--redis", self.redis_url, "--host", self.host,
-            "--port", str(self.port), "--lease-timeout", str(self.lease_timeout),
-            *self.server_args,
-        ])
+        self.server = self._spawn(
+            "server",
+            [
+                "coffea_hq.server",
+                "--redis",
+                self.redis_url,
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--lease-timeout",
+                str(self.lease_timeout),
+                *self.server_args,
+            ],
+        )
         self._wait_healthy(self.server)
 
     def add_worker(self, *extra: str) -> subprocess.Popen[bytes]:
         """Start one more hq-worker process."""
         n = len(self.workers)
-        proc = self._spawn(f"worker-{n}", [
-            "coffea_hq.worker", self.url, "--slots", str(self.slots), *self.worker_args, *extra,
-        ])
+        proc = self._spawn(
+            f"worker-{n}",
+            [
+                "coffea_hq.worker",
+                self.url,
+                "--slots",
+                str(self.slots),
+                *self.worker_args,
+                *extra,
+            ],
+        )
         self.workers.append(proc)
         return proc
 
     def _wait_healthy(self, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise HQError(f"hq-server exited at start with code {proc.returncode}:\n"
-                              + self.log_tail("server"))
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(self.url + protocol.HEALTH, timeout=2) as r:
-                    if json.load(r).get("status") == "ok":
-                        return
-            if time.monotonic() > deadline:
-                raise HQError(f"hq-server did not answer at {self.url} within {START_TIMEOUT}s:\n"
-                              + self.log_tail("server"))
-            time.sleep(0.05)
+        try:
+            wait_healthy(self.url, proc, START_TIMEOUT)
+        except HQError as e:
+            raise HQError(f"{e}:\n{self.log_tail('server')}") from None
 
     def log_tail(self, name: str, size: int = 3000) -> str:
         path = self.log_dir / f"{name}.log"

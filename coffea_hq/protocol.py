@@ -59,7 +59,7 @@ ID_MAX_LENGTH: Final = 64
 ID_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Where a job is in its life."""
 
     RUNNING = "running"
@@ -72,7 +72,7 @@ class JobState(str, enum.Enum):
         return self is not JobState.RUNNING
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a worker reports one task."""
 
     OK = "ok"  # the function returned; the part holds its pickled value
@@ -80,7 +80,7 @@ class Outcome(str, enum.Enum):
     CRASHED = "crashed"  # the subprocess died (segfault, os._exit, OOM kill); retried
 
 
-class CompleteStatus(str, enum.Enum):
+class CompleteStatus(enum.StrEnum):
     """The server's verdict on one reported task."""
 
     ACCEPTED = "accepted"
@@ -108,7 +108,7 @@ _ZSTD: Final = b"\x02"
 _COMPRESS_MIN: Final = 1024  # small payloads cost more to compress than they save
 
 
-class Codec(str, enum.Enum):
+class Codec(enum.StrEnum):
     """Compression applied to pickled payloads (the first byte of a payload names it)."""
 
     NONE = "none"

@@ -113,8 +113,7 @@ class Transport:
                     payload = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                    asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
                 failure: str = f"{type(e).__name__}: {e}"
             else:
                 if status in accept:

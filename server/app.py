@@ -58,8 +58,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].max_request_size
         return _error(
-            413, "too_large", f"request body exceeds the server's limit of {limit} bytes "
-            "(hq-server --max-request-size)"
+            413,
+            "too_large",
+            f"request body exceeds the server's limit of {limit} bytes "
+            "(hq-server --max-request-size)",
         )
     except web.HTTPException as e:
         if e.status >= 400:
@@ -150,8 +152,9 @@ async def create_job(request: web.Request) -> web.Response:
     summary = await request.app[STORE].create_job(
         job,
         function=function,
-        max_attempts=v.integer(body.get("max_attempts", protocol.DEFAULT_MAX_ATTEMPTS),
-                               "'max_attempts'", 1, 100),
+        max_attempts=v.integer(
+            body.get("max_attempts", protocol.DEFAULT_MAX_ATTEMPTS), "'max_attempts'", 1, 100
+        ),
         fail_fast=v.boolean(body.get("fail_fast", True), "'fail_fast'"),
         label=v.string(body.get("label", ""), "'label'"),
         owner="",
@@ -251,14 +254,16 @@ async def complete(request: web.Request) -> web.Response:
     items = v.array(header.get("items"), "'items'", 1_000_000)
     if len(items) != len(parts):
         raise v.BadRequest("'items' needs exactly one result part per item")
-    reports = [_report(item, part, i) for i, (item, part) in enumerate(zip(items, parts))]
+    reports = [
+        _report(item, part, i) for i, (item, part) in enumerate(zip(items, parts, strict=True))
+    ]
     statuses = await request.app[STORE].complete(worker, reports)
     rejected = [
         {"job": r.job, "task": r.task, "status": s.value}
         for r, s in zip(reports, statuses, strict=True)
         if s.value in ("not_leased", "unknown")
     ]
-    body = {"items": [s.value for s in statuses]}
+    body: dict[str, Any] = {"items": [s.value for s in statuses]}
     if rejected:
         # The accepted ones stand; the rejected ones changed nothing.
         body |= {
@@ -370,8 +375,12 @@ def make_app(config: ServerConfig) -> web.Application:
             health_check_interval=30,
             retry_on_timeout=False,
         )
-        store = Store(redis, Keys(config.prefix), lease_timeout=config.lease_timeout,
-                      result_ttl=config.result_ttl)
+        store = Store(
+            redis,
+            Keys(config.prefix),
+            lease_timeout=config.lease_timeout,
+            result_ttl=config.result_ttl,
+        )
         try:
             await check_store(store, config)
         except BaseException:

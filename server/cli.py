@@ -35,22 +35,47 @@ def parser() -> argparse.ArgumentParser:
         prog="hq-server",
         description="The coffea-hq queue server (stateless; all state in Redis/Valkey/Dragonfly).",
     )
-    p.add_argument("--redis", default=os.environ.get("HQ_REDIS_URL"),
-                   help="store URL, e.g. redis://host:6379/0 (default: $HQ_REDIS_URL)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_positive(int), default=protocol.DEFAULT_PORT,
-                   help="port to listen on (default: %(default)s)")
-    p.add_argument("--prefix", default="hq", help="prefix of every Redis key (default: %(default)s)")
-    p.add_argument("--lease-timeout", type=_positive(float), default=protocol.DEFAULT_LEASE_TIMEOUT,
-                   help="seconds a lease lasts without a heartbeat (default: %(default)s)")
-    p.add_argument("--max-request-size", type=_positive(int),
-                   default=protocol.DEFAULT_MAX_REQUEST_SIZE,
-                   help="largest request body in bytes (default: %(default)s)")
-    p.add_argument("--result-ttl", type=_positive(int), default=protocol.DEFAULT_RESULT_TTL,
-                   help="seconds a finished job's results are kept if its client never collects "
-                   "them (default: %(default)s)")
-    p.add_argument("--allow-eviction", action="store_true",
-                   help="run even if the store's maxmemory-policy may evict keys (loses tasks)")
+    p.add_argument(
+        "--redis",
+        default=os.environ.get("HQ_REDIS_URL"),
+        help="store URL, e.g. redis://host:6379/0 (default: $HQ_REDIS_URL)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port",
+        type=_positive(int),
+        default=protocol.DEFAULT_PORT,
+        help="port to listen on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefix", default="hq", help="prefix of every Redis key (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lease-timeout",
+        type=_positive(float),
+        default=protocol.DEFAULT_LEASE_TIMEOUT,
+        help="seconds a lease lasts without a heartbeat (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-size",
+        type=_positive(int),
+        default=protocol.DEFAULT_MAX_REQUEST_SIZE,
+        help="largest request body in bytes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--result-ttl",
+        type=_positive(int),
+        default=protocol.DEFAULT_RESULT_TTL,
+        help="seconds a finished job's results are kept if its client never collects "
+        "them (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-eviction",
+        action="store_true",
+        help="run even if the store's maxmemory-policy may evict keys (loses tasks)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -66,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prefix may hold only letters, digits, '-', '_' and '.'")
     if args.port > 65535:
         p.error("--port must be at most 65535")
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s hq-server %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
+    )
     config = ServerConfig(
         redis_url=args.redis,
         host=args.host,
@@ -79,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         allow_eviction=args.allow_eviction,
     )
     try:
-        web.run_app(make_app(config), host=config.host, port=config.port, print=None,
-                    shutdown_timeout=5.0, access_log=None)
+        web.run_app(
+            make_app(config),
+            host=config.host,
+            port=config.port,
+            print=None,
+            shutdown_timeout=5.0,
+            access_log=None,
+        )
     except EvictionPolicyError as e:
         print(f"hq-server: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ def obj(value: Any, what: str) -> dict[str, Any]:
 def ident(value: Any, what: str) -> str:
     if not protocol.valid_id(value):
         raise BadRequest(
-            f"{what} must be 1-{protocol.ID_MAX_LENGTH} characters of letters, digits, '-', '_', '.'"
+            f"{what} must be 1-{protocol.ID_MAX_LENGTH} characters: letters, digits, '-', '_', '.'"
         )
     return str(value)
 

@@ -6,14 +6,11 @@ Every fixture that starts a process stops it in its teardown, whatever the test 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ import pytest
 import redis
 
 from coffea_hq.embedded import EmbeddedRedis, free_port
+from coffea_hq.local import wait_healthy
 
 STORES = ["embedded"] + (["redis-server"] if shutil.which("redis-server") else [])
 
@@ -62,19 +60,6 @@ def redis_client(store: EmbeddedRedis) -> Iterator[redis.Redis]:
     client.close()
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with contextlib.suppress(OSError, ValueError):
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if json.load(r)["status"] == "ok":
-                    return
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} not healthy within {timeout}s")
-
-
 @dataclass
 class Processes:
     """Starts hq-server and hq-worker processes for one test and always stops them."""
@@ -84,27 +69,44 @@ class Processes:
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         self.procs.append(proc)
         return proc
 
-    def server(self, redis_url: str, *args: str, port: int | None = None,
-               prefix: str = "hq") -> tuple[str, subprocess.Popen[bytes]]:
+    def server(
+        self, redis_url: str, *args: str, port: int | None = None, prefix: str = "hq"
+    ) -> tuple[str, subprocess.Popen[bytes]]:
         port = port or free_port()
-        proc = self.spawn("server", ["coffea_hq.server", "--redis", redis_url, "--port", str(port),
-                                     "--prefix", prefix, *args])
+        proc = self.spawn(
+            "server",
+            [
+                "coffea_hq.server",
+                "--redis",
+                redis_url,
+                "--port",
+                str(port),
+                "--prefix",
+                prefix,
+                *args,
+            ],
+        )
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout=20)
         return url, proc
 
     def worker(self, url: str, *args: str) -> subprocess.Popen[bytes]:
         return self.spawn("worker", ["coffea_hq.worker", url, *args])
 
     def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+        return "\n".join(
+            f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log"))
+        )
 
     def stop_all(self) -> None:
         """Workers first (they drain through their server), then servers."""

@@ -18,10 +18,12 @@ from coffea_hq.embedded import EmbeddedRedis, free_port
 from .conftest import Processes
 
 
-def http(method: str, url: str, body: bytes | None = None,
-         content_type: str = "application/json") -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": content_type})
+def http(
+    method: str, url: str, body: bytes | None = None, content_type: str = "application/json"
+) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
             status, raw, ctype = r.status, r.read(), r.headers.get_content_type()
@@ -45,13 +47,16 @@ def make_job(url: str, job: str, n: int) -> None:
     assert http("PUT", f"{url}/api/v1/blobs/{sha}", blob, "application/octet-stream")[0] == 201
     assert http("PUT", f"{url}/api/v1/jobs/{job}", js({"function": sha}))[0] == 200
     body = protocol.pack({"tasks": [str(i) for i in range(n)]}, [b"x"] * n)
-    assert http("POST", f"{url}/api/v1/jobs/{job}/tasks", body, protocol.FRAMES_CONTENT_TYPE)[0] == 200
+    assert (
+        http("POST", f"{url}/api/v1/jobs/{job}/tasks", body, protocol.FRAMES_CONTENT_TYPE)[0] == 200
+    )
     assert http("POST", f"{url}/api/v1/jobs/{job}/seal", js({"total": n}))[0] == 200
 
 
 def lease(url: str, worker: str, n: int) -> list[list[Any]]:
-    status, (header, _) = http("POST", f"{url}/api/v1/lease",
-                               js({"worker": worker, "max": n, "wait": 0}))
+    status, (header, _) = http(
+        "POST", f"{url}/api/v1/lease", js({"worker": worker, "max": n, "wait": 0})
+    )
     assert status == 200
     return header["tasks"]  # type: ignore[no-any-return]
 
@@ -68,34 +73,68 @@ def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
         ("POST", "/api/v1/lease", b"[1, 2]", "application/json", 400, "JSON object"),
         ("POST", "/api/v1/lease", js({"worker": "w", "max": 0}), "application/json", 400, "'max'"),
         ("POST", "/api/v1/lease", js({"worker": "a b"}), "application/json", 400, "'worker'"),
-        ("POST", "/api/v1/lease", js({"worker": "w", "wait": "x"}), "application/json", 400,
-         "'wait'"),
-        ("POST", "/api/v1/complete", b"\x00\x00\x00\x05abc", protocol.FRAMES_CONTENT_TYPE, 400,
-         "frame header"),
-        ("POST", "/api/v1/complete", js({}), "application/json", 400,
-         protocol.FRAMES_CONTENT_TYPE),
-        ("POST", "/api/v1/complete", protocol.pack({"worker": "w", "items": [["j", "0", 1, "ok"]]},
-                                                   [b""]),
-         protocol.FRAMES_CONTENT_TYPE, 400, "[job, task, attempt, outcome, error]"),
-        ("POST", "/api/v1/heartbeat", js({"worker": "w", "leases": [["j", "0"]]}),
-         "application/json", 400, "[job, task, attempt]"),
+        (
+            "POST",
+            "/api/v1/lease",
+            js({"worker": "w", "wait": "x"}),
+            "application/json",
+            400,
+            "'wait'",
+        ),
+        (
+            "POST",
+            "/api/v1/complete",
+            b"\x00\x00\x00\x05abc",
+            protocol.FRAMES_CONTENT_TYPE,
+            400,
+            "frame header",
+        ),
+        ("POST", "/api/v1/complete", js({}), "application/json", 400, protocol.FRAMES_CONTENT_TYPE),
+        (
+            "POST",
+            "/api/v1/complete",
+            protocol.pack({"worker": "w", "items": [["j", "0", 1, "ok"]]}, [b""]),
+            protocol.FRAMES_CONTENT_TYPE,
+            400,
+            "[job, task, attempt, outcome, error]",
+        ),
+        (
+            "POST",
+            "/api/v1/heartbeat",
+            js({"worker": "w", "leases": [["j", "0"]]}),
+            "application/json",
+            400,
+            "[job, task, attempt]",
+        ),
         ("GET", "/api/v1/jobs/nope", None, "application/json", 404, "no job nope"),
         ("GET", "/api/v1/jobs/nope/results", None, "application/json", 404, "no job nope"),
         ("GET", "/api/v1/jobs/nope/results?after=zz", None, "application/json", 400, "cursor"),
         ("POST", "/api/v1/jobs/nope/seal", js({"total": 1}), "application/json", 404, "no job"),
         ("POST", "/api/v1/jobs/nope/cancel", None, "application/json", 404, "no job"),
-        ("PUT", "/api/v1/jobs/bad%20id", js({"function": "0" * 64}), "application/json", 400,
-         "job id"),
-        ("PUT", "/api/v1/jobs/j", js({"function": "0" * 64}), "application/json", 404,
-         "upload it first"),
+        (
+            "PUT",
+            "/api/v1/jobs/bad%20id",
+            js({"function": "0" * 64}),
+            "application/json",
+            400,
+            "job id",
+        ),
+        (
+            "PUT",
+            "/api/v1/jobs/j",
+            js({"function": "0" * 64}),
+            "application/json",
+            404,
+            "upload it first",
+        ),
         ("PUT", "/api/v1/jobs/j", js({"function": "f"}), "application/json", 400, "'function'"),
         ("GET", "/api/v1/blobs/xyz", None, "application/json", 400, "sha256"),
         ("GET", "/api/v1/nothing-here", None, "application/json", 404, "Not Found"),
     ],
 )
-def test_malformed_requests_get_a_clear_4xx(server_url: str, method: str, path: str,
-                                            body: bytes | None, ctype: str, status: int,
-                                            says: str) -> None:
+def test_malformed_requests_get_a_clear_4xx(
+    server_url: str, method: str, path: str, body: bytes | None, ctype: str, status: int, says: str
+) -> None:
     got, doc = http(method, server_url + path, body, ctype)
     assert got == status
     assert isinstance(doc, dict) and says in doc["message"], doc
@@ -103,14 +142,16 @@ def test_malformed_requests_get_a_clear_4xx(server_url: str, method: str, path: 
 
 def test_blob_with_wrong_hash_is_rejected_and_not_stored(server_url: str) -> None:
     sha = protocol.blob_name(b"the real bytes")
-    status, doc = http("PUT", f"{server_url}/api/v1/blobs/{sha}", b"other bytes",
-                       "application/octet-stream")
+    status, doc = http(
+        "PUT", f"{server_url}/api/v1/blobs/{sha}", b"other bytes", "application/octet-stream"
+    )
     assert status == 400 and "do not match" in doc["message"]
     assert http("HEAD", f"{server_url}/api/v1/blobs/{sha}")[0] == 404
 
 
 def test_completing_a_task_not_leased_to_the_worker_is_409_and_changes_nothing(
-        server_url: str) -> None:
+    server_url: str,
+) -> None:
     make_job(server_url, "j1", 2)
     (job, task, attempt, _), _ = lease(server_url, "rightful", 2)
     status, doc = complete(server_url, "intruder", [[job, task, attempt, "ok", None]])
@@ -129,14 +170,16 @@ def test_completing_a_task_not_leased_to_the_worker_is_409_and_changes_nothing(
 def test_submit_batch_with_mismatched_parts_changes_nothing(server_url: str) -> None:
     make_job(server_url, "j2", 1)
     body = protocol.pack({"tasks": ["5", "6"]}, [b"x"])
-    status, doc = http("POST", f"{server_url}/api/v1/jobs/j2/tasks", body,
-                       protocol.FRAMES_CONTENT_TYPE)
+    status, doc = http(
+        "POST", f"{server_url}/api/v1/jobs/j2/tasks", body, protocol.FRAMES_CONTENT_TYPE
+    )
     assert status == 400 and "one payload part per task" in doc["message"]
     assert http("GET", f"{server_url}/api/v1/jobs/j2")[1]["submitted"] == 1
 
 
-def test_oversized_request_is_413_and_stores_nothing(store: EmbeddedRedis, processes: Processes,
-                                                     prefix: str) -> None:
+def test_oversized_request_is_413_and_stores_nothing(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     url, _ = processes.server(store.url, "--max-request-size", "4096", prefix=prefix)
     blob = b"x" * 10_000
     sha = protocol.blob_name(blob)
@@ -145,11 +188,13 @@ def test_oversized_request_is_413_and_stores_nothing(store: EmbeddedRedis, proce
     assert http("HEAD", f"{url}/api/v1/blobs/{sha}")[0] == 404
 
 
-def test_server_refuses_a_store_that_may_evict_keys(embedded_store: EmbeddedRedis,
-                                                   processes: Processes) -> None:
+def test_server_refuses_a_store_that_may_evict_keys(
+    embedded_store: EmbeddedRedis, processes: Processes
+) -> None:
     redis.Redis.from_url(embedded_store.url).config_set("maxmemory-policy", "allkeys-lru")
-    proc = processes.spawn("server", ["coffea_hq.server", "--redis", embedded_store.url,
-                                      "--port", str(free_port())])
+    proc = processes.spawn(
+        "server", ["coffea_hq.server", "--redis", embedded_store.url, "--port", str(free_port())]
+    )
     assert proc.wait(timeout=20) == 2
     log = processes.logs()
     assert "allkeys-lru" in log and "--allow-eviction" in log and "noeviction" in log
@@ -176,15 +221,17 @@ def test_server_refuses_a_store_that_may_evict_keys(embedded_store: EmbeddedRedi
 )
 def test_nonsense_command_line_gets_an_error_message(argv: list[str], says: str) -> None:
     env = {"PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
-                            timeout=30, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=30, env=env
+    )
     assert result.returncode == 2
     assert says in result.stderr, result.stderr
 
 
 def test_server_that_cannot_reach_its_store_says_so(processes: Processes) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    proc = processes.spawn("server", ["coffea_hq.server", "--redis", dead,
-                                      "--port", str(free_port())])
+    proc = processes.spawn(
+        "server", ["coffea_hq.server", "--redis", dead, "--port", str(free_port())]
+    )
     assert proc.wait(timeout=30) == 2
     assert "cannot start" in processes.logs()

@@ -50,8 +50,9 @@ def busy_worker(processes: Processes, url: str) -> Any:
     return processes.worker(url, "--slots", "2")
 
 
-def test_worker_killed_mid_job_loses_nothing(store: EmbeddedRedis, processes: Processes,
-                                             prefix: str) -> None:
+def test_worker_killed_mid_job_loses_nothing(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
     victim = busy_worker(processes, url)
     busy_worker(processes, url)
@@ -62,9 +63,9 @@ def test_worker_killed_mid_job_loses_nothing(store: EmbeddedRedis, processes: Pr
     assert victim.wait(timeout=5) == -signal.SIGKILL
 
 
-def test_hung_worker_loses_its_leases_and_the_job_completes(store: EmbeddedRedis,
-                                                            processes: Processes,
-                                                            prefix: str) -> None:
+def test_hung_worker_loses_its_leases_and_the_job_completes(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
     hung = busy_worker(processes, url)
     busy_worker(processes, url)
@@ -74,13 +75,12 @@ def test_hung_worker_loses_its_leases_and_the_job_completes(store: EmbeddedRedis
         assert got == {i: i * i for i in range(300)}
         # Woken up, the hung worker's late results are refused, and it carries on.
         hung.send_signal(signal.SIGCONT)
-        assert client.map(slow_square, range(40)).result(timeout=60) == [
-            i * i for i in range(40)
-        ]
+        assert client.map(slow_square, range(40)).result(timeout=60) == [i * i for i in range(40)]
 
 
-def test_server_killed_and_restarted_on_the_same_port(store: EmbeddedRedis,
-                                                      processes: Processes, prefix: str) -> None:
+def test_server_killed_and_restarted_on_the_same_port(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     port = free_port()
     url, server = processes.server(store.url, "--lease-timeout", "5", prefix=prefix, port=port)
     busy_worker(processes, url)
@@ -98,8 +98,9 @@ def test_server_killed_and_restarted_on_the_same_port(store: EmbeddedRedis,
     assert got == {i: i * i for i in range(300)}
 
 
-def test_store_restarted_mid_job_with_persistence(embedded_store: EmbeddedRedis,
-                                                  processes: Processes) -> None:
+def test_store_restarted_mid_job_with_persistence(
+    embedded_store: EmbeddedRedis, processes: Processes
+) -> None:
     url, _ = processes.server(embedded_store.url, "--lease-timeout", "5")
     busy_worker(processes, url)
     busy_worker(processes, url)
@@ -136,9 +137,9 @@ def test_store_killed_mid_job_with_fsync_always(processes: Processes) -> None:
         store.stop()
 
 
-def test_sigterm_drains_a_worker_without_losing_or_retrying(store: EmbeddedRedis,
-                                                            processes: Processes,
-                                                            prefix: str) -> None:
+def test_sigterm_drains_a_worker_without_losing_or_retrying(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     leaving = processes.worker(url, "--slots", "2")
     with Client(url) as client:
@@ -156,8 +157,9 @@ def test_sigterm_drains_a_worker_without_losing_or_retrying(store: EmbeddedRedis
         assert time.monotonic() - started < 60
 
 
-def test_sigterm_stops_the_server_cleanly(store: EmbeddedRedis, processes: Processes,
-                                          prefix: str) -> None:
+def test_sigterm_stops_the_server_cleanly(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     url, server = processes.server(store.url, prefix=prefix)
     worker = processes.worker(url)
     with Client(url) as client:
@@ -168,8 +170,9 @@ def test_sigterm_stops_the_server_cleanly(store: EmbeddedRedis, processes: Proce
     worker.kill()  # it would otherwise keep retrying the server it lost
 
 
-def test_many_workers_killed_repeatedly(store: EmbeddedRedis, processes: Processes,
-                                        prefix: str) -> None:
+def test_many_workers_killed_repeatedly(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
     """A chaos loop, bounded: kill a random worker every 0.5 s, start a fresh one."""
     url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
     workers = [busy_worker(processes, url) for _ in range(3)]

@@ -70,8 +70,11 @@ def test_map_returns_results_ordered_like_the_inputs(client: Client) -> None:
 
 
 def test_as_completed_yields_every_index_exactly_once(client: Client) -> None:
-    seen = [index for index, value in client.map(square, range(500)).as_completed(timeout=60)
-            if value == index * index]
+    seen = [
+        index
+        for index, value in client.map(square, range(500)).as_completed(timeout=60)
+        if value == index * index
+    ]
     assert sorted(seen) == list(range(500))
 
 
@@ -137,8 +140,9 @@ def worker_stats(url: str) -> list[dict[str, float]]:
         return [w["stats"] for w in json.load(r).values()]
 
 
-def test_result_timeout_raises_and_cancel_stops_the_running_task(cluster: LocalCluster,
-                                                                 client: Client) -> None:
+def test_result_timeout_raises_and_cancel_stops_the_running_task(
+    cluster: LocalCluster, client: Client
+) -> None:
     restarts = sum(s["restarts"] for s in worker_stats(cluster.url))
     job = client.map(nap, [0.5] * 2 + [60])
     with pytest.raises(TimeoutError, match="2/3 tasks done"):
@@ -189,8 +193,11 @@ def test_function_blob_is_fetched_once_per_worker(cluster: LocalCluster, client:
     assert sum(fetched) <= 2 * 20 and max(fetched) < 400
 
 
-def test_two_servers_on_one_store_serve_the_same_job(store, processes: Processes,  # type: ignore[no-untyped-def]
-                                                     prefix: str) -> None:
+def test_two_servers_on_one_store_serve_the_same_job(
+    store,
+    processes: Processes,  # type: ignore[no-untyped-def]
+    prefix: str,
+) -> None:
     url_a, _ = processes.server(store.url, prefix=prefix)
     url_b, _ = processes.server(store.url, prefix=prefix)
     processes.worker(url_a)

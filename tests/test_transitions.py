@@ -9,18 +9,22 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from coffea_hq.server.keys import Keys
+from coffea_hq.server.store import Conflict, Report, Store, UnknownBlob, UnknownJob
 
 from coffea_hq import protocol
 from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.protocol import CompleteStatus, Outcome
-from coffea_hq.server.keys import Keys
-from coffea_hq.server.store import Conflict, Report, Store, UnknownBlob, UnknownJob
 
 FN = protocol.blob_name(b"function")
 
 
-def run(store_server: EmbeddedRedis, prefix: str, body: Callable[[Store], Awaitable[Any]],
-        lease_timeout: float = 30.0) -> Any:
+def run(
+    store_server: EmbeddedRedis,
+    prefix: str,
+    body: Callable[[Store], Awaitable[Any]],
+    lease_timeout: float = 30.0,
+) -> Any:
     async def main() -> Any:
         client = aioredis.Redis.from_url(store_server.url)
         try:
@@ -33,10 +37,12 @@ def run(store_server: EmbeddedRedis, prefix: str, body: Callable[[Store], Awaita
     return asyncio.run(main())
 
 
-async def new_job(store: Store, n: int, *, max_attempts: int = 3, fail_fast: bool = True,
-                  job: str = "j1") -> str:
-    await store.create_job(job, function=FN, max_attempts=max_attempts, fail_fast=fail_fast,
-                           label="", owner="")
+async def new_job(
+    store: Store, n: int, *, max_attempts: int = 3, fail_fast: bool = True, job: str = "j1"
+) -> str:
+    await store.create_job(
+        job, function=FN, max_attempts=max_attempts, fail_fast=fail_fast, label="", owner=""
+    )
     await store.submit(job, [str(i) for i in range(n)], [b"p%d" % i for i in range(n)])
     await store.seal(job, n)
     return job
@@ -46,28 +52,34 @@ def ok(job: str, task: str, attempt: int = 1, data: bytes = b"r") -> Report:
     return Report(job, task, attempt, Outcome.OK, None, data)
 
 
-def test_create_is_idempotent_and_refuses_another_function(store: EmbeddedRedis,
-                                                           prefix: str) -> None:
+def test_create_is_idempotent_and_refuses_another_function(
+    store: EmbeddedRedis, prefix: str
+) -> None:
     async def body(s: Store) -> None:
-        first = await s.create_job("j", function=FN, max_attempts=3, fail_fast=True, label="a",
-                                   owner="")
-        again = await s.create_job("j", function=FN, max_attempts=3, fail_fast=True, label="a",
-                                   owner="")
+        first = await s.create_job(
+            "j", function=FN, max_attempts=3, fail_fast=True, label="a", owner=""
+        )
+        again = await s.create_job(
+            "j", function=FN, max_attempts=3, fail_fast=True, label="a", owner=""
+        )
         assert first == again and first["state"] == "running"
         other = protocol.blob_name(b"other")
         await s.put_blob(other, b"other")
         with pytest.raises(Conflict, match="another function"):
-            await s.create_job("j", function=other, max_attempts=3, fail_fast=True, label="",
-                               owner="")
+            await s.create_job(
+                "j", function=other, max_attempts=3, fail_fast=True, label="", owner=""
+            )
         with pytest.raises(UnknownBlob, match="upload it first"):
-            await s.create_job("k", function="0" * 64, max_attempts=3, fail_fast=True, label="",
-                               owner="")
+            await s.create_job(
+                "k", function="0" * 64, max_attempts=3, fail_fast=True, label="", owner=""
+            )
 
     run(store, prefix, body)
 
 
-def test_submit_retry_adds_nothing_and_seal_checks_the_count(store: EmbeddedRedis,
-                                                             prefix: str) -> None:
+def test_submit_retry_adds_nothing_and_seal_checks_the_count(
+    store: EmbeddedRedis, prefix: str
+) -> None:
     async def body(s: Store) -> None:
         await s.create_job("j", function=FN, max_attempts=3, fail_fast=True, label="", owner="")
         assert await s.submit("j", ["0", "1"], [b"a", b"b"]) == 2
@@ -119,8 +131,9 @@ def test_complete_counts_once_and_rejects_other_workers(store: EmbeddedRedis, pr
     run(store, prefix, body)
 
 
-def test_expired_lease_is_requeued_with_attempt_raised_then_fails(store: EmbeddedRedis,
-                                                                  prefix: str) -> None:
+def test_expired_lease_is_requeued_with_attempt_raised_then_fails(
+    store: EmbeddedRedis, prefix: str
+) -> None:
     async def body(s: Store) -> None:
         job = await new_job(s, 1, max_attempts=2)
         first = await s.lease("w1", 1)
@@ -159,8 +172,11 @@ def test_heartbeat_extends_only_the_holders_leases(store: EmbeddedRedis, prefix:
 def test_crash_is_requeued_until_the_limit(store: EmbeddedRedis, prefix: str) -> None:
     async def body(s: Store) -> None:
         job = await new_job(s, 1, max_attempts=2)
-        crash = {"type": "coffea_hq.errors.WorkerLost", "message": "killed by SIGSEGV",
-                 "traceback": ""}
+        crash = {
+            "type": "coffea_hq.errors.WorkerLost",
+            "message": "killed by SIGSEGV",
+            "traceback": "",
+        }
         await s.lease("w1", 1)
         r = Report(job, "0", 1, Outcome.CRASHED, crash, b"")
         assert await s.complete("w1", [r]) == [CompleteStatus.REQUEUED]
@@ -195,8 +211,9 @@ def test_task_error_fails_fast_or_lets_the_rest_run(store: EmbeddedRedis, prefix
     run(store, prefix, body)
 
 
-def test_release_returns_tasks_without_counting_an_attempt(store: EmbeddedRedis,
-                                                           prefix: str) -> None:
+def test_release_returns_tasks_without_counting_an_attempt(
+    store: EmbeddedRedis, prefix: str
+) -> None:
     async def body(s: Store) -> None:
         job = await new_job(s, 2)
         await s.lease("w1", 2)
@@ -222,8 +239,7 @@ def test_cancel_drops_the_queue_and_refuses_results(store: EmbeddedRedis, prefix
     run(store, prefix, body)
 
 
-def test_finished_job_keys_expire_and_ack_frees_results(store: EmbeddedRedis,
-                                                        prefix: str) -> None:
+def test_finished_job_keys_expire_and_ack_frees_results(store: EmbeddedRedis, prefix: str) -> None:
     async def body(s: Store) -> None:
         job = await new_job(s, 3)
         await s.lease("w", 3)
@@ -231,8 +247,9 @@ def test_finished_job_keys_expire_and_ack_frees_results(store: EmbeddedRedis,
         first = await s.results(job, after="0", ack=None, wait=0, max_bytes=1 << 20)
         assert first.items == [("0", "ok")] and first.parts == [b"x" * 100]
         await s.complete("w", [ok(job, "1"), ok(job, "2")])
-        second = await s.results(job, after=first.cursor, ack=first.cursor, wait=0,
-                                 max_bytes=1 << 20)
+        second = await s.results(
+            job, after=first.cursor, ack=first.cursor, wait=0, max_bytes=1 << 20
+        )
         assert sorted(t for t, _ in second.items) == ["1", "2"] and second.end
         keys = s.keys.job(job)
         assert not await s.redis.hexists(keys[5], "0")  # acked: freed

@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from coffea_hq import protocol
 from coffea_hq.protocol import FRAMES_CONTENT_TYPE, Outcome
@@ -75,8 +74,13 @@ class Worker:
         self._mean_runtime: float | None = None
         self._heartbeat_every = protocol.DEFAULT_LEASE_TIMEOUT / 3
         self._started = time.monotonic()
-        self.stats = {"done": 0, "failed": 0, "crashed": 0, "busy_seconds": 0.0,
-                      "functions_fetched": 0}
+        self.stats = {
+            "done": 0,
+            "failed": 0,
+            "crashed": 0,
+            "busy_seconds": 0.0,
+            "functions_fetched": 0,
+        }
         self._stopping = asyncio.Event()
         self._abort = asyncio.Event()
         self._work = asyncio.Event()
@@ -118,8 +122,9 @@ class Worker:
             asyncio.create_task(self._report_loop(), name="report"),
         ]
         leasing = asyncio.create_task(self._lease_loop(), name="lease")
-        running = [asyncio.create_task(self._slot_loop(s), name=f"slot{s.index}")
-                   for s in self.slots]
+        running = [
+            asyncio.create_task(self._slot_loop(s), name=f"slot{s.index}") for s in self.slots
+        ]
         watched = [leasing, *background]
         try:
             done, _ = await asyncio.wait(
@@ -151,10 +156,14 @@ class Worker:
         self.pending.clear()
         if unstarted:
             with contextlib.suppress(ServerError, ServerUnreachable):
-                await self.transport.call("POST", protocol.RELEASE, json_body={
-                    "worker": self.id,
-                    "items": [[i.job, i.task, i.attempt] for i in unstarted],
-                })
+                await self.transport.call(
+                    "POST",
+                    protocol.RELEASE,
+                    json_body={
+                        "worker": self.id,
+                        "items": [[i.job, i.task, i.attempt] for i in unstarted],
+                    },
+                )
                 for item in unstarted:
                     self.held.pop(item.key, None)
                 log.info("worker %s handed back %d unstarted task(s)", self.id, len(unstarted))
@@ -179,11 +188,15 @@ class Worker:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            response = await self.transport.call("POST", protocol.LEASE, json_body={
-                "worker": self.id,
-                "max": min(room, protocol.LEASE_MAX_TASKS),
-                "wait": self.config.lease_wait,
-            })
+            response = await self.transport.call(
+                "POST",
+                protocol.LEASE,
+                json_body={
+                    "worker": self.id,
+                    "max": min(room, protocol.LEASE_MAX_TASKS),
+                    "wait": self.config.lease_wait,
+                },
+            )
             header, parts = response.frames()
             for (job, task, attempt, function), payload in zip(header["tasks"], parts, strict=True):
                 item = WorkItem(job, task, attempt, function, bytes(payload))
@@ -263,8 +276,12 @@ class Worker:
                 self.stats["failed"] += 1
             else:
                 self.stats["crashed"] += 1
-                log.warning("task %s/%s crashed: %s", r.item.job, r.item.task,
-                            (r.error or {}).get("message"))
+                log.warning(
+                    "task %s/%s crashed: %s",
+                    r.item.job,
+                    r.item.task,
+                    (r.error or {}).get("message"),
+                )
             if r.outcome is not Outcome.CRASHED:
                 m = self._mean_runtime
                 self._mean_runtime = r.seconds if m is None else 0.9 * m + 0.1 * r.seconds
@@ -290,14 +307,20 @@ class Worker:
             self._outbox_ready.clear()
             while self.outbox:
                 batch = self._next_report()
-                header = {"worker": self.id, "items": [
-                    [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error]
-                    for r in batch
-                ]}
+                header = {
+                    "worker": self.id,
+                    "items": [
+                        [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error]
+                        for r in batch
+                    ],
+                }
                 body = protocol.pack(header, [r.data for r in batch])
                 try:
                     response = await self.transport.call(
-                        "POST", protocol.COMPLETE, body=body, content_type=FRAMES_CONTENT_TYPE,
+                        "POST",
+                        protocol.COMPLETE,
+                        body=body,
+                        content_type=FRAMES_CONTENT_TYPE,
                         accept=(200, 409),
                     )
                     if response.status == 409:
@@ -321,15 +344,19 @@ class Worker:
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "restarts": sum(s.restarts for s in self.slots),
         }
-        response = await self.transport.call("POST", protocol.HEARTBEAT, json_body={
-            "worker": self.id,
-            "slots": len(self.slots),
-            "host": socket.gethostname(),
-            "leases": [[i.job, i.task, i.attempt] for i in self.held.values()],
-            "stats": stats,
-            "draining": draining or self._stopping.is_set(),
-            "exiting": exiting,
-        })
+        response = await self.transport.call(
+            "POST",
+            protocol.HEARTBEAT,
+            json_body={
+                "worker": self.id,
+                "slots": len(self.slots),
+                "host": socket.gethostname(),
+                "leases": [[i.job, i.task, i.attempt] for i in self.held.values()],
+                "stats": stats,
+                "draining": draining or self._stopping.is_set(),
+                "exiting": exiting,
+            },
+        )
         doc = response.json()
         self._heartbeat_every = float(doc.get("interval", self._heartbeat_every))
         lost = {(job, task) for job, task in doc.get("lost", [])}
@@ -342,8 +369,9 @@ class Worker:
                 self._forget(item)
             for slot in self.slots:
                 if slot.running & lost:
-                    log.info("worker %s: stopping slot %d, its task's lease is gone",
-                             self.id, slot.index)
+                    log.info(
+                        "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
+                    )
                     slot.kill()
 
     async def _heartbeat_loop(self) -> None:

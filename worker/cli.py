@@ -20,18 +20,33 @@ def parser() -> argparse.ArgumentParser:
         "subprocesses, one per slot. SIGTERM drains it: unstarted tasks go back, running "
         "ones finish.",
     )
-    p.add_argument("url", nargs="?", default=os.environ.get(protocol.ENV_URL),
-                   help=f"server URL, e.g. http://server:{protocol.DEFAULT_PORT} "
-                   f"(default: ${protocol.ENV_URL})")
+    p.add_argument(
+        "url",
+        nargs="?",
+        default=os.environ.get(protocol.ENV_URL),
+        help=f"server URL, e.g. http://server:{protocol.DEFAULT_PORT} "
+        f"(default: ${protocol.ENV_URL})",
+    )
     p.add_argument("--slots", type=int, default=1, help="tasks run at once (default: %(default)s)")
     p.add_argument("--name", default=None, help="worker name (default: host-pid-random)")
-    p.add_argument("--lease-wait", type=float, default=10.0,
-                   help="seconds one lease request waits on the server for work (default: %(default)s)")
-    p.add_argument("--retry-for", type=float, default=300.0,
-                   help="seconds to keep retrying an unreachable server before exiting "
-                   "(default: %(default)s)")
-    p.add_argument("--drain-timeout", type=float, default=None,
-                   help="on SIGTERM, seconds to wait for running tasks (default: until done)")
+    p.add_argument(
+        "--lease-wait",
+        type=float,
+        default=10.0,
+        help="seconds one lease request waits on the server for work (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying an unreachable server before exiting (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds to wait for running tasks (default: until done)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -49,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--lease-wait and --retry-for must be positive")
     if args.name is not None and not protocol.valid_id(args.name):
         p.error("--name may hold 1-64 letters, digits, '-', '_' and '.'")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s")
-    config = WorkerConfig(url=args.url, slots=args.slots, name=args.name,
-                          lease_wait=args.lease_wait, retry_for=args.retry_for,
-                          drain_timeout=args.drain_timeout)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s"
+    )
+    config = WorkerConfig(
+        url=args.url,
+        slots=args.slots,
+        name=args.name,
+        lease_wait=args.lease_wait,
+        retry_for=args.retry_for,
+        drain_timeout=args.drain_timeout,
+    )
     asyncio.run(Worker(config).run())
     return 0
 

@@ -74,8 +74,12 @@ class Slot:
         os.close(fd)
         self._functions = set()
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coffea_hq.worker.runner", self._marker_path,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "coffea_hq.worker.runner",
+            self._marker_path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
 
     @property
