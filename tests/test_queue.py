@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import redis
 
 from coffea_hq import Client, LocalCluster, TaskFailed
 from coffea_hq.errors import HQError, JobCancelled
@@ -57,6 +59,13 @@ def exit_once(x: int, marker: str) -> int:
         Path(marker).touch()
         os._exit(3)
     return x + 100
+
+
+def killed_on(x: int, bad: int) -> int:
+    """Dies the way the kernel's out-of-memory killer ends a process: SIGKILL."""
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
 
 
 def nap(x: float) -> float:
@@ -114,6 +123,25 @@ def test_segfault_kills_only_its_subprocess_and_fails_after_max_attempts(client:
     assert "2 attempts" in info.value.message and info.value.worker != "?"
     # The slots came back: the next job runs normally.
     assert client.map(square, range(10)).result(timeout=30) == [i * i for i in range(10)]
+
+
+def test_oom_style_kill_is_reported_with_its_signal(client: Client) -> None:
+    job = client.map(killed_on, range(10), [2] * 10, max_attempts=1)
+    with pytest.raises(TaskFailed) as info:
+        job.result(timeout=60)
+    assert info.value.index == 2 and "SIGKILL (out of memory?)" in info.value.message
+
+
+def test_job_keys_are_deleted_once_the_client_has_the_results(
+    cluster: LocalCluster, client: Client
+) -> None:
+    job = client.map(square, range(50))
+    assert job.result(timeout=30) == [i * i for i in range(50)]
+    store = redis.Redis.from_url(cluster.redis_url or "")
+    try:
+        assert store.keys(f"hq:job:{{{job.id}}}*") == []
+    finally:
+        store.close()
 
 
 def test_os_exit_is_a_crash_and_the_retry_succeeds(client: Client, tmp_path: Path) -> None:
