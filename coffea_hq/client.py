@@ -122,28 +122,37 @@ class Client:
         max_attempts: int = protocol.DEFAULT_MAX_ATTEMPTS,
         fail_fast: bool = True,
         label: str = "",
+        reduce: Callable[[list[Any]], Any] | None = None,
+        fanin: int = protocol.DEFAULT_FANIN,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
         ``max_attempts`` bounds retries after a worker dies or hangs (a task that raises
         fails at once); with ``fail_fast`` the first failure ends the job.
+
+        With ``reduce``, results are merged on the workers, ``fanin`` at a time, by
+        ``reduce(list_of_values)``, merges of merges until one is left: ``result()``
+        returns that one value, and ``as_completed()`` yields ``(index, None)`` as each
+        task finishes.
         """
+        if reduce is not None and fanin < 2:
+            raise ValueError("fanin must be at least 2")
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
-        blob = protocol.compress(cloudpickle.dumps(function), self.codec)
-        job = Job(self, uuid.uuid4().hex[:20], items)
-        self._run(self._create(job.id, blob, payloads, max_attempts, fail_fast, label))
+        blobs = [
+            protocol.compress(cloudpickle.dumps(f), self.codec)
+            for f in (function, reduce)
+            if f is not None
+        ]
+        job = Job(self, uuid.uuid4().hex[:20], items, reducing=reduce is not None)
+        spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
+        if reduce is not None:
+            spec["fanin"] = fanin
+        self._run(self._create(job.id, blobs, payloads, spec))
         return job
 
-    async def _create(
-        self,
-        job: str,
-        blob: bytes,
-        payloads: list[bytes],
-        max_attempts: int,
-        fail_fast: bool,
-        label: str,
-    ) -> None:
+    async def _upload(self, blob: bytes) -> str:
+        """Upload a content-addressed blob unless the server has it; returns its name."""
         sha = protocol.blob_name(blob)
         path = protocol.BLOB.format(sha=sha)
         found = await self.transport.call("HEAD", path, accept=(200, 404))
@@ -151,15 +160,16 @@ class Client:
             await self.transport.call(
                 "PUT", path, body=blob, content_type=protocol.BLOB_CONTENT_TYPE
             )
+        return sha
+
+    async def _create(
+        self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
+    ) -> None:
+        shas = [await self._upload(blob) for blob in blobs]
         await self.transport.call(
             "PUT",
             protocol.JOB.format(job=job),
-            json_body={
-                "function": sha,
-                "max_attempts": max_attempts,
-                "fail_fast": fail_fast,
-                "label": label,
-            },
+            json_body={**spec, "function": shas[0], "reducer": shas[1] if len(shas) > 1 else None},
         )
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
 
@@ -194,12 +204,26 @@ class Client:
 class Job:
     """A handle on a submitted job: stream results, gather them, or cancel."""
 
-    __slots__ = ("id", "client", "items", "_values", "_received", "_finished", "_cursor")
+    __slots__ = (
+        "id",
+        "client",
+        "items",
+        "reducing",
+        "_values",
+        "_reduced",
+        "_received",
+        "_finished",
+        "_cursor",
+    )
 
-    def __init__(self, client: Client, job_id: str, items: list[tuple[Any, ...]]) -> None:
+    def __init__(
+        self, client: Client, job_id: str, items: list[tuple[Any, ...]], reducing: bool = False
+    ) -> None:
         self.id = job_id
         self.client = client
         self.items = items
+        self.reducing = reducing
+        self._reduced: Any = None
         self._values: list[Any] = [None] * len(items)
         self._received = bytearray(len(items))  # dedupe: a result may arrive twice after a
         self._finished = False  # store restart, but counts once
@@ -237,11 +261,18 @@ class Job:
             if not end:
                 fetch = self._fetch(deadline)  # overlap the next long poll with our unpickling
             for (task, outcome), part in zip(header["items"], parts, strict=True):
+                if self.reducing and outcome == "ok":
+                    self._reduced = protocol.loads(part)  # the merge of every success
+                    continue
+                if task.startswith(protocol.MERGE_PREFIX):  # a merge failed: the job ends
+                    raise self._failure(-1, header["errors"].get(task, {}), part)
                 index = int(task)
                 if self._received[index]:
                     continue
                 self._received[index] = 1
-                if outcome == "ok":
+                if outcome == "merged":
+                    yield index, None
+                elif outcome == "ok":
                     value = protocol.loads(part)
                     self._values[index] = value
                     yield index, value
@@ -261,11 +292,16 @@ class Job:
         if failures:
             raise failures[0]
 
-    def result(self, timeout: float | None = None) -> list[Any]:
-        """All results, ordered like the inputs. Raises like :meth:`as_completed`."""
+    def result(self, timeout: float | None = None) -> Any:
+        """All results, ordered like the inputs (for a reducing job: the one merged value,
+        ``None`` if there were no tasks). Raises like :meth:`as_completed`."""
         for _ in self.as_completed(timeout):
             pass
-        return list(self._values)
+        return self._reduced if self.reducing else list(self._values)
+
+    def partial(self) -> Any:
+        """For a finished reducing job that had failures: the merge of what succeeded."""
+        return self._reduced
 
     def _fetch(self, deadline: float | None) -> Future[Frames]:
         wait = (
@@ -280,7 +316,8 @@ class Job:
                 exception = protocol.loads(part)
             except Exception:  # the exception's class may not exist here
                 exception = None
-        return TaskFailed(self.id, index, self.items[index], error, exception)
+        item = self.items[index] if index >= 0 else "(a merge of results on a worker)"
+        return TaskFailed(self.id, index, item, error, exception)
 
     def _finish(self, state: str) -> None:
         self._finished = True

@@ -23,9 +23,10 @@ class HQError(Exception):
 class TaskFailed(HQError):
     """A task raised, or lost its worker on every attempt.
 
-    ``item`` is the task's input, ``exc_type``/``message``/``traceback`` describe the
-    remote error, ``worker`` names the worker it last ran on, and ``exception`` holds
-    the original exception object when it could be transported.
+    ``item`` is the task's input (``index`` is -1 for a failed merge of results),
+    ``exc_type``/``message``/``traceback`` describe the remote error, ``worker`` names the
+    worker it last ran on, and ``exception`` holds the original exception object when it
+    could be transported.
     """
 
     def __init__(

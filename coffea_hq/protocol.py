@@ -51,6 +51,8 @@ DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_MAX_REQUEST_SIZE: Final = 256 * 1024 * 1024
 DEFAULT_RESULT_TTL: Final = 24 * 3600
 LEASE_MAX_TASKS: Final = 4096
+DEFAULT_FANIN: Final = 20  # results per merge task, as coffea's treereduction
+MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
 LONG_POLL_MAX: Final = 60.0
 ENV_URL: Final = "HQ_URL"
 
@@ -213,12 +215,16 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 # validates every field it reads (see coffea_hq.server.validate).
 #
 # PUT  JOB          JSON {"function": sha, "max_attempts": int, "fail_fast": bool,
-#                         "label": str}                                  -> job summary
+#                         "label": str, "reducer": sha|null, "fanin": int} -> job summary
+#                   With a reducer, results are merged on workers by merge tasks
+#                   (ids "m1", "m2", ...) that call reducer(list_of_values); the client
+#                   receives only the final merge ("merged" items report progress).
 # POST JOB_TASKS    frames {"tasks": [task_id, ...]} + one payload part per task
 #                                                                        -> {"added": n}
 # POST JOB_SEAL     JSON {"total": n}                                    -> job summary
 # GET  JOB_RESULTS  ?after=<cursor>&wait=<s>&ack=<cursor>
 #                   frames {"cursor": str, "state": str, "items": [[task, outcome], ...],
+#                           (outcome "ok" | "error" | "merged": merged on workers, no part)
 #                           "errors": {task: error}, "done": n, "total": n|null}
 #                   + one part per item (pickled value, or pickled exception)
 # POST LEASE        JSON {"worker": id, "max": n, "wait": s}
@@ -231,6 +237,21 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 #                   -> {"lost": [[job, task], ...]}
 #
 # An error from the server is JSON {"error": <code>, "message": <sentence>}.
+
+
+_PART_LEN: Final = struct.Struct(">I")
+
+
+def split_merge_payload(data: bytes | memoryview) -> list[memoryview]:
+    """A merge task's payload: its inputs' results, each prefixed by a u32 length."""
+    view = memoryview(data)
+    parts, at = [], 0
+    while at < len(view):
+        (size,) = _PART_LEN.unpack_from(view, at)
+        at += _PART_LEN.size
+        parts.append(view[at : at + size])
+        at += size
+    return parts
 
 
 def error_info(exc: BaseException, traceback_text: str) -> dict[str, str]:

@@ -149,6 +149,10 @@ async def create_job(request: web.Request) -> web.Response:
     function = body.get("function")
     if not isinstance(function, str) or not protocol.valid_blob_name(function):
         raise v.BadRequest("'function' must name an uploaded blob (its sha256)")
+    reducer = body.get("reducer") or ""
+    if reducer and not (isinstance(reducer, str) and protocol.valid_blob_name(reducer)):
+        raise v.BadRequest("'reducer' must name an uploaded blob (its sha256) or be null")
+    fanin = v.integer(body.get("fanin", protocol.DEFAULT_FANIN), "'fanin'", 2, 10_000)
     summary = await request.app[STORE].create_job(
         job,
         function=function,
@@ -158,6 +162,8 @@ async def create_job(request: web.Request) -> web.Response:
         fail_fast=v.boolean(body.get("fail_fast", True), "'fail_fast'"),
         label=v.string(body.get("label", ""), "'label'"),
         owner="",
+        reducer=reducer,
+        fanin=fanin,
     )
     return web.json_response(summary)
 
@@ -178,6 +184,8 @@ async def submit_tasks(request: web.Request) -> web.Response:
     if len(tasks) != len(parts):
         raise v.BadRequest("'tasks' needs exactly one payload part per task")
     ids = [v.ident(t, "task id") for t in tasks]
+    if any(t.startswith(protocol.MERGE_PREFIX) for t in ids):
+        raise v.BadRequest(f"task ids starting with {protocol.MERGE_PREFIX!r} are reserved")
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
     added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts])

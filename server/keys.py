@@ -9,7 +9,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-JOB_KEY_NAMES = ("meta", "payload", "queue", "leases", "owner", "results", "errors", "events")
+
+@dataclass(frozen=True, slots=True)
+class JobKeys:
+    """One job's keys, in the order ``lua/common.lua`` receives them as KEYS."""
+
+    meta: str
+    payload: str
+    queue: str
+    leases: str
+    owner: str
+    results: str
+    errors: str
+    events: str
+    mergeable: str
+    ready: str  # global
+    jobs: str  # global
+
+    @property
+    def owned(self) -> list[str]:
+        """The keys that belong to this job alone (deleted or expired with it)."""
+        return [
+            self.meta,
+            self.payload,
+            self.queue,
+            self.leases,
+            self.owner,
+            self.results,
+            self.errors,
+            self.events,
+            self.mergeable,
+        ]
+
+    @property
+    def script_keys(self) -> list[str]:
+        return [*self.owned, self.ready, self.jobs]
 
 
 @dataclass(frozen=True)
@@ -20,10 +54,12 @@ class Keys:
 
     @property
     def ready(self) -> str:
+        """Jobs with queued tasks, scored by creation time (oldest served first)."""
         return f"{self.prefix}:ready"
 
     @property
     def jobs(self) -> str:
+        """Unfinished jobs, scored by creation time."""
         return f"{self.prefix}:jobs"
 
     @property
@@ -42,16 +78,18 @@ class Keys:
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"
 
-    def job(self, job: str) -> list[str]:
-        """The KEYS every job script takes, in the order ``lua/common.lua`` names them."""
+    def job(self, job: str) -> JobKeys:
         base = f"{self.prefix}:job:{{{job}}}"
-        return [base if name == "meta" else f"{base}:{name}" for name in JOB_KEY_NAMES] + [
-            self.ready,
-            self.jobs,
-        ]
-
-    def meta(self, job: str) -> str:
-        return f"{self.prefix}:job:{{{job}}}"
-
-    def events(self, job: str) -> str:
-        return f"{self.prefix}:job:{{{job}}}:events"
+        return JobKeys(
+            meta=base,
+            payload=f"{base}:payload",
+            queue=f"{base}:queue",
+            leases=f"{base}:leases",
+            owner=f"{base}:owner",
+            results=f"{base}:results",
+            errors=f"{base}:errors",
+            events=f"{base}:events",
+            mergeable=f"{base}:mergeable",
+            ready=self.ready,
+            jobs=self.jobs,
+        )

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from coffea_hq.protocol import CompleteStatus, Outcome
+from coffea_hq.protocol import MERGE_PREFIX, CompleteStatus, Outcome
 
 from .keys import Keys
 from .scripts import Scripts
@@ -131,20 +131,32 @@ class Store:
     # ------------------------------------------------------------------ jobs (client side)
 
     async def create_job(
-        self, job: str, *, function: str, max_attempts: int, fail_fast: bool, label: str, owner: str
+        self,
+        job: str,
+        *,
+        function: str,
+        max_attempts: int,
+        fail_fast: bool,
+        label: str,
+        owner: str,
+        reducer: str = "",
+        fanin: int = 0,
     ) -> dict[str, Any]:
-        if not await self.redis.expire(self.keys.blob(function), BLOB_TTL):
-            raise UnknownBlob(f"function blob {function} is not on the server: upload it first")
+        for sha in filter(None, (function, reducer)):
+            if not await self.redis.expire(self.keys.blob(sha), BLOB_TTL):
+                raise UnknownBlob(f"function blob {sha} is not on the server: upload it first")
         status, _ = await self.scripts.create(
-            keys=self.keys.job(job),
-            args=self._argv(job, function, max_attempts, int(fail_fast), label, owner),
+            keys=self.keys.job(job).script_keys,
+            args=self._argv(
+                job, function, max_attempts, int(fail_fast), label, owner, reducer, fanin
+            ),
         )
         if status == b"conflict":
             raise Conflict(f"job {job} exists already with another function")
         return await self.summary(job)
 
     async def summary(self, job: str) -> dict[str, Any]:
-        meta = await self.redis.hgetall(self.keys.meta(job))
+        meta = await self.redis.hgetall(self.keys.job(job).meta)
         if not meta:
             raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
         m = {k.decode(): v.decode() for k, v in meta.items()}
@@ -158,6 +170,8 @@ class Store:
             "failed": int(m.get("failed", 0)),
             "max_attempts": int(m.get("max_attempts", 0)),
             "fail_fast": m.get("fail_fast") == "1",
+            "reducing": bool(m.get("reducer")),
+            "merges": int(m.get("merges", 0)),
         }
 
     async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
@@ -165,7 +179,7 @@ class Store:
         for task, payload in zip(tasks, payloads, strict=True):
             args += [task, payload]
         status, added = await self.scripts.submit(
-            keys=self.keys.job(job), args=self._argv(job, *args)
+            keys=self.keys.job(job).script_keys, args=self._argv(job, *args)
         )
         if status == b"unknown":
             raise UnknownJob(f"no job {job}: create it before submitting tasks")
@@ -177,7 +191,7 @@ class Store:
 
     async def seal(self, job: str, total: int) -> dict[str, Any]:
         status, detail = await self.scripts.seal(
-            keys=self.keys.job(job), args=self._argv(job, total)
+            keys=self.keys.job(job).script_keys, args=self._argv(job, total)
         )
         if status == b"unknown":
             raise UnknownJob(f"no job {job}")
@@ -191,7 +205,7 @@ class Store:
         return await self.summary(job)
 
     async def cancel(self, job: str) -> dict[str, Any]:
-        state = await self.scripts.cancel(keys=self.keys.job(job), args=self._argv(job))
+        state = await self.scripts.cancel(keys=self.keys.job(job).script_keys, args=self._argv(job))
         if not state:
             raise UnknownJob(f"no job {job}")
         return await self.summary(job)
@@ -199,17 +213,17 @@ class Store:
     async def delete_job(self, job: str) -> None:
         """Cancel if running, then drop every key of the job (the client has its results)."""
         await self.cancel(job)
-        await self.redis.delete(*self.keys.job(job)[:8])
+        await self.redis.delete(*self.keys.job(job).owned)
 
     async def results(
         self, job: str, *, after: str, ack: str | None, wait: float, max_bytes: int
     ) -> ResultBatch:
         keys = self.keys.job(job)
         if ack:
-            await self.scripts.ack(keys=keys, args=self._argv(job, ack))
+            await self.scripts.ack(keys=keys.script_keys, args=self._argv(job, ack))
         summary = await self.summary(job)
         block = int(wait * 1000) if wait > 0 else None
-        reply = await self.redis.xread({self.keys.events(job): after}, count=64, block=block)
+        reply = await self.redis.xread({keys.events: after}, count=64, block=block)
         batch = ResultBatch(cursor=after, items=[], parts=[], errors={}, summary=summary)
         if not reply:
             return batch
@@ -221,30 +235,31 @@ class Store:
                 break
             items = [
                 (task, outcome)
-                for name, outcome in ((b"ok", "ok"), (b"err", "error"))
+                for name, outcome in ((b"ok", "ok"), (b"err", "error"), (b"done", "merged"))
                 for task in fields.get(name, b"").decode().split(",")
                 if task
             ]
             entries.append((entry_id.decode(), items, b"end" in fields))
             n_ids += len(items)
-        ids = [task for _, items, _ in entries for task, _ in items]
+        # Merged results stay on the server (the workers consumed them): nothing to fetch.
+        ids = [task for _, items, _ in entries for task, outcome in items if outcome != "merged"]
         failed = [task for _, items, _ in entries for task, outcome in items if outcome == "error"]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys[5], ids) if ids else pipe.echo(b"")
-        pipe.hmget(keys[6], failed) if failed else pipe.echo(b"")
+        pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
+        pipe.hmget(keys.errors, failed) if failed else pipe.echo(b"")
         values, errors = await pipe.execute()
-        position, size = 0, 0
+        fetched = dict(zip(ids, values or [], strict=False))
+        size = 0
         for entry_id, items, end in entries:
             if batch.items and size > max_bytes:
                 break
-            batch.end = end
             for task, outcome in items:
-                value = bytes(values[position] or b"")
-                position += 1
+                value = bytes(fetched.get(task) or b"")
                 size += len(value)
                 batch.items.append((task, outcome))
                 batch.parts.append(value)
             batch.cursor = entry_id
+            batch.end = end
         for task, raw in zip(failed, errors if failed else [], strict=True):
             batch.errors[task] = json.loads(raw) if raw else {"type": "unknown", "message": ""}
         batch.summary = await self.summary(job)
@@ -259,15 +274,20 @@ class Store:
         for raw_job in jobs:
             job = raw_job.decode()
             reply = await self.scripts.lease(
-                keys=self.keys.job(job),
+                keys=self.keys.job(job).script_keys,
                 args=self._argv(job, worker, maximum - len(leased), self.lease_ms),
             )
             if reply:
-                function = reply[0].decode()
-                for i in range(1, len(reply), 3):
+                function, reducer = reply[0].decode(), reply[1].decode()
+                for i in range(2, len(reply), 3):
+                    task = reply[i].decode()
                     leased.append(
                         LeasedTask(
-                            job, reply[i].decode(), int(reply[i + 1]), function, reply[i + 2] or b""
+                            job,
+                            task,
+                            int(reply[i + 1]),
+                            reducer if task.startswith(MERGE_PREFIX) else function,
+                            reply[i + 2] or b"",
                         )
                     )
             if len(leased) >= maximum:
@@ -291,7 +311,7 @@ class Store:
                 )
                 args += [r.task, r.attempt, r.outcome.value, error, r.data]
             await self.scripts.complete(
-                keys=self.keys.job(job), args=self._argv(job, *args), client=pipe
+                keys=self.keys.job(job).script_keys, args=self._argv(job, *args), client=pipe
             )
             order.append(indices)
         replies = await pipe.execute()
@@ -308,7 +328,9 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for job, args in by_job.items():
             await self.scripts.release(
-                keys=self.keys.job(job), args=self._argv(job, worker, *args), client=pipe
+                keys=self.keys.job(job).script_keys,
+                args=self._argv(job, worker, *args),
+                client=pipe,
             )
         return sum(int(n) for n in await pipe.execute())
 
@@ -326,7 +348,7 @@ class Store:
         jobs = list(by_job)
         for job in jobs:
             await self.scripts.heartbeat(
-                keys=self.keys.job(job),
+                keys=self.keys.job(job).script_keys,
                 args=self._argv(job, worker, self.lease_ms, *by_job[job]),
                 client=pipe,
             )
@@ -350,7 +372,7 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             await self.scripts.reap(
-                keys=self.keys.job(job), args=self._argv(job, REAP_BATCH), client=pipe
+                keys=self.keys.job(job).script_keys, args=self._argv(job, REAP_BATCH), client=pipe
             )
         replies = await pipe.execute()
         return sum(int(r[0]) for r in replies), sum(int(r[1]) for r in replies)
@@ -362,8 +384,8 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             keys = self.keys.job(job)
-            pipe.llen(keys[2])
-            pipe.zcard(keys[3])
+            pipe.llen(keys.queue)
+            pipe.zcard(keys.leases)
         pipe.zremrangebyscore(self.keys.workers_seen, "-inf", now - WORKER_STALE)
         pipe.zcard(self.keys.workers_seen)
         replies = await pipe.execute()

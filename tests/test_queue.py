@@ -245,3 +245,50 @@ def test_local_cluster_stops_everything_it_started() -> None:
     assert all(p is not None and p.poll() is not None for p in procs)
     assert redis_proc is not None and redis_proc.poll() is not None
     assert c.redis is not None and not c.redis.directory.exists()
+
+
+def add_all(values: list[int]) -> int:
+    return sum(values)
+
+
+def slow_identity(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+def failing_reducer(values: list[int]) -> int:
+    raise RuntimeError("cannot merge")
+
+
+def test_reduce_merges_on_workers_and_returns_one_value(client: Client) -> None:
+    job = client.map(square, range(1000), reduce=add_all, fanin=7)
+    seen = sorted(index for index, value in job.as_completed(timeout=60) if value is None)
+    assert seen == list(range(1000))
+    assert job.result() == sum(i * i for i in range(1000))
+    assert client.map(square, [], reduce=add_all).result(timeout=10) is None
+    assert client.map(square, [5], reduce=add_all).result(timeout=10) == 25
+
+
+def test_merging_starts_while_chunks_are_still_running(client: Client) -> None:
+    job = client.map(slow_identity, range(400), reduce=add_all, fanin=4)
+    overlapped = False
+    for _ in job.as_completed(timeout=60):
+        status = job.status() if not overlapped else None
+        if status and status["merges"] > 0 and status["done"] < 300:
+            overlapped = True
+    assert overlapped and job.result() == sum(range(400))
+
+
+def test_reduce_without_fail_fast_gives_the_merge_of_the_successes(client: Client) -> None:
+    job = client.map(fail_on, range(50), [13] * 50, reduce=add_all, fanin=5, fail_fast=False)
+    with pytest.raises(TaskFailed, match="cannot take 13") as info:
+        job.result(timeout=60)
+    assert info.value.index == 13
+    assert job.partial() == sum(range(50)) - 13
+
+
+def test_a_failing_reducer_ends_the_job_with_its_traceback(client: Client) -> None:
+    job = client.map(square, range(10), reduce=failing_reducer, fanin=3)
+    with pytest.raises(TaskFailed, match="cannot merge") as info:
+        job.result(timeout=60)
+    assert info.value.index == -1 and "failing_reducer" in info.value.traceback

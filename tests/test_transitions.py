@@ -252,11 +252,11 @@ def test_finished_job_keys_expire_and_ack_frees_results(store: EmbeddedRedis, pr
         )
         assert sorted(t for t, _ in second.items) == ["1", "2"] and second.end
         keys = s.keys.job(job)
-        assert not await s.redis.hexists(keys[5], "0")  # acked: freed
-        ttls = [await s.redis.ttl(k) for k in keys[:8]]
+        assert not await s.redis.hexists(keys.results, "0")  # acked: freed
+        ttls = [await s.redis.ttl(k) for k in keys.owned]
         assert all(0 < t <= 60 for t in ttls if t != -2), ttls
         await s.delete_job(job)
-        assert await s.redis.exists(*keys[:8]) == 0
+        assert await s.redis.exists(*keys.owned) == 0
 
     run(store, prefix, body)
 
@@ -286,3 +286,48 @@ def test_eviction_policy_is_reported(store: EmbeddedRedis, prefix: str) -> None:
         return await s.eviction_policy()
 
     assert run(store, prefix, body) == "noeviction"
+
+
+def test_reducing_job_merges_on_workers_until_one_result_is_left(
+    store: EmbeddedRedis, prefix: str
+) -> None:
+    reducer = protocol.blob_name(b"reducer")
+
+    async def body(s: Store) -> None:
+        await s.put_blob(reducer, b"reducer")
+        await s.create_job(
+            "r",
+            function=FN,
+            max_attempts=3,
+            fail_fast=True,
+            label="",
+            owner="",
+            reducer=reducer,
+            fanin=2,
+        )
+        await s.submit("r", ["0", "1", "2"], [b"a", b"b", b"c"])
+        await s.seal("r", 3)
+        chunks = await s.lease("w", 10)
+        assert [t.function for t in chunks] == [FN] * 3
+        await s.complete("w", [ok("r", "0", data=b"A"), ok("r", "1", data=b"BB")])
+        # Two results wait: a merge task goes to the front of the queue, its payload the
+        # inputs' results, each after its u32 length.
+        (merge,) = await s.lease("w", 10)
+        assert merge.task == "m1" and merge.function == reducer
+        assert [bytes(p) for p in protocol.split_merge_payload(merge.payload)] == [b"A", b"BB"]
+        await s.complete("w", [ok("r", "2", data=b"C"), ok("r", "m1", data=b"AB")])
+        keys = s.keys.job("r")
+        assert not await s.redis.hexists(keys.results, "0")  # consumed by the merge
+        (final,) = await s.lease("w", 10)
+        assert final.task == "m2"
+        assert [bytes(p) for p in protocol.split_merge_payload(final.payload)] == [b"C", b"AB"]
+        assert (await s.summary("r"))["state"] == "running"
+        await s.complete("w", [ok("r", "m2", data=b"ABC")])
+        batch = await s.results("r", after="0", ack=None, wait=0, max_bytes=1 << 20)
+        assert batch.end and batch.summary["state"] == "done"
+        assert sorted(t for t, o in batch.items if o == "merged") == ["0", "1", "2"]
+        assert [
+            (t, p) for (t, o), p in zip(batch.items, batch.parts, strict=True) if o == "ok"
+        ] == [("m2", b"ABC")]
+
+    run(store, prefix, body)

@@ -1,7 +1,8 @@
 """Messages between a worker and its task subprocesses: length-prefixed pickles.
 
 Parent to child: ``("function", sha, bytes)`` installs a function;
-``("run", [(seq, sha, payload), ...])`` runs a batch in order.
+``("run", [(seq, sha, payload, merge), ...])`` runs a batch in order (``merge``: the
+payload holds the inputs' results and the function takes their list).
 Child to parent: ``("done", [(seq, outcome, error, data, seconds), ...])``, flushed
 every few milliseconds and at the end of each batch.
 """

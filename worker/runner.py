@@ -37,10 +37,16 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
     return protocol.error_info(exc, text), pickled
 
 
-def _run_one(function: Any, payload: bytes) -> tuple[Outcome, dict[str, str] | None, bytes]:
+def _run_one(
+    function: Any, payload: bytes, merge: bool
+) -> tuple[Outcome, dict[str, str] | None, bytes]:
     try:
-        args = protocol.loads(payload)
-        value = function(*args)
+        if merge:
+            value = function(
+                [protocol.loads(part) for part in protocol.split_merge_payload(payload)]
+            )
+        else:
+            value = function(*protocol.loads(payload))
     except BaseException as exc:  # SystemExit and KeyboardInterrupt in a task fail the task
         error, pickled = _error(exc)
         return Outcome.ERROR, error, pickled
@@ -73,10 +79,10 @@ def main() -> None:
             continue
         done: list[tuple[int, str, Any, bytes, float]] = []
         last_flush = time.monotonic()
-        for seq, sha, payload in message[1]:
+        for seq, sha, payload, merge in message[1]:
             MARKER.pack_into(marker, 0, seq)
             start = time.perf_counter()
-            outcome, error, data = _run_one(functions[sha], payload)
+            outcome, error, data = _run_one(functions[sha], payload, merge)
             done.append((seq, outcome.value, error, data, time.perf_counter() - start))
             now = time.monotonic()
             if now - last_flush > pipe.FLUSH_EVERY:

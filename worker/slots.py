@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coffea_hq.protocol import Outcome
+from coffea_hq.protocol import MERGE_PREFIX, Outcome
 
 from . import pipe
 from .runner import MARKER
@@ -31,6 +31,11 @@ class WorkItem:
     @property
     def key(self) -> tuple[str, str]:
         return (self.job, self.task)
+
+    @property
+    def merge(self) -> bool:
+        """A merge task: its function is the job's reducer, its payload the inputs' results."""
+        return self.task.startswith(MERGE_PREFIX)
 
 
 @dataclass(slots=True)
@@ -102,7 +107,7 @@ class Slot:
         for item in batch:
             self._seq += 1
             by_seq[self._seq] = item
-            order.append((self._seq, item.function, item.payload))
+            order.append((self._seq, item.function, item.payload, item.merge))
         try:
             for sha in {item.function for item in batch} - self._functions:
                 self._proc.stdin.write(pipe.encode(("function", sha, await self._fetch(sha))))
