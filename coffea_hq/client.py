@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -92,10 +93,18 @@ class Client:
         """Close the connection (running jobs continue on the server)."""
         if self._closed:
             return
-        self._run(self.transport.close())
+        self._run(self._shutdown())
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:  # long polls prefetched for jobs nobody reads any more
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self.transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -144,7 +153,9 @@ class Client:
             for f in (function, reduce)
             if f is not None
         ]
-        job = Job(self, uuid.uuid4().hex[:20], items, reducing=reduce is not None)
+        job = Job(
+            self, uuid.uuid4().hex[:20], items, reducing=reduce is not None, fail_fast=fail_fast
+        )
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
@@ -209,25 +220,43 @@ class Job:
         "client",
         "items",
         "reducing",
+        "fail_fast",
         "_values",
         "_reduced",
         "_received",
-        "_finished",
+        "_failures",
+        "_buffer",
+        "_prefetch",
         "_cursor",
+        "_end_state",
+        "_finished",
     )
 
     def __init__(
-        self, client: Client, job_id: str, items: list[tuple[Any, ...]], reducing: bool = False
+        self,
+        client: Client,
+        job_id: str,
+        items: list[tuple[Any, ...]],
+        *,
+        reducing: bool = False,
+        fail_fast: bool = True,
     ) -> None:
         self.id = job_id
         self.client = client
         self.items = items
         self.reducing = reducing
+        self.fail_fast = fail_fast
         self._reduced: Any = None
         self._values: list[Any] = [None] * len(items)
-        self._received = bytearray(len(items))  # dedupe: a result may arrive twice after a
-        self._finished = False  # store restart, but counts once
+        # A result may arrive twice (after a store restart lost its last writes): it counts once.
+        self._received = bytearray(len(items))
+        self._failures: list[TaskFailed] = []
+        # Received but not yet handed to the caller: survives a caller that stops iterating.
+        self._buffer: deque[tuple[str, str, memoryview, dict[str, Any]]] = deque()
+        self._prefetch: Future[Frames] | None = None
         self._cursor = "0"
+        self._end_state: str | None = None
+        self._finished = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
@@ -236,12 +265,12 @@ class Job:
         return len(self.items)
 
     def status(self) -> dict[str, Any]:
-        """The server's summary: state, done, failed, total."""
+        """The server's summary: state, done, failed, total, merges."""
         c = self.client
         return c._run(c.transport.call("GET", protocol.JOB.format(job=self.id))).json()
 
     def cancel(self) -> None:
-        """Cancel the job: queued tasks are dropped, running ones' results refused."""
+        """Cancel the job: queued tasks are dropped, running ones stopped."""
         c = self.client
         c._run(c.transport.call("POST", protocol.JOB_CANCEL.format(job=self.id)))
 
@@ -249,48 +278,67 @@ class Job:
         """Yield ``(index, value)`` as results arrive, in completion order.
 
         Raises :class:`TaskFailed` for a failed task, :class:`JobCancelled` if the job is
-        cancelled first, and :class:`TimeoutError` after ``timeout`` seconds.
+        cancelled first, and :class:`TimeoutError` after ``timeout`` seconds. Calling it
+        again continues where the last call stopped.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        failures: list[TaskFailed] = []
-        fetch = self._fetch(deadline)
         while not self._finished:
-            header, parts = fetch.result()
-            self._cursor = header["cursor"]
-            end = bool(header.get("end"))
-            if not end:
-                fetch = self._fetch(deadline)  # overlap the next long poll with our unpickling
-            for (task, outcome), part in zip(header["items"], parts, strict=True):
-                if self.reducing and outcome == "ok":
-                    self._reduced = protocol.loads(part)  # the merge of every success
-                    continue
-                if task.startswith(protocol.MERGE_PREFIX):  # a merge failed: the job ends
-                    raise self._failure(-1, header["errors"].get(task, {}), part)
-                index = int(task)
-                if self._received[index]:
-                    continue
-                self._received[index] = 1
-                if outcome == "merged":
-                    yield index, None
-                elif outcome == "ok":
-                    value = protocol.loads(part)
-                    self._values[index] = value
-                    yield index, value
-                else:
-                    failure = self._failure(index, header["errors"].get(task, {}), part)
-                    if header.get("fail_fast", True):
-                        raise failure
-                    failures.append(failure)
-            if end:
-                self._finish(header["state"])
-            elif deadline is not None and time.monotonic() > deadline:
-                fetch.cancel()
-                raise TimeoutError(
-                    f"job {self.id}: no complete result within {timeout}s "
-                    f"({sum(self._received)}/{len(self)} tasks done)"
-                )
-        if failures:
-            raise failures[0]
+            while self._buffer:
+                task, outcome, part, error = self._buffer.popleft()
+                got = self._take(task, outcome, part, error)
+                if got is not None:
+                    yield got
+            if self._end_state is not None:
+                self._finish(self._end_state)
+                break
+            self._receive(deadline, timeout)
+        if self._failures:
+            raise self._failures[0]
+
+    def _take(
+        self, task: str, outcome: str, part: memoryview, error: dict[str, Any]
+    ) -> tuple[int, Any] | None:
+        """Record one received item; what to yield, if anything."""
+        if self.reducing and outcome == "ok":
+            self._reduced = protocol.loads(part)  # the merge of every success
+            return None
+        if task.startswith(protocol.MERGE_PREFIX):  # a merge failed: the job has ended
+            raise self._failure(-1, error, part)
+        index = int(task)
+        if self._received[index]:
+            return None
+        self._received[index] = 1
+        if outcome == "merged":
+            return index, None
+        if outcome == "ok":
+            self._values[index] = protocol.loads(part)
+            return index, self._values[index]
+        failure = self._failure(index, error, part)
+        if self.fail_fast:
+            raise failure
+        self._failures.append(failure)
+        return None
+
+    def _receive(self, deadline: float | None, timeout: float | None) -> None:
+        """Wait for the next batch of results; start the long poll after it at once, so
+        the caller's unpickling and accumulation overlap the network."""
+        fetch = self._prefetch or self._fetch(deadline)
+        header, parts = fetch.result()
+        self._cursor = header["cursor"]
+        self._prefetch = None if header.get("end") else self._fetch(deadline)
+        errors = header["errors"]
+        for (task, outcome), part in zip(header["items"], parts, strict=True):
+            self._buffer.append((task, outcome, part, errors.get(task, {})))
+        if header.get("end"):
+            self._end_state = header["state"]
+        elif not self._buffer and deadline is not None and time.monotonic() > deadline:
+            if self._prefetch is not None:
+                self._prefetch.cancel()
+                self._prefetch = None
+            raise TimeoutError(
+                f"job {self.id}: no complete result within {timeout}s "
+                f"({sum(self._received)}/{len(self)} tasks done)"
+            )
 
     def result(self, timeout: float | None = None) -> Any:
         """All results, ordered like the inputs (for a reducing job: the one merged value,
@@ -304,9 +352,9 @@ class Job:
         return self._reduced
 
     def _fetch(self, deadline: float | None) -> Future[Frames]:
-        wait = (
-            POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
-        )
+        wait = POLL_WAIT
+        if deadline is not None:
+            wait = max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
         return self.client._spawn(self.client._results(self.id, self._cursor, wait))
 
     def _failure(self, index: int, error: dict[str, Any], part: memoryview) -> TaskFailed:
@@ -322,7 +370,7 @@ class Job:
     def _finish(self, state: str) -> None:
         self._finished = True
         self.client._run(self.client._delete(self.id))
-        if state == protocol.JobState.CANCELLED.value and not all(self._received):
+        if state == protocol.JobState.CANCELLED and not all(self._received):
             raise JobCancelled(
                 f"job {self.id} was cancelled ({sum(self._received)}/{len(self)} results arrived)"
             )

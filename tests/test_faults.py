@@ -193,3 +193,28 @@ def test_many_workers_killed_repeatedly(
         stop.set()
         thread.join()
     assert got == {i: i * i for i in range(600)}
+
+
+def slow_sum(values: list[int]) -> int:
+    time.sleep(0.2)
+    return sum(values)
+
+
+def test_worker_killed_while_merging_loses_nothing(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
+    victim = busy_worker(processes, url)
+    busy_worker(processes, url)
+    with Client(url) as client:
+        job = client.map(slow_square, range(300), reduce=slow_sum, fanin=4)
+
+        def kill_when_merging() -> None:
+            deadline = time.monotonic() + 30
+            while job.status()["merges"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)
+
+        collect_while(job, 100, kill_when_merging)
+        assert job.result(timeout=120) == sum(i * i for i in range(300))
+    assert victim.wait(timeout=5) == -signal.SIGKILL

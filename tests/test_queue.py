@@ -292,3 +292,15 @@ def test_a_failing_reducer_ends_the_job_with_its_traceback(client: Client) -> No
     with pytest.raises(TaskFailed, match="cannot merge") as info:
         job.result(timeout=60)
     assert info.value.index == -1 and "failing_reducer" in info.value.traceback
+
+
+def test_as_completed_resumes_where_the_caller_stopped(client: Client) -> None:
+    job = client.map(square, range(500))
+    first = []
+    for index, _ in job.as_completed(timeout=60):
+        first.append(index)
+        if len(first) == 10:
+            break
+    rest = [index for index, _ in job.as_completed(timeout=60)]
+    assert sorted(first + rest) == list(range(500))
+    assert job.result(timeout=10) == [i * i for i in range(500)]
