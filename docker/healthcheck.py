@@ -63,8 +63,11 @@ def main() -> int:
         print("unhealthy: no hq-server or hq-worker process", file=sys.stderr)
         return 1
     url = health_url(argv)
-    if url is None:
-        return 0
+    return 0 if url is None else check(url)
+
+
+def check(url: str) -> int:
+    """0 if ``url`` answers {"status": "ok"}, else 1 with the reason on stderr."""
     try:
         with urllib.request.urlopen(url, timeout=4) as response:
             status = json.load(response).get("status")
