@@ -20,6 +20,26 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     local.add_argument("--slots", type=int, default=1, help="slots per worker (default: 1)")
     local.add_argument(
+        "--min",
+        type=int,
+        default=None,
+        dest="minimum",
+        help="autoscale: fewest workers (with --max; replaces --workers)",
+    )
+    local.add_argument(
+        "--max",
+        type=int,
+        default=None,
+        dest="maximum",
+        help="autoscale: most workers, reached when the queue has work for them",
+    )
+    local.add_argument(
+        "--cooldown",
+        type=float,
+        default=10.0,
+        help="autoscale: seconds of low work before workers drain (default: 10)",
+    )
+    local.add_argument(
         "--port",
         type=int,
         default=protocol.DEFAULT_PORT,
@@ -42,14 +62,28 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error("--workers must be >= 0 and --slots >= 1")
     if not 0 <= args.port <= 65535:
         p.error("--port must be between 0 and 65535")
+    adaptive = None
+    if args.minimum is not None or args.maximum is not None:
+        if args.minimum is None or args.maximum is None:
+            p.error("--min and --max go together")
+        if not 0 <= args.minimum <= args.maximum or args.maximum < 1:
+            p.error("--min and --max need 0 <= min <= max and max >= 1")
+        adaptive = (args.minimum, args.maximum)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalCluster(
-        workers=args.workers, slots=args.slots, port=args.port, host=args.host, logs="-"
+        workers=args.workers,
+        slots=args.slots,
+        port=args.port,
+        host=args.host,
+        logs="-",
+        adaptive=adaptive,
+        scale_cooldown=args.cooldown,
     ) as cluster:
+        size = f"{args.workers}" if adaptive is None else f"{adaptive[0]}-{adaptive[1]}"
         print(
-            f"coffea-hq running at {cluster.url} with {args.workers} worker(s) x "
+            f"coffea-hq running at {cluster.url} with {size} worker(s) x "
             f"{args.slots} slot(s)\n  export {protocol.ENV_URL}={cluster.url}\n"
             "Ctrl-C stops it.",
             flush=True,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from . import protocol
+from .autoscale import LocalScaler
 from .embedded import EmbeddedRedis, free_port
 from .errors import HQError
 
@@ -67,9 +68,20 @@ class LocalCluster:
         server_args: tuple[str, ...] = (),
         worker_args: tuple[str, ...] = (),
         logs: str | None = None,
+        adaptive: tuple[int, int] | None = None,
+        scale_interval: float = 1.0,
+        scale_cooldown: float = 10.0,
     ) -> None:
         if workers < 0 or slots < 1:
             raise ValueError("LocalCluster needs workers >= 0 and slots >= 1")
+        if adaptive is not None:
+            low, high = adaptive
+            if not 0 <= low <= high or high < 1:
+                raise ValueError("adaptive=(min, max) needs 0 <= min <= max and max >= 1")
+            workers = low
+        self.adaptive = adaptive
+        self.scaler: LocalScaler | None = None
+        self._scale_settings = (scale_interval, scale_cooldown)
         self.n_workers = workers
         self.slots = slots
         self.host = host
@@ -113,6 +125,12 @@ class LocalCluster:
             self.start_server()
             for _ in range(self.n_workers):
                 self.add_worker()
+            if self.adaptive is not None:
+                interval, cooldown = self._scale_settings
+                self.scaler = LocalScaler(
+                    self, *self.adaptive, interval=interval, cooldown=cooldown
+                )
+                self.scaler.start()
         except BaseException:
             self.close()
             raise
@@ -160,12 +178,18 @@ class LocalCluster:
                 self.url,
                 "--slots",
                 str(self.slots),
+                "--name",
+                f"local-{self.port}-{n}",
                 *self.worker_args,
                 *extra,
             ],
         )
         self.workers.append(proc)
         return proc
+
+    def worker_name(self, proc: subprocess.Popen[bytes]) -> str:
+        """The name a worker process of this cluster reports to the server."""
+        return f"local-{self.port}-{self.workers.index(proc)}"
 
     def _wait_healthy(self, proc: subprocess.Popen[bytes]) -> None:
         try:
@@ -199,6 +223,8 @@ class LocalCluster:
             return
         self._started = False
         atexit.unregister(self.close)
+        if self.scaler is not None:
+            self.scaler.stop()
         # Stopped workers cannot be resumed by SIGTERM alone.
         for proc in self.workers:
             if proc.poll() is None:

@@ -217,6 +217,8 @@ def test_server_refuses_a_store_that_may_evict_keys(
         (["coffea_hq.cli"], "required"),
         (["coffea_hq.cli", "local", "--workers", "-1"], "--workers"),
         (["coffea_hq.cli", "local", "--port", "99999"], "--port"),
+        (["coffea_hq.cli", "local", "--min", "2"], "--min and --max go together"),
+        (["coffea_hq.cli", "local", "--min", "3", "--max", "2"], "min <= max"),
     ],
 )
 def test_nonsense_command_line_gets_an_error_message(argv: list[str], says: str) -> None:
