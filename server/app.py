@@ -312,7 +312,13 @@ async def heartbeat(request: web.Request) -> web.Response:
     if v.boolean(body.get("exiting", False), "'exiting'"):
         await store.forget_worker(worker)
     interval = request.app[CONFIG].lease_timeout / 3
-    return web.json_response({"lost": [list(x) for x in lost], "interval": interval})
+    return web.json_response(
+        {
+            "lost": [list(x) for x in lost],
+            "interval": interval,
+            "max_request_size": request.app[CONFIG].max_request_size,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- lifecycle

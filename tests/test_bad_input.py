@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
+import cloudpickle
 import pytest
 import redis
 
-from coffea_hq import protocol
+from coffea_hq import Client, TaskFailed, protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
 
 from .conftest import Processes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def http(
@@ -237,3 +241,20 @@ def test_server_that_cannot_reach_its_store_says_so(processes: Processes) -> Non
     )
     assert proc.wait(timeout=30) == 2
     assert "cannot start" in processes.logs()
+
+
+def big_result(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def test_a_result_over_the_request_limit_fails_its_task_clearly(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(store.url, "--max-request-size", "200000", prefix=prefix)
+    processes.worker(url)
+    with Client(url) as client:
+        job = client.map(big_result, [10, 500_000])
+        with pytest.raises(TaskFailed) as info:
+            job.result(timeout=60)
+    assert info.value.index == 1 and "over the server's request limit" in info.value.message
+    assert "--max-request-size" in info.value.message

@@ -38,6 +38,7 @@ SECONDS_OF_WORK_PER_SLOT = 0.25  # how much work to hold per slot once runtimes 
 SHORT_TASK = 0.005  # tasks shorter than this go to a subprocess in batches
 REPORT_MAX_ITEMS = 4096
 REPORT_MAX_BYTES = 64 * 1024 * 1024
+FRAME_OVERHEAD = 64 * 1024  # room for a report's header beside one result
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Worker:
         self._function_fetches: dict[str, asyncio.Task[bytes]] = {}
         self._mean_runtime: float | None = None
         self._heartbeat_every = protocol.DEFAULT_LEASE_TIMEOUT / 3
+        self._max_request = protocol.DEFAULT_MAX_REQUEST_SIZE  # the server says its own
         self._started = time.monotonic()
         self.stats = {
             "done": 0,
@@ -260,6 +262,21 @@ class Worker:
         self._lost.discard(item.key)
         self._room.set()
 
+    def _fits(self, r: Result) -> Result:
+        """A result too large for the server's request limit becomes the task's error,
+        rather than a report refused again on every retry."""
+        limit = self._max_request - FRAME_OVERHEAD
+        if len(r.data) <= limit:
+            return r
+        error = {
+            "type": "coffea_hq.errors.ResultTooLarge",
+            "message": f"the task's result is {len(r.data)} bytes pickled and compressed, over "
+            f"the server's request limit of {self._max_request} bytes "
+            "(raise hq-server --max-request-size, or return less)",
+            "traceback": "",
+        }
+        return Result(r.item, Outcome.ERROR, error, b"", r.seconds)
+
     def _on_results(self, results: list[Result]) -> None:
         wanted = []
         for r in results:
@@ -267,7 +284,7 @@ class Worker:
                 self._forget(r.item)  # nobody wants this result any more
             else:
                 wanted.append(r)
-        results = wanted
+        results = [self._fits(r) for r in wanted]
         for r in results:
             self.stats["busy_seconds"] += r.seconds
             if r.outcome is Outcome.OK:
@@ -290,10 +307,14 @@ class Worker:
 
     # ------------------------------------------------------------------ reporting
 
+    @property
+    def _report_max_bytes(self) -> int:
+        return min(REPORT_MAX_BYTES, self._max_request // 2)
+
     def _next_report(self) -> list[Result]:
         size, n = 0, 0
         for r in self.outbox:
-            if n >= REPORT_MAX_ITEMS or (n and size + len(r.data) > REPORT_MAX_BYTES):
+            if n >= REPORT_MAX_ITEMS or (n and size + len(r.data) > self._report_max_bytes):
                 break
             size += len(r.data)
             n += 1
@@ -359,6 +380,7 @@ class Worker:
         )
         doc = response.json()
         self._heartbeat_every = float(doc.get("interval", self._heartbeat_every))
+        self._max_request = int(doc.get("max_request_size", self._max_request))
         lost = {(job, task) for job, task in doc.get("lost", [])}
         if lost:
             # Cancelled jobs or expired leases: do not start what is no longer ours, and
