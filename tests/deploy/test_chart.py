@@ -99,7 +99,9 @@ CASES: dict[str, dict[str, Any]] = {
                     "effect": "NoSchedule",
                 }
             ],
-            "extraEnv": [{"name": "X509_USER_PROXY", "value": "/tmp/proxy"}],
+            "extraEnv": [{"name": "X509_USER_PROXY", "value": "/etc/grid/proxy"}],
+            "extraVolumes": [{"name": "proxy", "secret": {"secretName": "grid-proxy"}}],
+            "extraVolumeMounts": [{"name": "proxy", "mountPath": "/etc/grid", "readOnly": True}],
         },
         "autoscaling": {
             "enabled": True,
@@ -286,7 +288,10 @@ def test_overrides_reach_the_pods_and_security_mounts_are_wired(render: Render) 
     assert wc["args"][wc["args"].index("--drain-timeout") + 1] == "3000"
     assert sc["args"][-2:] == ["--log-level", "DEBUG"]
     assert env_of(server)["HQ_LOG"] == "debug"
-    assert env_of(worker)["X509_USER_PROXY"] == "/tmp/proxy"
+    assert env_of(worker)["X509_USER_PROXY"] == "/etc/grid/proxy"
+    pod = worker["spec"]["template"]["spec"]
+    assert {"name": "proxy", "secret": {"secretName": "grid-proxy"}} in pod["volumes"]
+    assert {"name": "proxy", "mountPath": "/etc/grid", "readOnly": True} in wc["volumeMounts"]
     for deployment in (server, worker):
         pod = deployment["spec"]["template"]["spec"]
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
