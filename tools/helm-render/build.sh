@@ -4,7 +4,7 @@
 # (needs root and apt), and caches the binary by the hash of its source, so a second
 # call costs a sha256sum.
 #
-#   tools/helm-render/build.sh            # -> /root/.cache/coffea-hq/helm-render-<hash>
+#   tools/helm-render/build.sh            # -> ~/.cache/coffea-hq/helm-render-<hash>
 #   HELM_RENDER_CACHE=/tmp/x tools/helm-render/build.sh
 set -euo pipefail
 
@@ -13,7 +13,9 @@ packages=(golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev
           golang-gopkg-yaml.v3-dev golang-github-ghodss-yaml-dev
           golang-github-xeipuuv-gojsonschema-dev)
 gopath=/usr/share/gocode
-cache="${HELM_RENDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coffea-hq}"
+cache="${HELM_RENDER_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/coffea-hq}"
+# Go needs a build cache directory even where HOME is unset.
+export GOCACHE="${GOCACHE:-$cache/go-build}"
 
 hash="$(cat "$here/main.go" "$here/build.sh" | sha256sum | cut -c1-16)"
 binary="$cache/helm-render-$hash"
