@@ -218,3 +218,27 @@ def test_worker_killed_while_merging_loses_nothing(
         collect_while(job, 100, kill_when_merging)
         assert job.result(timeout=120) == sum(i * i for i in range(300))
     assert victim.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_second_sigterm_aborts_a_draining_worker(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
+    stubborn = processes.worker(url)
+    with Client(url) as client:
+        job = client.map(nap_long, [0.01, 30.0])
+        deadline = time.monotonic() + 20
+        while job.status()["done"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the 30 s task is running now
+        stubborn.send_signal(signal.SIGTERM)  # drain: would wait for the 30 s task
+        time.sleep(0.5)
+        assert stubborn.poll() is None
+        stubborn.send_signal(signal.SIGTERM)  # abort
+        assert stubborn.wait(timeout=10) == 0
+        job.cancel()
+
+
+def nap_long(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds

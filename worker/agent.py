@@ -139,12 +139,19 @@ class Worker:
                     self._abort.set()
                     self.stop()
             if not self._abort.is_set():
-                await self._drain(leasing, running)
+                # A second SIGTERM (abort) cuts the drain short.
+                drain = asyncio.create_task(self._drain(leasing, running))
+                abort = asyncio.create_task(self._abort.wait())
+                await asyncio.wait([drain, abort], return_when=asyncio.FIRST_COMPLETED)
+                for task in (drain, abort):
+                    task.cancel()
+                await asyncio.gather(drain, abort, return_exceptions=True)
         finally:
             for task in [leasing, *running, *background]:
                 task.cancel()
             await asyncio.gather(leasing, *running, *background, return_exceptions=True)
-            await asyncio.gather(*(slot.stop() for slot in self.slots))
+            grace = 0.0 if self._abort.is_set() else 5.0
+            await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
             await self.transport.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
 
