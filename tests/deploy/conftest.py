@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,21 @@ def render_raw(
     if notes:
         args.append("--notes")
     return subprocess.run([*args, str(CHART)], capture_output=True, text=True, timeout=60)
+
+
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    timeout: float = 30.0,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Poll ``check`` until it is true; ``ignore`` lists errors that mean "not yet"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except ignore:
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)

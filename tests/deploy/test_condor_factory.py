@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cloudpickle
@@ -31,6 +31,7 @@ from coffea_hq.factory.condor import DryRunPool, Factory, WorkerSpec
 from coffea_hq.factory.policy import Bounds, Cooldown, JobState, WorkerJob
 
 from ..conftest import Processes
+from .conftest import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -249,13 +250,6 @@ def record(directory: str, index: int, seconds: float) -> int:
 
 def executions(directory: Path) -> list[int]:
     return sorted(int(p.name.split("-")[0]) for p in directory.iterdir())
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(60)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +19,7 @@ import pytest
 
 from coffea_hq.embedded import EmbeddedRedis, free_port
 
-from .conftest import REPO
+from .conftest import REPO, wait_until
 
 DOCKER = REPO / "docker"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
@@ -147,11 +146,8 @@ def test_entrypoint_server_answers_the_healthcheck(store: EmbeddedRedis) -> None
         ]
         url = health.health_url(argv)
         assert url == f"http://127.0.0.1:{port}/health"
-        deadline = time.monotonic() + 30
-        while health.check(url) != 0:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        wait_until(lambda: proc.poll() is not None or health.check(url) == 0, "the server")
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         # A worker's health is its server's.
         assert health.health_url(["hq-worker", f"http://127.0.0.1:{port}", "--slots", "2"]) == url
         proc.send_signal(signal.SIGTERM)

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import redis
 from coffea_hq import Client
 from coffea_hq.embedded import free_port, server_binary
 
-from .conftest import REPO, Rendered, container
+from .conftest import REPO, Rendered, container, wait_until
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
@@ -72,18 +71,6 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (OSError, redis.RedisError):
-            pass
-        assert time.monotonic() < deadline, f"{what} not ready within {timeout}s"
-        time.sleep(0.1)
-
-
 @pytest.mark.timeout(120)
 def test_rendered_containers_run_a_job_and_drain(
     render: Callable[..., Rendered], tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
@@ -123,7 +110,7 @@ def test_rendered_containers_run_a_job_and_drain(
         )
     )
     store = redis.Redis(port=valkey_port, password="pw-Xy9")
-    wait_for(lambda: bool(store.ping()), "valkey")
+    wait_until(lambda: bool(store.ping()), "valkey", ignore=(redis.RedisError,))
     with pytest.raises(redis.AuthenticationError):  # the rendered --requirepass took effect
         redis.Redis(port=valkey_port).ping()
     assert store.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
@@ -140,7 +127,11 @@ def test_rendered_containers_run_a_job_and_drain(
     spawned.append(subprocess.Popen(["sh", str(ENTRYPOINT), *args], env={**base_env, **env}))
     url = f"http://127.0.0.1:{server_port}"
     probe = server["readinessProbe"]["httpGet"]["path"]
-    wait_for(lambda: urllib.request.urlopen(url + probe, timeout=2).status == 200, "server")
+    wait_until(
+        lambda: urllib.request.urlopen(url + probe, timeout=2).status == 200,
+        "server",
+        ignore=(OSError,),
+    )
 
     # The worker container.
     worker_deployment = rendered.one("Deployment", "-worker")
@@ -165,7 +156,7 @@ def test_rendered_containers_run_a_job_and_drain(
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             queue = json.load(response)
         assert queue[trigger["valueLocation"]] == 0
-        wait_for(lambda: client.queue()["workers"] == 1, "worker registration")
+        wait_until(lambda: client.queue()["workers"] == 1, "worker registration")
 
         # SIGTERM (what Kubernetes sends) drains the worker well inside its grace period.
         grace = worker_deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
