@@ -40,8 +40,13 @@ log = logging.getLogger("coffea_hq.factory")
 FACTORY_ATTR = "CoffeaHQFactory"
 WORKER_PREFIX = "condor-"
 # HTCondor JobStatus codes (the bindings' JobStatus enum has the same values).
-_CONDOR_STATES = {1: JobState.IDLE, 2: JobState.RUNNING, 5: JobState.HELD,
-                  6: JobState.RUNNING, 7: JobState.RUNNING}
+_CONDOR_STATES = {
+    1: JobState.IDLE,
+    2: JobState.RUNNING,
+    5: JobState.HELD,
+    6: JobState.RUNNING,
+    7: JobState.RUNNING,
+}
 # 3 (Removed: a removed worker still draining) and 4 (Completed) are not counted: they
 # are on their way out of the queue.
 
@@ -86,9 +91,15 @@ class WorkerSpec:
 def submit_description(spec: WorkerSpec) -> dict[str, str]:
     """The HTCondor submit description of one worker job, as ordered key/value pairs."""
     drain_timeout = max(1, spec.drain_grace - 30)
-    arguments = [spec.url, "--slots", str(spec.slots),
-                 "--name", f"{WORKER_PREFIX}$(ClusterId).$(ProcId)",
-                 "--drain-timeout", str(drain_timeout)]
+    arguments = [
+        spec.url,
+        "--slots",
+        str(spec.slots),
+        "--name",
+        f"{WORKER_PREFIX}$(ClusterId).$(ProcId)",
+        "--drain-timeout",
+        str(drain_timeout),
+    ]
     desc = {
         "universe": "vanilla",
         "executable": spec.worker_command,
@@ -150,7 +161,7 @@ def parse_submit_keys(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
         key, value = key.strip(), value.strip()
         if not sep or not key or any(c.isspace() for c in key):
             raise FactoryError(
-                f"--submit-key takes KEY=VALUE (e.g. +ProjectName=\"cms\" or "
+                f'--submit-key takes KEY=VALUE (e.g. +ProjectName="cms" or '
                 f"accounting_group=group_cms), got {pair!r}"
             )
         out.append((key, value))
@@ -177,7 +188,7 @@ def busy_workers(url: str, timeout: float = 10.0) -> dict[str, bool]:
         if not name.startswith(WORKER_PREFIX) or not isinstance(info, dict):
             continue
         stats = info.get("stats") or {}
-        out[name[len(WORKER_PREFIX):]] = bool(stats.get("held", 1))
+        out[name[len(WORKER_PREFIX) :]] = bool(stats.get("held", 1))
     return out
 
 
@@ -289,8 +300,10 @@ class Factory:
 
     def apply(self, decision: Decision, queue: dict[str, int]) -> None:
         would = "would " if self.dry_run else ""
-        self.out(f"[{time.strftime('%H:%M:%S')}] queued={queue['queued']} "
-                 f"running={queue['running']} target={decision.target}: {decision.reason}")
+        self.out(
+            f"[{time.strftime('%H:%M:%S')}] queued={queue['queued']} "
+            f"running={queue['running']} target={decision.target}: {decision.reason}"
+        )
         if decision.submit:
             ids = self.pool.submit(submit_description(self.spec), decision.submit)
             self.out(f"{would}submit {decision.submit} worker job(s): {' '.join(ids)}")
@@ -328,40 +341,70 @@ def add_condor_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_condor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", nargs="?", default=os.environ.get(protocol.ENV_URL),
-                   help=f"server URL as the workers reach it (default: ${protocol.ENV_URL})")
+    p.add_argument(
+        "url",
+        nargs="?",
+        default=os.environ.get(protocol.ENV_URL),
+        help=f"server URL as the workers reach it (default: ${protocol.ENV_URL})",
+    )
     p.add_argument("--min", type=int, default=0, help="fewest worker jobs (default: %(default)s)")
     p.add_argument("--max", type=int, default=10, help="most worker jobs (default: %(default)s)")
-    p.add_argument("--slots", type=int, default=1,
-                   help="tasks each worker runs at once (default: %(default)s)")
-    p.add_argument("--interval", type=float, default=30.0,
-                   help="seconds between two cycles (default: %(default)s)")
-    p.add_argument("--cooldown", type=float, default=120.0,
-                   help="seconds the work must stay low before jobs are removed "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--slots", type=int, default=1, help="tasks each worker runs at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=30.0,
+        help="seconds between two cycles (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        default=120.0,
+        help="seconds the work must stay low before jobs are removed (default: %(default)s)",
+    )
     p.add_argument("--cpus", type=int, default=None, help="request_cpus (default: --slots)")
     p.add_argument("--memory", default="2GB", help="request_memory (default: %(default)s)")
     p.add_argument("--disk", default="4GB", help="request_disk (default: %(default)s)")
     p.add_argument("--requirements", default=None, help="a ClassAd requirements expression")
-    p.add_argument("--submit-key", action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra submit description line, e.g. +ProjectName=\"cms\" "
-                   "(repeatable; overrides the factory's own keys)")
-    p.add_argument("--worker-command", default=None,
-                   help="hq-worker's path on the execute nodes (default: the one beside "
-                   "this coffea-hq)")
-    p.add_argument("--drain-grace", type=int, default=600,
-                   help="seconds a removed worker may drain before HTCondor kills it "
-                   "(job_max_vacate_time; default: %(default)s)")
-    p.add_argument("--name", default="coffea-hq",
-                   help="factory name, stored in each job as CoffeaHQFactory "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--submit-key",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='an extra submit description line, e.g. +ProjectName="cms" '
+        "(repeatable; overrides the factory's own keys)",
+    )
+    p.add_argument(
+        "--worker-command",
+        default=None,
+        help="hq-worker's path on the execute nodes (default: the one beside this coffea-hq)",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=int,
+        default=600,
+        help="seconds a removed worker may drain before HTCondor kills it "
+        "(job_max_vacate_time; default: %(default)s)",
+    )
+    p.add_argument(
+        "--name",
+        default="coffea-hq",
+        help="factory name, stored in each job as CoffeaHQFactory (default: %(default)s)",
+    )
     p.add_argument("--schedd", default=None, help="schedd name (default: the local one)")
-    p.add_argument("--log-dir", default="coffea-hq-condor",
-                   help="where the workers' stdout, stderr and the job log go "
-                   "(default: %(default)s)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the submit description and what would be submitted or "
-                   "removed, and why; touch no pool")
+    p.add_argument(
+        "--log-dir",
+        default="coffea-hq-condor",
+        help="where the workers' stdout, stderr and the job log go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the submit description and what would be submitted or "
+        "removed, and why; touch no pool",
+    )
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
 
@@ -374,8 +417,10 @@ def default_worker_command() -> str:
 
 def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
     if not args.url:
-        raise FactoryError(f"give the server URL or set {protocol.ENV_URL}, e.g. "
-                           "http://hq.example.org:8786 (as the execute nodes reach it)")
+        raise FactoryError(
+            f"give the server URL or set {protocol.ENV_URL}, e.g. "
+            "http://hq.example.org:8786 (as the execute nodes reach it)"
+        )
     if not args.url.startswith(("http://", "https://")):
         raise FactoryError(f"server URL must start with http:// or https://, got {args.url!r}")
     if args.interval <= 0 or args.cooldown < 0 or args.drain_grace < 1:
@@ -385,10 +430,16 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
     if not protocol.valid_id(args.name):
         raise FactoryError("--name may hold only letters, digits, '-', '_' and '.'")
     return WorkerSpec(
-        url=args.url.rstrip("/"), slots=args.slots, cpus=args.cpus, memory=args.memory,
-        disk=args.disk, requirements=args.requirements,
+        url=args.url.rstrip("/"),
+        slots=args.slots,
+        cpus=args.cpus,
+        memory=args.memory,
+        disk=args.disk,
+        requirements=args.requirements,
         worker_command=args.worker_command or default_worker_command(),
-        drain_grace=args.drain_grace, factory=args.name, log_dir=args.log_dir,
+        drain_grace=args.drain_grace,
+        factory=args.name,
+        log_dir=args.log_dir,
         extra=parse_submit_keys(args.submit_key),
     )
 
@@ -409,8 +460,9 @@ def run_condor(args: argparse.Namespace) -> int:
         pool: Pool = DryRunPool() if args.dry_run else CondorPool(spec.factory, args.schedd)
         if not args.dry_run:
             Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-        factory = Factory(spec.url, spec, bounds, pool, Cooldown(args.cooldown),
-                          dry_run=args.dry_run)
+        factory = Factory(
+            spec.url, spec, bounds, pool, Cooldown(args.cooldown), dry_run=args.dry_run
+        )
         factory.run(args.interval, once=args.once)
     except FactoryError as e:
         print(f"coffea-hq condor: {e}", file=sys.stderr)
@@ -422,8 +474,9 @@ def run_condor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``coffea-hq condor`` on its own (``python -m coffea_hq.factory.condor``)."""
-    p = argparse.ArgumentParser(prog="coffea-hq condor",
-                                description="A coffea-hq worker factory for HTCondor.")
+    p = argparse.ArgumentParser(
+        prog="coffea-hq condor", description="A coffea-hq worker factory for HTCondor."
+    )
     add_condor_arguments(p)
     return run_condor(p.parse_args(argv))
 
