@@ -8,6 +8,7 @@ import sys
 import threading
 
 from . import protocol
+from .factory.condor import add_condor_parser, run_condor
 from .local import LocalCluster
 
 
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
         help="server port (default: %(default)s; 0 picks a free one)",
     )
     local.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    add_condor_parser(sub)
     return p
 
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "local":
         return _local(p, args)
+    if args.command == "condor":
+        return run_condor(args)
     return 2
 
 

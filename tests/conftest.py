@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -110,7 +111,7 @@ class Processes:
 
     def stop_all(self) -> None:
         """Workers first (they drain through their server), then servers."""
-        workers = [p for p in self.procs if "coffea_hq.worker" in p.args]
+        workers = [p for p in self.procs if "coffea_hq.worker" in list(p.args)]  # type: ignore[arg-type]
         for group in (workers, [p for p in self.procs if p not in workers]):
             for proc in group:
                 if proc.poll() is None:
@@ -136,8 +137,8 @@ def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Proces
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome: Any = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
 
