@@ -22,13 +22,24 @@ _LAZY = {
     "TaskFailed": "coffea_hq.errors",
     "JobCancelled": "coffea_hq.errors",
     "WorkerLost": "coffea_hq.errors",
+    "HQExecutor": "coffea_hq.executor",
 }
 
-__all__ = ["Client", "HQError", "Job", "JobCancelled", "LocalCluster", "TaskFailed", "WorkerLost"]
+__all__ = [
+    "Client",
+    "HQError",
+    "HQExecutor",
+    "Job",
+    "JobCancelled",
+    "LocalCluster",
+    "TaskFailed",
+    "WorkerLost",
+]
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job
     from coffea_hq.errors import HQError, JobCancelled, TaskFailed, WorkerLost
+    from coffea_hq.executor import HQExecutor
     from coffea_hq.local import LocalCluster
 
 

@@ -1,0 +1,484 @@
+"""``HQExecutor``: coffea's executor interface on the coffea-hq queue.
+
+Change one line of an analysis that runs with ``FuturesExecutor`` or ``DaskExecutor``:
+
+>>> run = processor.Runner(executor=HQExecutor("http://hq.facility:8786"), schema=NanoAODSchema)
+>>> out = run(fileset, processor_instance=MyAnalysis())
+
+Chunks run on hq-workers; their outputs are added on the workers, ``treereduction`` at a
+time, merges of merges until one is left, so the analysis session downloads one
+accumulator however many chunks there are. This is the only module of coffea_hq that
+imports coffea.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import io
+import os
+import pickle
+import site
+import sys
+import sysconfig
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import lz4.frame
+from coffea.processor import accumulate
+from coffea.processor.executor import ExecutorBase
+from coffea.util import rich_bar
+
+from . import protocol
+from .client import Client, Job
+from .errors import HQError, TaskFailed
+
+__all__ = ["HQExecutor", "merge_outputs"]
+
+NO_URL_HELP = (
+    "HQExecutor needs a coffea-hq server: pass its URL, HQExecutor('http://host:8786'), "
+    "or set HQ_URL. To run everything on this machine, start a local cluster first:\n\n"
+    "    from coffea_hq import LocalCluster\n"
+    "    cluster = LocalCluster(workers=4)   # embedded Redis, an hq-server, 4 hq-workers\n"
+    "    executor = HQExecutor(cluster.url)\n\n"
+    "(or run `coffea-hq local --workers 4` in a terminal and export the HQ_URL it prints)"
+)
+
+PROGRESS_EVERY = 0.1  # seconds between progress-bar redraws
+MERGE_POLL = 0.5  # seconds between job status reads for the merge bar
+
+
+def merge_outputs(outputs: list[Any]) -> Any:
+    """Add chunk outputs with coffea's ``accumulate`` (the merge task the workers run).
+
+    Chunks skipped by ``skipbadfiles`` arrive as ``None`` and add nothing; a merge of
+    nothing but skipped chunks is ``None``.
+    """
+    return accumulate(outputs)
+
+
+@dataclass(init=False)
+class HQExecutor(ExecutorBase):
+    """Run coffea chunks on a coffea-hq queue.
+
+    >>> executor = HQExecutor("http://localhost:8786")   # or HQExecutor() with $HQ_URL set
+    >>> out = processor.Runner(executor=executor, schema=NanoAODSchema)(fileset, MyAnalysis())
+
+    Parameters
+    ----------
+        url : str, optional
+            The hq-server, e.g. ``http://hq.facility:8786``. ``None`` reads ``$HQ_URL``.
+        status, unit, desc : optional
+            Progress bars, as in coffea's executors.
+        compression : int, optional
+            Accepted for compatibility with coffea's executors. coffea-hq always compresses
+            results in flight (lz4), so this changes nothing.
+        retries : int, optional
+            How many times coffea's ``Runner`` retries a chunk whose processing raises
+            (default 3), on the worker that ran it; see also ``skipbadfiles``.
+        recoverable : bool, optional
+            On a failure, finish the other chunks and return ``(partial_output, exception)``
+            instead of raising.
+        treereduction : int or None, optional
+            Chunk outputs merged per merge task on the workers (default 20). ``None`` sends
+            every chunk's output to this process and adds them here, as ``FuturesExecutor``
+            does by default.
+        max_attempts : int, optional
+            Attempts per chunk when its worker dies or hangs (segfault, out of memory,
+            node lost), before the chunk fails (default 3).
+        timeout : float, optional
+            Seconds the whole run may take before it is cancelled with ``TimeoutError``.
+        ship_local_modules : bool, optional
+            Send the code of your own modules (the ones no installed package provides,
+            e.g. ``my_processor.py`` beside your notebook) with the processor, so the
+            workers need not have them (default True).
+        pickle_by_value : sequence of str, optional
+            More module names whose code travels with the processor.
+        token : str, optional
+            Access token for the server (for servers that require one).
+        environment : optional
+            Reserved for per-task software environments (a later release).
+        client : coffea_hq.Client, optional
+            Reuse an open client instead of connecting for each run.
+    """
+
+    url: str | None
+    retries: int
+    recoverable: bool
+    treereduction: int | None
+    max_attempts: int
+    timeout: float | None
+    ship_local_modules: bool
+    pickle_by_value: tuple[str, ...]
+    token: str | None
+    environment: Any
+    client: Client | None
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        status: bool = True,
+        unit: str = "items",
+        desc: str = "Processing",
+        compression: int | None = 1,
+        function_name: str | None = None,
+        retries: int = 3,
+        recoverable: bool = False,
+        treereduction: int | None = 20,
+        max_attempts: int = protocol.DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
+        ship_local_modules: bool = True,
+        pickle_by_value: Sequence[str] = (),
+        token: str | None = None,
+        environment: Any = None,
+        client: Client | None = None,
+    ) -> None:
+        # Every attribute is an argument: coffea's copy() rebuilds us as
+        # type(self)(**self.__dict__).
+        self.status = status
+        self.unit = unit
+        self.desc = desc
+        self.compression = compression
+        self.function_name = function_name
+        self.url = url
+        self.retries = retries
+        self.recoverable = recoverable
+        self.treereduction = treereduction
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.ship_local_modules = ship_local_modules
+        self.pickle_by_value = tuple(pickle_by_value)
+        self.token = token
+        self.environment = environment
+        self.client = client
+        if treereduction is not None and treereduction < 2:
+            raise ValueError(f"treereduction must be at least 2 or None, got {treereduction}")
+        if retries < 0 or max_attempts < 1:
+            raise ValueError("HQExecutor needs retries >= 0 and max_attempts >= 1")
+        if client is None:
+            self.server_url()  # fail now, with the help text, rather than mid-analysis
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, client=None)  # an open connection does not travel
+
+    def server_url(self) -> str:
+        """The server this executor submits to: ``url``, else ``$HQ_URL``."""
+        if self.client is not None:
+            return self.client.url
+        url = self.url or os.environ.get(protocol.ENV_URL)
+        if not url:
+            raise HQError(NO_URL_HELP)
+        if not url.startswith(("http://", "https://")):
+            raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
+        return url
+
+    def __call__(
+        self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any
+    ) -> tuple[Any, int | BaseException]:
+        items = list(items)
+        if not items:
+            return accumulator, 0
+        if self.environment is not None:
+            raise NotImplementedError(
+                "HQExecutor(environment=...) is reserved for per-task environments, which "
+                "this version of coffea-hq does not support yet; leave it unset"
+            )
+        client = self.client or Client(self.server_url(), token=self.token)
+        try:
+            return self._run(client, items, function, accumulator)
+        finally:
+            if self.client is None:
+                client.close()
+
+    # ------------------------------------------------------------------ running
+
+    def _run(
+        self, client: Client, items: list[Any], function: Callable[..., Any], accumulator: Any
+    ) -> tuple[Any, int | BaseException]:
+        reducing = self.treereduction is not None
+        function, registered = ship_code(function, self.pickle_by_value, self.ship_local_modules)
+        try:
+            job = client.map(
+                function,
+                items,
+                max_attempts=self.max_attempts,
+                fail_fast=not self.recoverable,
+                label=f"coffea {self.desc}: {self.function_name or ''}".strip(),
+                reduce=merge_outputs if reducing else None,
+                fanin=self.treereduction or protocol.DEFAULT_FANIN,
+            )
+        finally:
+            for name in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+        partial: list[Any] = [None]  # what arrived here before a failure (no reduction)
+        try:
+            output = self._collect(job, len(items), partial)
+        except TaskFailed as failure:
+            exception = surface(failure)
+            if not self.recoverable:
+                _cancel_quietly(job)
+                raise exception from None
+            recovered = job.partial() if reducing else partial[0]
+            return accumulate([recovered, accumulator]), exception
+        except BaseException:  # Ctrl-C, a timeout: stop the workers on this job
+            _cancel_quietly(job)
+            raise
+        return accumulate([output, accumulator]), 0
+
+    def _collect(self, job: Job, total: int, partial: list[Any]) -> Any:
+        """Follow the job with coffea's progress bars; return the merged output."""
+        with rich_bar() as progress:
+            bar = progress.add_task(self.desc, total=total, unit=self.unit, visible=self.status)
+            watcher = None
+            if job.reducing and self.status:
+                watcher = _MergeWatcher(job, progress, total, self.treereduction or 2)
+            done, last_draw, finished = 0, 0.0, False
+            try:
+                for _, value in job.as_completed(timeout=self.timeout):
+                    done += 1
+                    if not job.reducing:
+                        partial[0] = accumulate([value], partial[0])
+                    now = time.monotonic()
+                    if now - last_draw > PROGRESS_EVERY or done == total:
+                        progress.update(bar, completed=done, refresh=True)
+                        last_draw = now
+                finished = True
+            finally:
+                if watcher is not None:
+                    watcher.stop(finished)
+            progress.update(bar, completed=done, refresh=True)
+        return job.result() if job.reducing else partial[0]
+
+
+class _MergeWatcher:
+    """Draws the merge bar from the job's status while the main thread waits on results.
+
+    The bar counts merge tasks finished (queued, from servers that do not report open
+    ones); its total is the number a tree of fan-in ``fanin`` needs for ``total`` chunks.
+    """
+
+    def __init__(self, job: Job, progress: Any, total: int, fanin: int) -> None:
+        self.job = job
+        self.progress = progress
+        self.total = -(-(total - 1) // (fanin - 1)) if total > 1 else 0
+        self.bar = progress.add_task("Merging (on workers)", total=self.total, unit="merges")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hq-merge-bar", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MERGE_POLL):
+            try:
+                status = self.job.status()
+            except Exception:  # the job ended and was deleted: the main thread finishes up
+                return
+            queued = int(status.get("merges", 0))
+            done = queued - int(status.get("merges_open", 0))  # servers that report it
+            self.total = max(self.total, queued)
+            self.progress.update(self.bar, completed=done, total=self.total, refresh=True)
+
+    def stop(self, finished: bool) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if finished:  # the job's keys are gone by now: the last merges were not counted
+            self.progress.update(self.bar, completed=self.total, refresh=True)
+
+
+def _cancel_quietly(job: Job) -> None:
+    # Already finished, or the server is gone: nothing left to stop.
+    with contextlib.suppress(Exception):
+        job.cancel()
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def describe(item: Any) -> str:
+    """A work item the way a physicist looks for it: dataset, file, tree, entry range."""
+    if isinstance(item, tuple) and len(item) == 1:
+        item = item[0]
+    filename = getattr(item, "filename", None)
+    if filename is None:
+        return repr(item)
+    parts = [f"dataset {getattr(item, 'dataset', '?')!r}", f"file {filename!r}"]
+    if getattr(item, "treename", None):
+        parts.append(f"tree {item.treename!r}")
+    if getattr(item, "entrystart", None) is not None:
+        parts.append(f"entries {item.entrystart}-{item.entrystop}")
+    return ", ".join(parts)
+
+
+def surface(failure: TaskFailed) -> BaseException:
+    """The exception a coffea user expects from a failed task.
+
+    The processor's own exception, as ``FuturesExecutor`` raises it, with the work item,
+    the worker and the remote traceback added to its message. A chunk that crashed its
+    worker on every attempt becomes a ``RuntimeError``, as with ``DaskExecutor``'s
+    ``KilledWorker``; an exception whose class does not exist here stays a ``TaskFailed``.
+    """
+    where = (
+        "a merge of chunk outputs" if failure.index < 0 else f"work item {describe(failure.item)}"
+    )
+    context = f"coffea-hq: {where} failed on worker {failure.worker}"
+    exception = failure.exception
+    if exception is None:
+        if failure.exc_type.endswith("WorkerLost"):
+            return RuntimeError(
+                f"{context}: it crashed its worker on every attempt (likely a segfault or "
+                f"out-of-memory issue): {failure.message}"
+            )
+        return failure
+    text = context
+    if failure.exc_type.endswith(("ModuleNotFoundError", "ImportError")):
+        text += (
+            "\n(the workers cannot import a module your processor needs: install it where the "
+            "workers run, or name it in HQExecutor(pickle_by_value=[...]) to send its code)"
+        )
+    if failure.traceback:
+        text += "\n\nRemote traceback:\n" + failure.traceback.rstrip()
+    args = exception.args
+    if (
+        type(exception).__str__ is BaseException.__str__
+        and len(args) == 1
+        and isinstance(args[0], str)
+    ):
+        exception.args = (f"{args[0]}\n\n{text}",)
+    else:  # its message comes from its own __str__: tracebacks still print notes
+        exception.add_note(text)
+    return exception
+
+
+# ---------------------------------------------------------------------- shipping code
+
+
+def ship_code(
+    function: Callable[..., Any], modules: Sequence[str], auto: bool
+) -> tuple[Callable[..., Any], list[str]]:
+    """Make ``function`` carry the code of modules the workers may not have.
+
+    Registers ``modules``, and with ``auto`` every local module (one that no installed
+    distribution provides) the function or the processor inside it refers to, with
+    ``cloudpickle.register_pickle_by_value``, and re-pickles the processor coffea's
+    ``Runner`` already pickled by reference. Returns the function and the modules it
+    registered, which the caller unregisters once it has pickled the function.
+    """
+    before = cloudpickle.list_registry_pickle_by_value()
+    registered: list[str] = []
+
+    def register(names: Iterable[str]) -> bool:
+        new = [n for n in names if n not in before and n not in registered]
+        for name in new:
+            cloudpickle.register_pickle_by_value(importlib.import_module(name))
+            registered.append(name)
+        return bool(new)
+
+    dirty = register(modules)
+    for _ in range(8):  # code shipped by value may refer to more local modules
+        if dirty:
+            function = _repickle_processor(function)
+        if not auto:
+            break
+        try:
+            local = {m for m in referenced_modules(function) if is_local_module(m)}
+        except Exception as e:  # scanning is a convenience; the submission says what's wrong
+            warnings.warn(
+                f"HQExecutor could not look for local modules to ship: {e!r}", stacklevel=3
+            )
+            break
+        dirty = register(local)
+        if not dirty:
+            break
+    return function, registered
+
+
+class _ModuleRecorder(pickle.Unpickler):
+    """Loads a pickle and notes the top-level name of every module it refers to."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.modules: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        self.modules.add(module.partition(".")[0])
+        found = super().find_class(module, name)
+        if module.startswith("cloudpickle") and name == "subimport":
+            # cloudpickle sends modules used by by-value code as subimport("name")
+            def subimport(modname: str) -> Any:
+                self.modules.add(modname.partition(".")[0])
+                return found(modname)
+
+            return subimport
+        return found
+
+
+def referenced_modules(function: Callable[..., Any]) -> set[str]:
+    """Top-level modules that the pickled function and any processor inside refer to."""
+    recorder = _ModuleRecorder(cloudpickle.dumps(function))
+    recorder.load()
+    found = recorder.modules
+    for data in _processor_blobs(function):
+        recorder = _ModuleRecorder(lz4.frame.decompress(data))
+        recorder.load()
+        found |= recorder.modules
+    return found
+
+
+def _processor_blobs(function: Any) -> list[bytes]:
+    """The pickled processors coffea's Runner put in the closure (``processor_instance``)."""
+    if not isinstance(function, functools.partial):
+        return []
+    found = [function.keywords.get("processor_instance")]
+    blobs = [b for b in found if isinstance(b, bytes)]
+    for arg in function.args:
+        blobs += _processor_blobs(arg)
+    return blobs
+
+
+def _repickle_processor(function: Any) -> Any:
+    """The closure with its pickled processor pickled again, under the current registry."""
+    if not isinstance(function, functools.partial):
+        return function
+    keywords = dict(function.keywords)
+    blob = keywords.get("processor_instance")
+    if isinstance(blob, bytes):
+        processor = cloudpickle.loads(lz4.frame.decompress(blob))
+        keywords["processor_instance"] = lz4.frame.compress(
+            cloudpickle.dumps(processor), compression_level=1
+        )
+    args = [_repickle_processor(arg) for arg in function.args]
+    return functools.partial(function.func, *args, **keywords)
+
+
+@functools.cache
+def _installed_names() -> frozenset[str]:
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+@functools.cache
+def _install_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    dirs += site.getsitepackages() + [site.getusersitepackages(), sys.prefix, sys.base_prefix]
+    return tuple(os.path.realpath(d) + os.sep for d in dirs if d)
+
+
+def is_local_module(name: str) -> bool:
+    """A module of the user's own (beside the notebook, on a PYTHONPATH), not installed."""
+    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return False
+    if name == "__main__" or name in _installed_names():
+        return False  # __main__ is shipped by value by cloudpickle already
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    files = [getattr(module, "__file__", None), *getattr(module, "__path__", [])]
+    files = [os.path.realpath(f) for f in files if f]
+    return bool(files) and not any(f.startswith(_install_dirs()) for f in files)
