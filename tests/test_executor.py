@@ -326,6 +326,17 @@ def test_accumulator_types_equal_iterative(
     assert isinstance(ours["cutflow"], defaultdict)
 
 
+def test_progress_bars_count_chunks_and_merges(
+    cluster: LocalCluster, data: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hq = HQExecutor(cluster.url, status=True, treereduction=3)
+    out = run_with(hq, nano_fileset(data), Bookkeeping(), chunksize=100)
+    assert_same(out, run_with(iterative(), nano_fileset(data), Bookkeeping(), chunksize=100))
+    shown = capsys.readouterr().out
+    assert "Processing" in shown and "Merging (on workers)" in shown
+    assert "29/29" in shown  # every chunk counted (1200/100 + 800/100 + 900/100)
+
+
 def test_base_schema_flat_tree_in_both_fileset_forms(hq: HQExecutor, data: dict[str, Path]) -> None:
     flat = str(data["flat"])
     for fileset in (
