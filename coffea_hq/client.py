@@ -274,18 +274,21 @@ class Job:
         c = self.client
         c._run(c.transport.call("POST", protocol.JOB_CANCEL.format(job=self.id)))
 
-    def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, Any]]:
+    def as_completed(
+        self, timeout: float | None = None, *, keep: bool = True
+    ) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, value)`` as results arrive, in completion order.
 
         Raises :class:`TaskFailed` for a failed task, :class:`JobCancelled` if the job is
         cancelled first, and :class:`TimeoutError` after ``timeout`` seconds. Calling it
-        again continues where the last call stopped.
+        again continues where the last call stopped. With ``keep=False`` the job does not
+        hold on to the values it yields (for callers that add them up as they come).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._finished:
             while self._buffer:
                 task, outcome, part, error = self._buffer.popleft()
-                got = self._take(task, outcome, part, error)
+                got = self._take(task, outcome, part, error, keep)
                 if got is not None:
                     yield got
             if self._end_state is not None:
@@ -296,14 +299,14 @@ class Job:
             raise self._failures[0]
 
     def _take(
-        self, task: str, outcome: str, part: memoryview, error: dict[str, Any]
+        self, task: str, outcome: str, part: memoryview, error: dict[str, Any], keep: bool
     ) -> tuple[int, Any] | None:
         """Record one received item; what to yield, if anything."""
         if self.reducing and outcome == "ok":
             self._reduced = protocol.loads(part)  # the merge of every success
             return None
         if task.startswith(protocol.MERGE_PREFIX):  # a merge failed: the job has ended
-            raise self._failure(-1, error, part)
+            raise self._fail_now(self._failure(-1, error, part))
         index = int(task)
         if self._received[index]:
             return None
@@ -311,13 +314,25 @@ class Job:
         if outcome == "merged":
             return index, None
         if outcome == "ok":
-            self._values[index] = protocol.loads(part)
-            return index, self._values[index]
+            value = protocol.loads(part)
+            if keep:
+                self._values[index] = value
+            return index, value
         failure = self._failure(index, error, part)
         if self.fail_fast:
-            raise failure
+            raise self._fail_now(failure)
         self._failures.append(failure)
         return None
+
+    def _fail_now(self, failure: TaskFailed) -> TaskFailed:
+        """The job has failed for good: free its keys on the server; later calls re-raise."""
+        self._failures.append(failure)
+        self._finished = True
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+            self._prefetch = None
+        self.client._run(self.client._delete(self.id))
+        return failure
 
     def _receive(self, deadline: float | None, timeout: float | None) -> None:
         """Wait for the next batch of results; start the long poll after it at once, so

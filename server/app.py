@@ -386,6 +386,8 @@ def make_app(config: ServerConfig) -> web.Application:
             config.redis_url,
             decode_responses=False,
             socket_connect_timeout=5,
+            # Results long polls block in XREAD for up to LONG_POLL_MAX: never time them out.
+            socket_timeout=protocol.LONG_POLL_MAX + 30,
             health_check_interval=30,
             retry_on_timeout=False,
         )

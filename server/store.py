@@ -172,6 +172,7 @@ class Store:
             "fail_fast": m.get("fail_fast") == "1",
             "reducing": bool(m.get("reducer")),
             "merges": int(m.get("merges", 0)),
+            "merges_open": int(m.get("merges_open", 0)),
         }
 
     async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:

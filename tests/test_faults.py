@@ -242,3 +242,14 @@ def test_second_sigterm_aborts_a_draining_worker(
 def nap_long(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def test_results_long_poll_outlasts_a_quiet_store(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    """No result for longer than the store client's default socket timeout (5 s) and
+    longer than the client's whole retry budget: the long poll just waits."""
+    url, _ = processes.server(store.url, prefix=prefix)
+    processes.worker(url)
+    with Client(url, retry_for=3) as client:
+        assert client.map(nap_long, [8.0]).result(timeout=60) == [8.0]

@@ -52,6 +52,7 @@ def test_ruff_is_clean() -> None:
             "worker",
             "tests",
             "benchmarks",
+            "examples",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -304,3 +304,39 @@ def test_as_completed_resumes_where_the_caller_stopped(client: Client) -> None:
     rest = [index for index, _ in job.as_completed(timeout=60)]
     assert sorted(first + rest) == list(range(500))
     assert job.result(timeout=10) == [i * i for i in range(500)]
+
+
+def test_a_function_workers_cannot_unpickle_fails_its_tasks(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "only_here.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here  # type: ignore[import-not-found]
+
+    job = client.map(only_here.twice, range(3))
+    with pytest.raises(TaskFailed, match="only_here") as info:
+        job.result(timeout=60)
+    assert info.value.exc_type == "builtins.ModuleNotFoundError"
+
+
+def test_as_completed_without_keeping_values(client: Client) -> None:
+    job = client.map(square, range(100))
+    assert sorted(v for _, v in job.as_completed(timeout=60, keep=False)) == [
+        i * i for i in range(100)
+    ]
+    assert job.result() == [None] * 100  # nothing held
+
+
+def test_a_fail_fast_failure_frees_the_job_and_raises_again(
+    cluster: LocalCluster, client: Client
+) -> None:
+    job = client.map(fail_on, range(20), [0] * 20)
+    with pytest.raises(TaskFailed):
+        job.result(timeout=60)
+    with pytest.raises(TaskFailed):
+        job.result(timeout=60)
+    store = redis.Redis.from_url(cluster.redis_url or "")
+    try:
+        assert store.keys(f"hq:job:{{{job.id}}}*") == []
+    finally:
+        store.close()

@@ -37,6 +37,16 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
     return protocol.error_info(exc, text), pickled
 
 
+class _Unloadable:
+    """Stands in for a function that cannot be unpickled here: each task fails with why."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def __call__(self, *args: Any) -> Any:
+        raise self.exc
+
+
 def _run_one(
     function: Any, payload: bytes, merge: bool
 ) -> tuple[Outcome, dict[str, str] | None, bytes]:
@@ -73,7 +83,10 @@ def main() -> None:
             return
         if message[0] == "function":
             _, sha, data = message
-            functions[sha] = protocol.loads(data)
+            try:
+                functions[sha] = protocol.loads(data)
+            except Exception as exc:  # a module missing on this worker, say
+                functions[sha] = _Unloadable(exc)
             while len(functions) > FUNCTION_CACHE:
                 functions.popitem(last=False)
             continue
