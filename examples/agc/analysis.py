@@ -128,14 +128,17 @@ def event_normal(
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
-def jet_pt_resolution(events: Any, jets: Any) -> ak.Array:
-    """Per-jet factors ~ N(1, 0.05), seeded by each event's identity and the jet's index."""
-    counts = ak.num(jets.pt)
-    run = np.repeat(ak.to_numpy(events.run), counts)
-    lumi = np.repeat(ak.to_numpy(events.luminosityBlock), counts)
-    event = np.repeat(ak.to_numpy(events.event), counts)
-    index = ak.to_numpy(ak.flatten(ak.local_index(jets.pt, axis=1)))
-    return ak.unflatten(1.0 + 0.05 * event_normal(run, lumi, event, index), counts)
+def jet_pt_resolution(
+    run: np.ndarray, lumi: np.ndarray, event: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Per-jet factors ~ N(1, 0.05), seeded by each event's identity and the jet's index.
+
+    Arguments are per event; the result is flat, one factor per jet.
+    """
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.arange(int(counts.sum())) - starts
+    per_jet = [np.repeat(x, counts) for x in (run, lumi, event)]
+    return 1.0 + 0.05 * event_normal(*per_jet, index)
 
 
 def btag_weight(jet_pt: np.ndarray, direction: str) -> np.ndarray:
@@ -182,30 +185,43 @@ def new_histogram() -> hist.Hist:
     )
 
 
-def select_objects(events: Any, jets: Any) -> tuple[Any, Any, Any]:
-    elecs, muons = events.Electron, events.Muon
-    electron_ok = (
-        (elecs.pt > 30) & (np.abs(elecs.eta) < 2.1) & (elecs.cutBased == 4) & (elecs.sip3d < 4)
-    )
+def count_leptons(events: Any) -> np.ndarray:
+    """Tight, isolated electrons and muons per event."""
+    e, m = events.Electron, events.Muon
+    electron_ok = (e.pt > 30) & (np.abs(e.eta) < 2.1) & (e.cutBased == 4) & (e.sip3d < 4)
     muon_ok = (
-        (muons.pt > 30)
-        & (np.abs(muons.eta) < 2.1)
-        & muons.tightId
-        & (muons.sip3d < 4)
-        & (muons.pfRelIso04_all < 0.15)
+        (m.pt > 30) & (np.abs(m.eta) < 2.1) & m.tightId & (m.sip3d < 4) & (m.pfRelIso04_all < 0.15)
     )
-    jet_ok = (jets.pt > 30) & (np.abs(jets.eta) < 2.4) & jets.isTightLeptonVeto
-    return elecs[electron_ok], muons[muon_ok], jets[jet_ok]
+    return ak.to_numpy(ak.sum(electron_ok, axis=1) + ak.sum(muon_ok, axis=1))
 
 
-def trijet_mass(jets: Any) -> ak.Array:
-    """Mass of the highest-pT three-jet combination that holds a b-tagged jet."""
-    trijet = ak.combinations(jets, 3, fields=["j1", "j2", "j3"])
-    p4 = trijet.j1 + trijet.j2 + trijet.j3
-    max_btag = np.maximum(trijet.j1.btagCSVV2, np.maximum(trijet.j2.btagCSVV2, trijet.j3.btagCSVV2))
-    p4 = p4[max_btag > B_TAG_THRESHOLD]
-    best = ak.argmax(p4.pt, axis=1, keepdims=True)
-    return ak.flatten(p4[best].mass)
+def trijet_mass(
+    counts: np.ndarray,
+    pt: np.ndarray,
+    eta: np.ndarray,
+    phi: np.ndarray,
+    mass: np.ndarray,
+    btag: np.ndarray,
+) -> np.ndarray:
+    """Per event, the mass of the highest-pT three-jet combination holding a b-tagged jet.
+
+    ``counts`` jets per event (at least 3), the others flat per-jet arrays.
+    """
+    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+    energy = np.sqrt(px**2 + py**2 + pz**2 + mass**2)
+    combos = ak.argcombinations(ak.unflatten(pt, counts), 3)
+    per_event = ak.to_numpy(ak.num(combos))
+    start = np.repeat(np.cumsum(counts) - counts, per_event)
+    i, j, k = (ak.to_numpy(ak.flatten(combos[str(n)])) + start for n in range(3))
+    sx, sy = px[i] + px[j] + px[k], py[i] + py[j] + py[k]
+    sz, se = pz[i] + pz[j] + pz[k], energy[i] + energy[j] + energy[k]
+    has_b = np.maximum(btag[i], np.maximum(btag[j], btag[k])) > B_TAG_THRESHOLD
+    trijet_pt = np.where(has_b, np.hypot(sx, sy), -np.inf)
+    # the first combination of highest pT in each event (as ak.argmax picks it)
+    owner = np.repeat(np.arange(len(counts)), per_event)
+    order = np.lexsort((-trijet_pt, owner))
+    best = order[np.cumsum(per_event) - per_event]
+    return np.sqrt(np.maximum(se[best] ** 2 - sx[best] ** 2 - sy[best] ** 2 - sz[best] ** 2, 0))
 
 
 class TtbarAnalysis(processor.ProcessorABC):
@@ -226,28 +242,52 @@ class TtbarAnalysis(processor.ProcessorABC):
         xsec_weight = meta["xsec"] * LUMI / meta["nevts"]
         selected = {region: 0 for region in REGIONS}
 
-        # the jet-kinematic variations, for nominal samples only
-        jet_variants: list[tuple[str, Any]] = [(variation, events.Jet)]
-        if variation == "nominal" and self.systematics:
-            jets = events.Jet
-            jet_variants.append(("pt_scale_up", ak.with_field(jets, jets.pt * 1.03, "pt")))
-            factor = jet_pt_resolution(events, jets)
-            jet_variants.append(("pt_res_up", ak.with_field(jets, jets.pt * factor, "pt")))
+        # Jets as flat numpy arrays (one entry per jet, in the file's order): a few
+        # calls per chunk whatever its size, so that small chunks stay cheap.
+        jets = events.Jet
+        counts = ak.to_numpy(ak.num(jets))
+        owner = np.repeat(np.arange(len(counts)), counts)
+        flat = {
+            f: ak.to_numpy(ak.flatten(jets[f])).astype(np.float64)
+            for f in ("pt", "eta", "phi", "mass", "btagCSVV2")
+        }
+        jet_ok = (np.abs(flat["eta"]) < 2.4) & ak.to_numpy(ak.flatten(jets.isTightLeptonVeto))
+        one_lepton = count_leptons(events) == 1
 
-        for name, jets in jet_variants:
-            elecs, muons, jets = select_objects(events, jets)
-            n_btag = ak.sum(jets.btagCSVV2 > B_TAG_THRESHOLD, axis=1)
-            base = ((ak.num(elecs) + ak.num(muons)) == 1) & (ak.num(jets) >= 4)
+        # the jet-kinematic variations, for nominal samples only
+        variants = [(variation, flat["pt"])]
+        if variation == "nominal" and self.systematics:
+            variants.append(("pt_scale_up", flat["pt"] * 1.03))
+            factor = jet_pt_resolution(
+                *(ak.to_numpy(events[f]) for f in ("run", "luminosityBlock", "event")), counts
+            )
+            variants.append(("pt_res_up", flat["pt"] * factor))
+
+        for name, pt in variants:
+            good = jet_ok & (pt > 30)
+            tagged = good & (flat["btagCSVV2"] > B_TAG_THRESHOLD)
+            n_jets = np.bincount(owner[good], minlength=len(counts))
+            n_btag = np.bincount(owner[tagged], minlength=len(counts))
+            base = one_lepton & (n_jets >= 4)
             masks = {"4j1b": base & (n_btag == 1), "4j2b": base & (n_btag >= 2)}
             for region, mask in masks.items():
-                mask = ak.to_numpy(mask)
                 if not mask.any():
                     continue
-                region_jets = jets[mask]
+                use = good & mask[owner]  # the selected jets of the selected events
+                region_counts = n_jets[mask]
+                region_pt = pt[use]
                 if region == "4j1b":
-                    observable = ak.to_numpy(ak.sum(region_jets.pt, axis=-1))
+                    observable = np.bincount(owner[use], weights=pt[use], minlength=len(mask))
+                    observable = observable[mask]
                 else:
-                    observable = ak.to_numpy(trijet_mass(region_jets))
+                    observable = trijet_mass(
+                        region_counts,
+                        region_pt,
+                        flat["eta"][use],
+                        flat["phi"][use],
+                        flat["mass"][use],
+                        flat["btagCSVV2"][use],
+                    )
                 weights = np.full(len(observable), xsec_weight)
                 fill = {"observable": observable, "region": region, "process": process}
                 histogram.fill(**fill, variation=name, weight=weights)
@@ -255,14 +295,14 @@ class TtbarAnalysis(processor.ProcessorABC):
                     selected[region] += int(mask.sum())
                 if name != "nominal" or not self.systematics:
                     continue
-                # event-weight variations of the nominal selection
-                pt = ak.to_numpy(region_jets.pt[:, :4]).astype(np.float64)
+                # event-weight variations of the nominal selection: the i-th selected jet
+                first = np.cumsum(region_counts) - region_counts
                 for i in range(4):
                     for direction in ("up", "down"):
                         histogram.fill(
                             **fill,
                             variation=f"btag_var_{i}_{direction}",
-                            weight=weights * btag_weight(pt[:, i], direction),
+                            weight=weights * btag_weight(region_pt[first + i], direction),
                         )
                 if process == "wjets":
                     for direction, scale in WJETS_SCALE.items():

@@ -1,7 +1,7 @@
 """The AGC ttbar analysis on four executors: coffea-hq, futures, Dask and Parsl.
 
-    python examples/agc/benchmark.py                 # hundreds of chunks, physics-bound
-    python examples/agc/benchmark.py --small-chunks  # thousands of tiny chunks
+    python examples/agc/benchmark.py                 # 360 chunks of 10,000 events
+    python examples/agc/benchmark.py --small-chunks  # 1,800 chunks of 100 events
 
 Runs the same analysis on the same synthetic files with the same number of worker
 processes through ``HQExecutor`` (a ``LocalCluster``), ``FuturesExecutor`` (a loky
@@ -25,6 +25,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -88,7 +89,8 @@ def role(proc: psutil.Process) -> str:
         ("process_worker_pool", "parsl workers"),
         ("interchange", "parsl interchange"),
         ("loky", "loky workers"),
-        ("distributed", "dask workers/nanny"),
+        ("dask", "dask workers"),
+        ("distributed", "dask workers"),
         ("multiprocessing", "worker processes"),
     ):
         if needle in cmd:
@@ -130,6 +132,11 @@ class Result:
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
 
+    def quiet_wall(self) -> float | None:
+        """Median wall time of the runs during which other processes left the CPUs alone."""
+        quiet = [r.wall for r in self.runs if r.foreign_share < LOADED]
+        return statistics.median(quiet) if quiet else None
+
 
 # ---------------------------------------------------------------------- executors
 
@@ -151,7 +158,7 @@ def executor_for(name: str, workers: int) -> Iterator[Any]:
         try:
             yield processor.FuturesExecutor(pool=pool, workers=workers, status=False)
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, kill_workers=True)
     elif name == "dask":
         import dask
         from distributed import Client as DaskClient
@@ -163,7 +170,7 @@ def executor_for(name: str, workers: int) -> Iterator[Any]:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address=":0",
             )
         try:
             with DaskClient(cluster) as client:
@@ -258,66 +265,120 @@ def wait_for_quiet(max_wait: float) -> float:
             return share
 
 
+def measure_once(
+    result: Result,
+    executor: Any,
+    fileset: dict[str, Any],
+    args: argparse.Namespace,
+    reference: list[dict[str, Any]],
+) -> None:
+    wait_for_quiet(args.quiet_wait)
+    before, busy0 = cpu_snapshot(), machine_busy()
+    out, metrics, wall = run_once(executor, fileset, args.chunksize)
+    after, busy = cpu_snapshot(), machine_busy() - busy0
+    spent: defaultdict[str, float] = defaultdict(float)
+    for pid, (kind, cpu) in after.items():
+        spent[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+    foreign = max(0.0, busy - sum(spent.values())) / (wall * (os.cpu_count() or 1))
+    run = Run(
+        wall,
+        int(metrics["chunks"]),
+        int(metrics["entries"]),
+        float(metrics["processtime"]),
+        dict(spent),
+        foreign,
+    )
+    result.runs.append(run)
+    if not reference:
+        reference.append(out)
+    elif not same_output(reference[0], out):
+        result.identical = False
+    flag = f"  (other processes: {foreign:.0%} of the CPUs)" if foreign > LOADED else ""
+    print(
+        f"  {LABELS[result.name]:<16} run {len(result.runs)}: {wall:7.2f} s, {run.chunks} "
+        f"chunks, {run.events / wall / 1e3:8.1f} kHz{flag}",
+        flush=True,
+    )
+
+
+def reap() -> None:
+    """Kill every process this benchmark started that is still alive (by pid)."""
+    for proc in reversed(our_processes()[1:]):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def start_watchdog(seconds: float) -> None:
+    """If cleaning up takes longer than ``seconds``, kill our processes and exit."""
+
+    def hard_stop() -> None:
+        print(f"benchmark: cleanup took over {seconds:.0f} s; killing what is left", flush=True)
+        reap()
+        os._exit(2)
+
+    timer = threading.Timer(seconds, hard_stop)
+    timer.daemon = True
+    timer.start()
+
+
 def measure(
-    name: str, fileset: dict[str, Any], args: argparse.Namespace, reference: list[dict[str, Any]]
-) -> Result:
-    result = Result(name)
-    start = time.perf_counter()
-    with executor_for(name, args.workers) as executor:
-        run_once(executor, fileset, args.chunksize, maxchunks=1)  # warm the workers up
-        result.startup = time.perf_counter() - start
-        for i in range(args.repeats):
-            wait_for_quiet(args.quiet_wait)
-            before, busy0 = cpu_snapshot(), machine_busy()
-            out, metrics, wall = run_once(executor, fileset, args.chunksize)
-            after, busy = cpu_snapshot(), machine_busy() - busy0
-            spent: defaultdict[str, float] = defaultdict(float)
-            for pid, (kind, cpu) in after.items():
-                spent[kind] += cpu - before.get(pid, (kind, 0.0))[1]
-            foreign = max(0.0, busy - sum(spent.values())) / (wall * (os.cpu_count() or 1))
-            run = Run(
-                wall,
-                int(metrics["chunks"]),
-                int(metrics["entries"]),
-                float(metrics["processtime"]),
-                dict(spent),
-                foreign,
-            )
-            result.runs.append(run)
-            if not reference:
-                reference.append(out)
-            elif not same_output(reference[0], out):
-                result.identical = False
-            flag = "  (machine busy with other work)" if foreign > LOADED else ""
-            print(
-                f"  {LABELS[name]:<16} run {i + 1}: {wall:7.2f} s, {run.chunks} chunks, "
-                f"{run.events / wall / 1e3:8.1f} kHz{flag}",
-                flush=True,
-            )
-    return result
+    names: list[str], fileset: dict[str, Any], args: argparse.Namespace
+) -> tuple[list[Result], list[dict[str, Any]]]:
+    """All executors up at once, their runs interleaved (the order rotating each round),
+    so that load from other processes on a shared machine spreads over all of them."""
+    results = [Result(name) for name in names]
+    reference: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        executors = []
+        for result in results:
+            start = time.perf_counter()
+            executor = stack.enter_context(executor_for(result.name, args.workers))
+            run_once(executor, fileset, args.chunksize, maxchunks=1)  # warm the workers up
+            result.startup = time.perf_counter() - start
+            print(f"{LABELS[result.name]} up and warm in {result.startup:.1f} s", flush=True)
+            executors.append(executor)
+        stack.callback(start_watchdog, 120.0)  # runs first when the stack unwinds
+        for round_ in range(args.repeats):
+            shift = round_ % len(results)
+            for result, executor in (
+                list(zip(results, executors, strict=True))[shift:]
+                + list(zip(results, executors, strict=True))[:shift]
+            ):
+                measure_once(result, executor, fileset, args, reference)
+    return results, reference
 
 
 # ---------------------------------------------------------------------- report
+
+
+def quiet_text(r: Result) -> str:
+    quiet = [x for x in r.runs if x.foreign_share < LOADED]
+    wall = r.quiet_wall()
+    return f"{wall:.2f} s ({len(quiet)})" if wall is not None else "none"
 
 
 def report(results: list[Result], workers: int) -> str:
     lines = [
         "",
         f"{'executor':<17}{'wall s':>8}{'events/s':>12}{'chunks/s':>10}"
-        f"{'busy':>7}{'identical':>11}",
+        f"{'busy':>7}{'load':>7}{'identical':>11}{'quiet runs':>14}",
     ]
     for r in results:
         wall = r.median("wall")
         chunks, events = r.runs[0].chunks, r.runs[0].events
         busy = statistics.median(x.processtime / (x.wall * workers) for x in r.runs)
+        load = r.median("foreign_share")
         lines.append(
             f"{LABELS[r.name]:<17}{wall:>8.2f}{events / wall:>12,.0f}"
-            f"{chunks / wall:>10.1f}{busy:>7.0%}{'yes' if r.identical else 'NO':>11}"
+            f"{chunks / wall:>10.1f}{busy:>7.0%}{load:>7.0%}{'yes' if r.identical else 'NO':>11}"
+            f"{quiet_text(r):>14}"
         )
     lines += [
         "",
         "busy: the workers' share of the wall time spent inside chunks "
-        f"(processtime / wall / {workers} workers)",
+        f"(processtime / wall / {workers} workers); load: other processes' share of the "
+        "CPUs during the runs; quiet runs: median wall time of the runs with load "
+        f"< {LOADED:.0%} (how many)",
         "",
         "wall-time ratios (row / column; below 1: the row is faster):",
         " " * 17 + "".join(f"{LABELS[r.name]:>17}" for r in results),
@@ -371,7 +432,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--events-per-file",
         type=int,
         default=None,
-        help="default 100,000 (20,000 with --small-chunks)",
+        help="default 100,000 (10,000 with --small-chunks)",
     )
     p.add_argument(
         "--chunksize", type=int, default=None, help="default 10,000 (100 with --small-chunks)"
@@ -391,7 +452,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     small = args.small_chunks
     args.files_per_sample = args.files_per_sample or (2 if small else 4)
-    args.events_per_file = args.events_per_file or (20_000 if small else 100_000)
+    args.events_per_file = args.events_per_file or (10_000 if small else 100_000)
     args.chunksize = args.chunksize or (100 if small else 10_000)
     return args
 
@@ -422,11 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         f"chunksize {args.chunksize:,}, {args.workers} workers per executor, "
         f"{args.repeats} repeats, {os.cpu_count()} CPUs"
     )
-    results: list[Result] = []
-    reference: list[dict[str, Any]] = []
-    for name in names:
-        print(f"{LABELS[name]}:", flush=True)
-        results.append(measure(name, fileset, args, reference))
+    try:
+        results, reference = measure(names, fileset, args)
+    finally:
+        reap()
     signal.alarm(0)
     print(report(results, args.workers))
     for line in targets(results, args.small_chunks):
