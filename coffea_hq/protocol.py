@@ -16,6 +16,7 @@ import enum
 import hashlib
 import json
 import pickle
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
@@ -58,7 +59,6 @@ ENV_URL: Final = "HQ_URL"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64
-ID_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class JobState(enum.StrEnum):
@@ -93,13 +93,12 @@ class CompleteStatus(enum.StrEnum):
     JOB_FINISHED = "job_finished"  # the job was cancelled or failed meanwhile
 
 
+_ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASCII).match
+
+
 def valid_id(value: object) -> bool:
     """Whether ``value`` may be used as a job, task or worker identifier."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= ID_MAX_LENGTH
-        and all(c in ID_ALPHABET for c in value)
-    )
+    return isinstance(value, str) and _ID_MATCH(value) is not None
 
 
 # --------------------------------------------------------------------------- serialisation

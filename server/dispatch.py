@@ -53,6 +53,11 @@ class LeaseDispatcher:
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), wait)
         except TimeoutError:
+            # The drainer may have served this request in the very loop iteration in which
+            # the wait ran out: those tasks are leased to this worker now, so hand them over
+            # (dropping them here would strand them until their lease expires).
+            if waiter.future.done() and not waiter.future.cancelled():
+                return waiter.future.result()
             return []
         finally:
             with contextlib.suppress(ValueError):

@@ -84,6 +84,9 @@ class ResultBatch:
     end: bool = False  # the batch reaches the job's last event: nothing more will come
 
 
+_OUTCOME_CODES = {Outcome.OK: "o", Outcome.ERROR: "e", Outcome.CRASHED: "c"}
+
+
 def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -176,9 +179,11 @@ class Store:
         }
 
     async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
-        args: list[Any] = []
-        for task, payload in zip(tasks, payloads, strict=True):
-            args += [task, payload]
+        args: list[Any] = [
+            ",".join(tasks),
+            ",".join(str(len(p)) for p in payloads),
+            b"".join(payloads),
+        ]
         status, added = await self.scripts.submit(
             keys=self.keys.job(job).script_keys, args=self._argv(job, *args)
         )
@@ -302,15 +307,22 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         order: list[list[int]] = []
         for job, indices in by_job.items():
-            args: list[Any] = [worker]
-            for i in indices:
-                r = reports[i]
-                error = (
-                    ""
-                    if r.error is None
-                    else json.dumps({**r.error, "worker": worker, "attempt": r.attempt})
-                )
-                args += [r.task, r.attempt, r.outcome.value, error, r.data]
+            batch = [reports[i] for i in indices]
+            # A constant number of script arguments whatever the batch size: packing
+            # thousands of arguments one by one is most of redis-py's cost here.
+            args: list[Any] = [
+                worker,
+                ",".join(r.task for r in batch),
+                ",".join(str(r.attempt) for r in batch),
+                "".join(_OUTCOME_CODES[r.outcome] for r in batch),
+                ",".join(str(len(r.data)) for r in batch),
+                b"".join(r.data for r in batch),
+            ]
+            args += [
+                json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
+                for r in batch
+                if r.outcome is not Outcome.OK
+            ]
             await self.scripts.complete(
                 keys=self.keys.job(job).script_keys, args=self._argv(job, *args), client=pipe
             )

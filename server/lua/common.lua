@@ -36,6 +36,35 @@ local function call_sliced(cmd, key, args, step)
   end
 end
 
+-- The same for a command whose reply is one entry per argument (HMGET, ZMSCORE): the
+-- replies of the slices, concatenated (a missing entry is false).
+local function call_sliced_collect(cmd, key, args, step)
+  local out = {}
+  for i = 1, #args, step do
+    local part = redis.call(cmd, key, unpack(args, i, math.min(i + step - 1, #args)))
+    for j = 1, #part do out[#out + 1] = part[j] end
+  end
+  return out
+end
+
+-- Packed arguments: a comma-joined list, and values cut from one string by their sizes.
+local function split_list(text)
+  local out = {}
+  for item in string.gmatch(text, '[^,]+') do out[#out + 1] = item end
+  return out
+end
+
+local function cut(blob, sizes_text)
+  local out, at = {}, 1
+  for size in string.gmatch(sizes_text, '%d+') do
+    local n = tonumber(size)
+    out[#out + 1] = string.sub(blob, at, at + n - 1)
+    at = at + n
+  end
+  if at ~= #blob + 1 then return nil end  -- the sizes do not add up
+  return out
+end
+
 local function split_owner(value)
   local attempt, worker, done = string.match(value, '^(%d+)|([^|]+)|?(D?)$')
   return tonumber(attempt), worker, done == 'D'
