@@ -331,3 +331,15 @@ def test_reducing_job_merges_on_workers_until_one_result_is_left(
         ] == [("m2", b"ABC")]
 
     run(store, prefix, body)
+
+
+def test_a_task_twice_in_one_report_counts_once(store: EmbeddedRedis, prefix: str) -> None:
+    async def body(s: Store) -> None:
+        job = await new_job(s, 1)
+        await s.lease("w", 1)
+        statuses = await s.complete("w", [ok(job, "0"), ok(job, "0")])
+        assert statuses == [CompleteStatus.ACCEPTED, CompleteStatus.DUPLICATE]
+        summary = await s.summary(job)
+        assert (summary["done"], summary["state"]) == (1, "done")
+
+    run(store, prefix, body)
