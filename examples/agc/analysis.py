@@ -64,11 +64,12 @@ def construct_fileset(
     of each sample; -1 for all). ``rewrite_prefix=(old, new)`` moves the paths, e.g. from
     the AGC's https origin to an xrootd door or a local copy.
     """
-    if not isinstance(inputs, Mapping):
-        inputs = json.loads(Path(inputs).read_text())
+    catalogue: Mapping[str, Any] = (
+        inputs if isinstance(inputs, Mapping) else json.loads(Path(inputs).read_text())
+    )
     wanted = set(processes)
     fileset: dict[str, dict[str, Any]] = {}
-    for process, variations in inputs.items():
+    for process, variations in catalogue.items():
         if process not in wanted:
             continue  # e.g. "data": this analysis runs on simulation only
         for variation, entry in variations.items():
@@ -137,8 +138,8 @@ def jet_pt_resolution(
     """
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     index = np.arange(int(counts.sum())) - starts
-    per_jet = [np.repeat(x, counts) for x in (run, lumi, event)]
-    return 1.0 + 0.05 * event_normal(*per_jet, index)
+    run, lumi, event = (np.repeat(x, counts) for x in (run, lumi, event))
+    return 1.0 + 0.05 * event_normal(run, lumi, event, index)
 
 
 def btag_weight(jet_pt: np.ndarray, direction: str) -> np.ndarray:
@@ -165,7 +166,7 @@ def snap_to_grid(histogram: hist.Hist, xsec_weight: float, nevts: int) -> None:
     * 64**2. So q is the smallest power of two that keeps those below 2**52 q: a chunk's
     bin moves by at most q/2, about nevts * 1e-14 of one event's weight.
     """
-    view = histogram.view(flow=True)
+    view: Any = histogram.view(flow=True)
     for field, bound in (
         ("value", xsec_weight * nevts * 64.0),
         ("variance", xsec_weight**2 * nevts * 64.0**2),
@@ -258,9 +259,10 @@ class TtbarAnalysis(processor.ProcessorABC):
         variants = [(variation, flat["pt"])]
         if variation == "nominal" and self.systematics:
             variants.append(("pt_scale_up", flat["pt"] * 1.03))
-            factor = jet_pt_resolution(
-                *(ak.to_numpy(events[f]) for f in ("run", "luminosityBlock", "event")), counts
+            run, lumi, number = (
+                ak.to_numpy(events[f]) for f in ("run", "luminosityBlock", "event")
             )
+            factor = jet_pt_resolution(run, lumi, number, counts)
             variants.append(("pt_res_up", flat["pt"] * factor))
 
         for name, pt in variants:
@@ -331,11 +333,11 @@ def histogram_name(region: str, process: str, variation: str) -> str:
 
 def filled_histograms(histogram: hist.Hist) -> dict[str, hist.Hist]:
     """Every non-empty (region, process, variation) slice, by its AGC name."""
-    out = {}
+    out: dict[str, hist.Hist] = {}
     for region in REGIONS:
         for process in PROCESSES:
             for variation in VARIATIONS:
-                h = histogram[:, region, process, variation]
+                h: Any = histogram[:, region, process, variation]
                 if h.values().sum() > 0:
                     out[histogram_name(region, process, variation)] = h
     return out
@@ -365,10 +367,11 @@ def compare(a: hist.Hist, b: hist.Hist) -> float:
     if a.axes != b.axes:
         raise ValueError("the histograms have different axes")
     worst = 0.0
-    for x, y in (
+    pairs: list[tuple[Any, Any]] = [
         (a.values(flow=True), b.values(flow=True)),
         (a.variances(flow=True), b.variances(flow=True)),
-    ):
+    ]
+    for x, y in pairs:
         scale = np.maximum(np.abs(x), np.abs(y))
         diff = np.abs(x - y)
         if np.any((scale == 0) & (diff != 0)):

@@ -165,7 +165,7 @@ def executor_for(name: str, workers: int) -> Iterator[Any]:
         from distributed import LocalCluster as DaskCluster
 
         with dask.config.set({"distributed.admin.system-monitor.gil.enabled": False}):
-            cluster = DaskCluster(
+            dask_cluster = DaskCluster(
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
@@ -173,10 +173,10 @@ def executor_for(name: str, workers: int) -> Iterator[Any]:
                 dashboard_address=":0",
             )
         try:
-            with DaskClient(cluster) as client:
-                yield processor.DaskExecutor(client=client, status=False)
+            with DaskClient(dask_cluster) as dask_client:
+                yield processor.DaskExecutor(client=dask_client, status=False)
         finally:
-            cluster.close()
+            dask_cluster.close()
     elif name == "parsl":
         yield from _parsl(workers)
     else:

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -341,7 +340,7 @@ def reconstruct_leptons(
                 np.where(u < tight_p + 0.14, 2, np.where(u < tight_p + 0.18, 1, 0)),
             ),
         )
-        extra = {"cutBased": cut.astype(np.int32)}
+        extra: dict[str, np.ndarray] = {"cutBased": cut.astype(np.int32)}
     else:
         tight = rng.random(pdg.shape) < np.where(is_prompt, 0.95, 0.55)
         iso = np.where(
@@ -567,4 +566,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

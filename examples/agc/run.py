@@ -111,7 +111,7 @@ def summary(out: dict[str, Any], metrics: dict[str, Any], wall: float) -> str:
         f"{'chunks':<24}{metrics.get('chunks', 0):>16,}",
         f"{'wall time':<24}{wall:>14.1f} s",
         f"{'event rate':<24}{events / wall / 1e3:>12.1f} kHz",
-        f"{'rate per core-second':<24}"
+        f"{'rate inside process()':<24}"
         f"{events / max(metrics.get('processtime', 0.0), 1e-9) / 1e3:>12.1f} kHz",
         "",
         f"{'dataset':<30}{'events':>10}{'4j1b':>8}{'4j2b':>8}",
