@@ -53,7 +53,14 @@ DEFAULT_MAX_REQUEST_SIZE: Final = 256 * 1024 * 1024
 DEFAULT_RESULT_TTL: Final = 24 * 3600
 LEASE_MAX_TASKS: Final = 4096
 DEFAULT_FANIN: Final = 20  # results per merge task, as coffea's treereduction
+# A merge's inputs cross one Lua call at once (Lua's unpack() stops near 8,000): bounded.
+MAX_FANIN: Final = 1024
 MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
+DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
+# Each text field of a task's error (message, traceback): workers cut longer ones (head and
+# tail kept), the server refuses a report item that carries one.
+ERROR_TEXT_MAX: Final = 64 * 1024
+WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
 LONG_POLL_MAX: Final = 60.0
 ENV_URL: Final = "HQ_URL"
 
@@ -91,6 +98,25 @@ class CompleteStatus(enum.StrEnum):
     NOT_LEASED = "not_leased"  # the lease expired, moved on, or never was this worker's
     UNKNOWN = "unknown"  # no such job or task
     JOB_FINISHED = "job_finished"  # the job was cancelled or failed meanwhile
+    INVALID = "invalid"  # the item itself is malformed: refused, the batch's others stand
+
+    @property
+    def refused(self) -> bool:
+        """The server kept nothing of this item."""
+        return self in (CompleteStatus.NOT_LEASED, CompleteStatus.UNKNOWN, CompleteStatus.INVALID)
+
+
+class Counter(enum.StrEnum):
+    """The server's own task accounting, kept in the store (``GET QUEUE`` ``counters``)."""
+
+    TASKS_OK = "tasks_ok"  # client tasks whose result was accepted
+    TASKS_FAILED = "tasks_failed"  # client tasks failed for good (raised, or lost every attempt)
+    MERGES_OK = "merges_ok"  # merge tasks whose result was accepted
+    MERGES_FAILED = "merges_failed"
+    REQUEUED = "requeued"  # attempts that crashed or expired and went back to the queue
+    RELEASED = "released"  # leases handed back unstarted (draining workers, lost replies)
+    DUPLICATES = "duplicates"  # reports of an already-accepted attempt (harmless retries)
+    REFUSED = "refused"  # reports of leases not held (expired, moved on) or malformed
 
 
 _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASCII).match
@@ -99,6 +125,11 @@ _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASC
 def valid_id(value: object) -> bool:
     """Whether ``value`` may be used as a job, task or worker identifier."""
     return isinstance(value, str) and _ID_MATCH(value) is not None
+
+
+def is_merge(task: str) -> bool:
+    """Whether ``task`` is a merge task the server made (``MERGE_PREFIX`` + sha1 of its inputs)."""
+    return task.startswith(MERGE_PREFIX)
 
 
 # --------------------------------------------------------------------------- serialisation

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,13 +16,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, FrameError, Outcome
+from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Outcome
 
 from . import validate as v
 from .config import ServerConfig
 from .dispatch import LeaseDispatcher
 from .keys import Keys
-from .store import Report, Store, StoreError
+from .store import Report, Store, StoreError, UnsupportedStore
 
 log = logging.getLogger("coffea_hq.server")
 
@@ -31,12 +32,14 @@ DISPATCHER = web.AppKey("dispatcher", LeaseDispatcher)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
+PRUNE_EVERY = 10.0  # seconds between sweeps of workers gone silent
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class EvictionPolicyError(RuntimeError):
-    """The store may evict keys, and an evicted key is a lost task."""
+try:
+    VERSION = importlib.metadata.version("coffea-hq")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    VERSION = "unknown"
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -74,6 +77,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise v.BadRequest(f"request body must be JSON: {e}") from e
+    except RecursionError as e:
+        raise v.BadRequest("request body is nested too deeply") from e
     return v.obj(body, "request body")
 
 
@@ -100,7 +105,7 @@ async def health(request: web.Request) -> web.Response:
         store = "ok"
     except Exception as e:  # health must answer whatever the store does
         store = f"unreachable: {e}"
-    return web.json_response({"status": "ok", "store": store, "version": "0.1.0"})
+    return web.json_response({"status": "ok", "store": store, "version": VERSION})
 
 
 async def queue(request: web.Request) -> web.Response:
@@ -152,7 +157,7 @@ async def create_job(request: web.Request) -> web.Response:
     reducer = body.get("reducer") or ""
     if reducer and not (isinstance(reducer, str) and protocol.valid_blob_name(reducer)):
         raise v.BadRequest("'reducer' must name an uploaded blob (its sha256) or be null")
-    fanin = v.integer(body.get("fanin", protocol.DEFAULT_FANIN), "'fanin'", 2, 10_000)
+    fanin = v.integer(body.get("fanin", protocol.DEFAULT_FANIN), "'fanin'", 2, protocol.MAX_FANIN)
     summary = await request.app[STORE].create_job(
         job,
         function=function,
@@ -161,7 +166,7 @@ async def create_job(request: web.Request) -> web.Response:
         ),
         fail_fast=v.boolean(body.get("fail_fast", True), "'fail_fast'"),
         label=v.string(body.get("label", ""), "'label'"),
-        owner="",
+        user="",
         reducer=reducer,
         fanin=fanin,
     )
@@ -226,14 +231,36 @@ async def job_results(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- tasks (worker)
 
 
-async def lease(request: web.Request) -> web.Response:
+def _connected(request: web.Request) -> bool:
+    return request.transport is not None and not request.transport.is_closing()
+
+
+async def lease(request: web.Request) -> web.StreamResponse:
     body = await _json(request)
     worker = v.ident(body.get("worker"), "'worker'")
     maximum = v.integer(body.get("max", 1), "'max'", 1, protocol.LEASE_MAX_TASKS)
     wait = v.number(body.get("wait", 0), "'wait'", 0, protocol.LONG_POLL_MAX)
-    tasks = await request.app[DISPATCHER].lease(worker, maximum, wait)
+    tasks = await request.app[DISPATCHER].lease(
+        worker, maximum, wait, connected=lambda: _connected(request)
+    )
     header = {"tasks": [[t.job, t.task, t.attempt, t.function] for t in tasks]}
-    return _frames_response(header, [t.payload for t in tasks])
+    if not tasks:
+        return _frames_response(header, [])
+    # Written here rather than by aiohttp, so that a reply that cannot reach the worker
+    # hands its tasks back instead of costing them an attempt at lease expiry.
+    data = protocol.pack(header, [t.payload for t in tasks])
+    response = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
+    response.content_length = len(data)
+    try:
+        if not _connected(request):
+            raise ConnectionResetError("the worker closed its connection")
+        await response.prepare(request)
+        await response.write(data)
+        await response.write_eof()
+    except (ConnectionError, RuntimeError) as e:
+        back = await request.app[STORE].release(worker, [(t.job, t.task, t.attempt) for t in tasks])
+        log.info("lease reply to worker %s lost (%s): %d task(s) handed back", worker, e, back)
+    return response
 
 
 def _report(item: Any, part: memoryview, index: int) -> Report:
@@ -252,36 +279,60 @@ def _report(item: Any, part: memoryview, index: int) -> Report:
     else:
         error = v.obj(error, f"{what} error")
         for name in ("type", "message", "traceback"):
-            v.string(error.get(name), f"{what} error {name!r}", 1 << 20)
+            v.string(error.get(name), f"{what} error {name!r}", protocol.ERROR_TEXT_MAX)
     return Report(job, task, attempt, outcome, error, bytes(part))
 
 
+def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> Any:
+    ref = item if isinstance(item, list) else []
+    entry = {
+        "index": index,
+        "job": str(ref[0]) if len(ref) > 0 else "?",
+        "task": str(ref[1]) if len(ref) > 1 else "?",
+        "status": status.value,
+    }
+    return entry | ({"reason": reason} if reason else {})
+
+
 async def complete(request: web.Request) -> web.Response:
+    """Judge a report item by item: a malformed item is refused, the others stand."""
     header, parts = await _frames(request)
     worker = v.ident(header.get("worker"), "'worker'")
     items = v.array(header.get("items"), "'items'", 1_000_000)
     if len(items) != len(parts):
         raise v.BadRequest("'items' needs exactly one result part per item")
-    reports = [
-        _report(item, part, i) for i, (item, part) in enumerate(zip(items, parts, strict=True))
-    ]
-    statuses = await request.app[STORE].complete(worker, reports)
-    rejected = [
-        {"job": r.job, "task": r.task, "status": s.value}
-        for r, s in zip(reports, statuses, strict=True)
-        if s.value in ("not_leased", "unknown")
-    ]
+    reports: list[Report] = []
+    where: list[int] = []
+    statuses = [CompleteStatus.INVALID] * len(items)
+    reasons: dict[int, str] = {}
+    for i, (item, part) in enumerate(zip(items, parts, strict=True)):
+        try:
+            reports.append(_report(item, part, i))
+            where.append(i)
+        except v.BadRequest as e:
+            reasons[i] = e.message
+    for i, status in zip(where, await request.app[STORE].complete(worker, reports), strict=True):
+        statuses[i] = status
     body: dict[str, Any] = {"items": [s.value for s in statuses]}
-    if rejected:
-        # The accepted ones stand; the rejected ones changed nothing.
-        body |= {
-            "error": "not_leased",
-            "message": f"{len(rejected)} task(s) are not leased to worker {worker} "
-            "(lease expired, job gone, or never leased to it): their results were dropped",
-            "rejected": rejected[:20],
-        }
-        return web.json_response(body, status=409)
-    return web.json_response(body)
+    refused = [i for i, s in enumerate(statuses) if s.refused]
+    if not refused:
+        return web.json_response(body)
+    # The accepted ones stand; the refused ones changed nothing.
+    said = []
+    if len(refused) > len(reasons):
+        said.append(
+            f"{len(refused) - len(reasons)} task(s) are not leased to worker {worker} "
+            "(lease expired, job gone, or never leased to it)"
+        )
+    if reasons:
+        first = min(reasons)
+        said.append(f"{len(reasons)} item(s) are malformed ({reasons[first]})")
+    body |= {
+        "error": "invalid_items" if reasons else "not_leased",
+        "message": "; ".join(said) + ": their results were dropped, the other items stand",
+        "rejected": [_rejected(items[i], i, statuses[i], reasons.get(i)) for i in refused[:20]],
+    }
+    return web.json_response(body, status=409)
 
 
 async def release(request: web.Request) -> web.Response:
@@ -314,7 +365,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     interval = request.app[CONFIG].lease_timeout / 3
     return web.json_response(
         {
-            "lost": [list(x) for x in lost],
+            "lost": [list(x) for x in lost],  # [job, task, attempt]
             "interval": interval,
             "max_request_size": request.app[CONFIG].max_request_size,
         }
@@ -325,8 +376,14 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def check_store(store: Store, config: ServerConfig) -> None:
-    """Refuse a store that may evict keys (unless told otherwise)."""
+    """Refuse a store that may evict keys (unless told otherwise) or is a Redis Cluster."""
     await store.redis.ping()
+    if await store.is_cluster():
+        raise UnsupportedStore(
+            "the store is a Redis Cluster: coffea-hq's job scripts touch keys of one job and "
+            "the global queue indices at once, which a cluster refuses (CROSSSLOT). Point "
+            "hq-server at one primary (replicas and Sentinel for availability are fine)."
+        )
     policy = await store.eviction_policy()
     if policy is None:
         log.warning("the store does not report maxmemory-policy; make sure it never evicts keys")
@@ -337,7 +394,7 @@ async def check_store(store: Store, config: ServerConfig) -> None:
             "hq-server with --allow-eviction to run anyway."
         )
         if not config.allow_eviction:
-            raise EvictionPolicyError(message)
+            raise UnsupportedStore(message)
         log.warning(message)
 
 
@@ -362,14 +419,19 @@ async def _listen_for_wakeups(store: Store, dispatcher: LeaseDispatcher) -> None
 
 
 async def _reap_forever(store: Store, dispatcher: LeaseDispatcher, interval: float) -> None:
-    """Requeue tasks with expired leases. Also nudges parked leases, a safety net for a
-    wake-up lost while the channel reconnected."""
+    """Requeue tasks with expired leases, end abandoned jobs, forget silent workers. Also
+    nudges parked leases, a safety net for a wake-up lost while the channel reconnected."""
+    last_prune = 0.0
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         try:
             requeued, failed = await store.reap()
             if requeued or failed:
                 log.info("expired leases: %d requeued, %d failed for good", requeued, failed)
+            if loop.time() - last_prune > PRUNE_EVERY:
+                last_prune = loop.time()
+                await store.prune_workers()
             dispatcher.notify()
         except asyncio.CancelledError:
             raise
@@ -377,11 +439,26 @@ async def _reap_forever(store: Store, dispatcher: LeaseDispatcher, interval: flo
             log.warning("reaping expired leases failed (%s); retrying", e)
 
 
+def _background(
+    run: Callable[[web.Application], Coroutine[Any, Any, None]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``run(app)`` for the application's life."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(app))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context
+
+
 def make_app(config: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_request_size, middlewares=[errors_middleware])
     app[CONFIG] = config
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
+    async def store(app: web.Application) -> AsyncIterator[None]:
         redis = aioredis.Redis.from_url(
             config.redis_url,
             decode_responses=False,
@@ -391,34 +468,34 @@ def make_app(config: ServerConfig) -> web.Application:
             health_check_interval=30,
             retry_on_timeout=False,
         )
-        store = Store(
-            redis,
-            Keys(config.prefix),
-            lease_timeout=config.lease_timeout,
-            result_ttl=config.result_ttl,
-        )
         try:
-            await check_store(store, config)
-        except BaseException:
+            app[STORE] = Store(
+                redis,
+                Keys(config.prefix),
+                lease_timeout=config.lease_timeout,
+                result_ttl=config.result_ttl,
+                unsealed_timeout=config.unsealed_timeout,
+            )
+            await check_store(app[STORE], config)
+            yield
+        finally:
             await redis.aclose()
-            raise
-        dispatcher = LeaseDispatcher(store)
-        app[STORE] = store
-        app[DISPATCHER] = dispatcher
-        background = [
-            asyncio.create_task(_listen_for_wakeups(store, dispatcher)),
-            asyncio.create_task(_reap_forever(store, dispatcher, config.reap_interval)),
-        ]
-        yield
-        await dispatcher.close()
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await redis.aclose()
 
-    app.cleanup_ctx.append(resources)
+    async def dispatcher(app: web.Application) -> AsyncIterator[None]:
+        app[DISPATCHER] = LeaseDispatcher(app[STORE])
+        yield
+        await app[DISPATCHER].close()
+
+    app.cleanup_ctx.extend(
+        [
+            store,
+            dispatcher,
+            _background(lambda app: _listen_for_wakeups(app[STORE], app[DISPATCHER])),
+            _background(
+                lambda app: _reap_forever(app[STORE], app[DISPATCHER], config.reap_interval)
+            ),
+        ]
+    )
 
     async def release_parked(app: web.Application) -> None:
         # Shutdown waits for running handlers: end parked long polls now, not at their timeout.

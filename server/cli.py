@@ -13,8 +13,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
 
-from .app import EvictionPolicyError, make_app
+from .app import make_app
 from .config import ServerConfig
+from .store import UnsupportedStore
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -72,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
         "them (default: %(default)s)",
     )
     p.add_argument(
+        "--unsealed-timeout",
+        type=_positive(float),
+        default=protocol.DEFAULT_UNSEALED_TIMEOUT,
+        help="seconds an unsealed job may go without a submit before it counts as abandoned "
+        "by its client and is cancelled (default: %(default)s)",
+    )
+    p.add_argument(
         "--allow-eviction",
         action="store_true",
         help="run even if the store's maxmemory-policy may evict keys (loses tasks)",
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         lease_timeout=args.lease_timeout,
         max_request_size=int(args.max_request_size),
         result_ttl=int(args.result_ttl),
+        unsealed_timeout=args.unsealed_timeout,
         allow_eviction=args.allow_eviction,
     )
     try:
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=5.0,
             access_log=None,
         )
-    except EvictionPolicyError as e:
+    except UnsupportedStore as e:
         print(f"hq-server: {e}", file=sys.stderr)
         return 2
     except (RedisConnectionError, OSError) as e:

@@ -16,6 +16,7 @@ class ServerConfig:
     lease_timeout: float = protocol.DEFAULT_LEASE_TIMEOUT
     max_request_size: int = protocol.DEFAULT_MAX_REQUEST_SIZE
     result_ttl: int = protocol.DEFAULT_RESULT_TTL
+    unsealed_timeout: float = protocol.DEFAULT_UNSEALED_TIMEOUT
     allow_eviction: bool = False
 
     @property

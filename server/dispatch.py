@@ -4,6 +4,10 @@ Each replica subscribes to the store's wake-up channel (published by every scrip
 that makes tasks leasable). Waiting requests queue up here in arrival order and
 are served one after another when a wake-up arrives, so a burst of new work does
 not stampede every waiting worker at the store at once.
+
+A parked request is filled only while it can still be used: its connection is open
+and its worker heartbeats. A worker that is stopped (SIGSTOP, a frozen VM) keeps
+its request parked; handing it tasks would only cost them an attempt each.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .store import LeasedTask, Store
@@ -19,10 +24,20 @@ from .store import LeasedTask, Store
 log = logging.getLogger(__name__)
 
 
+# A worker whose last heartbeat is older than this share of the lease timeout is
+# presumed stopped (it heartbeats every third of it).
+ALIVE_WITHIN = 2 / 3
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass(eq=False)
 class _Waiter:
     worker: str
     maximum: int
+    connected: Callable[[], bool] = _always
     future: asyncio.Future[list[LeasedTask]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -41,12 +56,20 @@ class LeaseDispatcher:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def lease(self, worker: str, maximum: int, wait: float) -> list[LeasedTask]:
+    async def lease(
+        self,
+        worker: str,
+        maximum: int,
+        wait: float,
+        connected: Callable[[], bool] = _always,
+    ) -> list[LeasedTask]:
+        """Lease now, or park until work arrives or ``wait`` passes. ``connected`` tells
+        whether the requester can still receive a reply."""
         generation = self._generation
         tasks = await self.store.lease(worker, maximum)
         if tasks or wait <= 0:
             return tasks
-        waiter = _Waiter(worker, maximum)
+        waiter = _Waiter(worker, maximum, connected)
         self._waiters.append(waiter)
         if generation != self._generation:
             self.notify()
@@ -85,6 +108,17 @@ class LeaseDispatcher:
                 continue
             generation = self._generation
             try:
+                usable = waiter.connected() and await self.store.worker_alive(
+                    waiter.worker, self.store.lease_timeout * ALIVE_WITHIN
+                )
+                if not usable:
+                    log.info(
+                        "parked lease of worker %s dropped: gone or not heartbeating", waiter.worker
+                    )
+                    if not waiter.future.done():
+                        waiter.future.set_result([])
+                    self._waiters.popleft()
+                    continue
                 tasks = await self.store.lease(waiter.worker, waiter.maximum)
             except Exception:
                 log.exception("lease for a parked request failed; it will time out and retry")

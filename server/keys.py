@@ -1,49 +1,86 @@
-"""Every Redis key the server uses, in one place.
+"""Every Redis key the server uses, and the field names inside them, in one place.
 
-A job's keys share the ``{job-id}`` hash tag, so one script touches one slot and
-per-job state can be sharded later. Global keys (the ready and unfinished job
-indices, blobs, the worker registry) carry only the prefix.
+A job's keys share the ``{job-id}`` hash tag. The job scripts also touch global
+keys (the ready and unfinished job indices, the counters), so the store must be
+one Redis primary: ``hq-server`` refuses a Redis Cluster at start.
+
+The Lua scripts receive these names generated from here (see :mod:`.scripts`):
+the KEYS order is the field order of :class:`JobKeys`, the meta fields and
+stream fields are :class:`Meta` and :class:`Event`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import astuple, dataclass, fields
+
+
+class Meta(enum.StrEnum):
+    """Fields of a job's ``meta`` hash."""
+
+    STATE = "state"  # protocol.JobState
+    FUNCTION_BLOB = "function_blob"  # sha256 of the pickled task function
+    REDUCER_BLOB = "reducer_blob"  # sha256 of the pickled merge function ('' for none)
+    FANIN = "fanin"
+    MAX_ATTEMPTS = "max_attempts"
+    FAIL_FAST = "fail_fast"  # '1' or '0'
+    LABEL = "label"
+    USER = "user"  # who submitted the job (once tokens exist)
+    CREATED = "created"  # ms
+    TOUCHED = "touched"  # ms of the last create or submit (abandoned unsealed jobs expire)
+    SUBMITTED = "submitted"  # tasks added so far
+    TOTAL = "total"  # set by the seal
+    DONE = "done"  # client tasks that succeeded
+    FAILED = "failed"  # client tasks that failed for good
+    MERGES = "merges"  # merge tasks queued so far
+    MERGES_OPEN = "merges_open"  # merge tasks queued or running
+    FIRST_ERROR = "first_error"  # the first failed task
+    FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
+    REASON = "reason"  # why the server ended the job, when nobody asked it to
+    FINISHED = "finished"  # ms
+
+
+class Event(enum.StrEnum):
+    """Fields of an entry of a job's ``events`` stream (one entry per completed batch)."""
+
+    OK = "ok"  # comma-joined tasks whose results the client fetches
+    ERROR = "err"  # comma-joined tasks that failed (result: the pickled exception)
+    MERGED = "done"  # comma-joined tasks merged on workers (nothing to fetch)
+    END = "end"  # the job's final state: nothing follows
 
 
 @dataclass(frozen=True, slots=True)
 class JobKeys:
-    """One job's keys, in the order ``lua/common.lua`` receives them as KEYS."""
+    """One job's keys, in the order the Lua scripts receive them as KEYS."""
 
-    meta: str
-    payload: str
-    queue: str
-    leases: str
-    owner: str
-    results: str
-    errors: str
-    events: str
-    mergeable: str
-    ready: str  # global
-    jobs: str  # global
+    meta: str  # hash   see Meta
+    payload: str  # hash   task -> pickled arguments (a merge: its inputs, comma-joined)
+    queue: str  # list   task ids waiting for a worker
+    leases: str  # zset   task -> lease deadline (ms)
+    holder: str  # hash   task -> "attempt|worker" while leased, "attempt|worker|D" once done
+    results: str  # hash   task -> pickled value (or exception), until the client acks
+    errors: str  # hash   task -> JSON error description
+    events: str  # stream see Event
+    mergeable: str  # list   results of a reducing job waiting to be merged (task ids)
+    ready: str  # global zset: jobs with queued tasks, scored by creation time
+    jobs: str  # global zset: unfinished jobs, scored by creation time
+    counters: str  # global hash: protocol.Counter -> count
+
+    OWNED = 9  # the first OWNED keys belong to the job alone
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The KEYS names, in order."""
+        return [f.name for f in fields(cls)]
 
     @property
     def owned(self) -> list[str]:
         """The keys that belong to this job alone (deleted or expired with it)."""
-        return [
-            self.meta,
-            self.payload,
-            self.queue,
-            self.leases,
-            self.owner,
-            self.results,
-            self.errors,
-            self.events,
-            self.mergeable,
-        ]
+        return list(astuple(self)[: self.OWNED])
 
     @property
     def script_keys(self) -> list[str]:
-        return [*self.owned, self.ready, self.jobs]
+        return list(astuple(self))
 
 
 @dataclass(frozen=True)
@@ -61,6 +98,11 @@ class Keys:
     def jobs(self) -> str:
         """Unfinished jobs, scored by creation time."""
         return f"{self.prefix}:jobs"
+
+    @property
+    def counters(self) -> str:
+        """The server's task accounting (protocol.Counter -> count)."""
+        return f"{self.prefix}:counters"
 
     @property
     def wake(self) -> str:
@@ -85,11 +127,12 @@ class Keys:
             payload=f"{base}:payload",
             queue=f"{base}:queue",
             leases=f"{base}:leases",
-            owner=f"{base}:owner",
+            holder=f"{base}:holder",
             results=f"{base}:results",
             errors=f"{base}:errors",
             events=f"{base}:events",
             mergeable=f"{base}:mergeable",
             ready=self.ready,
             jobs=self.jobs,
+            counters=self.counters,
         )

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from coffea_hq.protocol import MERGE_PREFIX, CompleteStatus, Outcome
+from coffea_hq import protocol
+from coffea_hq.protocol import CompleteStatus, Counter, Outcome
 
-from .keys import Keys
-from .scripts import Scripts
+from .keys import Event, Keys, Meta
+from .scripts import Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
+
+T = TypeVar("T")
+K = TypeVar("K")
 
 BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
@@ -53,6 +57,10 @@ class Conflict(StoreError):
     code = "conflict"
 
 
+class UnsupportedStore(Exception):
+    """The store cannot hold coffea-hq's state safely (it evicts keys, or is a cluster)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LeasedTask:
     job: str
@@ -84,27 +92,39 @@ class ResultBatch:
     end: bool = False  # the batch reaches the job's last event: nothing more will come
 
 
-_OUTCOME_CODES = {Outcome.OK: "o", Outcome.ERROR: "e", Outcome.CRASHED: "c"}
-
-
 def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def by_job(items: Iterable[tuple[str, K]]) -> dict[str, list[K]]:
+    """Group ``(job, item)`` pairs by job, keeping their order (one script call per job)."""
+    grouped: dict[str, list[K]] = defaultdict(list)
+    for job, item in items:
+        grouped[job].append(item)
+    return grouped
 
 
 class Store:
     """Queue operations on one Redis-protocol store under one key prefix."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, lease_timeout: float, result_ttl: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        lease_timeout: float,
+        result_ttl: int,
+        unsealed_timeout: float = protocol.DEFAULT_UNSEALED_TIMEOUT,
+    ) -> None:
         # Any: redis-py types each reply as the union of every RESP shape; the scripts and
         # commands below fix the shapes, and the tests check them.
         self.redis: Any = redis
         self.keys = keys
+        self.lease_timeout = lease_timeout
         self.lease_ms = int(lease_timeout * 1000)
         self.result_ttl = result_ttl
-        self.scripts = Scripts.register(redis)
-
-    def _argv(self, job: str, *rest: Any) -> list[Any]:
-        return [job, self.keys.wake, self.result_ttl, *rest]
+        self.unsealed_ms = int(unsealed_timeout * 1000)
+        self.scripts = Scripts(redis, keys.wake, result_ttl)
 
     # ------------------------------------------------------------------ store checks
 
@@ -116,6 +136,14 @@ class Store:
             return None
         value = reply.get(b"maxmemory-policy") or reply.get("maxmemory-policy")
         return _s(value)
+
+    async def is_cluster(self) -> bool:
+        """Whether the store runs in Redis Cluster mode (its job scripts need one primary)."""
+        try:
+            info = await self.redis.info("cluster")
+        except Exception:  # servers without the section are not clusters
+            return False
+        return bool(int(info.get("cluster_enabled", 0) or 0))
 
     # ------------------------------------------------------------------ blobs
 
@@ -141,20 +169,25 @@ class Store:
         max_attempts: int,
         fail_fast: bool,
         label: str,
-        owner: str,
+        user: str,
         reducer: str = "",
         fanin: int = 0,
     ) -> dict[str, Any]:
         for sha in filter(None, (function, reducer)):
             if not await self.redis.expire(self.keys.blob(sha), BLOB_TTL):
                 raise UnknownBlob(f"function blob {sha} is not on the server: upload it first")
-        status, _ = await self.scripts.create(
-            keys=self.keys.job(job).script_keys,
-            args=self._argv(
-                job, function, max_attempts, int(fail_fast), label, owner, reducer, fanin
-            ),
-        )
-        if status == b"conflict":
+        reply = await self.scripts.create(
+            self.keys.job(job),
+            job,
+            function_blob=function,
+            max_attempts=max_attempts,
+            fail_fast=fail_fast,
+            label=label,
+            user=user,
+            reducer_blob=reducer,
+            fanin=fanin,
+        ).run()
+        if reply is CreateReply.CONFLICT:
             raise Conflict(f"job {job} exists already with another function")
         return await self.summary(job)
 
@@ -163,56 +196,55 @@ class Store:
         if not meta:
             raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
         m = {k.decode(): v.decode() for k, v in meta.items()}
-        return {
+
+        def number(field: Meta) -> int:
+            return int(m.get(field, 0))
+
+        summary: dict[str, Any] = {
             "job": job,
-            "state": m["state"],
-            "label": m.get("label", ""),
-            "submitted": int(m.get("submitted", 0)),
-            "total": int(m["total"]) if "total" in m else None,
-            "done": int(m.get("done", 0)),
-            "failed": int(m.get("failed", 0)),
-            "max_attempts": int(m.get("max_attempts", 0)),
-            "fail_fast": m.get("fail_fast") == "1",
-            "reducing": bool(m.get("reducer")),
-            "merges": int(m.get("merges", 0)),
-            "merges_open": int(m.get("merges_open", 0)),
+            "state": m[Meta.STATE],
+            "label": m.get(Meta.LABEL, ""),
+            "submitted": number(Meta.SUBMITTED),
+            "total": int(m[Meta.TOTAL]) if Meta.TOTAL in m else None,
+            "done": number(Meta.DONE),
+            "failed": number(Meta.FAILED),
+            "max_attempts": number(Meta.MAX_ATTEMPTS),
+            "fail_fast": m.get(Meta.FAIL_FAST) == "1",
+            "reducing": bool(m.get(Meta.REDUCER_BLOB)),
+            "merges": number(Meta.MERGES),
+            "merges_open": number(Meta.MERGES_OPEN),
         }
+        if m.get(Meta.REASON):
+            summary["reason"] = m[Meta.REASON]
+        return summary
 
     async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
-        args: list[Any] = [
-            ",".join(tasks),
-            ",".join(str(len(p)) for p in payloads),
-            b"".join(payloads),
-        ]
         status, added = await self.scripts.submit(
-            keys=self.keys.job(job).script_keys, args=self._argv(job, *args)
-        )
-        if status == b"unknown":
+            self.keys.job(job), job, tasks=tasks, payloads=payloads
+        ).run()
+        if status is SubmitReply.UNKNOWN:
             raise UnknownJob(f"no job {job}: create it before submitting tasks")
-        if status == b"finished":
+        if status is SubmitReply.FINISHED:
             raise Conflict(f"job {job} has finished; it takes no more tasks")
-        if status == b"sealed":
+        if status is SubmitReply.SEALED:
             raise Conflict(f"job {job} is sealed; it takes no new tasks")
-        return int(added)
+        return added
 
     async def seal(self, job: str, total: int) -> dict[str, Any]:
-        status, detail = await self.scripts.seal(
-            keys=self.keys.job(job).script_keys, args=self._argv(job, total)
-        )
-        if status == b"unknown":
+        status, submitted = await self.scripts.seal(self.keys.job(job), job, total=total).run()
+        if status is SealReply.UNKNOWN:
             raise UnknownJob(f"no job {job}")
-        if status == b"conflict":
+        if status is SealReply.CONFLICT:
             raise Conflict(f"job {job} was sealed with another total")
-        if status == b"mismatch":
+        if status is SealReply.MISMATCH:
             raise Conflict(
-                f"job {job} has {int(detail)} tasks but the seal says {total}: "
-                "submit the rest first"
+                f"job {job} has {submitted} tasks but the seal says {total}: submit the rest first"
             )
         return await self.summary(job)
 
     async def cancel(self, job: str) -> dict[str, Any]:
-        state = await self.scripts.cancel(keys=self.keys.job(job).script_keys, args=self._argv(job))
-        if not state:
+        state = await self.scripts.cancel(self.keys.job(job), job).run()
+        if state is None:
             raise UnknownJob(f"no job {job}")
         return await self.summary(job)
 
@@ -226,7 +258,7 @@ class Store:
     ) -> ResultBatch:
         keys = self.keys.job(job)
         if ack:
-            await self.scripts.ack(keys=keys.script_keys, args=self._argv(job, ack))
+            await self.scripts.ack(keys, job, cursor=ack).run()
         summary = await self.summary(job)
         block = int(wait * 1000) if wait > 0 else None
         reply = await self.redis.xread({keys.events: after}, count=64, block=block)
@@ -234,18 +266,19 @@ class Store:
         if not reply:
             return batch
         # Whole stream entries only, so the cursor always sits on an entry boundary.
+        fields = [(Event.OK, "ok"), (Event.ERROR, "error"), (Event.MERGED, "merged")]
         entries: list[tuple[str, list[tuple[str, str]], bool]] = []
         n_ids = 0
-        for entry_id, fields in reply[0][1]:
+        for entry_id, entry in reply[0][1]:
             if entries and n_ids >= RESULTS_MAX_TASKS:
                 break
             items = [
                 (task, outcome)
-                for name, outcome in ((b"ok", "ok"), (b"err", "error"), (b"done", "merged"))
-                for task in fields.get(name, b"").decode().split(",")
+                for name, outcome in fields
+                for task in entry.get(name.encode(), b"").decode().split(",")
                 if task
             ]
-            entries.append((entry_id.decode(), items, b"end" in fields))
+            entries.append((entry_id.decode(), items, Event.END.encode() in entry))
             n_ids += len(items)
         # Merged results stay on the server (the workers consumed them): nothing to fetch.
         ids = [task for _, items, _ in entries for task, outcome in items if outcome != "merged"]
@@ -273,6 +306,12 @@ class Store:
 
     # ------------------------------------------------------------------ tasks (worker side)
 
+    async def worker_alive(self, worker: str, within: float) -> bool:
+        """Whether ``worker`` heartbeated in the last ``within`` seconds (or never has: a
+        worker's first lease may come before its first heartbeat)."""
+        seen = await self.redis.zscore(self.keys.workers_seen, worker)
+        return seen is None or time.time() - float(seen) <= within
+
     async def lease(self, worker: str, maximum: int) -> list[LeasedTask]:
         """Lease up to ``maximum`` tasks, oldest job first."""
         leased: list[LeasedTask] = []
@@ -280,96 +319,81 @@ class Store:
         for raw_job in jobs:
             job = raw_job.decode()
             reply = await self.scripts.lease(
-                keys=self.keys.job(job).script_keys,
-                args=self._argv(job, worker, maximum - len(leased), self.lease_ms),
-            )
-            if reply:
-                function, reducer = reply[0].decode(), reply[1].decode()
-                for i in range(2, len(reply), 3):
-                    task = reply[i].decode()
-                    leased.append(
-                        LeasedTask(
-                            job,
-                            task,
-                            int(reply[i + 1]),
-                            reducer if task.startswith(MERGE_PREFIX) else function,
-                            reply[i + 2] or b"",
-                        )
-                    )
+                self.keys.job(job),
+                job,
+                worker=worker,
+                maximum=maximum - len(leased),
+                lease_ms=self.lease_ms,
+            ).run()
+            for t in reply.tasks:
+                function = reply.reducer_blob if protocol.is_merge(t.task) else reply.function_blob
+                leased.append(LeasedTask(job, t.task, t.attempt, function, t.payload))
             if len(leased) >= maximum:
                 break
         return leased
 
+    async def _per_job(
+        self, items: Iterable[tuple[str, K]], call: Callable[[str, list[K]], Call[T]]
+    ) -> list[tuple[str, list[K], T]]:
+        """One script call per job over ``items`` grouped by job, in one round trip."""
+        groups = by_job(items)
+        replies = await run_all(self.redis, [call(job, group) for job, group in groups.items()])
+        return [
+            (job, group, reply) for (job, group), reply in zip(groups.items(), replies, strict=True)
+        ]
+
     async def complete(self, worker: str, reports: Sequence[Report]) -> list[CompleteStatus]:
-        by_job: dict[str, list[int]] = defaultdict(list)
-        for i, report in enumerate(reports):
-            by_job[report.job].append(i)
-        pipe = self.redis.pipeline(transaction=False)
-        order: list[list[int]] = []
-        for job, indices in by_job.items():
-            batch = [reports[i] for i in indices]
-            # A constant number of script arguments whatever the batch size: packing
-            # thousands of arguments one by one is most of redis-py's cost here.
-            args: list[Any] = [
-                worker,
-                ",".join(r.task for r in batch),
-                ",".join(str(r.attempt) for r in batch),
-                "".join(_OUTCOME_CODES[r.outcome] for r in batch),
-                ",".join(str(len(r.data)) for r in batch),
-                b"".join(r.data for r in batch),
-            ]
-            args += [
-                json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
-                for r in batch
-                if r.outcome is not Outcome.OK
-            ]
-            await self.scripts.complete(
-                keys=self.keys.job(job).script_keys, args=self._argv(job, *args), client=pipe
+        def call(job: str, batch: list[tuple[int, Report]]) -> Call[list[CompleteStatus]]:
+            return self.scripts.complete(
+                self.keys.job(job),
+                job,
+                worker=worker,
+                tasks=[r.task for _, r in batch],
+                attempts=[r.attempt for _, r in batch],
+                outcomes=[r.outcome for _, r in batch],
+                values=[r.data for _, r in batch],
+                errors=[
+                    json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
+                    for _, r in batch
+                    if r.outcome is not Outcome.OK
+                ],
             )
-            order.append(indices)
-        replies = await pipe.execute()
+
         statuses: list[CompleteStatus] = [CompleteStatus.UNKNOWN] * len(reports)
-        for indices, reply in zip(order, replies, strict=True):
-            for i, status in zip(indices, reply, strict=True):
-                statuses[i] = CompleteStatus(status.decode())
+        indexed = [(r.job, (i, r)) for i, r in enumerate(reports)]
+        for _, batch, reply in await self._per_job(indexed, call):
+            for (i, _), status in zip(batch, reply, strict=True):
+                statuses[i] = status
         return statuses
 
     async def release(self, worker: str, items: Sequence[tuple[str, str, int]]) -> int:
-        by_job: dict[str, list[Any]] = defaultdict(list)
-        for job, task, attempt in items:
-            by_job[job] += [task, attempt]
-        pipe = self.redis.pipeline(transaction=False)
-        for job, args in by_job.items():
-            await self.scripts.release(
-                keys=self.keys.job(job).script_keys,
-                args=self._argv(job, worker, *args),
-                client=pipe,
-            )
-        return sum(int(n) for n in await pipe.execute())
+        def call(job: str, leases: list[tuple[str, int]]) -> Call[int]:
+            return self.scripts.release(self.keys.job(job), job, worker=worker, leases=leases)
+
+        pairs = [(job, (task, attempt)) for job, task, attempt in items]
+        return sum(n for _, _, n in await self._per_job(pairs, call))
 
     async def heartbeat(
         self, worker: str, info: dict[str, Any], leases: Sequence[tuple[str, str, int]]
-    ) -> list[tuple[str, str]]:
+    ) -> list[tuple[str, str, int]]:
         """Extend the worker's leases and record its telemetry; returns the leases it lost."""
-        by_job: dict[str, list[Any]] = defaultdict(list)
-        for job, task, attempt in leases:
-            by_job[job] += [task, attempt]
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
-        jobs = list(by_job)
-        for job in jobs:
-            await self.scripts.heartbeat(
-                keys=self.keys.job(job).script_keys,
-                args=self._argv(job, worker, self.lease_ms, *by_job[job]),
-                client=pipe,
+        await pipe.execute()
+
+        def call(job: str, held: list[tuple[str, int]]) -> Call[list[tuple[str, int]]]:
+            return self.scripts.heartbeat(
+                self.keys.job(job), job, worker=worker, lease_ms=self.lease_ms, leases=held
             )
-        replies = await pipe.execute()
-        lost = []
-        for job, reply in zip(jobs, replies[2:], strict=True):
-            lost += [(job, task.decode()) for task in reply]
-        return lost
+
+        pairs = [(job, (task, attempt)) for job, task, attempt in leases]
+        return [
+            (job, task, attempt)
+            for job, _, lost in await self._per_job(pairs, call)
+            for task, attempt in lost
+        ]
 
     async def forget_worker(self, worker: str) -> None:
         await self.redis.hdel(self.keys.workers, worker)
@@ -378,20 +402,39 @@ class Store:
     # ------------------------------------------------------------------ housekeeping
 
     async def reap(self) -> tuple[int, int]:
-        """Requeue (or fail) every task whose lease expired; returns (requeued, failed)."""
+        """Requeue (or fail) every task whose lease expired and cancel abandoned unsealed
+        jobs; returns (requeued, failed)."""
         jobs = [j.decode() for j in await self.redis.zrange(self.keys.jobs, 0, -1)]
-        if not jobs:
-            return 0, 0
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            await self.scripts.reap(
-                keys=self.keys.job(job).script_keys, args=self._argv(job, REAP_BATCH), client=pipe
+        calls = [
+            self.scripts.reap(
+                self.keys.job(job), job, batch=REAP_BATCH, unsealed_ms=self.unsealed_ms
             )
-        replies = await pipe.execute()
-        return sum(int(r[0]) for r in replies), sum(int(r[1]) for r in replies)
+            for job in jobs
+        ]
+        replies = await run_all(self.redis, calls)
+        return sum(r[0] for r in replies), sum(r[1] for r in replies)
 
-    async def queue_stats(self) -> dict[str, int]:
-        """Queued and leased task counts over all unfinished jobs (what autoscalers read)."""
+    async def prune_workers(self) -> int:
+        """Forget workers not heard from for ``WORKER_STALE`` seconds; returns how many."""
+        stale = await self.redis.zrangebyscore(
+            self.keys.workers_seen, "-inf", time.time() - WORKER_STALE
+        )
+        if not stale:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.keys.workers, *stale)
+        pipe.zrem(self.keys.workers_seen, *stale)
+        await pipe.execute()
+        return len(stale)
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(self.keys.counters)
+        got = {k.decode(): int(v) for k, v in raw.items()}
+        return {c.value: got.get(c.value, 0) for c in Counter}
+
+    async def queue_stats(self) -> dict[str, Any]:
+        """Queued and leased task counts over all unfinished jobs (what autoscalers read),
+        and the server's task accounting."""
         jobs = [j.decode() for j in await self.redis.zrange(self.keys.jobs, 0, -1)]
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
@@ -399,17 +442,17 @@ class Store:
             keys = self.keys.job(job)
             pipe.llen(keys.queue)
             pipe.zcard(keys.leases)
-        pipe.zremrangebyscore(self.keys.workers_seen, "-inf", now - WORKER_STALE)
-        pipe.zcard(self.keys.workers_seen)
+        pipe.zcount(self.keys.workers_seen, now - WORKER_STALE, "+inf")
         replies = await pipe.execute()
-        queued = sum(replies[0:-2:2])
-        running = sum(replies[1:-2:2])
+        queued = sum(replies[0:-1:2])
+        running = sum(replies[1:-1:2])
         return {
             "queued": queued,
             "running": running,
             "work": queued + running,
             "jobs": len(jobs),
             "workers": int(replies[-1]),
+            "counters": await self.counters(),
         }
 
     async def workers(self) -> dict[str, Any]:

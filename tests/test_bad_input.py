@@ -99,7 +99,7 @@ def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
             "/api/v1/complete",
             protocol.pack({"worker": "w", "items": [["j", "0", 1, "ok"]]}, [b""]),
             protocol.FRAMES_CONTENT_TYPE,
-            400,
+            409,  # judged item by item: this one is refused, a batch's others would stand
             "[job, task, attempt, outcome, error]",
         ),
         (
@@ -160,7 +160,7 @@ def test_completing_a_task_not_leased_to_the_worker_is_409_and_changes_nothing(
     (job, task, attempt, _), _ = lease(server_url, "rightful", 2)
     status, doc = complete(server_url, "intruder", [[job, task, attempt, "ok", None]])
     assert status == 409 and "not leased to worker intruder" in doc["message"]
-    assert doc["rejected"] == [{"job": job, "task": task, "status": "not_leased"}]
+    assert doc["rejected"] == [{"index": 0, "job": job, "task": task, "status": "not_leased"}]
     assert http("GET", f"{server_url}/api/v1/jobs/j1")[1]["done"] == 0
     status, doc = complete(server_url, "rightful", [[job, task, attempt, "ok", None]])
     assert status == 200 and doc["items"] == ["accepted"]

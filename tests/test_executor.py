@@ -643,7 +643,7 @@ def kill_worker_when(
             for key in store.scan_iter("hq:job:{*}"):
                 raw: dict[bytes, bytes] = store.hgetall(key)  # type: ignore[assignment]
                 meta = {k.decode(): v.decode() for k, v in raw.items()}
-                if meta.get("state") != "running" or not meta.get("reducer"):
+                if meta.get("state") != "running" or not meta.get("reducer_blob"):
                     continue
                 ready = (
                     int(meta.get("done", 0)) >= 5

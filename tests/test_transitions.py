@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,11 +42,15 @@ async def new_job(
     store: Store, n: int, *, max_attempts: int = 3, fail_fast: bool = True, job: str = "j1"
 ) -> str:
     await store.create_job(
-        job, function=FN, max_attempts=max_attempts, fail_fast=fail_fast, label="", owner=""
+        job, function=FN, max_attempts=max_attempts, fail_fast=fail_fast, label="", user=""
     )
     await store.submit(job, [str(i) for i in range(n)], [b"p%d" % i for i in range(n)])
     await store.seal(job, n)
     return job
+
+
+def merge_name(*inputs: str) -> str:
+    return protocol.MERGE_PREFIX + hashlib.sha1(",".join(inputs).encode()).hexdigest()
 
 
 def ok(job: str, task: str, attempt: int = 1, data: bytes = b"r") -> Report:
@@ -57,21 +62,21 @@ def test_create_is_idempotent_and_refuses_another_function(
 ) -> None:
     async def body(s: Store) -> None:
         first = await s.create_job(
-            "j", function=FN, max_attempts=3, fail_fast=True, label="a", owner=""
+            "j", function=FN, max_attempts=3, fail_fast=True, label="a", user=""
         )
         again = await s.create_job(
-            "j", function=FN, max_attempts=3, fail_fast=True, label="a", owner=""
+            "j", function=FN, max_attempts=3, fail_fast=True, label="a", user=""
         )
         assert first == again and first["state"] == "running"
         other = protocol.blob_name(b"other")
         await s.put_blob(other, b"other")
         with pytest.raises(Conflict, match="another function"):
             await s.create_job(
-                "j", function=other, max_attempts=3, fail_fast=True, label="", owner=""
+                "j", function=other, max_attempts=3, fail_fast=True, label="", user=""
             )
         with pytest.raises(UnknownBlob, match="upload it first"):
             await s.create_job(
-                "k", function="0" * 64, max_attempts=3, fail_fast=True, label="", owner=""
+                "k", function="0" * 64, max_attempts=3, fail_fast=True, label="", user=""
             )
 
     run(store, prefix, body)
@@ -81,7 +86,7 @@ def test_submit_retry_adds_nothing_and_seal_checks_the_count(
     store: EmbeddedRedis, prefix: str
 ) -> None:
     async def body(s: Store) -> None:
-        await s.create_job("j", function=FN, max_attempts=3, fail_fast=True, label="", owner="")
+        await s.create_job("j", function=FN, max_attempts=3, fail_fast=True, label="", user="")
         assert await s.submit("j", ["0", "1"], [b"a", b"b"]) == 2
         assert await s.submit("j", ["0", "1", "2"], [b"a", b"b", b"c"]) == 1
         with pytest.raises(Conflict, match="submit the rest first"):
@@ -163,8 +168,8 @@ def test_heartbeat_extends_only_the_holders_leases(store: EmbeddedRedis, prefix:
             lost = await s.heartbeat("w1", {}, [(job, "0", 1), (job, "1", 1)])
             assert lost == []
         assert await s.reap() == (0, 0)  # 0.4 s > lease timeout, but heartbeats kept them
-        assert await s.heartbeat("w2", {}, [(job, "0", 1)]) == [(job, "0")]
-        assert await s.heartbeat("w1", {}, [(job, "0", 7)]) == [(job, "0")]
+        assert await s.heartbeat("w2", {}, [(job, "0", 1)]) == [(job, "0", 1)]
+        assert await s.heartbeat("w1", {}, [(job, "0", 7)]) == [(job, "0", 7)]
 
     run(store, prefix, body, lease_timeout=0.25)
 
@@ -301,7 +306,7 @@ def test_reducing_job_merges_on_workers_until_one_result_is_left(
             max_attempts=3,
             fail_fast=True,
             label="",
-            owner="",
+            user="",
             reducer=reducer,
             fanin=2,
         )
@@ -313,22 +318,23 @@ def test_reducing_job_merges_on_workers_until_one_result_is_left(
         # Two results wait: a merge task goes to the front of the queue, its payload the
         # inputs' results, each after its u32 length.
         (merge,) = await s.lease("w", 10)
-        assert merge.task == "m1" and merge.function == reducer
+        # A merge is named by its inputs.
+        assert merge.task == merge_name("0", "1") and merge.function == reducer
         assert [bytes(p) for p in protocol.split_merge_payload(merge.payload)] == [b"A", b"BB"]
-        await s.complete("w", [ok("r", "2", data=b"C"), ok("r", "m1", data=b"AB")])
+        await s.complete("w", [ok("r", "2", data=b"C"), ok("r", merge.task, data=b"AB")])
         keys = s.keys.job("r")
         assert not await s.redis.hexists(keys.results, "0")  # consumed by the merge
         (final,) = await s.lease("w", 10)
-        assert final.task == "m2"
+        assert final.task == merge_name("2", merge.task)
         assert [bytes(p) for p in protocol.split_merge_payload(final.payload)] == [b"C", b"AB"]
         assert (await s.summary("r"))["state"] == "running"
-        await s.complete("w", [ok("r", "m2", data=b"ABC")])
+        await s.complete("w", [ok("r", final.task, data=b"ABC")])
         batch = await s.results("r", after="0", ack=None, wait=0, max_bytes=1 << 20)
         assert batch.end and batch.summary["state"] == "done"
         assert sorted(t for t, o in batch.items if o == "merged") == ["0", "1", "2"]
         assert [
             (t, p) for (t, o), p in zip(batch.items, batch.parts, strict=True) if o == "ok"
-        ] == [("m2", b"ABC")]
+        ] == [(final.task, b"ABC")]
 
     run(store, prefix, body)
 

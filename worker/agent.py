@@ -388,7 +388,7 @@ class Worker:
         doc = response.json()
         self._heartbeat_every = float(doc.get("interval", self._heartbeat_every))
         self._max_request = int(doc.get("max_request_size", self._max_request))
-        lost = {(job, task) for job, task in doc.get("lost", [])}
+        lost = {(job, task) for job, task, _ in doc.get("lost", [])}
         if lost:
             # Cancelled jobs or expired leases: do not start what is no longer ours, and
             # stop what is running (its result would be refused anyway).

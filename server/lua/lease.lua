@@ -1,45 +1,59 @@
--- Lease up to ARGV[5] queued tasks to worker ARGV[4] for ARGV[6] ms.
--- Returns {function_sha, reducer_sha, task1, attempt1, payload1, task2, ...} or {} when none.
+-- Lease up to A.max queued tasks to worker A.worker for A.lease_ms.
+-- Returns {function_blob, reducer_blob, task1, attempt1, payload1, task2, ...} or {}.
 -- A merge task's payload is its inputs' results, each prefixed by its length (u32, big end).
-local max = tonumber(ARGV[5])
-if redis.call('HGET', META, 'state') ~= 'running' then
+local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB)
+if m[1] ~= STATE.RUNNING then
   redis.call('ZREM', READY, JOB)
   return {}
 end
-local tasks = redis.call('LPOP', QUEUE, max)
-if not tasks then
+local max = tonumber(A.max)
+local tasks = redis.call('LRANGE', QUEUE, 0, max - 1)
+if #tasks == 0 then
   redis.call('ZREM', READY, JOB)
   return {}
 end
-local deadline = now_ms() + tonumber(ARGV[6])
-local worker = ARGV[4]
-local previous = redis.call('HMGET', OWNER, unpack(tasks))
-local payloads = redis.call('HMGET', PAYLOAD, unpack(tasks))
-local m = redis.call('HMGET', META, 'function', 'reducer')
-local out = {m[1], m[2] or ''}
-local zargs, hargs = {}, {}
+-- Read everything first.
+local previous = call_sliced_collect('HMGET', HOLDER, tasks)
+local payloads = call_sliced_collect('HMGET', PAYLOAD, tasks)
+local out = {m[2], m[3] or ''}
+local broken = nil  -- a merge whose inputs are gone (the store lost keys): the job fails
 for i, task in ipairs(tasks) do
-  local attempt = 1
-  if previous[i] then attempt = split_owner(previous[i]) + 1 end
-  zargs[#zargs + 1] = deadline
-  zargs[#zargs + 1] = task
-  hargs[#hargs + 1] = task
-  hargs[#hargs + 1] = attempt .. '|' .. worker
   local payload = payloads[i]
-  if is_merge(task) then
-    local inputs = {}
-    for input in string.gmatch(payload, '[^,]+') do inputs[#inputs + 1] = input end
+  if is_merge(task) and payload then
+    local inputs = split_list(payload)
     local parts = {}
-    for j, value in ipairs(redis.call('HMGET', RESULTS, unpack(inputs))) do
+    for j, value in ipairs(call_sliced_collect('HMGET', RESULTS, inputs)) do
+      if not value then broken = task break end
       parts[j] = struct.pack('>I4', #value) .. value
     end
     payload = table.concat(parts)
+  elseif not payload then
+    broken = task
   end
+  if broken then break end
   out[#out + 1] = task
-  out[#out + 1] = attempt
+  out[#out + 1] = (split_holder(previous[i]) or 0) + 1
   out[#out + 1] = payload
 end
-call_sliced('ZADD', LEASES, zargs, 4000)
-call_sliced('HSET', OWNER, hargs, 4000)
+if broken then
+  fail_task(broken, cjson.encode({type = 'coffea_hq.errors.StoreLostData',
+    message = 'task ' .. broken .. ' lost its inputs in the store (evicted or deleted keys?)',
+    traceback = ''}), '')
+  redis.call('HSET', META, F.FATAL, broken)
+  finish(STATE.FAILED, 'the store lost data of task ' .. broken)
+  return {}
+end
+-- Then write.
+redis.call('LTRIM', QUEUE, #tasks, -1)
+local deadline = now_ms() + tonumber(A.lease_ms)
+local zargs, hargs = {}, {}
+for i = 3, #out, 3 do
+  zargs[#zargs + 1] = deadline
+  zargs[#zargs + 1] = out[i]
+  hargs[#hargs + 1] = out[i]
+  hargs[#hargs + 1] = out[i + 1] .. '|' .. A.worker
+end
+call_sliced('ZADD', LEASES, zargs)
+call_sliced('HSET', HOLDER, hargs)
 if redis.call('LLEN', QUEUE) == 0 then redis.call('ZREM', READY, JOB) end
 return out

@@ -1,24 +1,36 @@
--- Worker ARGV[4] hands back leased tasks it has not started (draining on SIGTERM):
--- they go to the front of the queue and the attempt does not count. ARGV[5..]: task, attempt.
--- Returns the number handed back.
-local worker = ARGV[4]
-if redis.call('HGET', META, 'state') ~= 'running' then return 0 end
-local back = 0
-for i = 5, #ARGV, 2 do
-  local task, attempt = ARGV[i], tonumber(ARGV[i + 1])
-  local current = redis.call('HGET', OWNER, task)
-  if current then
-    local a, w, done = split_owner(current)
-    if a == attempt and w == worker and not done and redis.call('ZREM', LEASES, task) == 1 then
-      if a > 1 then
-        redis.call('HSET', OWNER, task, (a - 1) .. '|' .. w)
-      else
-        redis.call('HDEL', OWNER, task)
-      end
-      requeue(task)
-      back = back + 1
+-- Worker A.worker hands back leased tasks it has not started (draining, or a lease reply
+-- that never reached it): they go to the front of the queue and the attempt does not
+-- count. ARGV[REST..]: task, attempt, task, attempt, ... Returns the number handed back.
+local worker = A.worker
+if redis.call('HGET', META, F.STATE) ~= STATE.RUNNING then return 0 end
+local leases, attempts = {}, {}
+for i = REST, #ARGV, 2 do
+  leases[#leases + 1] = ARGV[i]
+  attempts[#attempts + 1] = tonumber(ARGV[i + 1])
+end
+if #leases == 0 then return 0 end
+local holders = call_sliced_collect('HMGET', HOLDER, leases)
+local deadlines = call_sliced_collect('ZMSCORE', LEASES, leases)
+local back, drop, restore, seen = {}, {}, {}, {}
+for k, task in ipairs(leases) do
+  local a, w, done = split_holder(holders[k])
+  if a == attempts[k] and w == worker and not done and deadlines[k] and not seen[task] then
+    seen[task] = true
+    back[#back + 1] = task
+    if a > 1 then
+      restore[#restore + 1] = task
+      restore[#restore + 1] = (a - 1) .. '|' .. w
+    else
+      drop[#drop + 1] = task
     end
   end
 end
-if back > 0 then redis.call('PUBLISH', CHANNEL, back) end
-return back
+if #back == 0 then return 0 end
+call_sliced('ZREM', LEASES, back)
+call_sliced('HDEL', HOLDER, drop)
+call_sliced('HSET', HOLDER, restore)
+call_sliced('LPUSH', QUEUE, back)
+redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+count(COUNT.RELEASED, #back)
+redis.call('PUBLISH', CHANNEL, #back)
+return #back

@@ -1,11 +1,11 @@
--- Declare the job's final task count. ARGV[4] total.
--- Returns {status, state}.
-local m = redis.call('HMGET', META, 'state', 'total', 'submitted')
-if not m[1] then return {'unknown', ''} end
-local total = tonumber(ARGV[4])
-if m[2] and tonumber(m[2]) ~= total then return {'conflict', m[1]} end
-if m[1] ~= 'running' then return {'ok', m[1]} end
-if tonumber(m[3]) ~= total then return {'mismatch', m[3]} end
-redis.call('HSET', META, 'total', total)
+-- Declare the job's final task count (A.total). Returns {SEALREPLY, detail}: for MISMATCH
+-- the number of tasks submitted.
+local m = redis.call('HMGET', META, F.STATE, F.TOTAL, F.SUBMITTED)
+if not m[1] then return {SEALREPLY.UNKNOWN, 0} end
+local total = tonumber(A.total)
+if m[2] and tonumber(m[2]) ~= total then return {SEALREPLY.CONFLICT, 0} end
+if m[1] ~= STATE.RUNNING then return {SEALREPLY.OK, 0} end
+if tonumber(m[3]) ~= total then return {SEALREPLY.MISMATCH, tonumber(m[3])} end
+redis.call('HSET', META, F.TOTAL, total)
 finish_if_complete()
-return {'ok', redis.call('HGET', META, 'state')}
+return {SEALREPLY.OK, 0}
