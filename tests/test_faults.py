@@ -5,18 +5,20 @@ Marked slow: run with ``pytest -m slow`` (CI runs them).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 import pytest
 
-from coffea_hq import Client
+from coffea_hq import Client, protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
 
 from .conftest import Processes
@@ -31,18 +33,26 @@ def slow_square(x: int) -> int:
     return x * x
 
 
-def collect_while(job: Any, when: int, action: Callable[[], None]) -> dict[int, int]:
-    """Gather results, running ``action`` once ``when`` of them have arrived.
-    Fails the test if any index arrives twice."""
+def counters(url: str) -> dict[str, int]:
+    """The server's own task accounting (the client deduplicates; the server must not
+    need it to)."""
+    with urllib.request.urlopen(url + protocol.QUEUE, timeout=10) as r:
+        return json.load(r)["counters"]  # type: ignore[no-any-return]
+
+
+def collect_while(job: Any, when: int, action: Callable[[], None], url: str) -> dict[int, int]:
+    """Gather results, running ``action`` once ``when`` of them have arrived; then check
+    that the server accepted exactly one result per task."""
     got: dict[int, int] = {}
     fired = False
     for index, value in job.as_completed(timeout=120):
-        assert index not in got, f"task {index} delivered twice"
         got[index] = value
         if not fired and len(got) >= when:
             fired = True
             action()
     assert fired
+    counted = counters(url)
+    assert counted["tasks_ok"] == len(job), counted
     return got
 
 
@@ -59,7 +69,7 @@ def test_worker_killed_or_hung_mid_job_loses_nothing(
     busy_worker(processes, url)
     with Client(url) as client:
         job = client.map(slow_square, range(300))
-        got = collect_while(job, 50, lambda: victim.send_signal(sig))
+        got = collect_while(job, 50, lambda: victim.send_signal(sig), url)
         assert got == {i: i * i for i in range(300)}
         if sig == signal.SIGKILL:
             assert victim.wait(timeout=5) == -signal.SIGKILL
@@ -85,7 +95,7 @@ def test_server_killed_and_restarted_on_the_same_port(
 
     with Client(url) as client:
         job = client.map(slow_square, range(300))
-        got = collect_while(job, 50, restart)
+        got = collect_while(job, 50, restart, url)
     assert got == {i: i * i for i in range(300)}
 
 
@@ -103,7 +113,7 @@ def test_store_restarted_mid_job_with_persistence(
 
     with Client(url) as client:
         job = client.map(slow_square, range(300))
-        got = collect_while(job, 50, restart)
+        got = collect_while(job, 50, restart, url)
     assert got == {i: i * i for i in range(300)}
 
 
@@ -121,7 +131,7 @@ def test_store_killed_mid_job_with_fsync_always(processes: Processes) -> None:
 
         with Client(url) as client:
             job = client.map(slow_square, range(200))
-            got = collect_while(job, 40, crash)
+            got = collect_while(job, 40, crash, url)
         assert got == {i: i * i for i in range(200)}
     finally:
         processes.stop_all()
@@ -142,7 +152,7 @@ def test_sigterm_drains_a_worker_without_losing_or_retrying(
             leaving.send_signal(signal.SIGTERM)
             processes.worker(url, "--slots", "2")
 
-        got = collect_while(job, 40, drain)
+        got = collect_while(job, 40, drain, url)
         assert got == {i: i * i for i in range(400)}
         assert leaving.wait(timeout=30) == 0
         assert time.monotonic() - started < 60
@@ -180,7 +190,7 @@ def test_many_workers_killed_repeatedly(
     with Client(url) as client:
         job = client.map(slow_square, range(600), max_attempts=10)
         thread = threading.Thread(target=chaos)
-        got = collect_while(job, 20, thread.start)
+        got = collect_while(job, 20, thread.start, url)
         stop.set()
         thread.join()
     assert got == {i: i * i for i in range(600)}
@@ -206,7 +216,7 @@ def test_worker_killed_while_merging_loses_nothing(
                 time.sleep(0.05)
             victim.send_signal(signal.SIGKILL)
 
-        collect_while(job, 100, kill_when_merging)
+        collect_while(job, 100, kill_when_merging, url)
         assert job.result(timeout=120) == sum(i * i for i in range(300))
     assert victim.wait(timeout=5) == -signal.SIGKILL
 
