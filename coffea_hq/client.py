@@ -21,8 +21,6 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import cloudpickle
-
 from . import protocol
 from .errors import HQError, JobCancelled, TaskFailed
 from .protocol import FRAMES_CONTENT_TYPE, Codec
@@ -133,6 +131,7 @@ class Client:
         label: str = "",
         reduce: Callable[[list[Any]], Any] | None = None,
         fanin: int = protocol.DEFAULT_FANIN,
+        blob_codec: Codec | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -143,13 +142,18 @@ class Client:
         ``reduce(list_of_values)``, merges of merges until one is left: ``result()``
         returns that one value, and ``as_completed()`` yields ``(index, None)`` as each
         task finishes.
+
+        ``blob_codec`` compresses the pickled function and reducer (default: the client's
+        codec); ``Codec.NONE`` for functions whose bulk is compressed already.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
         blobs = [
-            protocol.compress(cloudpickle.dumps(f), self.codec)
+            protocol.compress(
+                protocol.cloud_dumps(f), self.codec if blob_codec is None else blob_codec
+            )
             for f in (function, reduce)
             if f is not None
         ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import linecache
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -340,3 +342,64 @@ def test_a_fail_fast_failure_frees_the_job_and_raises_again(
         assert store.keys(f"hq:job:{{{job.id}}}*") == []
     finally:
         store.close()
+
+
+# Code whose file exists only in this process, as a Jupyter cell's does: registered in
+# linecache here (as IPython registers cells), absent on the workers' disks.
+CLIENT_ONLY_SOURCE = """\
+def scale(x):
+    factor = 3
+    if x == 4:
+        raise ArithmeticError(f"no factor for {x}")
+    return factor * x
+"""
+
+
+def client_only_function(tmp_path: Path) -> tuple[object, str]:
+    filename = str(tmp_path / "no-such-dir" / f"cell_{os.getpid()}_{time.time_ns()}.py")
+    linecache.cache[filename] = (
+        len(CLIENT_ONLY_SOURCE),
+        None,
+        CLIENT_ONLY_SOURCE.splitlines(True),
+        filename,
+    )
+    namespace: dict[str, object] = {"__name__": "notebook_cell_module"}  # not importable
+    exec(compile(CLIENT_ONLY_SOURCE, filename, "exec"), namespace)
+    return namespace["scale"], filename
+
+
+def test_remote_traceback_names_a_client_only_file_line_and_source(
+    client: Client, tmp_path: Path
+) -> None:
+    scale, filename = client_only_function(tmp_path)
+    job = client.map(scale, range(8))
+    with pytest.raises(TaskFailed) as info:
+        job.result(timeout=60)
+    failure = info.value
+    assert failure.index == 4 and failure.exc_type == "builtins.ArithmeticError"
+    frame = f'File "{filename}", line 4, in scale'
+    assert frame in failure.traceback, failure.traceback
+    # The worker had no such file; the client filled in the line from its own linecache.
+    after = failure.traceback.split(frame, 1)[1].splitlines()[1]
+    assert after.strip() == 'raise ArithmeticError(f"no factor for {x}")'
+    assert frame in str(failure)
+
+
+def test_by_value_code_unpickles_with_only_the_standard_library_and_cloudpickle(
+    tmp_path: Path,
+) -> None:
+    from coffea_hq import protocol
+
+    scale, filename = client_only_function(tmp_path)
+    data = protocol.decompress(protocol.dumps(scale))
+    loader = (
+        "import sys, pickle\n"
+        "for name in [m for m in sys.modules if m.startswith('coffea_hq')]: del sys.modules[name]\n"
+        "sys.modules['coffea_hq'] = None  # any reference to coffea_hq fails to import\n"
+        "f = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(f.__code__.co_filename, f(2))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", loader], input=data, capture_output=True, check=True
+    )
+    assert out.stdout.decode().split() == [filename, "6"]
