@@ -13,6 +13,7 @@ __all__ = [
     "JobCancelled",
     "ServerError",
     "ServerUnreachable",
+    "SubmitFailed",
     "TaskFailed",
     "WorkerLost",
 ]
@@ -59,6 +60,10 @@ class TaskFailed(HQError):
 
 class WorkerLost(HQError):
     """Type name the server gives tasks whose worker died or hung on every attempt."""
+
+
+class SubmitFailed(HQError):
+    """Submitting a job failed part way; what was created on the server has been deleted."""
 
 
 class JobCancelled(HQError):
