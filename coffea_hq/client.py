@@ -12,6 +12,7 @@ same from a script, a notebook (which has its own running loop) or a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -21,10 +22,8 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import cloudpickle
-
 from . import protocol
-from .errors import HQError, JobCancelled, TaskFailed
+from .errors import HQError, JobCancelled, SubmitFailed, TaskFailed
 from .protocol import FRAMES_CONTENT_TYPE, Codec
 from .transport import Transport
 
@@ -33,6 +32,7 @@ T = TypeVar("T")
 SUBMIT_BATCH = 4096
 SUBMIT_IN_FLIGHT = 2
 POLL_WAIT = 30.0
+ABANDON_BUDGET = 3.0  # seconds a failed submission spends deleting its job
 
 Frames = tuple[dict[str, Any], list[memoryview]]
 
@@ -133,6 +133,7 @@ class Client:
         label: str = "",
         reduce: Callable[[list[Any]], Any] | None = None,
         fanin: int = protocol.DEFAULT_FANIN,
+        blob_codec: Codec | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -143,13 +144,18 @@ class Client:
         ``reduce(list_of_values)``, merges of merges until one is left: ``result()``
         returns that one value, and ``as_completed()`` yields ``(index, None)`` as each
         task finishes.
+
+        ``blob_codec`` compresses the pickled function and reducer (default: the client's
+        codec); ``Codec.NONE`` for functions whose bulk is compressed already.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
         blobs = [
-            protocol.compress(cloudpickle.dumps(f), self.codec)
+            protocol.compress(
+                protocol.cloud_dumps(f), self.codec if blob_codec is None else blob_codec
+            )
             for f in (function, reduce)
             if f is not None
         ]
@@ -159,8 +165,24 @@ class Client:
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
-        self._run(self._create(job.id, blobs, payloads, spec))
+        self._submit(job.id, blobs, payloads, spec)
         return job
+
+    def _submit(
+        self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
+    ) -> None:
+        """Create, fill and seal the job; whatever fails, nothing of it is left to run."""
+        begun, ended = threading.Event(), threading.Event()
+        future = self._spawn(self._create(job, blobs, payloads, spec, begun, ended))
+        try:
+            future.result()
+        except KeyboardInterrupt:
+            # Ctrl-C lands here, in the caller's thread: stop the coroutine, which deletes
+            # the job on its way out, and wait for that (bounded) before re-raising.
+            future.cancel()
+            if begun.is_set():
+                ended.wait(ABANDON_BUDGET + 2)
+            raise
 
     async def _upload(self, blob: bytes) -> str:
         """Upload a content-addressed blob unless the server has it; returns its name."""
@@ -174,14 +196,48 @@ class Client:
         return sha
 
     async def _create(
-        self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
+        self,
+        job: str,
+        blobs: list[bytes],
+        payloads: list[bytes],
+        spec: dict[str, Any],
+        begun: threading.Event,
+        ended: threading.Event,
     ) -> None:
-        shas = [await self._upload(blob) for blob in blobs]
-        await self.transport.call(
-            "PUT",
-            protocol.JOB.format(job=job),
-            json_body={**spec, "function": shas[0], "reducer": shas[1] if len(shas) > 1 else None},
-        )
+        begun.set()
+        created = False
+        try:
+            shas = [await self._upload(blob) for blob in blobs]
+            created = True  # from here on the job may exist, even if the reply is lost
+            await self.transport.call(
+                "PUT",
+                protocol.JOB.format(job=job),
+                json_body={
+                    **spec,
+                    "function": shas[0],
+                    "reducer": shas[1] if len(shas) > 1 else None,
+                },
+            )
+            await self._submit_tasks(job, payloads)
+            await self.transport.call(
+                "POST", protocol.JOB_SEAL.format(job=job), json_body={"total": len(payloads)}
+            )
+        except BaseException as exc:
+            # An unsealed job would run its first batches and never end: delete it.
+            # (A cancelled task may still await here: the cancellation was delivered.)
+            if created:
+                await self._abandon(job)
+            if isinstance(exc, Exception):
+                raise SubmitFailed(
+                    f"submitting job {job} failed, so it was deleted and none of its tasks "
+                    f"will run: {exc}"
+                ) from exc
+            raise
+        finally:
+            ended.set()
+
+    async def _submit_tasks(self, job: str, payloads: list[bytes]) -> None:
+        """Send the tasks in batches, a few in flight; the first failure stops the rest."""
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
 
         async def submit(start: int) -> None:
@@ -195,10 +251,26 @@ class Client:
                     content_type=FRAMES_CONTENT_TYPE,
                 )
 
-        await asyncio.gather(*(submit(s) for s in range(0, len(payloads), SUBMIT_BATCH)))
-        await self.transport.call(
-            "POST", protocol.JOB_SEAL.format(job=job), json_body={"total": len(payloads)}
-        )
+        batches = [asyncio.ensure_future(submit(s)) for s in range(0, len(payloads), SUBMIT_BATCH)]
+        try:
+            await asyncio.gather(*batches)
+        finally:
+            # gather leaves the other batches running after a failure or a cancel: stop
+            # them before the job is deleted.
+            for batch in batches:
+                batch.cancel()
+            await asyncio.gather(*batches, return_exceptions=True)
+
+    async def _abandon(self, job: str) -> None:
+        """Best effort, briefly: cancel the job and drop its keys."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ABANDON_BUDGET):
+                await self.transport.call(
+                    "DELETE",
+                    protocol.JOB.format(job=job),
+                    accept=(200, 404),
+                    retry_for=ABANDON_BUDGET,
+                )
 
     async def _results(self, job: str, after: str, wait: float) -> Frames:
         response = await self.transport.call(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import linecache
+import re
+from typing import Any, Final
 
 from .transport import ServerError, ServerUnreachable
 
@@ -11,6 +13,7 @@ __all__ = [
     "JobCancelled",
     "ServerError",
     "ServerUnreachable",
+    "SubmitFailed",
     "TaskFailed",
     "WorkerLost",
 ]
@@ -42,7 +45,7 @@ class TaskFailed(HQError):
         self.item = item
         self.exc_type = str(error.get("type", "unknown"))
         self.message = str(error.get("message", ""))
-        self.traceback = str(error.get("traceback", ""))
+        self.traceback = fill_source_lines(str(error.get("traceback", "")))
         self.worker = str(error.get("worker", "?"))
         self.attempt = error.get("attempt")
         self.exception = exception
@@ -59,6 +62,10 @@ class WorkerLost(HQError):
     """Type name the server gives tasks whose worker died or hung on every attempt."""
 
 
+class SubmitFailed(HQError):
+    """Submitting a job failed part way; what was created on the server has been deleted."""
+
+
 class JobCancelled(HQError):
     """The job was cancelled before all its results arrived."""
 
@@ -66,3 +73,27 @@ class JobCancelled(HQError):
 def _short(item: Any, limit: int = 300) -> str:
     text = repr(item)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_FRAME: Final = re.compile(r'(?P<margin>[ |]*)  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def fill_source_lines(traceback_text: str) -> str:
+    """The remote traceback with the source lines the worker could not show filled in from
+    this process's ``linecache``: the worker had no such file, but this process wrote the
+    code (a Jupyter cell, code compiled here), so the physicist sees their own line."""
+    lines = traceback_text.splitlines(keepends=True)
+    out: list[str] = []
+    for i, text in enumerate(lines):
+        out.append(text)
+        frame = _FRAME.match(text)
+        if frame is None:
+            continue
+        margin = frame["margin"]
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith(margin + "    "):
+            continue  # the worker showed the line
+        source = linecache.getline(frame["file"], int(frame["line"])).strip()
+        if source:
+            out.append(f"{margin}    {source}\n")
+    return "".join(out)

@@ -214,6 +214,8 @@ class HQExecutor(ExecutorBase):
                 label=f"coffea {self.desc}: {self.function_name or ''}".strip(),
                 reduce=merge_outputs if reducing else None,
                 fanin=self.treereduction or protocol.DEFAULT_FANIN,
+                # The processor inside is lz4 already (coffea's work function expects it so).
+                blob_codec=protocol.Codec.NONE,
             )
         finally:
             for name in registered:
@@ -380,10 +382,11 @@ def ship_code(
             registered.append(name)
         return bool(new)
 
-    dirty = register(modules)
+    register(modules)
+    # Always: coffea's Runner pickled the processor with plain cloudpickle, which names
+    # by-value code "<dynamic-code>" (remote tracebacks would lose the user's files).
+    function = _repickle_processor(function)
     for _ in range(8):  # code shipped by value may refer to more local modules
-        if dirty:
-            function = _repickle_processor(function)
         if not auto:
             break
         try:
@@ -393,17 +396,43 @@ def ship_code(
                 f"HQExecutor could not look for local modules to ship: {e!r}", stacklevel=3
             )
             break
-        dirty = register(local)
-        if not dirty:
+        if not register(local):
             break
+        function = _repickle_processor(function)
     return function, registered
 
 
-class _ModuleRecorder(pickle.Unpickler):
-    """Loads a pickle and notes the top-level name of every module it refers to."""
+class _InProcessLoader(pickle.Unpickler):
+    """Loads a cloudpickle made in this process without changing the classes inside it.
+
+    cloudpickle hands a class pickled by value back as the very class it was pickled from
+    (found by its tracker id), then sets its attributes again from the pickle: methods
+    rebuilt with code named "<dynamic-code>" and a copy of their globals. That class is
+    already what the pickle describes, and it is the user's: leave it as it is.
+    """
 
     def __init__(self, data: bytes) -> None:
         super().__init__(io.BytesIO(data))
+        tracked = getattr(cloudpickle.cloudpickle, "_DYNAMIC_CLASS_TRACKER_BY_ID", {})
+        self._existing = {id(c) for c in list(tracked.values())}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module == "cloudpickle.cloudpickle" and name == "_class_setstate":
+            existing = self._existing
+
+            def class_setstate(obj: Any, state: Any) -> Any:
+                return obj if id(obj) in existing else found(obj, state)
+
+            return class_setstate
+        return found
+
+
+class _ModuleRecorder(_InProcessLoader):
+    """Loads a pickle and notes the top-level name of every module it refers to."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
         self.modules: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
@@ -421,7 +450,7 @@ class _ModuleRecorder(pickle.Unpickler):
 
 def referenced_modules(function: Callable[..., Any]) -> set[str]:
     """Top-level modules that the pickled function and any processor inside refer to."""
-    recorder = _ModuleRecorder(cloudpickle.dumps(function))
+    recorder = _ModuleRecorder(protocol.cloud_dumps(function))
     recorder.load()
     found = recorder.modules
     for data in _processor_blobs(function):
@@ -443,15 +472,16 @@ def _processor_blobs(function: Any) -> list[bytes]:
 
 
 def _repickle_processor(function: Any) -> Any:
-    """The closure with its pickled processor pickled again, under the current registry."""
+    """The closure with its pickled processor pickled again, under the current registry and
+    keeping the file names of by-value code (coffea's work function takes lz4 bytes)."""
     if not isinstance(function, functools.partial):
         return function
     keywords = dict(function.keywords)
     blob = keywords.get("processor_instance")
     if isinstance(blob, bytes):
-        processor = cloudpickle.loads(lz4.frame.decompress(blob))
+        processor = _InProcessLoader(lz4.frame.decompress(blob)).load()
         keywords["processor_instance"] = lz4.frame.compress(
-            cloudpickle.dumps(processor), compression_level=1
+            protocol.cloud_dumps(processor), compression_level=1
         )
     args = [_repickle_processor(arg) for arg in function.args]
     return functools.partial(function.func, *args, **keywords)

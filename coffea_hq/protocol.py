@@ -13,11 +13,15 @@ parts, so pickled data is never base64-encoded inside JSON::
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import io
 import json
 import pickle
 import re
 import struct
+import types
+from collections import ChainMap
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -152,12 +156,47 @@ _zstd_c = zstandard.ZstdCompressor(level=3)
 _zstd_d = zstandard.ZstdDecompressor()
 
 
+_DYNAMIC_CODE: Final = "<dynamic-code>"
+_cloudpickle_code_reduce: Final = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+@functools.lru_cache(maxsize=4096)
+def _filename_setter(filename: str) -> functools.partial[types.CodeType]:
+    # One object per file name, so a pickle holding many functions of one file carries
+    # the setter once (pickle's memo).
+    return functools.partial(types.CodeType.replace, co_filename=filename)
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    if code.co_filename == _DYNAMIC_CODE:
+        return _cloudpickle_code_reduce(code)
+    # cloudpickle (3.1.3 on) ships every code object as "<dynamic-code>", which leaves
+    # remote tracebacks without file names. Ship a renamed copy (a different object, so
+    # pickle's memo does not see the code inside its own reduction) and the call that
+    # puts the true name back: functools, the code type and cloudpickle's own reduction
+    # are all the loading side needs.
+    return _filename_setter(code.co_filename), (code.replace(co_filename=_DYNAMIC_CODE),)
+
+
+class CodePickler(cloudpickle.Pickler):
+    """cloudpickle, but code pickled by value keeps its file name."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def cloud_dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` with :class:`CodePickler` (functions and code pickled by value)."""
+    buffer = io.BytesIO()
+    CodePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def dumps(obj: Any, codec: Codec = Codec.LZ4) -> bytes:
     """Pickle ``obj`` (plain pickle, cloudpickle for what it cannot) and compress it."""
     try:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, AttributeError, TypeError):
-        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = cloud_dumps(obj)
     return compress(data, codec)
 
 

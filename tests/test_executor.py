@@ -683,3 +683,61 @@ def test_worker_killed_mid_run_changes_no_histogram(data: dict[str, Path], when:
         assert fired.is_set(), f"no worker was killed during {when}"
         assert cluster.workers[0].poll() is not None
     assert_same(ours, expected)
+
+
+def test_traceback_of_a_by_value_processor_names_its_file_and_line(
+    cluster: LocalCluster, data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"my_failing_analysis_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "from coffea import processor\n\n"
+        "class Broken(processor.ProcessorABC):\n"
+        "    def process(self, events):\n"
+        "        raise LookupError('no such correction: ' + events.metadata['dataset'])\n\n"
+        "    def postprocess(self, accumulator):\n"
+        "        return accumulator\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = __import__(name)
+    fileset = {"TTbar": {"treename": "Events", "files": [str(data["tt0"])]}}
+    with pytest.raises(Exception, match="no such correction: TTbar") as info:
+        run_with(HQExecutor(cluster.url, status=False, retries=0), fileset, module.Broken())
+    message = str(info.value)
+    assert f'File "{path}", line 5, in process' in message, message
+    assert "raise LookupError('no such correction: '" in message
+    # Shipping the processor left the class as it was: its code still names its file.
+    assert module.Broken.process.__code__.co_filename == str(path)
+
+
+NOTEBOOK_CELL = """\
+from coffea import processor
+
+class CellProcessor(processor.ProcessorABC):
+    def process(self, events):
+        raise LookupError("no such correction in the cell")
+
+    def postprocess(self, accumulator):
+        return accumulator
+"""
+
+
+def test_traceback_of_a_notebook_defined_processor_names_its_cell(
+    cluster: LocalCluster, data: dict[str, Path], tmp_path: Path
+) -> None:
+    # As in Jupyter: the class lives in no importable module (coffea's Runner pickles it
+    # by value) and its cell file is known to this process's linecache only.
+    import linecache
+
+    cell = str(tmp_path / "ipykernel" / f"{uuid.uuid4().hex}.py")
+    linecache.cache[cell] = (len(NOTEBOOK_CELL), None, NOTEBOOK_CELL.splitlines(True), cell)
+    namespace: dict[str, Any] = {"__name__": "notebook_cell"}
+    exec(compile(NOTEBOOK_CELL, cell, "exec"), namespace)
+    cls = namespace["CellProcessor"]
+    fileset = {"TTbar": {"treename": "Events", "files": [str(data["tt0"])]}}
+    with pytest.raises(Exception, match="no such correction in the cell") as info:
+        run_with(HQExecutor(cluster.url, status=False, retries=0), fileset, cls())
+    message = str(info.value)
+    assert f'File "{cell}", line 5, in process' in message, message
+    assert 'raise LookupError("no such correction in the cell")' in message
+    assert cls.process.__code__.co_filename == cell  # the user's class is unchanged

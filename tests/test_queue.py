@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import linecache
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -340,3 +343,130 @@ def test_a_fail_fast_failure_frees_the_job_and_raises_again(
         assert store.keys(f"hq:job:{{{job.id}}}*") == []
     finally:
         store.close()
+
+
+# Code whose file exists only in this process, as a Jupyter cell's does: registered in
+# linecache here (as IPython registers cells), absent on the workers' disks.
+CLIENT_ONLY_SOURCE = """\
+def scale(x):
+    factor = 3
+    if x == 4:
+        raise ArithmeticError(f"no factor for {x}")
+    return factor * x
+"""
+
+
+def client_only_function(tmp_path: Path) -> tuple[object, str]:
+    filename = str(tmp_path / "no-such-dir" / f"cell_{os.getpid()}_{time.time_ns()}.py")
+    linecache.cache[filename] = (
+        len(CLIENT_ONLY_SOURCE),
+        None,
+        CLIENT_ONLY_SOURCE.splitlines(True),
+        filename,
+    )
+    namespace: dict[str, object] = {"__name__": "notebook_cell_module"}  # not importable
+    exec(compile(CLIENT_ONLY_SOURCE, filename, "exec"), namespace)
+    return namespace["scale"], filename
+
+
+def test_remote_traceback_names_a_client_only_file_line_and_source(
+    client: Client, tmp_path: Path
+) -> None:
+    scale, filename = client_only_function(tmp_path)
+    job = client.map(scale, range(8))
+    with pytest.raises(TaskFailed) as info:
+        job.result(timeout=60)
+    failure = info.value
+    assert failure.index == 4 and failure.exc_type == "builtins.ArithmeticError"
+    frame = f'File "{filename}", line 4, in scale'
+    assert frame in failure.traceback, failure.traceback
+    # The worker had no such file; the client filled in the line from its own linecache.
+    after = failure.traceback.split(frame, 1)[1].splitlines()[1]
+    assert after.strip() == 'raise ArithmeticError(f"no factor for {x}")'
+    assert frame in str(failure)
+
+
+def test_by_value_code_unpickles_with_only_the_standard_library_and_cloudpickle(
+    tmp_path: Path,
+) -> None:
+    from coffea_hq import protocol
+
+    scale, filename = client_only_function(tmp_path)
+    data = protocol.decompress(protocol.dumps(scale))
+    loader = (
+        "import sys, pickle\n"
+        "for name in [m for m in sys.modules if m.startswith('coffea_hq')]: del sys.modules[name]\n"
+        "sys.modules['coffea_hq'] = None  # any reference to coffea_hq fails to import\n"
+        "f = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(f.__code__.co_filename, f(2))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", loader], input=data, capture_output=True, check=True
+    )
+    assert out.stdout.decode().split() == [filename, "6"]
+
+
+def queue_doc(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/api/v1/queue") as r:
+        doc: dict[str, int] = json.load(r)
+    return doc
+
+
+def test_a_map_whose_submission_fails_leaves_no_job_behind(
+    store,  # type: ignore[no-untyped-def]
+    processes: Processes,
+    prefix: str,
+    redis_client: redis.Redis,
+) -> None:
+    limit = 1_000_000
+    url, _ = processes.server(store.url, "--max-request-size", str(limit), prefix=prefix)
+    # The first batch (SUBMIT_BATCH small tasks) is accepted; the second holds one task
+    # larger than the server takes.
+    items: list[object] = [b""] * 4096 + [os.urandom(2 * limit)]
+    with Client(url) as client, pytest.raises(HQError, match=f"{limit} bytes") as info:
+        client.map(len, items)
+    assert "deleted" in str(info.value)
+    assert redis_client.keys(f"{prefix}:job:*") == []
+    assert queue_doc(url)["jobs"] == 0 and queue_doc(url)["work"] == 0
+    # A worker that joins afterwards finds nothing of it to run.
+    processes.worker(url)
+    deadline = time.monotonic() + 15
+    while queue_doc(url)["workers"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)  # a lease poll and a heartbeat with its stats
+    stats = worker_stats(url)
+    assert stats and all(s.get("done", 0) + s.get("failed", 0) == 0 for s in stats), stats
+
+
+def test_ctrl_c_during_submission_deletes_the_job(
+    store,  # type: ignore[no-untyped-def]
+    processes: Processes,
+    prefix: str,
+    redis_client: redis.Redis,
+) -> None:
+    url, _ = processes.server(store.url, prefix=prefix)
+    created = threading.Event()
+
+    def interrupt_once_the_job_exists() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not redis_client.keys(f"{prefix}:job:*"):
+            time.sleep(0.005)
+        created.set()
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    with Client(url) as client:
+        interrupter = threading.Thread(target=interrupt_once_the_job_exists, daemon=True)
+        interrupter.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            client.map(square, range(1_000_000))
+            time.sleep(5)  # the submission finished first: the interrupt lands here
+        interrupter.join()
+        assert created.is_set() and time.monotonic() - started < 60
+        interrupted = time.monotonic()
+        assert queue_doc(url)["jobs"] == 0
+        assert redis_client.keys(f"{prefix}:job:*") == []
+        assert time.monotonic() - interrupted < 5
+        # The client still works after the interrupt.
+        processes.worker(url)
+        assert client.map(square, range(5)).result(timeout=30) == [0, 1, 4, 9, 16]
