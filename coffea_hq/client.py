@@ -31,6 +31,7 @@ T = TypeVar("T")
 
 SUBMIT_BATCH = 4096
 SUBMIT_IN_FLIGHT = 2
+SUBMIT_SHARE = 4  # a submit batch stays under this share of the server's request limit
 POLL_WAIT = 30.0
 ABANDON_BUDGET = 3.0  # seconds a failed submission spends deleting its job
 
@@ -76,6 +77,7 @@ class Client:
         self._thread.start()
         self.transport = Transport(self.url, retry_for=retry_for, token=token)
         self._closed = False
+        self._request_limit: int | None = None  # the server's, read from /health once
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -236,22 +238,31 @@ class Client:
         finally:
             ended.set()
 
+    async def _max_request_size(self) -> int:
+        if self._request_limit is None:
+            doc = (await self.transport.call("GET", protocol.HEALTH)).json()
+            self._request_limit = int(
+                doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
+            )
+        return self._request_limit
+
     async def _submit_tasks(self, job: str, payloads: list[bytes]) -> None:
         """Send the tasks in batches, a few in flight; the first failure stops the rest."""
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
+        budget = await self._max_request_size() // SUBMIT_SHARE
 
-        async def submit(start: int) -> None:
-            chunk = payloads[start : start + SUBMIT_BATCH]
-            header = {"tasks": [str(i) for i in range(start, start + len(chunk))]}
+        async def submit(start: int, stop: int) -> None:
+            header = {"tasks": [str(i) for i in range(start, stop)]}
             async with limit:
                 await self.transport.call(
                     "POST",
                     protocol.JOB_TASKS.format(job=job),
-                    body=protocol.pack(header, chunk),
+                    body=protocol.pack(header, payloads[start:stop]),
                     content_type=FRAMES_CONTENT_TYPE,
                 )
 
-        batches = [asyncio.ensure_future(submit(s)) for s in range(0, len(payloads), SUBMIT_BATCH)]
+        spans = batch_spans([len(p) for p in payloads], SUBMIT_BATCH, budget)
+        batches = [asyncio.ensure_future(submit(a, b)) for a, b in spans]
         try:
             await asyncio.gather(*batches)
         finally:
@@ -282,6 +293,21 @@ class Client:
 
     async def _delete(self, job: str) -> None:
         await self.transport.call("DELETE", protocol.JOB.format(job=job), accept=(200, 404))
+
+
+def batch_spans(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Cut ``sizes`` into consecutive ``(start, stop)`` spans of at most ``max_items`` items
+    and ``max_bytes`` bytes (an item larger than that goes alone: the server judges it)."""
+    spans: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_items or size + n > max_bytes):
+            spans.append((start, i))
+            start, size = i, 0
+        size += n
+    if start < len(sizes):
+        spans.append((start, len(sizes)))
+    return spans
 
 
 class Job:

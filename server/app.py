@@ -105,7 +105,14 @@ async def health(request: web.Request) -> web.Response:
         store = "ok"
     except Exception as e:  # health must answer whatever the store does
         store = f"unreachable: {e}"
-    return web.json_response({"status": "ok", "store": store, "version": VERSION})
+    return web.json_response(
+        {
+            "status": "ok",
+            "store": store,
+            "version": VERSION,
+            "max_request_size": request.app[CONFIG].max_request_size,
+        }
+    )
 
 
 async def queue(request: web.Request) -> web.Response:

@@ -31,6 +31,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 
 pytest.importorskip("coffea")
@@ -52,10 +54,12 @@ from coffea import processor  # noqa: E402
 from coffea.nanoevents import BaseSchema  # noqa: E402
 from coffea.processor import accumulate  # noqa: E402
 
-from coffea_hq import HQExecutor  # noqa: E402
+from coffea_hq import Client, HQExecutor  # noqa: E402
 from coffea_hq.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 from .conftest import Processes  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the warm-up tasks
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,6 +76,7 @@ LONG_CHUNKS = 4
 WORKERS, SLOTS = 3, 2
 RUN_TIMEOUT = 75.0  # HQExecutor(timeout=...) per run
 GATE_MAX_WAIT = 60.0
+DRAIN_BOUND = 20.0  # seconds a drain may take: its running tasks are short (gate excused)
 KINDS = ("worker_kill", "worker_stop", "drain_crash", "server_kill", "store_kill")
 
 
@@ -95,11 +100,13 @@ class ChaosProcessor(processor.ProcessorABC):
         run: int = 0,
         long_chunks: frozenset[str] = frozenset(),
         gate_chunk: str = "",
+        nap: float = NAP,
     ) -> None:
         self.markers = markers
         self.run = run
         self.long_chunks = long_chunks
         self.gate_chunk = gate_chunk
+        self.nap = nap
 
     def _maybe_crash(self) -> None:
         """Claim an armed crash (atomically, once), name our worker, die a second later."""
@@ -121,11 +128,16 @@ class ChaosProcessor(processor.ProcessorABC):
             self._maybe_crash()
             if key == self.gate_chunk:
                 gate = os.path.join(self.markers, f"gate-{self.run}")
+                leaving = os.path.join(self.markers, f"ungate-{os.getppid()}")  # drained
                 deadline = time.monotonic() + GATE_MAX_WAIT
-                while not os.path.exists(gate) and time.monotonic() < deadline:
+                while (
+                    not os.path.exists(gate)
+                    and not os.path.exists(leaving)
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.1)
                     self._maybe_crash()
-            time.sleep(LONG_NAP if key in self.long_chunks else NAP)
+            time.sleep(LONG_NAP if key in self.long_chunks else self.nap)
         h = hist.Hist.new.IntCat([0, 1, 2, 3, 4], name="k").Reg(20, -4, 4, name="x").Weight()
         h.fill(k=np.asarray(events.k), x=np.asarray(events.x), weight=np.asarray(events.w))
         chunks: defaultdict[str, int] = defaultdict(int)
@@ -199,6 +211,7 @@ class Run:
     injected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     crashes: int = 0
+    defects: list[str] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)  # worker pid -> its name
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -298,12 +311,28 @@ class Run:
             self.note(f"drain_crash: crash claimed in worker {pid}, not a live one: crash only")
             self.skipped.append("drain_crash")
             return
+        (self.markers / f"ungate-{pid}").write_text("")  # a gate chunk there need not wait
         victim.send_signal(signal.SIGTERM)
+        drained = time.monotonic()
         self.workers.remove(victim)
         self.draining.append(victim)
         self.add_worker()
         self.note(f"drain_crash: SIGTERM pid {pid} while its slot is about to crash")
         self.injected.append("drain_crash")
+        # No other fault until it has left: nothing may unstick (or excuse) a stuck drain.
+        try:
+            rc = victim.wait(timeout=DRAIN_BOUND)
+        except subprocess.TimeoutExpired:
+            self.defects.append(
+                f"run {self.index}: worker pid {pid} SIGTERM-drained with a crashing slot "
+                f"had not exited {DRAIN_BOUND:.0f} s later (its running tasks take at most "
+                f"{LONG_NAP + 1:.1f} s)"
+            )
+            self.note(f"drain_crash: pid {pid} still draining after {DRAIN_BOUND:.0f}s")
+            return
+        self.note(f"drain_crash: pid {pid} exited {rc} {time.monotonic() - drained:.1f}s later")
+        if rc != 0:
+            self.defects.append(f"run {self.index}: drained worker pid {pid} exited {rc}")
 
     def server_kill(self, stop: threading.Event) -> None:
         assert self.server is not None
@@ -350,25 +379,52 @@ class Run:
                 orphan.kill()
 
 
-def plan_faults(rng: random.Random) -> list[list[str]]:
-    """Three runs; every kind at least once; store kills only in the last run, so the
-    first two can check the server's counters exactly."""
+def plan_faults(rng: random.Random) -> list[tuple[str, list[str]]]:
+    """Three runs, (profile, faults); every kind at least once; store kills only in the
+    last run, so the first two can check the server's counters exactly.
+
+    Profile "slow": chunks of NAP seconds, run one at a time per slot, some longer than a
+    lease. Profile "fast": the workers first learn that tasks are short, so they lease
+    many and run them in batches; its drain_crash is armed at once, so the crash takes
+    down a slot in the middle of a batch (the rest of it comes back to a draining agent).
+    """
     worker_faults = ["worker_kill", "worker_stop"]
     plans = [
-        ["worker_kill", "worker_stop", "drain_crash"],
-        ["server_kill", "drain_crash", rng.choice(worker_faults)],
-        ["store_kill", rng.choice(["server_kill", *worker_faults]), "store_kill"],
+        ("slow", ["worker_kill", "worker_stop", "drain_crash"]),
+        ("fast", ["server_kill", rng.choice(worker_faults)]),
+        ("slow", ["store_kill", rng.choice(["server_kill", *worker_faults]), "store_kill"]),
     ]
-    for plan in plans:
+    for _, plan in plans:
         if rng.random() < 0.5:
             plan.append(rng.choice(["worker_kill", "worker_stop", "drain_crash", "server_kill"]))
         rng.shuffle(plan)
+    plans[1][1].insert(0, "drain_crash")
     return plans
 
 
-def chaos(run: Run, plan: list[str], stop: threading.Event, errors: list[BaseException]) -> None:
+def noop(x: int) -> int:
+    return x
+
+
+def warm_up(run: Run, timeout: float = 60.0) -> None:
+    """Short tasks until every worker has measured a runtime (so it leases in batches)."""
+    deadline = time.monotonic() + timeout
+    with Client(run.url) as client:
+        while time.monotonic() < deadline:
+            client.map(noop, range(40)).result(timeout=30)
+            time.sleep(0.8)  # a heartbeat carries the workers' stats
+            stats = get_json(run.url + "/api/v1/workers")
+            names = {run.names[w.pid] for w in run.live_workers()}
+            if all(stats.get(n, {}).get("stats", {}).get("mean_runtime") for n in names):
+                return
+    raise AssertionError("the workers never measured a task runtime in the warm-up")
+
+
+def chaos(
+    run: Run, plan: list[str], first: float, stop: threading.Event, errors: list[BaseException]
+) -> None:
     try:
-        if stop.wait(run.rng.uniform(0.5, 2.5)):
+        if stop.wait(first):
             return
         for i, kind in enumerate(plan):
             run.fault(kind, stop)
@@ -443,7 +499,7 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
     runs: list[Run] = []
     failures: list[str] = []
     try:
-        for index, plan in enumerate(plans):
+        for index, (profile, plan) in enumerate(plans):
             markers = tmp_path / f"markers-{index}"
             markers.mkdir()
             run = Run(index, store, processes, markers, random.Random(rng.random()))
@@ -451,10 +507,19 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
             run.start_server()
             for _ in range(WORKERS):
                 run.add_worker()
-            long_chunks = frozenset(run.rng.sample(keys, LONG_CHUNKS))
-            gate = keys[-1 - run.rng.randrange(5)]
-            proc = ChaosProcessor(str(markers), index, long_chunks, gate)
-            run.note(f"plan {plan}; {n} chunks, long {sorted(long_chunks)}, gate {gate}")
+            fast = profile == "fast"
+            if fast:
+                warm_up(run)
+            run.started = time.monotonic()
+            if fast:
+                long_chunks: frozenset[str] = frozenset()  # they would end the batching
+                gate = keys[-1]
+            else:
+                long_chunks = frozenset(run.rng.sample(keys, LONG_CHUNKS))
+                gate = keys[-1 - run.rng.randrange(5)]
+            proc = ChaosProcessor(str(markers), index, long_chunks, gate, 0.0 if fast else NAP)
+            run.note(f"{profile} plan {plan}; {n} chunks, long {sorted(long_chunks)}, gate {gate}")
+            first = 0.0 if fast else run.rng.uniform(0.5, 2.5)
             executor = HQExecutor(
                 run.url, status=False, treereduction=FANIN, max_attempts=10, timeout=RUN_TIMEOUT
             )
@@ -465,13 +530,21 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
                 chunksize=CHUNKSIZE,
                 metadata_cache={},
             )
+            before = get_json(run.url + "/api/v1/queue")["counters"]  # after any warm-up
             stop = threading.Event()
             errors: list[BaseException] = []
-            thread = threading.Thread(target=chaos, args=(run, plan, stop, errors), daemon=True)
-            run.started = time.monotonic()
+            thread = threading.Thread(
+                target=chaos, args=(run, plan, first, stop, errors), daemon=True
+            )
             thread.start()
             try:
                 ours = runner(chunks, processor_instance=proc)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    run.note(f"run failed; defects seen {run.defects}")
+                    run.note(f"queue {get_json(run.url + '/api/v1/queue')}")
+                    run.note(f"workers {get_json(run.url + '/api/v1/workers')}")
+                raise
             finally:
                 stop.set()
                 thread.join(timeout=30)
@@ -482,16 +555,12 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
             assert_exact(ours, reference)
 
             # A drained worker exits by itself, cleanly, even though a slot crashed.
+            failures += run.defects
             for proc_ in run.draining:
                 try:
-                    rc = proc_.wait(timeout=30)
+                    proc_.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    rc = None
-                if rc != 0:
-                    failures.append(
-                        f"run {index}: drained worker pid {proc_.pid} "
-                        f"{'still running 30 s after the run' if rc is None else f'exited {rc}'}"
-                    )
+                    failures.append(f"run {index}: drained worker pid {proc_.pid} never exited")
 
             # The workers' own bookkeeping returns to idle (nothing held, no busy slot).
             busy = wait_workers_idle(run)
@@ -499,8 +568,8 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
                 failures.append(f"run {index}: workers still hold work after the run: {busy}")
 
             queue = get_json(run.url + "/api/v1/queue")
-            counters = queue["counters"]
-            run.note(f"queue after the run: {queue}")
+            counters = {k: v - before.get(k, 0) for k, v in queue["counters"].items()}
+            run.note(f"queue after the run: {queue}; this run's counters {counters}")
             assert queue["work"] == 0 and queue["jobs"] == 0, queue
             assert counters["tasks_failed"] == 0 and counters["merges_failed"] == 0, counters
             if "store_kill" not in run.injected:

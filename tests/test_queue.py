@@ -470,3 +470,24 @@ def test_ctrl_c_during_submission_deletes_the_job(
         # The client still works after the interrupt.
         processes.worker(url)
         assert client.map(square, range(5)).result(timeout=30) == [0, 1, 4, 9, 16]
+
+
+def test_tasks_larger_in_sum_than_the_request_limit_go_in_several_batches(
+    store,  # type: ignore[no-untyped-def]
+    processes: Processes,
+    prefix: str,
+) -> None:
+    limit = 1_000_000
+    url, _ = processes.server(store.url, "--max-request-size", str(limit), prefix=prefix)
+    processes.worker(url)
+    items = [os.urandom(100_000) for _ in range(40)]  # 4 MB in all, 100 kB each
+    with Client(url) as client:
+        assert client.map(len, items).result(timeout=60) == [100_000] * 40
+
+
+def test_batch_spans_respect_both_bounds() -> None:
+    from coffea_hq.client import batch_spans
+
+    assert batch_spans([1] * 10, 4, 100) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_spans([40, 40, 40, 200, 1], 10, 100) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert batch_spans([], 4, 100) == []
