@@ -16,7 +16,6 @@ import enum
 import functools
 import hashlib
 import io
-import json
 import pickle
 import re
 import struct
@@ -27,6 +26,7 @@ from typing import Any, Final
 
 import cloudpickle
 import lz4.frame
+import msgspec
 import zstandard
 
 API: Final = "/api/v1"
@@ -243,11 +243,12 @@ class FrameError(ValueError):
     """A request or response body is not well-formed frames."""
 
 
-def pack(header: dict[str, Any], parts: Sequence[bytes] = ()) -> bytes:
-    """Frame a JSON header and raw byte parts into one body."""
-    head = dict(header)
+def pack(header: dict[str, Any] | msgspec.Struct, parts: Sequence[bytes] = ()) -> bytes:
+    """Frame a JSON header (a dict or a message of :mod:`coffea_hq.messages`) and raw byte
+    parts into one body."""
+    head = msgspec.to_builtins(header) if isinstance(header, msgspec.Struct) else dict(header)
     head["sizes"] = [len(p) for p in parts]
-    encoded = json.dumps(head, separators=(",", ":")).encode()
+    encoded = msgspec.json.encode(head)
     return b"".join([_LEN.pack(len(encoded)), encoded, *parts])
 
 
@@ -260,9 +261,11 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
     if end > len(body):
         raise FrameError("frame header length exceeds the body")
     try:
-        header = json.loads(body[_LEN.size : end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = msgspec.json.decode(body[_LEN.size : end])
+    except msgspec.DecodeError as e:
         raise FrameError(f"frame header is not JSON: {e}") from e
+    except RecursionError as e:
+        raise FrameError("frame header is JSON nested too deeply") from e
     if not isinstance(header, dict):
         raise FrameError("frame header must be a JSON object")
     sizes = header.get("sizes")

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from coffea_hq import messages as m
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Outcome
+from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError
 
 from . import validate as v
 from .config import ServerConfig
@@ -35,6 +36,7 @@ SAFE_EVICTION_POLICIES = {"noeviction"}
 PRUNE_EVERY = 10.0  # seconds between sweeps of workers gone silent
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 try:
     VERSION = importlib.metadata.version("coffea-hq")
@@ -55,6 +57,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(e.status, e.code, e.message)
     except FrameError as e:
         return _error(400, "bad_frames", str(e))
+    except msgspec.ValidationError as e:
+        return _error(400, "bad_request", f"invalid request body: {e}")
+    except msgspec.DecodeError as e:
+        return _error(400, "bad_request", f"request body must be JSON: {e}")
+    except RecursionError:
+        return _error(400, "bad_request", "request body is JSON nested too deeply")
     except (RedisConnectionError, RedisTimeoutError, OSError) as e:
         log.warning("store unavailable: %s", e)
         return _error(503, "store_unavailable", f"the queue's Redis is unreachable: {e}")
@@ -72,23 +80,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise v.BadRequest(f"request body must be JSON: {e}") from e
-    except RecursionError as e:
-        raise v.BadRequest("request body is nested too deeply") from e
-    return v.obj(body, "request body")
+async def _body(request: web.Request, kind: type[T]) -> T:
+    """The JSON body as message ``kind`` (a 400 naming the field if it is not one)."""
+    return m.decode(await request.read(), kind)
 
 
-async def _frames(request: web.Request) -> tuple[dict[str, Any], list[memoryview]]:
+async def _frames(request: web.Request, kind: type[T]) -> tuple[T, list[memoryview]]:
     if request.content_type != FRAMES_CONTENT_TYPE:
         raise v.BadRequest(f"request body must be {FRAMES_CONTENT_TYPE}")
-    return protocol.unpack(await request.read())
+    header, parts = protocol.unpack(await request.read())
+    return m.convert(header, kind), parts
 
 
-def _frames_response(header: dict[str, Any], parts: list[bytes]) -> web.Response:
+def _frames_response(header: dict[str, Any] | msgspec.Struct, parts: list[bytes]) -> web.Response:
     return web.Response(body=protocol.pack(header, parts), content_type=FRAMES_CONTENT_TYPE)
 
 
@@ -157,25 +161,16 @@ async def get_blob(request: web.Request) -> web.Response:
 
 async def create_job(request: web.Request) -> web.Response:
     job = _job_id(request)
-    body = await _json(request)
-    function = body.get("function")
-    if not isinstance(function, str) or not protocol.valid_blob_name(function):
-        raise v.BadRequest("'function' must name an uploaded blob (its sha256)")
-    reducer = body.get("reducer") or ""
-    if reducer and not (isinstance(reducer, str) and protocol.valid_blob_name(reducer)):
-        raise v.BadRequest("'reducer' must name an uploaded blob (its sha256) or be null")
-    fanin = v.integer(body.get("fanin", protocol.DEFAULT_FANIN), "'fanin'", 2, protocol.MAX_FANIN)
+    body = await _body(request, m.CreateJob)
     summary = await request.app[STORE].create_job(
         job,
-        function=function,
-        max_attempts=v.integer(
-            body.get("max_attempts", protocol.DEFAULT_MAX_ATTEMPTS), "'max_attempts'", 1, 100
-        ),
-        fail_fast=v.boolean(body.get("fail_fast", True), "'fail_fast'"),
-        label=v.string(body.get("label", ""), "'label'"),
+        function=body.function,
+        max_attempts=body.max_attempts,
+        fail_fast=body.fail_fast,
+        label=body.label,
         user="",
-        reducer=reducer,
-        fanin=fanin,
+        reducer=body.reducer or "",
+        fanin=body.fanin,
     )
     return web.json_response(summary)
 
@@ -191,12 +186,11 @@ async def delete_job(request: web.Request) -> web.Response:
 
 async def submit_tasks(request: web.Request) -> web.Response:
     job = _job_id(request)
-    header, parts = await _frames(request)
-    tasks = v.array(header.get("tasks"), "'tasks'", 1_000_000)
-    if len(tasks) != len(parts):
+    header, parts = await _frames(request, m.SubmitTasks)
+    ids = header.tasks
+    if len(ids) != len(parts):
         raise v.BadRequest("'tasks' needs exactly one payload part per task")
-    ids = [v.ident(t, "task id") for t in tasks]
-    if any(t.startswith(protocol.MERGE_PREFIX) for t in ids):
+    if any(protocol.is_merge(t) for t in ids):
         raise v.BadRequest(f"task ids starting with {protocol.MERGE_PREFIX!r} are reserved")
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
@@ -206,9 +200,8 @@ async def submit_tasks(request: web.Request) -> web.Response:
 
 async def seal_job(request: web.Request) -> web.Response:
     job = _job_id(request)
-    body = await _json(request)
-    total = v.integer(body.get("total"), "'total'", 0, 10**9)
-    return web.json_response(await request.app[STORE].seal(job, total))
+    body = await _body(request, m.Seal)
+    return web.json_response(await request.app[STORE].seal(job, body.total))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -243,14 +236,12 @@ def _connected(request: web.Request) -> bool:
 
 
 async def lease(request: web.Request) -> web.StreamResponse:
-    body = await _json(request)
-    worker = v.ident(body.get("worker"), "'worker'")
-    maximum = v.integer(body.get("max", 1), "'max'", 1, protocol.LEASE_MAX_TASKS)
-    wait = v.number(body.get("wait", 0), "'wait'", 0, protocol.LONG_POLL_MAX)
+    body = await _body(request, m.LeaseRequest)
+    worker = body.worker
     tasks = await request.app[DISPATCHER].lease(
-        worker, maximum, wait, connected=lambda: _connected(request)
+        worker, body.max, body.wait, connected=lambda: _connected(request)
     )
-    header = {"tasks": [[t.job, t.task, t.attempt, t.function] for t in tasks]}
+    header = m.LeaseReply([m.LeasedTask(t.job, t.task, t.attempt, t.function) for t in tasks])
     if not tasks:
         return _frames_response(header, [])
     # Written here rather than by aiohttp, so that a reply that cannot reach the worker
@@ -270,24 +261,10 @@ async def lease(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _report(item: Any, part: memoryview, index: int) -> Report:
-    what = f"'items'[{index}]"
-    if not isinstance(item, list) or len(item) != 5:
-        raise v.BadRequest(f"{what} must be [job, task, attempt, outcome, error]")
-    job, task, attempt = v.lease_ref(item[:3], what)
-    try:
-        outcome = Outcome(item[3])
-    except ValueError as e:
-        raise v.BadRequest(f"{what} outcome must be one of {[o.value for o in Outcome]}") from e
-    error = item[4]
-    if outcome is Outcome.OK:
-        if error is not None:
-            raise v.BadRequest(f"{what}: a successful task carries no error")
-    else:
-        error = v.obj(error, f"{what} error")
-        for name in ("type", "message", "traceback"):
-            v.string(error.get(name), f"{what} error {name!r}", protocol.ERROR_TEXT_MAX)
-    return Report(job, task, attempt, outcome, error, bytes(part))
+def _report(raw: Any, part: memoryview) -> Report:
+    item = m.report_item(raw)
+    error = msgspec.structs.asdict(item.error) if item.error is not None else None
+    return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
 
 
 def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> Any:
@@ -303,9 +280,8 @@ def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None)
 
 async def complete(request: web.Request) -> web.Response:
     """Judge a report item by item: a malformed item is refused, the others stand."""
-    header, parts = await _frames(request)
-    worker = v.ident(header.get("worker"), "'worker'")
-    items = v.array(header.get("items"), "'items'", 1_000_000)
+    header, parts = await _frames(request, m.Complete)
+    worker, items = header.worker, header.items
     if len(items) != len(parts):
         raise v.BadRequest("'items' needs exactly one result part per item")
     reports: list[Report] = []
@@ -314,10 +290,10 @@ async def complete(request: web.Request) -> web.Response:
     reasons: dict[int, str] = {}
     for i, (item, part) in enumerate(zip(items, parts, strict=True)):
         try:
-            reports.append(_report(item, part, i))
+            reports.append(_report(item, part))
             where.append(i)
-        except v.BadRequest as e:
-            reasons[i] = e.message
+        except msgspec.ValidationError as e:
+            reasons[i] = f"'items'[{i}]: {e}"
     for i, status in zip(where, await request.app[STORE].complete(worker, reports), strict=True):
         statuses[i] = status
     body: dict[str, Any] = {"items": [s.value for s in statuses]}
@@ -343,40 +319,29 @@ async def complete(request: web.Request) -> web.Response:
 
 
 async def release(request: web.Request) -> web.Response:
-    body = await _json(request)
-    worker = v.ident(body.get("worker"), "'worker'")
-    items = v.array(body.get("items"), "'items'", 1_000_000)
-    refs = [v.lease_ref(item, f"'items'[{i}]") for i, item in enumerate(items)]
-    released = await request.app[STORE].release(worker, refs)
+    body = await _body(request, m.Release)
+    refs = [(r.job, r.task, r.attempt) for r in body.items]
+    released = await request.app[STORE].release(body.worker, refs)
     request.app[DISPATCHER].notify()
     return web.json_response({"released": released})
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    body = await _json(request)
-    worker = v.ident(body.get("worker"), "'worker'")
-    leases = v.array(body.get("leases", []), "'leases'", 1_000_000)
-    refs = [v.lease_ref(item, f"'leases'[{i}]") for i, item in enumerate(leases)]
-    info = {
-        "slots": v.integer(body.get("slots", 0), "'slots'", 0, 100_000),
-        "host": v.string(body.get("host", ""), "'host'"),
-        "stats": v.obj(body.get("stats", {}), "'stats'"),
-        "leases": len(refs),
-    }
+    body = await _body(request, m.Heartbeat)
+    refs = [(r.job, r.task, r.attempt) for r in body.leases]
+    info = {"slots": body.slots, "host": body.host, "stats": body.stats, "leases": len(refs)}
     store = request.app[STORE]
-    if v.boolean(body.get("draining", False), "'draining'"):
-        request.app[DISPATCHER].wake_worker(worker)  # end its parked long poll now
-    lost = await store.heartbeat(worker, info, refs)
-    if v.boolean(body.get("exiting", False), "'exiting'"):
-        await store.forget_worker(worker)
-    interval = request.app[CONFIG].lease_timeout / 3
-    return web.json_response(
-        {
-            "lost": [list(x) for x in lost],  # [job, task, attempt]
-            "interval": interval,
-            "max_request_size": request.app[CONFIG].max_request_size,
-        }
+    if body.draining:
+        request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now
+    lost = await store.heartbeat(body.worker, info, refs)
+    if body.exiting:
+        await store.forget_worker(body.worker)
+    reply = m.HeartbeatReply(
+        lost=[m.LeaseRef(*x) for x in lost],
+        interval=request.app[CONFIG].lease_timeout / 3,
+        max_request_size=request.app[CONFIG].max_request_size,
     )
+    return web.Response(body=m.encode(reply), content_type="application/json")
 
 
 # ---------------------------------------------------------------------- lifecycle

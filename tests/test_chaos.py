@@ -539,11 +539,12 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
             thread.start()
             try:
                 ours = runner(chunks, processor_instance=proc)
-            except BaseException:
+            except Exception as e:
                 with contextlib.suppress(Exception):
-                    run.note(f"run failed; defects seen {run.defects}")
-                    run.note(f"queue {get_json(run.url + '/api/v1/queue')}")
+                    run.note(f"run failed: {e!r}; queue {get_json(run.url + '/api/v1/queue')}")
                     run.note(f"workers {get_json(run.url + '/api/v1/workers')}")
+                if run.defects:  # the cause, more useful than the timeout it led to
+                    raise AssertionError("\n".join([*failures, *run.defects])) from e
                 raise
             finally:
                 stop.set()

@@ -130,7 +130,7 @@ def test_fanin_over_the_limit_is_refused(server_url: str) -> None:
     body = {"function": sha, "reducer": sha, "fanin": protocol.MAX_FANIN + 1}
     status, doc = http("PUT", f"{server_url}/api/v1/jobs/wide", js(body))
     assert (
-        status == 400 and "'fanin'" in doc["message"] and str(protocol.MAX_FANIN) in doc["message"]
+        status == 400 and "$.fanin" in doc["message"] and str(protocol.MAX_FANIN) in doc["message"]
     )
     assert http("GET", f"{server_url}/api/v1/jobs/wide")[0] == 404
 
@@ -155,7 +155,7 @@ def test_one_malformed_item_is_refused_and_the_rest_of_the_report_stands(
     status, doc = http("POST", f"{server_url}/api/v1/complete", body, protocol.FRAMES_CONTENT_TYPE)
     assert status == 409
     assert doc["items"] == ["accepted", "invalid", "accepted"]
-    assert "'message'" in doc["rejected"][0]["reason"] and doc["rejected"][0]["index"] == 1
+    assert "$[4].message" in doc["rejected"][0]["reason"] and doc["rejected"][0]["index"] == 1
     summary = http("GET", f"{server_url}/api/v1/jobs/mixed")[1]
     assert (summary["done"], summary["failed"], summary["state"]) == (2, 0, "running")
 

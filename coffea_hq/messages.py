@@ -1,0 +1,214 @@
+"""Every message body of the HTTP API: one :class:`msgspec.Struct` each.
+
+The server decodes request bodies into these types (``msgspec`` checks types, bounds,
+patterns and nesting in one pass, and its error names the field: "Expected `int`,
+got `str` - at `$.max`"); workers and clients build their requests from them. Part
+of the wire protocol, with :mod:`coffea_hq.protocol` (routes, framing, limits),
+whose constants bound the fields here. Imports nothing else of ours.
+
+Binary payloads never appear here: they travel as frame parts beside a header
+(see :func:`coffea_hq.protocol.pack`); a header's ``sizes`` belongs to the framing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from . import protocol
+from .protocol import Outcome
+
+T = TypeVar("T")
+
+Id = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=rf"^[A-Za-z0-9_.\-]{{1,{protocol.ID_MAX_LENGTH}}}$",
+        description="a job, task or worker id: 1-64 letters, digits, '-', '_' or '.'",
+    ),
+]
+BlobName = Annotated[
+    str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the blob's bytes")
+]
+Attempt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=protocol.ERROR_TEXT_MAX)]
+MAX_ITEMS = 1_000_000  # entries in one request's list
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    """Base of request bodies: an unknown field is a client bug, refused by name."""
+
+
+class LeaseRef(msgspec.Struct, array_like=True, frozen=True):
+    """A lease: ``[job, task, attempt]``."""
+
+    job: Id
+    task: Id
+    attempt: Attempt
+
+
+# ---------------------------------------------------------------------- client -> server
+
+
+class CreateJob(Message):
+    """``PUT JOB``. With ``reducer``, results are merged on workers by merge tasks that
+    call ``reducer(list_of_values)``, ``fanin`` at a time."""
+
+    function: BlobName
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = protocol.DEFAULT_MAX_ATTEMPTS
+    fail_fast: bool = True
+    label: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    reducer: BlobName | None = None
+    fanin: Annotated[int, msgspec.Meta(ge=2, le=protocol.MAX_FANIN)] = protocol.DEFAULT_FANIN
+
+
+class SubmitTasks(Message):
+    """``POST JOB_TASKS`` frame header; one payload part per task."""
+
+    tasks: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)]
+    sizes: list[int]  # the framing's
+
+
+class Seal(Message):
+    """``POST JOB_SEAL``: the job's final task count."""
+
+    total: Annotated[int, msgspec.Meta(ge=0, le=10**9)]
+
+
+# ---------------------------------------------------------------------- worker -> server
+
+
+class LeaseRequest(Message):
+    """``POST LEASE``: up to ``max`` tasks, waiting up to ``wait`` seconds for work."""
+
+    worker: Id
+    max: Annotated[int, msgspec.Meta(ge=1, le=protocol.LEASE_MAX_TASKS)] = 1
+    wait: Annotated[float, msgspec.Meta(ge=0, le=protocol.LONG_POLL_MAX)] = 0.0
+
+
+class ErrorInfo(msgspec.Struct):
+    """A task's exception as text (the pickled exception travels as the item's part)."""
+
+    type: ErrorText
+    message: ErrorText
+    traceback: ErrorText = ""
+
+
+class ReportItem(msgspec.Struct, array_like=True, frozen=True):
+    """One finished task: ``[job, task, attempt, outcome, error]`` (error null for ok)."""
+
+    job: Id
+    task: Id
+    attempt: Attempt
+    outcome: Outcome
+    error: ErrorInfo | None
+
+
+class Complete(Message):
+    """``POST COMPLETE`` frame header; one result part per item. Items are judged one by
+    one (see :func:`report_item`): a malformed one is refused, the others stand."""
+
+    worker: Id
+    items: Annotated[list[Any], msgspec.Meta(max_length=MAX_ITEMS)]
+    sizes: list[int]  # the framing's
+
+
+class Release(Message):
+    """``POST RELEASE``: leases handed back unstarted."""
+
+    worker: Id
+    items: Annotated[list[LeaseRef], msgspec.Meta(max_length=MAX_ITEMS)] = []
+
+
+class Heartbeat(Message):
+    """``POST HEARTBEAT``: extends ``leases`` and carries telemetry."""
+
+    worker: Id
+    slots: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    host: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    leases: Annotated[list[LeaseRef], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    stats: dict[str, Any] = {}
+    draining: bool = False
+    exiting: bool = False
+
+
+# ---------------------------------------------------------------------- server -> client, worker
+
+
+class ErrorReply(msgspec.Struct):
+    """Any 4xx/5xx answer."""
+
+    error: str
+    message: str
+
+
+class Health(msgspec.Struct):
+    status: str
+    store: str
+    version: str
+    max_request_size: int
+
+
+class LeasedTask(msgspec.Struct, array_like=True):
+    """``[job, task, attempt, function_blob]``; its payload is the matching frame part."""
+
+    job: str
+    task: str
+    attempt: int
+    function: str
+
+
+class LeaseReply(msgspec.Struct):
+    """``POST LEASE`` reply frame header (its ``sizes`` added by the framing)."""
+
+    tasks: list[LeasedTask]
+
+
+class Rejected(msgspec.Struct, omit_defaults=True):
+    index: int
+    job: str
+    task: str
+    status: protocol.CompleteStatus
+    reason: str | None = None
+
+
+class CompleteReply(msgspec.Struct, omit_defaults=True):
+    """``POST COMPLETE`` reply: one status per item; 409 with ``rejected`` if any was
+    refused (the others stand)."""
+
+    items: list[protocol.CompleteStatus]
+    error: str | None = None
+    message: str | None = None
+    rejected: list[Rejected] | None = None
+
+
+class HeartbeatReply(msgspec.Struct):
+    lost: list[LeaseRef]  # leases this worker no longer holds: stop them
+    interval: float  # seconds until the next heartbeat
+    max_request_size: int
+
+
+def decode(body: bytes, kind: type[T]) -> T:
+    """A JSON request body as ``kind``; raises :class:`msgspec.ValidationError` or
+    :class:`msgspec.DecodeError` with a sentence naming the field."""
+    return msgspec.json.decode(body, type=kind)
+
+
+def convert(header: dict[str, Any], kind: type[T]) -> T:
+    """An already-parsed frame header as ``kind`` (same errors as :func:`decode`)."""
+    return msgspec.convert(header, type=kind)
+
+
+def report_item(raw: Any) -> ReportItem:
+    """One item of a complete report, checked on its own."""
+    item = msgspec.convert(raw, type=ReportItem)
+    if (item.outcome is Outcome.OK) != (item.error is None):
+        raise msgspec.ValidationError(
+            "an 'ok' item carries a null error, any other outcome an error object - at `$[4]`"
+        )
+    return item
+
+
+def encode(message: Any) -> bytes:
+    return msgspec.json.encode(message)
