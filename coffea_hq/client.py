@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from . import protocol
+from . import messages, protocol
 from .errors import HQError, JobCancelled, SubmitFailed, TaskFailed
 from .protocol import FRAMES_CONTENT_TYPE, Codec
 from .transport import Transport
@@ -214,15 +214,15 @@ class Client:
             await self.transport.call(
                 "PUT",
                 protocol.JOB.format(job=job),
-                json_body={
-                    **spec,
-                    "function": shas[0],
-                    "reducer": shas[1] if len(shas) > 1 else None,
-                },
+                json_body=messages.CreateJob(
+                    function=shas[0], reducer=shas[1] if len(shas) > 1 else None, **spec
+                ),
             )
             await self._submit_tasks(job, payloads)
             await self.transport.call(
-                "POST", protocol.JOB_SEAL.format(job=job), json_body={"total": len(payloads)}
+                "POST",
+                protocol.JOB_SEAL.format(job=job),
+                json_body=messages.Seal(total=len(payloads)),
             )
         except BaseException as exc:
             # An unsealed job would run its first batches and never end: delete it.
@@ -252,7 +252,7 @@ class Client:
         budget = await self._max_request_size() // SUBMIT_SHARE
 
         async def submit(start: int, stop: int) -> None:
-            header = {"tasks": [str(i) for i in range(start, stop)]}
+            header = messages.SubmitTasks(tasks=[str(i) for i in range(start, stop)])
             async with limit:
                 await self.transport.call(
                     "POST",

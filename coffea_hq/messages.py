@@ -67,7 +67,7 @@ class SubmitTasks(Message):
     """``POST JOB_TASKS`` frame header; one payload part per task."""
 
     tasks: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)]
-    sizes: list[int]  # the framing's
+    sizes: list[int] = []  # the framing's: pack() fills it in
 
 
 class Seal(Message):
@@ -111,7 +111,7 @@ class Complete(Message):
 
     worker: Id
     items: Annotated[list[Any], msgspec.Meta(max_length=MAX_ITEMS)]
-    sizes: list[int]  # the framing's
+    sizes: list[int] = []  # the framing's: pack() fills it in
 
 
 class Release(Message):

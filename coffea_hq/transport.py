@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from . import protocol
 
@@ -102,7 +103,8 @@ class Transport:
         deadline = time.monotonic() + budget
         delay = 0.05
         headers = {"Content-Type": content_type} if content_type else None
-        data = body if json_body is None else json.dumps(json_body).encode()
+        # A message of coffea_hq.messages, or a plain JSON document.
+        data = body if json_body is None else msgspec.json.encode(json_body)
         if json_body is not None:
             headers = {"Content-Type": "application/json"}
         while True:
