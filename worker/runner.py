@@ -34,6 +34,8 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
         pickled = protocol.dumps(exc)
     except Exception:  # an exception that cannot travel still has its text
         pickled = b""
+    if len(pickled) > protocol.ERROR_PICKLE_MAX:
+        pickled = b""  # too heavy to ship in a report: the text says what happened
     return protocol.error_info(exc, text), pickled
 
 
@@ -64,7 +66,9 @@ def _run_one(
         return Outcome.OK, None, protocol.dumps(value)
     except Exception as exc:
         error, pickled = _error(exc)
-        error["message"] = f"the task's return value cannot be pickled: {error['message']}"
+        error["message"] = protocol.cut_text(
+            f"the task's return value cannot be pickled: {error['message']}"
+        )
         return Outcome.ERROR, error, pickled
 
 
