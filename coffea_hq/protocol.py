@@ -238,7 +238,7 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 # POST RELEASE      JSON {"worker": id, "items": [[job, task, attempt], ...]}
 # POST HEARTBEAT    JSON {"worker": id, "slots": n, "host": str, "leases":
 #                         [[job, task, attempt], ...], "stats": {...}}
-#                   -> {"lost": [[job, task], ...]}
+#                   -> {"lost": [[job, task, attempt], ...]}  (leases it no longer holds)
 #
 # An error from the server is JSON {"error": <code>, "message": <sentence>}.
 

@@ -349,8 +349,9 @@ class Store:
 
     async def heartbeat(
         self, worker: str, info: dict[str, Any], leases: Sequence[tuple[str, str, int]]
-    ) -> list[tuple[str, str]]:
-        """Extend the worker's leases and record its telemetry; returns the leases it lost."""
+    ) -> list[tuple[str, str, int]]:
+        """Extend the worker's leases and record its telemetry; returns the leases it lost,
+        as (job, task, attempt)."""
         by_job: dict[str, list[Any]] = defaultdict(list)
         for job, task, attempt in leases:
             by_job[job] += [task, attempt]
@@ -368,7 +369,9 @@ class Store:
         replies = await pipe.execute()
         lost = []
         for job, reply in zip(jobs, replies[2:], strict=True):
-            lost += [(job, task.decode()) for task in reply]
+            lost += [
+                (job, t.decode(), int(a)) for t, a in zip(reply[::2], reply[1::2], strict=True)
+            ]
         return lost
 
     async def forget_worker(self, worker: str) -> None:

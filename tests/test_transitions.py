@@ -163,8 +163,8 @@ def test_heartbeat_extends_only_the_holders_leases(store: EmbeddedRedis, prefix:
             lost = await s.heartbeat("w1", {}, [(job, "0", 1), (job, "1", 1)])
             assert lost == []
         assert await s.reap() == (0, 0)  # 0.4 s > lease timeout, but heartbeats kept them
-        assert await s.heartbeat("w2", {}, [(job, "0", 1)]) == [(job, "0")]
-        assert await s.heartbeat("w1", {}, [(job, "0", 7)]) == [(job, "0")]
+        assert await s.heartbeat("w2", {}, [(job, "0", 1)]) == [(job, "0", 1)]
+        assert await s.heartbeat("w1", {}, [(job, "0", 7), (job, "1", 1)]) == [(job, "0", 7)]
 
     run(store, prefix, body, lease_timeout=0.25)
 

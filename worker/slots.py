@@ -17,6 +17,15 @@ from coffea_hq.protocol import MERGE_PREFIX, Outcome
 from . import pipe
 from .runner import MARKER
 
+LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
+
+
+FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
+
+
+class FunctionUnavailable(Exception):
+    """A job's function could not be had from the server: its tasks fail with this text."""
+
 
 @dataclass(slots=True)
 class WorkItem:
@@ -29,8 +38,8 @@ class WorkItem:
     payload: bytes
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.job, self.task)
+    def key(self) -> LeaseKey:
+        return (self.job, self.task, self.attempt)
 
     @property
     def merge(self) -> bool:
@@ -69,22 +78,27 @@ class Slot:
         self._proc: asyncio.subprocess.Process | None = None
         self._functions: set[str] = set()
         self._seq = 0
-        self._marker_path = ""
+        self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
-        self.running: set[tuple[str, str]] = set()  # keys of the batch in the subprocess now
+        self.running: set[LeaseKey] = set()  # the batch in the subprocess now
 
     async def start(self) -> None:
-        fd, self._marker_path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
+        self._close_marker()
+        # Unlinked at once, shared by file descriptor: nothing is left in the temp
+        # directory, however this worker ends.
+        fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
+        os.unlink(path)
         os.write(fd, bytes(MARKER.size))
-        os.close(fd)
+        self._marker = fd
         self._functions = set()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "coffea_hq.worker.runner",
-            self._marker_path,
+            str(fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            pass_fds=(fd,),
         )
 
     @property
@@ -92,8 +106,7 @@ class Slot:
         return self._proc.pid if self._proc else None
 
     def _crashed_seq(self) -> int:
-        with open(self._marker_path, "rb") as f:
-            return int(MARKER.unpack(f.read(MARKER.size))[0])
+        return int(MARKER.unpack(os.pread(self._marker, MARKER.size, 0))[0])
 
     async def run(
         self, batch: list[WorkItem], report: Callable[[list[Result]], None]
@@ -101,6 +114,18 @@ class Slot:
         """Run ``batch``, calling ``report`` as results arrive. Returns the items that never
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        functions: dict[str, bytes] = {}
+        for sha in {item.function for item in batch} - self._functions:
+            try:
+                functions[sha] = await self._fetch(sha)
+            except FunctionUnavailable as e:
+                # Fail this function's tasks now: a slot that died here would leave them
+                # held and heartbeated for ever.
+                error = {"type": FUNCTION_UNAVAILABLE, "message": str(e), "traceback": ""}
+                report(
+                    [Result(i, Outcome.ERROR, error, b"", 0.0) for i in batch if i.function == sha]
+                )
+                batch = [i for i in batch if i.function != sha]
         by_seq: dict[int, WorkItem] = {}
         self.running = {item.key for item in batch}
         order = []
@@ -109,10 +134,11 @@ class Slot:
             by_seq[self._seq] = item
             order.append((self._seq, item.function, item.payload, item.merge))
         try:
-            for sha in {item.function for item in batch} - self._functions:
-                self._proc.stdin.write(pipe.encode(("function", sha, await self._fetch(sha))))
+            for sha, data in functions.items():
+                self._proc.stdin.write(pipe.encode(("function", sha, data)))
                 self._functions.add(sha)
-            self._proc.stdin.write(pipe.encode(("run", order)))
+            if order:
+                self._proc.stdin.write(pipe.encode(("run", order)))
             await self._proc.stdin.drain()
             while by_seq:
                 head = await self._proc.stdout.readexactly(pipe.HEADER.size)
@@ -148,13 +174,13 @@ class Slot:
             error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
             report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
         self.restarts += 1
-        self._cleanup_marker()
         await self.start()
         return leftover
 
-    def _cleanup_marker(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self._marker_path)
+    def _close_marker(self) -> None:
+        if self._marker >= 0:
+            os.close(self._marker)
+            self._marker = -1
 
     async def stop(self, timeout: float = 5.0) -> None:
         proc = self._proc
@@ -168,5 +194,5 @@ class Slot:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-        self._cleanup_marker()
+        self._close_marker()
         self._proc = None
