@@ -96,3 +96,29 @@ def test_a_drain_ends_even_when_a_slot_crashes_after_it_began(
         assert leaving.wait(timeout=20) == 0
         assert job.result(timeout=60) == order
         assert os.path.exists(crashed)
+
+
+def test_a_drain_out_of_time_hands_back_the_running_task(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    leaving = processes.worker(url, "--drain-timeout", "1")
+    with Client(url) as client:
+        wait_for_worker(url)
+        # max_attempts=1: handed back, not expired, or the task would fail for good.
+        job = client.map(nap, [4.0], max_attempts=1)
+        deadline = time.monotonic() + 10
+        while not client_leased(url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # running now
+        leaving.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert leaving.wait(timeout=15) == 0
+        assert time.monotonic() - started < 6  # 1 s of drain, then out at once
+        processes.worker(url)
+        assert job.result(timeout=30) == [4.0]
+
+
+def client_leased(url: str) -> int:
+    with urllib.request.urlopen(url + protocol.QUEUE, timeout=5) as r:
+        return int(json.loads(r.read())["running"])
