@@ -40,8 +40,6 @@ SHORT_TASK = 0.005  # tasks shorter than this go to a subprocess in batches
 REPORT_MAX_ITEMS = 4096
 REPORT_MAX_BYTES = 64 * 1024 * 1024
 FRAME_OVERHEAD = 64 * 1024  # room for a report's header beside one result
-
-
 DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch systems kill later
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
@@ -143,9 +141,11 @@ class Leases:
         keys = keys & self._held.keys()
         if not keys:
             return set()
-        for item in [i for i in self._pending if i.key in keys]:
-            self._pending.remove(item)
-            self.end(item)
+        gone = [i for i in self._pending if i.key in keys]
+        if gone:  # one pass: a cancelled job may have thousands pending here
+            self._pending = deque(i for i in self._pending if i.key not in keys)
+            for item in gone:
+                self.end(item)
         self._lost |= keys & self._held.keys()
         return keys & self._running
 
@@ -275,19 +275,18 @@ class Worker:
         await self._hand_back(self.leases.hand_back_pending(), "unstarted")
         # Slot loops return after their batch, handing back the rest of a crashed one.
         settled = asyncio.gather(*running, self.leases.wait_empty(), return_exceptions=True)
-        timeout = self.config.drain_timeout
         try:
-            await asyncio.wait_for(asyncio.shield(settled), timeout)
-        except TimeoutError:
-            log.warning(
-                "worker %s: drain timeout (%ss) reached, handing back running tasks",
-                self.id,
-                timeout,
-            )
-            self._slot_grace = 0.0
-            await self._hand_back(self.leases.hand_back_running(), "running")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.leases.wait_empty(), REPORT_GRACE)
+            done, _ = await asyncio.wait([settled], timeout=self.config.drain_timeout)
+            if not done:
+                log.warning(
+                    "worker %s: drain timeout (%ss) reached, handing back running tasks",
+                    self.id,
+                    self.config.drain_timeout,
+                )
+                self._slot_grace = 0.0
+                await self._hand_back(self.leases.hand_back_running(), "running")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.leases.wait_empty(), REPORT_GRACE)
         finally:
             settled.cancel()
         with contextlib.suppress(ServerError, ServerUnreachable):
@@ -517,7 +516,7 @@ class Worker:
         # the same task may be running here again under a newer one.
         running = self.leases.lost(lost)
         for slot in self.slots:
-            if slot.running & running:
+            if running and slot.executing() in running:
                 log.info(
                     "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
                 )

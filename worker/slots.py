@@ -80,7 +80,7 @@ class Slot:
         self._seq = 0
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
-        self.running: set[LeaseKey] = set()  # the batch in the subprocess now
+        self._unreported: dict[int, WorkItem] = {}  # by sequence number: the batch in hand
 
     async def start(self) -> None:
         self._close_marker()
@@ -105,8 +105,15 @@ class Slot:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def _crashed_seq(self) -> int:
+    def _marker_seq(self) -> int:
+        """The sequence number of the task the subprocess runs (or last ran, if it died)."""
         return int(MARKER.unpack(os.pread(self._marker, MARKER.size, 0))[0])
+
+    def executing(self) -> LeaseKey | None:
+        """The lease whose task the subprocess is running at this moment, if any. Not the
+        whole batch: a lease lost further down the batch must not cost the one running."""
+        item = self._unreported.get(self._marker_seq()) if self._unreported else None
+        return item.key if item else None
 
     async def run(
         self, batch: list[WorkItem], report: Callable[[list[Result]], None]
@@ -126,8 +133,7 @@ class Slot:
                     [Result(i, Outcome.ERROR, error, b"", 0.0) for i in batch if i.function == sha]
                 )
                 batch = [i for i in batch if i.function != sha]
-        by_seq: dict[int, WorkItem] = {}
-        self.running = {item.key for item in batch}
+        by_seq = self._unreported = {}
         order = []
         for item in batch:
             self._seq += 1
@@ -147,13 +153,12 @@ class Slot:
                 results = []
                 for seq, outcome, error, data, seconds in done:
                     item = by_seq.pop(seq)
-                    self.running.discard(item.key)
                     results.append(Result(item, Outcome(outcome), error, data, seconds))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
             return await self._after_crash(by_seq, report)
         finally:
-            self.running = set()
+            self._unreported = {}
         return []
 
     def kill(self) -> None:
@@ -167,7 +172,7 @@ class Slot:
     ) -> list[WorkItem]:
         assert self._proc is not None
         returncode = await self._proc.wait()
-        crashed = self._crashed_seq()
+        crashed = self._marker_seq()
         reason = describe_exit(returncode)
         leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
         if crashed in unreported:
