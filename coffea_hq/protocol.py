@@ -61,11 +61,14 @@ DEFAULT_FANIN: Final = 20  # results per merge task, as coffea's treereduction
 MAX_FANIN: Final = 1024
 MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
 DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
-# Each text field of a task's error (message, traceback): workers cut longer ones (head and
-# tail kept), the server refuses a report item that carries one.
-ERROR_TEXT_MAX: Final = 64 * 1024
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
 LONG_POLL_MAX: Final = 60.0
+# A task's error travels as text (type, message, traceback) beside its pickled exception.
+# Workers cut each text field to ERROR_TEXT_MAX characters and drop a pickled exception
+# over ERROR_PICKLE_MAX bytes, so one huge error never makes a whole report too large; the
+# server refuses a report item whose text is longer (the others stand).
+ERROR_TEXT_MAX: Final = 64 * 1024
+ERROR_PICKLE_MAX: Final = 1024 * 1024
 ENV_URL: Final = "HQ_URL"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
@@ -306,7 +309,7 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 # POST RELEASE      JSON {"worker": id, "items": [[job, task, attempt], ...]}
 # POST HEARTBEAT    JSON {"worker": id, "slots": n, "host": str, "leases":
 #                         [[job, task, attempt], ...], "stats": {...}}
-#                   -> {"lost": [[job, task], ...]}
+#                   -> {"lost": [[job, task, attempt], ...]}  (leases it no longer holds)
 #
 # An error from the server is JSON {"error": <code>, "message": <sentence>}.
 
@@ -326,10 +329,28 @@ def split_merge_payload(data: bytes | memoryview) -> list[memoryview]:
     return parts
 
 
+_CUT_NOTE_ROOM: Final = 48  # the longest "[... N characters cut ...]" note, and its newlines
+
+
+def cut_text(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head and tail around a note
+    saying how much was cut (both ends matter: the outer frames and the exception line)."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - _CUT_NOTE_ROOM, 0)
+    head, tail = text[: keep // 2], text[len(text) - (keep - keep // 2) :]
+    return f"{head}\n[... {len(text) - len(head) - len(tail):,} characters cut ...]\n{tail}"
+
+
+def cut_error(error: dict[str, Any]) -> dict[str, Any]:
+    """An error description with every text field cut to :data:`ERROR_TEXT_MAX`."""
+    return {k: cut_text(v) if isinstance(v, str) else v for k, v in error.items()}
+
+
 def error_info(exc: BaseException, traceback_text: str) -> dict[str, str]:
     """The JSON description of a task's exception that travels beside the pickled exception."""
     return {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
-        "traceback": traceback_text,
+        "type": cut_text(f"{type(exc).__module__}.{type(exc).__qualname__}"),
+        "message": cut_text(str(exc)),
+        "traceback": cut_text(traceback_text),
     }

@@ -26,11 +26,12 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
+from coffea_hq import messages as m
 from coffea_hq import protocol
 from coffea_hq.protocol import FRAMES_CONTENT_TYPE, Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable, Transport
 
-from .slots import Result, Slot, WorkItem
+from .slots import FunctionUnavailable, LeaseKey, Result, Slot, WorkItem
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -39,6 +40,9 @@ SHORT_TASK = 0.005  # tasks shorter than this go to a subprocess in batches
 REPORT_MAX_ITEMS = 4096
 REPORT_MAX_BYTES = 64 * 1024 * 1024
 FRAME_OVERHEAD = 64 * 1024  # room for a report's header beside one result
+DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch systems kill later
+STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
+REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,122 @@ class WorkerConfig:
     name: str | None = None
     lease_wait: float = 10.0
     retry_for: float = 300.0
-    drain_timeout: float | None = None
+    drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT  # None: wait for running tasks
     token: str | None = None
 
 
 def default_name() -> str:
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:30]
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Leases:
+    """Every lease the worker holds, keyed as the server names a lease: (job, task, attempt).
+
+    The only code that adds or removes one. A lease is *pending* from the lease reply
+    until a slot takes it, then *running* until its result is queued for the report,
+    and ends when the report is sent, when the server says it is lost, or when it is
+    handed back. Two attempts of one task may both be held (a hung worker resumed):
+    they are different leases and never stand in for each other.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[LeaseKey, WorkItem] = {}
+        self._pending: deque[WorkItem] = deque()
+        self._running: set[LeaseKey] = set()
+        self._lost: set[LeaseKey] = set()  # held, but the server says no longer ours
+        self.work = asyncio.Event()  # set when there is something pending
+        self.ended = asyncio.Event()  # set when a lease ends: room to lease more
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def refs(self) -> list[m.LeaseRef]:
+        return [i.ref for i in self._held.values()]
+
+    def wake(self) -> None:
+        """Wake whoever waits for work or room (the worker is stopping)."""
+        self.work.set()
+        self.ended.set()
+
+    def add(self, items: list[WorkItem]) -> None:
+        for item in items:
+            self._held[item.key] = item
+            self._pending.append(item)
+        if items:
+            self.work.set()
+
+    def take(self, n: int) -> list[WorkItem]:
+        """Up to ``n`` pending leases, oldest first, now running."""
+        batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+        self._running.update(item.key for item in batch)
+        return batch
+
+    def put_back(self, items: list[WorkItem]) -> None:
+        """A batch's rest that never ran (its subprocess died): first in line again."""
+        keep = []
+        for item in items:
+            self._running.discard(item.key)
+            if item.key in self._held and item.key not in self._lost:
+                keep.append(item)
+            else:
+                self.end(item)  # lost, or handed back meanwhile
+        self._pending.extendleft(reversed(keep))
+        if keep:
+            self.work.set()
+
+    def finished(self, item: WorkItem) -> bool:
+        """The slot has a result for ``item``; whether it is still worth reporting."""
+        self._running.discard(item.key)
+        if item.key in self._held and item.key not in self._lost:
+            return True
+        self.end(item)  # lost or handed back: nobody wants this result any more
+        return False
+
+    def end(self, item: WorkItem) -> None:
+        """Reported, dropped or handed back: the lease is no longer ours to extend."""
+        self._held.pop(item.key, None)
+        self._running.discard(item.key)
+        self._lost.discard(item.key)
+        self.ended.set()
+
+    def lost(self, keys: set[LeaseKey]) -> set[LeaseKey]:
+        """The server says these leases are gone: drop the pending ones and return the
+        running ones (their slots should stop; their results would be refused)."""
+        keys = keys & self._held.keys()
+        if not keys:
+            return set()
+        gone = [i for i in self._pending if i.key in keys]
+        if gone:  # one pass: a cancelled job may have thousands pending here
+            self._pending = deque(i for i in self._pending if i.key not in keys)
+            for item in gone:
+                self.end(item)
+        self._lost |= keys & self._held.keys()
+        return keys & self._running
+
+    def hand_back_pending(self) -> list[WorkItem]:
+        """End every pending lease; the caller gives them back to the server."""
+        items = list(self._pending)
+        self._pending.clear()
+        for item in items:
+            self.end(item)
+        return items
+
+    def hand_back_running(self) -> list[WorkItem]:
+        """End every running lease (a drain out of time); the caller gives them back."""
+        items = [self._held[k] for k in self._running if k in self._held]
+        for item in items:
+            self.end(item)
+        return items
+
+    async def wait_empty(self) -> None:
+        while self._held:
+            self.ended.clear()
+            await self.ended.wait()
 
 
 class Worker:
@@ -67,9 +180,9 @@ class Worker:
         self.id = config.name or default_name()
         self.transport = Transport(config.url, retry_for=config.retry_for, token=config.token)
         self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
-        self.pending: deque[WorkItem] = deque()  # leased, not started
-        self.held: dict[tuple[str, str], WorkItem] = {}  # leased, not yet reported
-        self.outbox: list[Result] = []
+        self.leases = Leases()
+        # Finished tasks waiting to be reported: slots put, the report loop alone takes.
+        self.outbox: asyncio.Queue[Result] = asyncio.Queue()
         self._functions: dict[str, bytes] = {}
         self._function_fetches: dict[str, asyncio.Task[bytes]] = {}
         self._mean_runtime: float | None = None
@@ -85,11 +198,8 @@ class Worker:
         }
         self._stopping = asyncio.Event()
         self._abort = asyncio.Event()
-        self._work = asyncio.Event()
-        self._room = asyncio.Event()
-        self._outbox_ready = asyncio.Event()
+        self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
-        self._lost: set[tuple[str, str]] = set()  # leases the server says we no longer hold
 
     # ------------------------------------------------------------------ control
 
@@ -100,8 +210,7 @@ class Worker:
             log.warning("second stop request: aborting without draining")
             self._abort.set()
         self._stopping.set()
-        self._work.set()
-        self._room.set()
+        self.leases.wake()
 
     @property
     def capacity(self) -> int:
@@ -127,7 +236,7 @@ class Worker:
         running = [
             asyncio.create_task(self._slot_loop(s), name=f"slot{s.index}") for s in self.slots
         ]
-        watched = [leasing, *background]
+        watched = [leasing, *running, *background]
         try:
             done, _ = await asyncio.wait(
                 [*watched, asyncio.create_task(self._stopping.wait())],
@@ -147,72 +256,84 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(drain, abort, return_exceptions=True)
         finally:
-            for task in [leasing, *running, *background]:
+            for task in watched:
                 task.cancel()
-            await asyncio.gather(leasing, *running, *background, return_exceptions=True)
-            grace = 0.0 if self._abort.is_set() else 5.0
+            await asyncio.gather(*watched, return_exceptions=True)
+            grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
             await self.transport.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
-        log.info("worker %s draining: %d held", self.id, len(self.held))
+        """Hand back everything not started, let running tasks finish and report, within
+        the drain timeout; then hand back whatever still runs. Always ends."""
+        log.info("worker %s draining: %d held", self.id, len(self.leases))
         with contextlib.suppress(ServerError, ServerUnreachable):
             await self._heartbeat(draining=True)  # wakes our parked long poll
         with contextlib.suppress(Exception):
             await leasing
-        unstarted = list(self.pending)
-        self.pending.clear()
-        if unstarted:
-            with contextlib.suppress(ServerError, ServerUnreachable):
-                await self.transport.call(
-                    "POST",
-                    protocol.RELEASE,
-                    json_body={
-                        "worker": self.id,
-                        "items": [[i.job, i.task, i.attempt] for i in unstarted],
-                    },
+        await self._hand_back(self.leases.hand_back_pending(), "unstarted")
+        # Slot loops return after their batch, handing back the rest of a crashed one.
+        settled = asyncio.gather(*running, self.leases.wait_empty(), return_exceptions=True)
+        try:
+            done, _ = await asyncio.wait([settled], timeout=self.config.drain_timeout)
+            if not done:
+                log.warning(
+                    "worker %s: drain timeout (%ss) reached, handing back running tasks",
+                    self.id,
+                    self.config.drain_timeout,
                 )
-                for item in unstarted:
-                    self.held.pop(item.key, None)
-                log.info("worker %s handed back %d unstarted task(s)", self.id, len(unstarted))
-        finishing = asyncio.gather(*running)
-        flushed = asyncio.create_task(self._wait_reported())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(finishing, flushed), self.config.drain_timeout)
+                self._slot_grace = 0.0
+                await self._hand_back(self.leases.hand_back_running(), "running")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.leases.wait_empty(), REPORT_GRACE)
+        finally:
+            settled.cancel()
         with contextlib.suppress(ServerError, ServerUnreachable):
             await self._heartbeat(exiting=True)
 
-    async def _wait_reported(self) -> None:
-        while self.held and not self._abort.is_set():
-            self._room.clear()
-            await self._room.wait()
+    async def _hand_back(self, items: list[WorkItem], what: str) -> None:
+        """Return leases to the queue without counting an attempt (they end here either
+        way: if the server cannot be told, they expire)."""
+        if not items:
+            return
+        try:
+            await self.transport.call(
+                "POST",
+                protocol.RELEASE,
+                json_body=m.Release(worker=self.id, items=[i.ref for i in items]),
+            )
+        except (ServerError, ServerUnreachable) as e:
+            log.warning("worker %s: could not hand back %d task(s): %s", self.id, len(items), e)
+        else:
+            log.info("worker %s handed back %d %s task(s)", self.id, len(items), what)
 
     # ------------------------------------------------------------------ leasing
 
     async def _lease_loop(self) -> None:
         while not self._stopping.is_set():
-            room = self.capacity - len(self.held)
+            room = self.capacity - len(self.leases)
             if room < max(1, self.capacity // 2):
-                self._room.clear()
-                await self._room.wait()
+                self.leases.ended.clear()
+                await self.leases.ended.wait()
                 continue
             response = await self.transport.call(
                 "POST",
                 protocol.LEASE,
-                json_body={
-                    "worker": self.id,
-                    "max": min(room, protocol.LEASE_MAX_TASKS),
-                    "wait": self.config.lease_wait,
-                },
+                json_body=m.LeaseRequest(
+                    worker=self.id,
+                    max=min(room, protocol.LEASE_MAX_TASKS),
+                    wait=self.config.lease_wait,
+                ),
             )
             header, parts = response.frames()
-            for (job, task, attempt, function), payload in zip(header["tasks"], parts, strict=True):
-                item = WorkItem(job, task, attempt, function, bytes(payload))
-                self.held[item.key] = item
-                self.pending.append(item)
-            if header["tasks"]:
-                self._work.set()
+            reply = m.convert(header, m.LeaseReply)
+            self.leases.add(
+                [
+                    WorkItem(t.job, t.task, t.attempt, t.function, bytes(payload))
+                    for t, payload in zip(reply.tasks, parts, strict=True)
+                ]
+            )
 
     async def _function_bytes(self, sha: str) -> bytes:
         """A job's function, fetched once per worker and shared by its slots."""
@@ -228,46 +349,52 @@ class Worker:
             self._function_fetches.pop(sha, None)
 
     async def _fetch_function(self, sha: str) -> bytes:
-        data = (await self.transport.call("GET", protocol.BLOB.format(sha=sha))).body
+        try:
+            data = (await self.transport.call("GET", protocol.BLOB.format(sha=sha))).body
+        except ServerError as e:
+            raise FunctionUnavailable(self._unavailable(sha, e.message)) from e
         if protocol.blob_name(data) != sha:
-            raise ServerError(502, "bad_blob", f"blob {sha} arrived corrupted")
+            raise FunctionUnavailable(
+                self._unavailable(sha, "its bytes arrived corrupted (they do not match its hash)")
+            )
         self._functions[sha] = data
         self.stats["functions_fetched"] += 1
         return data
 
+    @staticmethod
+    def _unavailable(sha: str, why: str) -> str:
+        return (
+            f"the job's function (blob {sha}) could not be fetched from the server: {why} "
+            "(expired? re-submit the job)"
+        )
+
     # ------------------------------------------------------------------ running
 
-    def _take_batch(self) -> list[WorkItem]:
-        while self.pending and self.pending[0].key in self._lost:
-            self._forget(self.pending.popleft())
-        n = 1
+    def _batch_size(self) -> int:
         if self._mean_runtime is not None and self._mean_runtime < SHORT_TASK:
-            n = max(1, min(256, len(self.pending) // len(self.slots)))
-        return [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+            return max(1, min(256, self.leases.pending // len(self.slots)))
+        return 1
 
     async def _slot_loop(self, slot: Slot) -> None:
         while True:
-            while not self.pending and not self._stopping.is_set():
-                self._work.clear()
-                await self._work.wait()
+            while not self.leases.pending and not self._stopping.is_set():
+                self.leases.work.clear()
+                await self.leases.work.wait()
             if self._stopping.is_set():
                 return
-            batch = self._take_batch()
+            batch = self.leases.take(self._batch_size())
             self._busy += 1
             try:
                 leftover = await slot.run(batch, self._on_results)
             finally:
                 self._busy -= 1
-            if leftover:
-                self.pending.extendleft(reversed(leftover))
-                self._work.set()
+            self.leases.put_back(leftover)
+            if self._stopping.is_set():
+                # The drain already handed back what was pending; a crash since then
+                # brought back more.
+                await self._hand_back(self.leases.hand_back_pending(), "unstarted")
             if slot.restarts:
                 log.debug("slot %d restarted %d time(s)", slot.index, slot.restarts)
-
-    def _forget(self, item: WorkItem) -> None:
-        self.held.pop(item.key, None)
-        self._lost.discard(item.key)
-        self._room.set()
 
     def _fits(self, r: Result) -> Result:
         """A result too large for the server's request limit becomes the task's error,
@@ -285,14 +412,12 @@ class Worker:
         return Result(r.item, Outcome.ERROR, error, b"", r.seconds)
 
     def _on_results(self, results: list[Result]) -> None:
-        wanted = []
         for r in results:
-            if r.item.key in self._lost:
-                self._forget(r.item)  # nobody wants this result any more
-            else:
-                wanted.append(r)
-        results = [self._fits(r) for r in wanted]
-        for r in results:
+            if not self.leases.finished(r.item):
+                continue
+            if r.error is not None:
+                r.error = protocol.cut_error(r.error)  # one huge error must not sink a report
+            r = self._fits(r)
             self.stats["busy_seconds"] += r.seconds
             if r.outcome is Outcome.OK:
                 self.stats["done"] += 1
@@ -309,8 +434,7 @@ class Worker:
             if r.outcome is not Outcome.CRASHED:
                 m = self._mean_runtime
                 self._mean_runtime = r.seconds if m is None else 0.9 * m + 0.1 * r.seconds
-        self.outbox.extend(results)
-        self._outbox_ready.set()
+            self.outbox.put_nowait(r)
 
     # ------------------------------------------------------------------ reporting
 
@@ -318,46 +442,43 @@ class Worker:
     def _report_max_bytes(self) -> int:
         return min(REPORT_MAX_BYTES, self._max_request // 2)
 
-    def _next_report(self) -> list[Result]:
-        size, n = 0, 0
-        for r in self.outbox:
-            if n >= REPORT_MAX_ITEMS or (n and size + len(r.data) > self._report_max_bytes):
-                break
-            size += len(r.data)
-            n += 1
-        batch = self.outbox[:n]
-        del self.outbox[:n]
-        return batch
-
     async def _report_loop(self) -> None:
+        carried: Result | None = None  # taken from the outbox but over the last report's size
         while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            while self.outbox:
-                batch = self._next_report()
-                header = {
-                    "worker": self.id,
-                    "items": [
-                        [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error]
-                        for r in batch
-                    ],
-                }
-                body = protocol.pack(header, [r.data for r in batch])
-                try:
-                    response = await self.transport.call(
-                        "POST",
-                        protocol.COMPLETE,
-                        body=body,
-                        content_type=FRAMES_CONTENT_TYPE,
-                        accept=(200, 409),
-                    )
-                    if response.status == 409:
-                        log.warning("worker %s: %s", self.id, response.json().get("message"))
-                except ServerError as e:
-                    log.error("worker %s: report refused, results dropped: %s", self.id, e)
-                for r in batch:
-                    self.held.pop(r.item.key, None)
-                self._room.set()
+            first = carried or await self.outbox.get()
+            carried = None
+            batch, size = [first], len(first.data)
+            while len(batch) < REPORT_MAX_ITEMS and not self.outbox.empty():
+                r = self.outbox.get_nowait()
+                if size + len(r.data) > self._report_max_bytes:
+                    carried = r
+                    break
+                batch.append(r)
+                size += len(r.data)
+            await self._report(batch)
+
+    async def _report(self, batch: list[Result]) -> None:
+        header = m.Complete(
+            worker=self.id,
+            items=[
+                [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error] for r in batch
+            ],
+        )
+        body = protocol.pack(header, [r.data for r in batch])
+        try:
+            response = await self.transport.call(
+                "POST",
+                protocol.COMPLETE,
+                body=body,
+                content_type=FRAMES_CONTENT_TYPE,
+                accept=(200, 409),
+            )
+            if response.status == 409:
+                log.warning("worker %s: %s", self.id, response.json().get("message"))
+        except ServerError as e:
+            log.error("worker %s: report refused, results dropped: %s", self.id, e)
+        for r in batch:
+            self.leases.end(r.item)
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -367,7 +488,7 @@ class Worker:
             **self.stats,
             "uptime": uptime,
             "busy_slots": self._busy,
-            "held": len(self.held),
+            "held": len(self.leases),
             "mean_runtime": self._mean_runtime,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "restarts": sum(s.restarts for s in self.slots),
@@ -375,35 +496,40 @@ class Worker:
         response = await self.transport.call(
             "POST",
             protocol.HEARTBEAT,
-            json_body={
-                "worker": self.id,
-                "slots": len(self.slots),
-                "host": socket.gethostname(),
-                "leases": [[i.job, i.task, i.attempt] for i in self.held.values()],
-                "stats": stats,
-                "draining": draining or self._stopping.is_set(),
-                "exiting": exiting,
-            },
+            json_body=m.Heartbeat(
+                worker=self.id,
+                slots=len(self.slots),
+                host=socket.gethostname()[:256],
+                leases=self.leases.refs(),
+                stats=stats,
+                draining=draining or self._stopping.is_set(),
+                exiting=exiting,
+            ),
         )
-        doc = response.json()
-        self._heartbeat_every = float(doc.get("interval", self._heartbeat_every))
-        self._max_request = int(doc.get("max_request_size", self._max_request))
-        lost = {(job, task) for job, task, _ in doc.get("lost", [])}
-        if lost:
-            # Cancelled jobs or expired leases: do not start what is no longer ours, and
-            # stop what is running (its result would be refused anyway).
-            self._lost |= lost & self.held.keys()
-            for item in [i for i in self.pending if i.key in lost]:
-                self.pending.remove(item)
-                self._forget(item)
-            for slot in self.slots:
-                if slot.running & lost:
-                    log.info(
-                        "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
-                    )
-                    slot.kill()
+        reply = m.decode(response.body, m.HeartbeatReply)
+        self._heartbeat_every = reply.interval
+        self._max_request = reply.max_request_size
+        lost = {(r.job, r.task, r.attempt) for r in reply.lost}
+        # Cancelled jobs or expired leases: do not start what is no longer ours, and stop
+        # what is running (its result would be refused anyway). Only that very attempt:
+        # the same task may be running here again under a newer one.
+        running = self.leases.lost(lost)
+        for slot in self.slots:
+            if running and slot.executing() in running:
+                log.info(
+                    "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
+                )
+                slot.kill()
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._heartbeat()
-            await asyncio.sleep(self._heartbeat_every)
+            asked = self._heartbeat_every
+            started = time.monotonic()
+            await asyncio.sleep(asked)
+            if time.monotonic() - started > 2 * asked:
+                # The process was stopped or starved. A lease reply that waited meanwhile
+                # may hold leases close to their deadline: once it is taken in (a moment
+                # after this heartbeat), extend them too rather than a full interval later.
+                await self._heartbeat()
+                await asyncio.sleep(STALL_CATCH_UP)

@@ -10,7 +10,19 @@ import sys
 
 from coffea_hq import protocol
 
-from .agent import Worker, WorkerConfig
+from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
+
+
+def _drain_timeout(text: str) -> float | None:
+    if text.strip().lower() in ("none", "inf", "infinity"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"a number of seconds >= 0, or 'none', not {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
         prog="hq-worker",
         description="A coffea-hq worker: leases tasks from the server and runs them in "
         "subprocesses, one per slot. SIGTERM drains it: unstarted tasks go back, running "
-        "ones finish.",
+        "ones finish (within --drain-timeout). A second SIGTERM exits at once.",
     )
     p.add_argument(
         "url",
@@ -43,9 +55,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
-        default=None,
-        help="on SIGTERM, seconds to wait for running tasks (default: until done)",
+        type=_drain_timeout,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS|none",
+        help="on SIGTERM, how long running tasks may take to finish and report; then they "
+        "are stopped and handed back to the queue (their attempt not counted). 0: hand "
+        "them back at once; 'none': wait however long they take (default: %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p

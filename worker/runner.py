@@ -1,10 +1,11 @@
-"""The task subprocess: ``python -m coffea_hq.worker.runner MARKER_FILE``.
+"""The task subprocess: ``python -m coffea_hq.worker.runner MARKER_FD``.
 
 Long-lived, one per slot. It reads batches of tasks from stdin, runs them in
 order and writes results to the original stdout, which is moved away from fd 1
 first so that a task's own prints go to stderr instead of corrupting the pipe.
 Before each task it writes the task's sequence number into the shared marker
-file, so that if this process dies the worker knows which task killed it.
+file (an unlinked temporary file, inherited as file descriptor MARKER_FD), so
+that if this process dies the worker knows which task killed it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
         pickled = protocol.dumps(exc)
     except Exception:  # an exception that cannot travel still has its text
         pickled = b""
+    if len(pickled) > protocol.ERROR_PICKLE_MAX:
+        pickled = b""  # too heavy to ship in a report: the text says what happened
     return protocol.error_info(exc, text), pickled
 
 
@@ -64,7 +67,9 @@ def _run_one(
         return Outcome.OK, None, protocol.dumps(value)
     except Exception as exc:
         error, pickled = _error(exc)
-        error["message"] = f"the task's return value cannot be pickled: {error['message']}"
+        error["message"] = protocol.cut_text(
+            f"the task's return value cannot be pickled: {error['message']}"
+        )
         return Outcome.ERROR, error, pickled
 
 
@@ -74,8 +79,7 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    with open(sys.argv[1], "r+b") as f:
-        marker = mmap.mmap(f.fileno(), MARKER.size)
+    marker = mmap.mmap(int(sys.argv[1]), MARKER.size)
     functions: OrderedDict[str, Any] = OrderedDict()
     while True:
         message = pipe.read_blocking(inp)

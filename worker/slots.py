@@ -12,10 +12,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coffea_hq.protocol import MERGE_PREFIX, Outcome
+from coffea_hq.messages import LeaseRef
+from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
 from .runner import MARKER
+
+LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
+
+
+FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
+
+
+class FunctionUnavailable(Exception):
+    """A job's function could not be had from the server: its tasks fail with this text."""
 
 
 @dataclass(slots=True)
@@ -29,13 +39,17 @@ class WorkItem:
     payload: bytes
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.job, self.task)
+    def key(self) -> LeaseKey:
+        return (self.job, self.task, self.attempt)
+
+    @property
+    def ref(self) -> LeaseRef:
+        return LeaseRef(self.job, self.task, self.attempt)
 
     @property
     def merge(self) -> bool:
         """A merge task: its function is the job's reducer, its payload the inputs' results."""
-        return self.task.startswith(MERGE_PREFIX)
+        return is_merge(self.task)
 
 
 @dataclass(slots=True)
@@ -69,31 +83,42 @@ class Slot:
         self._proc: asyncio.subprocess.Process | None = None
         self._functions: set[str] = set()
         self._seq = 0
-        self._marker_path = ""
+        self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
-        self.running: set[tuple[str, str]] = set()  # keys of the batch in the subprocess now
+        self._unreported: dict[int, WorkItem] = {}  # by sequence number: the batch in hand
 
     async def start(self) -> None:
-        fd, self._marker_path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
+        self._close_marker()
+        # Unlinked at once, shared by file descriptor: nothing is left in the temp
+        # directory, however this worker ends.
+        fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
+        os.unlink(path)
         os.write(fd, bytes(MARKER.size))
-        os.close(fd)
+        self._marker = fd
         self._functions = set()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "coffea_hq.worker.runner",
-            self._marker_path,
+            str(fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            pass_fds=(fd,),
         )
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def _crashed_seq(self) -> int:
-        with open(self._marker_path, "rb") as f:
-            return int(MARKER.unpack(f.read(MARKER.size))[0])
+    def _marker_seq(self) -> int:
+        """The sequence number of the task the subprocess runs (or last ran, if it died)."""
+        return int(MARKER.unpack(os.pread(self._marker, MARKER.size, 0))[0])
+
+    def executing(self) -> LeaseKey | None:
+        """The lease whose task the subprocess is running at this moment, if any. Not the
+        whole batch: a lease lost further down the batch must not cost the one running."""
+        item = self._unreported.get(self._marker_seq()) if self._unreported else None
+        return item.key if item else None
 
     async def run(
         self, batch: list[WorkItem], report: Callable[[list[Result]], None]
@@ -101,18 +126,30 @@ class Slot:
         """Run ``batch``, calling ``report`` as results arrive. Returns the items that never
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
-        by_seq: dict[int, WorkItem] = {}
-        self.running = {item.key for item in batch}
+        functions: dict[str, bytes] = {}
+        for sha in {item.function for item in batch} - self._functions:
+            try:
+                functions[sha] = await self._fetch(sha)
+            except FunctionUnavailable as e:
+                # Fail this function's tasks now: a slot that died here would leave them
+                # held and heartbeated for ever.
+                error = {"type": FUNCTION_UNAVAILABLE, "message": str(e), "traceback": ""}
+                report(
+                    [Result(i, Outcome.ERROR, error, b"", 0.0) for i in batch if i.function == sha]
+                )
+                batch = [i for i in batch if i.function != sha]
+        by_seq = self._unreported = {}
         order = []
         for item in batch:
             self._seq += 1
             by_seq[self._seq] = item
             order.append((self._seq, item.function, item.payload, item.merge))
         try:
-            for sha in {item.function for item in batch} - self._functions:
-                self._proc.stdin.write(pipe.encode(("function", sha, await self._fetch(sha))))
+            for sha, data in functions.items():
+                self._proc.stdin.write(pipe.encode(("function", sha, data)))
                 self._functions.add(sha)
-            self._proc.stdin.write(pipe.encode(("run", order)))
+            if order:
+                self._proc.stdin.write(pipe.encode(("run", order)))
             await self._proc.stdin.drain()
             while by_seq:
                 head = await self._proc.stdout.readexactly(pipe.HEADER.size)
@@ -121,13 +158,12 @@ class Slot:
                 results = []
                 for seq, outcome, error, data, seconds in done:
                     item = by_seq.pop(seq)
-                    self.running.discard(item.key)
                     results.append(Result(item, Outcome(outcome), error, data, seconds))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
             return await self._after_crash(by_seq, report)
         finally:
-            self.running = set()
+            self._unreported = {}
         return []
 
     def kill(self) -> None:
@@ -141,20 +177,20 @@ class Slot:
     ) -> list[WorkItem]:
         assert self._proc is not None
         returncode = await self._proc.wait()
-        crashed = self._crashed_seq()
+        crashed = self._marker_seq()
         reason = describe_exit(returncode)
         leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
         if crashed in unreported:
             error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
             report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
         self.restarts += 1
-        self._cleanup_marker()
         await self.start()
         return leftover
 
-    def _cleanup_marker(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self._marker_path)
+    def _close_marker(self) -> None:
+        if self._marker >= 0:
+            os.close(self._marker)
+            self._marker = -1
 
     async def stop(self, timeout: float = 5.0) -> None:
         proc = self._proc
@@ -168,5 +204,5 @@ class Slot:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-        self._cleanup_marker()
+        self._close_marker()
         self._proc = None

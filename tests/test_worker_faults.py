@@ -1,0 +1,124 @@
+"""Fault injection on the worker itself: hung and resumed, drained while a slot crashes.
+
+Marked slow: run with ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from coffea_hq import Client, protocol
+from coffea_hq.embedded import EmbeddedRedis
+
+from .conftest import Processes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def wait_for_worker(url: str, timeout: float = 10.0) -> None:
+    def registered() -> bool:
+        with urllib.request.urlopen(url + protocol.WORKERS, timeout=5) as r:
+            return bool(json.loads(r.read()))
+
+    deadline = time.monotonic() + timeout
+    while not registered():
+        assert time.monotonic() < deadline, "the worker never registered"
+        time.sleep(0.1)
+
+
+def test_a_hung_worker_resumed_keeps_the_attempt_it_was_given_meanwhile(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    """Attempt 1 expires while the worker is stopped; attempt 2 lands in its parked long
+    poll. On resume, the notice that attempt 1 is lost must not kill attempt 2."""
+    url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    worker = processes.worker(url, "--slots", "2")
+    with Client(url) as client:
+        wait_for_worker(url)
+        time.sleep(0.5)  # its second slot's lease request is parked on the server now
+        job = client.map(nap, [6.0], max_attempts=2)
+        started = time.monotonic()
+        time.sleep(1.2)
+        worker.send_signal(signal.SIGSTOP)  # the agent only: its task subprocess runs on
+        time.sleep(5.7 - (time.monotonic() - started))
+        worker.send_signal(signal.SIGCONT)
+        assert job.result(timeout=60) == [6.0]  # and the server counts a task once
+    assert worker.poll() is None
+
+
+def exit_once_when_told(x: int, go: str, crashed: str) -> int:
+    """Short, except x == 0 the first time: it waits for the file ``go``, then kills its
+    subprocess, taking the rest of its batch down with it."""
+    if x == 0 and not os.path.exists(crashed):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        Path(crashed).touch()
+        os._exit(3)
+    return x
+
+
+def test_a_drain_ends_even_when_a_slot_crashes_after_it_began(
+    store: EmbeddedRedis, processes: Processes, prefix: str, tmp_path: Path
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    leaving = processes.worker(url)
+    go, crashed = str(tmp_path / "go"), str(tmp_path / "crashed")
+    n = 2000
+    with Client(url) as client:
+        # Learn that these tasks are short, so the next job runs in batches.
+        assert client.map(nap, [0.0] * 50).result(timeout=30) == [0.0] * 50
+        order = [*range(1, 300), 0, *range(300, n)]  # 0 sits inside a batch
+        job = client.map(exit_once_when_told, order, [go] * n, [crashed] * n)
+        deadline = time.monotonic() + 30
+        while job.status()["done"] < 250 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leaving.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the drain has handed back what was queued in the worker
+        Path(go).touch()  # now the slot dies: the rest of its batch comes back to the agent
+        processes.worker(url)
+        assert leaving.wait(timeout=20) == 0
+        assert job.result(timeout=60) == order
+        assert os.path.exists(crashed)
+
+
+def test_a_drain_out_of_time_hands_back_the_running_task(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    leaving = processes.worker(url, "--drain-timeout", "1")
+    with Client(url) as client:
+        wait_for_worker(url)
+        # max_attempts=1: handed back, not expired, or the task would fail for good.
+        job = client.map(nap, [4.0], max_attempts=1)
+        deadline = time.monotonic() + 10
+        while not client_leased(url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # running now
+        leaving.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert leaving.wait(timeout=15) == 0
+        assert time.monotonic() - started < 6  # 1 s of drain, then out at once
+        processes.worker(url)
+        assert job.result(timeout=30) == [4.0]
+
+
+def client_leased(url: str) -> int:
+    with urllib.request.urlopen(url + protocol.QUEUE, timeout=5) as r:
+        return int(json.loads(r.read())["running"])
