@@ -200,14 +200,22 @@ def convert(header: dict[str, Any], kind: type[T]) -> T:
     return msgspec.convert(header, type=kind)
 
 
-def report_item(raw: Any) -> ReportItem:
-    """One item of a complete report, checked on its own."""
-    item = msgspec.convert(raw, type=ReportItem)
+def _check(item: ReportItem) -> ReportItem:
     if (item.outcome is Outcome.OK) != (item.error is None):
         raise msgspec.ValidationError(
             "an 'ok' item carries a null error, any other outcome an error object - at `$[4]`"
         )
     return item
+
+
+def report_item(raw: Any) -> ReportItem:
+    """One item of a complete report, checked on its own."""
+    return _check(msgspec.convert(raw, type=ReportItem))
+
+
+def report_items(raw: list[Any]) -> list[ReportItem]:
+    """All items of a report at once (raises if any is malformed: then judge each)."""
+    return [_check(item) for item in msgspec.convert(raw, type=list[ReportItem])]
 
 
 def encode(message: Any) -> bytes:

@@ -241,7 +241,8 @@ async def lease(request: web.Request) -> web.StreamResponse:
     tasks = await request.app[DISPATCHER].lease(
         worker, body.max, body.wait, connected=lambda: _connected(request)
     )
-    header = m.LeaseReply([m.LeasedTask(t.job, t.task, t.attempt, t.function) for t in tasks])
+    # The shape of messages.LeaseReply, built as plain lists: this is the hot path.
+    header = {"tasks": [[t.job, t.task, t.attempt, t.function] for t in tasks]}
     if not tasks:
         return _frames_response(header, [])
     # Written here rather than by aiohttp, so that a reply that cannot reach the worker
@@ -261,8 +262,7 @@ async def lease(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _report(raw: Any, part: memoryview) -> Report:
-    item = m.report_item(raw)
+def _report(item: m.ReportItem, part: memoryview) -> Report:
     error = msgspec.structs.asdict(item.error) if item.error is not None else None
     return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
 
@@ -288,9 +288,13 @@ async def complete(request: web.Request) -> web.Response:
     where: list[int] = []
     statuses = [CompleteStatus.INVALID] * len(items)
     reasons: dict[int, str] = {}
+    try:  # the common case in one pass; item by item only when something is wrong
+        checked = m.report_items(items)
+    except msgspec.ValidationError:
+        checked = None
     for i, (item, part) in enumerate(zip(items, parts, strict=True)):
         try:
-            reports.append(_report(item, part))
+            reports.append(_report(checked[i] if checked else m.report_item(item), part))
             where.append(i)
         except msgspec.ValidationError as e:
             reasons[i] = f"'items'[{i}]: {e}"

@@ -20,6 +20,8 @@ local function now_ms()
 end
 
 local function call_sliced(cmd, key, args)
+  if #args == 0 then return end
+  if #args <= SLICE then return redis.call(cmd, key, unpack(args)) end
   for i = 1, #args, SLICE do
     redis.call(cmd, key, unpack(args, i, math.min(i + SLICE - 1, #args)))
   end
@@ -28,6 +30,8 @@ end
 -- The same for a command whose reply is one entry per argument (HMGET, ZMSCORE): the
 -- replies of the slices, concatenated (a missing entry is false).
 local function call_sliced_collect(cmd, key, args)
+  if #args == 0 then return {} end
+  if #args <= SLICE then return redis.call(cmd, key, unpack(args)) end
   local out = {}
   for i = 1, #args, SLICE do
     local part = redis.call(cmd, key, unpack(args, i, math.min(i + SLICE - 1, #args)))
