@@ -286,30 +286,19 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 
 # --------------------------------------------------------------------------- message shapes
 #
-# Headers are plain JSON objects. The shapes below are the contract; the server
-# validates every field it reads (see coffea_hq.server.validate).
+# Every request body, and the lease and heartbeat replies, is a msgspec.Struct in
+# coffea_hq.messages: the server decodes bodies into them, client and worker build
+# requests from them. Still plain JSON (their shapes are the server's replies):
 #
-# PUT  JOB          JSON {"function": sha, "max_attempts": int, "fail_fast": bool,
-#                         "label": str, "reducer": sha|null, "fanin": int} -> job summary
-#                   With a reducer, results are merged on workers by merge tasks
-#                   (ids "m1", "m2", ...) that call reducer(list_of_values); the client
-#                   receives only the final merge ("merged" items report progress).
-# POST JOB_TASKS    frames {"tasks": [task_id, ...]} + one payload part per task
-#                                                                        -> {"added": n}
-# POST JOB_SEAL     JSON {"total": n}                                    -> job summary
+# GET  JOB, PUT JOB, POST JOB_SEAL, POST JOB_CANCEL -> job summary {"job", "state",
+#                   "label", "submitted", "total", "done", "failed", "max_attempts",
+#                   "fail_fast", "reducing", "merges", "merges_open", ["reason"]}
 # GET  JOB_RESULTS  ?after=<cursor>&wait=<s>&ack=<cursor>
-#                   frames {"cursor": str, "state": str, "items": [[task, outcome], ...],
-#                           (outcome "ok" | "error" | "merged": merged on workers, no part)
-#                           "errors": {task: error}, "done": n, "total": n|null}
+#                   frames {"cursor": str, "items": [[task, outcome], ...], "errors":
+#                           {task: error}, "end": bool, **job summary}
+#                   (outcome "ok" | "error" | "merged": merged on workers, no part)
 #                   + one part per item (pickled value, or pickled exception)
-# POST LEASE        JSON {"worker": id, "max": n, "wait": s}
-#                   frames {"tasks": [[job, task, attempt, function_sha], ...]} + payloads
-# POST COMPLETE     frames {"worker": id, "items": [[job, task, attempt, outcome, error|null]]}
-#                   + one part per item             -> {"items": [status, ...]}
-# POST RELEASE      JSON {"worker": id, "items": [[job, task, attempt], ...]}
-# POST HEARTBEAT    JSON {"worker": id, "slots": n, "host": str, "leases":
-#                         [[job, task, attempt], ...], "stats": {...}}
-#                   -> {"lost": [[job, task, attempt], ...]}  (leases it no longer holds)
+# GET  QUEUE        {"queued", "running", "work", "jobs", "workers", "counters"}
 #
 # An error from the server is JSON {"error": <code>, "message": <sentence>}.
 
