@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -45,6 +46,23 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> Non
         if time.monotonic() > deadline:
             raise HQError(f"hq-server did not answer at {url} within {timeout}s")
         time.sleep(0.05)
+
+
+def terminate(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Stop processes: SIGCONT (a stopped process cannot act on SIGTERM) and SIGTERM to
+    all, then wait for them together up to ``timeout`` seconds, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class LocalCluster:
@@ -203,20 +221,6 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ stop
 
-    @staticmethod
-    def _terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
     def close(self) -> None:
         """Stop workers (draining), the server and the embedded Redis; remove temp files."""
         if not self._started:
@@ -225,14 +229,9 @@ class LocalCluster:
         atexit.unregister(self.close)
         if self.scaler is not None:
             self.scaler.stop()
-        # Stopped workers cannot be resumed by SIGTERM alone.
-        for proc in self.workers:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)
-        self._terminate(self.workers, STOP_TIMEOUT)
+        terminate(self.workers, STOP_TIMEOUT)
         if self.server is not None:
-            self._terminate([self.server], STOP_TIMEOUT)
+            terminate([self.server], STOP_TIMEOUT)
         if self.redis is not None:
             self.redis.stop()
         for f in self._log_files:

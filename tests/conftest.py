@@ -5,10 +5,7 @@ Every fixture that starts a process stops it in its teardown, whatever the test 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -21,7 +18,7 @@ import pytest
 import redis
 
 from coffea_hq.embedded import EmbeddedRedis, free_port
-from coffea_hq.local import wait_healthy
+from coffea_hq.local import terminate, wait_healthy
 
 STORES = ["embedded"] + (["redis-server"] if shutil.which("redis-server") else [])
 
@@ -112,18 +109,8 @@ class Processes:
     def stop_all(self) -> None:
         """Workers first (they drain through their server), then servers."""
         workers = [p for p in self.procs if "coffea_hq.worker" in list(p.args)]  # type: ignore[arg-type]
-        for group in (workers, [p for p in self.procs if p not in workers]):
-            for proc in group:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)
-                        proc.terminate()
-            for proc in group:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        terminate(workers, 10)
+        terminate([p for p in self.procs if p not in workers], 10)
 
 
 @pytest.fixture

@@ -42,22 +42,20 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import hist
+import numpy as np
+import psutil
 import pytest
+from coffea import processor
+from coffea.nanoevents import BaseSchema
+from coffea.processor import accumulate
 
-pytest.importorskip("coffea")
+from coffea_hq import Client, HQExecutor
+from coffea_hq.embedded import EmbeddedRedis, free_port
+from coffea_hq.local import terminate
 
-import hist  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import uproot  # noqa: E402
-from coffea import processor  # noqa: E402
-from coffea.nanoevents import BaseSchema  # noqa: E402
-from coffea.processor import accumulate  # noqa: E402
-
-from coffea_hq import Client, HQExecutor  # noqa: E402
-from coffea_hq.embedded import EmbeddedRedis, free_port  # noqa: E402
-
-from .conftest import Processes  # noqa: E402
+from .conftest import Processes
+from .test_executor import write_flat
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the warm-up tasks
 
@@ -151,21 +149,6 @@ class ChaosProcessor(processor.ProcessorABC):
 
     def postprocess(self, accumulator: Any) -> Any:
         return accumulator
-
-
-def write_flat(path: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    with uproot.recreate(path) as f:
-        f.mktree("tree", {"x": np.float64, "w": np.float64, "k": np.int32})
-        for start in range(0, n, 500):
-            size = min(500, n - start)
-            f["tree"].extend(
-                {
-                    "x": rng.normal(0.0, 1.5, size),
-                    "w": rng.integers(1, 8, size) / 4.0,
-                    "k": rng.integers(0, 5, size).astype(np.int32),
-                }
-            )
 
 
 def assert_exact(ours: Any, ref: Any) -> None:
@@ -355,25 +338,9 @@ class Run:
     # ------------------------------------------------------------------ the end
 
     def stop_all(self) -> None:
-        procs = [*self.workers, *self.draining]
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)
-                    proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        terminate([*self.workers, *self.draining], 15)
+        if self.server is not None:
+            terminate([self.server], 10)
         for orphan in self.orphans:
             with contextlib.suppress(psutil.NoSuchProcess):
                 orphan.kill()

@@ -81,8 +81,8 @@ def write_nanoaod(path: Path, n: int, seed: int) -> None:
         )
 
 
-def write_flat(path: Path, n: int) -> None:
-    rng = np.random.default_rng(7)
+def write_flat(path: Path, n: int, seed: int = 7) -> None:
+    rng = np.random.default_rng(seed)
     with uproot.recreate(path) as f:
         f.mktree("tree", {"x": np.float64, "w": np.float64, "k": np.int32})
         for start in range(0, n, 400):  # several baskets, so align_clusters has clusters
