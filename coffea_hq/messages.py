@@ -24,12 +24,13 @@ T = TypeVar("T")
 Id = Annotated[
     str,
     msgspec.Meta(
-        pattern=rf"^[A-Za-z0-9_.\-]{{1,{protocol.ID_MAX_LENGTH}}}$",
+        # \Z, not $: Python's $ also matches before a final newline.
+        pattern=rf"^[A-Za-z0-9_.\-]{{1,{protocol.ID_MAX_LENGTH}}}\Z",
         description="a job, task or worker id: 1-64 letters, digits, '-', '_' or '.'",
     ),
 ]
 BlobName = Annotated[
-    str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the blob's bytes")
+    str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z", description="hex sha256 of the blob's bytes")
 ]
 Attempt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=protocol.ERROR_TEXT_MAX)]

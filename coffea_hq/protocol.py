@@ -340,6 +340,13 @@ def error_info(exc: BaseException, traceback_text: str) -> dict[str, str]:
     """The JSON description of a task's exception that travels beside the pickled exception."""
     return {
         "type": cut_text(f"{type(exc).__module__}.{type(exc).__qualname__}"),
-        "message": cut_text(str(exc)),
+        "message": cut_text(_message(exc)),
         "traceback": cut_text(traceback_text),
     }
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as e:  # an exception whose __str__ raises still fails its task cleanly
+        return f"<exception str() failed: {type(e).__name__}: {e!r}>"

@@ -13,6 +13,7 @@ import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coffea_hq import messages as m
@@ -66,6 +67,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except (RedisConnectionError, RedisTimeoutError, OSError) as e:
         log.warning("store unavailable: %s", e)
         return _error(503, "store_unavailable", f"the queue's Redis is unreachable: {e}")
+    except RedisResponseError as e:
+        # OOM, MISCONF, LOADING, BUSY: the store refuses writes for now. 503, so that
+        # clients and workers retry rather than give up or drop results.
+        log.error("store refused a command: %s", e)
+        return _error(503, "store_error", f"the queue's Redis refused the request: {e}")
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].max_request_size
         return _error(

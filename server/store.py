@@ -307,10 +307,11 @@ class Store:
     # ------------------------------------------------------------------ tasks (worker side)
 
     async def worker_alive(self, worker: str, within: float) -> bool:
-        """Whether ``worker`` heartbeated in the last ``within`` seconds (or never has: a
-        worker's first lease may come before its first heartbeat)."""
+        """Whether ``worker`` heartbeated in the last ``within`` seconds. One never heard
+        of (or forgotten after a minute of silence) is not: its parked request gets no
+        tasks, and a live worker simply asks again after its heartbeat."""
         seen = await self.redis.zscore(self.keys.workers_seen, worker)
-        return seen is None or time.time() - float(seen) <= within
+        return seen is not None and time.time() - float(seen) <= within
 
     async def lease(self, worker: str, maximum: int) -> list[LeasedTask]:
         """Lease up to ``maximum`` tasks, oldest job first."""

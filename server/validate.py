@@ -4,6 +4,7 @@ message types (:mod:`coffea_hq.messages`). Each failure is a 400 naming the para
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from coffea_hq import protocol
@@ -37,11 +38,15 @@ def query_number(query: Any, name: str, default: float, low: float, high: float)
     return value
 
 
+_CURSOR = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?\Z", re.ASCII)
+_U64 = 2**64 - 1
+
+
 def cursor(value: str | None, what: str) -> str | None:
-    """A Redis stream id ``<ms>-<seq>`` (or ``0``)."""
+    """A Redis stream id ``<ms>-<seq>`` (or ``0``): ASCII digits, each part a u64."""
     if value is None:
         return None
-    ms, _, seq = value.partition("-")
-    if not ms.isdigit() or (seq and not seq.isdigit()) or len(value) > 41:
+    match = _CURSOR.match(value)
+    if match is None or any(int(p) > _U64 for p in match.groups() if p is not None):
         raise BadRequest(f"{what} must be a result cursor from an earlier response")
     return value

@@ -123,6 +123,18 @@ def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
         ("GET", "/api/v1/jobs/nope", None, "application/json", 404, "no job nope"),
         ("GET", "/api/v1/jobs/nope/results", None, "application/json", 404, "no job nope"),
         ("GET", "/api/v1/jobs/nope/results?after=zz", None, "application/json", 400, "cursor"),
+        ("GET", "/api/v1/jobs/n/results?after=99999999999999999999999-0", None, "", 400, "cursor"),
+        ("GET", "/api/v1/jobs/n/results?after=1-99999999999999999999999", None, "", 400, "cursor"),
+        ("GET", "/api/v1/jobs/n/results?ack=%C2%B2", None, "application/json", 400, "cursor"),
+        ("GET", "/api/v1/jobs/n/results?after=%D9%A3", None, "application/json", 400, "cursor"),
+        (
+            "POST",
+            "/api/v1/heartbeat",
+            js({"worker": "evil\n"}),
+            "application/json",
+            400,
+            "$.worker",
+        ),
         ("POST", "/api/v1/jobs/nope/seal", js({"total": 1}), "application/json", 404, "no job"),
         ("POST", "/api/v1/jobs/nope/cancel", None, "application/json", 404, "no job"),
         (

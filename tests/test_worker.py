@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import cloudpickle
@@ -46,6 +48,32 @@ def test_a_huge_error_message_is_cut_and_the_rest_of_its_batch_counts(
     assert "characters cut" in failure.message
     assert len(failure.traceback) <= protocol.ERROR_TEXT_MAX
     assert "in huge_error_on" in failure.traceback and "characters cut" in failure.traceback
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def unprintable_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise Unprintable()
+    return x
+
+
+def test_an_exception_whose_str_raises_fails_its_task_once_not_its_slot(
+    server_url: str, processes: Processes
+) -> None:
+    processes.worker(server_url)
+    with Client(server_url) as client:
+        job = client.map(unprintable_on, range(50), [7] * 50, fail_fast=False)
+        with pytest.raises(TaskFailed) as info:
+            job.result(timeout=30)
+    failure = info.value
+    assert failure.index == 7 and failure.exc_type.endswith("Unprintable")
+    assert "str() failed" in failure.message and failure.attempt == 1
+    counted = json.loads(urllib.request.urlopen(server_url + protocol.QUEUE).read())["counters"]
+    assert (counted["tasks_ok"], counted["tasks_failed"], counted["requeued"]) == (49, 1, 0)
 
 
 class Heavy(Exception):

@@ -122,3 +122,31 @@ def test_a_drain_out_of_time_hands_back_the_running_task(
 def client_leased(url: str) -> int:
     with urllib.request.urlopen(url + protocol.QUEUE, timeout=5) as r:
         return int(json.loads(r.read())["running"])
+
+
+def test_a_drain_ends_in_time_when_the_server_is_gone(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    """Every request of a drain retries only as long as the drain has left."""
+    url, server = processes.server(store.url, "--lease-timeout", "5", prefix=prefix)
+    worker = processes.worker(url, "--drain-timeout", "2")
+    with Client(url) as client:
+        wait_for_worker(url)
+        client.map(nap, [30.0])
+        deadline = time.monotonic() + 20
+        while not worker_busy(url):
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.2)
+        server.kill()
+        server.wait()
+        worker.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        # 2 s of drain, a few short retries past it, the slot's stop: well under 30 s.
+        assert worker.wait(timeout=30) == 0
+        assert time.monotonic() - stopped < 20
+
+
+def worker_busy(url: str) -> bool:
+    with urllib.request.urlopen(url + protocol.WORKERS, timeout=5) as r:
+        workers = json.loads(r.read())
+    return any(w["stats"].get("busy_slots", 0) > 0 for w in workers.values())

@@ -42,6 +42,7 @@ REPORT_MAX_BYTES = 64 * 1024 * 1024
 FRAME_OVERHEAD = 64 * 1024  # room for a report's header beside one result
 DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch systems kill later
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
+DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
 
 
@@ -266,33 +267,49 @@ class Worker:
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
         """Hand back everything not started, let running tasks finish and report, within
-        the drain timeout; then hand back whatever still runs. Always ends."""
+        the drain timeout; then hand back whatever still runs. Always ends, and in about
+        the drain timeout even when the server is unreachable: every request made here
+        retries only as long as the drain has left (at least ``DRAIN_CALL_MIN``)."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.drain_timeout
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def budget() -> float | None:
+            if deadline is None:
+                return None  # no limit: the transport's own retry budget
+            return max(DRAIN_CALL_MIN, deadline - loop.time())
+
         log.info("worker %s draining: %d held", self.id, len(self.leases))
         with contextlib.suppress(ServerError, ServerUnreachable):
-            await self._heartbeat(draining=True)  # wakes our parked long poll
+            await self._heartbeat(draining=True, retry_for=budget())  # ends our parked poll
+        # A lease request still in flight: let it land, but not past the budget (cancelled,
+        # its connection closes and the server hands back what it could not deliver).
         with contextlib.suppress(Exception):
-            await leasing
-        await self._hand_back(self.leases.hand_back_pending(), "unstarted")
+            await asyncio.wait_for(leasing, budget())
+        await self._hand_back(self.leases.hand_back_pending(), "unstarted", budget())
         # Slot loops return after their batch, handing back the rest of a crashed one.
         settled = asyncio.gather(*running, self.leases.wait_empty(), return_exceptions=True)
         try:
-            done, _ = await asyncio.wait([settled], timeout=self.config.drain_timeout)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait([settled], timeout=left)
             if not done:
                 log.warning(
                     "worker %s: drain timeout (%ss) reached, handing back running tasks",
                     self.id,
-                    self.config.drain_timeout,
+                    timeout,
                 )
                 self._slot_grace = 0.0
-                await self._hand_back(self.leases.hand_back_running(), "running")
+                await self._hand_back(self.leases.hand_back_running(), "running", DRAIN_CALL_MIN)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.leases.wait_empty(), REPORT_GRACE)
         finally:
             settled.cancel()
         with contextlib.suppress(ServerError, ServerUnreachable):
-            await self._heartbeat(exiting=True)
+            await self._heartbeat(exiting=True, retry_for=budget())
 
-    async def _hand_back(self, items: list[WorkItem], what: str) -> None:
+    async def _hand_back(
+        self, items: list[WorkItem], what: str, retry_for: float | None = None
+    ) -> None:
         """Return leases to the queue without counting an attempt (they end here either
         way: if the server cannot be told, they expire)."""
         if not items:
@@ -302,6 +319,7 @@ class Worker:
                 "POST",
                 protocol.RELEASE,
                 json_body=m.Release(worker=self.id, items=[i.ref for i in items]),
+                retry_for=retry_for,
             )
         except (ServerError, ServerUnreachable) as e:
             log.warning("worker %s: could not hand back %d task(s): %s", self.id, len(items), e)
@@ -482,7 +500,9 @@ class Worker:
 
     # ------------------------------------------------------------------ heartbeats
 
-    async def _heartbeat(self, *, draining: bool = False, exiting: bool = False) -> None:
+    async def _heartbeat(
+        self, *, draining: bool = False, exiting: bool = False, retry_for: float | None = None
+    ) -> None:
         uptime = time.monotonic() - self._started
         stats = {
             **self.stats,
@@ -505,6 +525,7 @@ class Worker:
                 draining=draining or self._stopping.is_set(),
                 exiting=exiting,
             ),
+            retry_for=retry_for,
         )
         reply = m.decode(response.body, m.HeartbeatReply)
         self._heartbeat_every = reply.interval
