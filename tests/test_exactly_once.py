@@ -250,19 +250,22 @@ def test_a_lease_request_whose_connection_closed_gets_no_tasks(
 
 def test_a_redis_cluster_store_is_refused_at_start(tmp_path: Path) -> None:
     port = free_port()
+    log = tmp_path / "store.log"
     store = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-        + ["--cluster-enabled", "yes", "--save", "", "--appendonly", "no"],
+        + ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]  # bus: port+10000
+        + ["--save", "", "--appendonly", "no", "--logfile", str(log)],  # may be over 65535
         stdout=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:
             try:
-                sync_redis.Redis(port=port).ping()
+                sync_redis.Redis(host="127.0.0.1", port=port).ping()
                 break
             except sync_redis.ConnectionError:
-                assert time.monotonic() < deadline
+                assert store.poll() is None, log.read_text() if log.exists() else "no log"
+                assert time.monotonic() < deadline, "the cluster-mode store never answered"
                 time.sleep(0.05)
         server = subprocess.run(
             [sys.executable, "-m", "coffea_hq.server", "--redis", f"redis://127.0.0.1:{port}/0"]
