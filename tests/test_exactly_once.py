@@ -251,10 +251,11 @@ def test_a_lease_request_whose_connection_closed_gets_no_tasks(
 def test_a_redis_cluster_store_is_refused_at_start(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "store.log"
+    # The cluster bus port defaults to port + 10000, which may be over 65535: choose one.
     store = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-        + ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]  # bus: port+10000
-        + ["--save", "", "--appendonly", "no", "--logfile", str(log)],  # may be over 65535
+        + ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+        + ["--save", "", "--appendonly", "no", "--logfile", str(log)],
         stdout=subprocess.DEVNULL,
     )
     try:
