@@ -123,7 +123,7 @@ class Counter(enum.StrEnum):
     REQUEUED = "requeued"  # attempts that crashed or expired and went back to the queue
     RELEASED = "released"  # leases handed back unstarted (draining workers, lost replies)
     DUPLICATES = "duplicates"  # reports of an already-accepted attempt (harmless retries)
-    REFUSED = "refused"  # reports of leases not held (expired, moved on) or malformed
+    REFUSED = "refused"  # reports of leases not held (expired, moved on, never this worker's)
 
 
 _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASCII).match
