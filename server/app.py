@@ -98,6 +98,10 @@ async def _frames(request: web.Request, kind: type[T]) -> tuple[T, list[memoryvi
     return m.convert(header, kind), parts
 
 
+def _json_reply(message: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=m.encode(message), status=status, content_type="application/json")
+
+
 def _frames_response(header: dict[str, Any] | msgspec.Struct, parts: list[bytes]) -> web.Response:
     return web.Response(body=protocol.pack(header, parts), content_type=FRAMES_CONTENT_TYPE)
 
@@ -115,14 +119,8 @@ async def health(request: web.Request) -> web.Response:
         store = "ok"
     except Exception as e:  # health must answer whatever the store does
         store = f"unreachable: {e}"
-    return web.json_response(
-        {
-            "status": "ok",
-            "store": store,
-            "version": VERSION,
-            "max_request_size": request.app[CONFIG].max_request_size,
-        }
-    )
+    reply = m.Health("ok", store, VERSION, request.app[CONFIG].max_request_size)
+    return _json_reply(reply)
 
 
 async def queue(request: web.Request) -> web.Response:
@@ -351,7 +349,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         interval=request.app[CONFIG].lease_timeout / 3,
         max_request_size=request.app[CONFIG].max_request_size,
     )
-    return web.Response(body=m.encode(reply), content_type="application/json")
+    return _json_reply(reply)
 
 
 # ---------------------------------------------------------------------- lifecycle
