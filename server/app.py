@@ -46,7 +46,7 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+    return _json_reply(m.ErrorReply(code, message), status)
 
 
 @web.middleware
@@ -271,15 +271,11 @@ def _report(item: m.ReportItem, part: memoryview) -> Report:
     return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
 
 
-def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> Any:
+def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> m.Rejected:
     ref = item if isinstance(item, list) else []
-    entry = {
-        "index": index,
-        "job": str(ref[0]) if len(ref) > 0 else "?",
-        "task": str(ref[1]) if len(ref) > 1 else "?",
-        "status": status.value,
-    }
-    return entry | ({"reason": reason} if reason else {})
+    job = str(ref[0]) if len(ref) > 0 else "?"
+    task = str(ref[1]) if len(ref) > 1 else "?"
+    return m.Rejected(index, job, task, status, reason)
 
 
 async def complete(request: web.Request) -> web.Response:
@@ -304,10 +300,9 @@ async def complete(request: web.Request) -> web.Response:
             reasons[i] = f"'items'[{i}]: {e}"
     for i, status in zip(where, await request.app[STORE].complete(worker, reports), strict=True):
         statuses[i] = status
-    body: dict[str, Any] = {"items": [s.value for s in statuses]}
     refused = [i for i, s in enumerate(statuses) if s.refused]
     if not refused:
-        return web.json_response(body)
+        return _json_reply(m.CompleteReply(statuses))
     # The accepted ones stand; the refused ones changed nothing.
     said = []
     if len(refused) > len(reasons):
@@ -318,12 +313,13 @@ async def complete(request: web.Request) -> web.Response:
     if reasons:
         first = min(reasons)
         said.append(f"{len(reasons)} item(s) are malformed ({reasons[first]})")
-    body |= {
-        "error": "invalid_items" if reasons else "not_leased",
-        "message": "; ".join(said) + ": their results were dropped, the other items stand",
-        "rejected": [_rejected(items[i], i, statuses[i], reasons.get(i)) for i in refused[:20]],
-    }
-    return web.json_response(body, status=409)
+    reply = m.CompleteReply(
+        statuses,
+        error="invalid_items" if reasons else "not_leased",
+        message="; ".join(said) + ": their results were dropped, the other items stand",
+        rejected=[_rejected(items[i], i, statuses[i], reasons.get(i)) for i in refused[:20]],
+    )
+    return _json_reply(reply, 409)
 
 
 async def release(request: web.Request) -> web.Response:
