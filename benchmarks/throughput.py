@@ -134,7 +134,7 @@ def _role(pid: int) -> str:
     if not text:
         return "gone"
     for needle, role in (
-        ("coffea_hq.worker.runner", "hq task process"),
+        ("coffea_hq.worker.child", "hq task process"),
         ("coffea_hq.worker", "hq-worker"),
         ("coffea_hq.server", "hq-server"),
         ("valkey", "valkey"),

@@ -82,7 +82,7 @@ def role(proc: psutil.Process) -> str:
     except psutil.Error:
         return "gone"
     for needle, name in (
-        ("coffea_hq.worker.runner", "hq task processes"),
+        ("coffea_hq.worker.child", "hq task processes"),
         ("coffea_hq.worker", "hq-worker agents"),
         ("coffea_hq.server", "hq-server"),
         ("valkey", "store (valkey)"),
