@@ -81,7 +81,7 @@ class Slot:
         self.index = index
         self._fetch = fetch_function
         self._proc: asyncio.subprocess.Process | None = None
-        self._functions: set[str] = set()
+        self._loaded: set[str] = set()  # function blobs (shas) the subprocess holds
         self._seq = 0
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
@@ -95,7 +95,7 @@ class Slot:
         os.unlink(path)
         os.write(fd, bytes(MARKER.size))
         self._marker = fd
-        self._functions = set()
+        self._loaded = set()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -127,7 +127,7 @@ class Slot:
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
         functions: dict[str, bytes] = {}
-        for sha in {item.function_blob for item in batch} - self._functions:
+        for sha in {item.function_blob for item in batch} - self._loaded:
             try:
                 functions[sha] = await self._fetch(sha)
             except FunctionUnavailable as e:
@@ -146,7 +146,7 @@ class Slot:
         try:
             for sha, data in functions.items():
                 self._proc.stdin.write(pipe.encode(("function", sha, data)))
-                self._functions.add(sha)
+                self._loaded.add(sha)
             if order:
                 self._proc.stdin.write(pipe.encode(("run", order)))
             await self._proc.stdin.drain()
