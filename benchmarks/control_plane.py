@@ -38,6 +38,7 @@ from harness import (
     CLIENT,
     BenchmarkTimeout,
     CpuMeter,
+    add_run_options,
     describe_machine,
     print_table,
     stop_leftovers,
@@ -560,19 +561,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run hq-server under cProfile and print the top functions",
     )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        help="before each timed run, wait up to this many seconds for other processes' CPU "
-        "load to drop below 10%% (0: don't wait; the load is reported either way)",
-    )
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=900.0,
-        help="seconds after which the benchmark stops, cleans up and fails",
-    )
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.tasks < 1:
         p.error("--tasks must be positive")

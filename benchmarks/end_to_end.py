@@ -41,6 +41,7 @@ from harness import (
     ADOPTED_MARKERS,
     BenchmarkTimeout,
     CpuMeter,
+    add_run_options,
     describe_machine,
     print_table,
     stop_leftovers,
@@ -295,19 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per system (median)")
     p.add_argument("--skip-dask", action="store_true", help="leave Dask out")
     p.add_argument("--skip-parsl", action="store_true", help="leave Parsl out")
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=30.0,
-        help="before each timed run, wait up to this many seconds for other processes' CPU "
-        "load to drop below 10%% (0: don't wait; the load is reported either way)",
-    )
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=900.0,
-        help="seconds after which the benchmark stops, cleans up and fails",
-    )
+    add_run_options(p)
     args = p.parse_args(argv)
     if args.tasks < 1:
         p.error("--tasks must be positive")

@@ -8,6 +8,7 @@ processes and CPU time are read from ``/proc``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -272,6 +273,26 @@ def watchdog(seconds: float, flag: str = "--time-limit") -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         hard.cancel()
+
+
+# ============================================================================ options
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--wait-quiet`` and ``--time-limit``, as every benchmark here takes them."""
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        help="before each timed run, wait up to this many seconds for other processes' CPU "
+        "load to drop below 10%% (0: don't wait; the load is reported either way)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=900.0,
+        help="seconds after which the benchmark stops, cleans up and fails",
+    )
 
 
 # ============================================================================ reporting

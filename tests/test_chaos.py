@@ -25,7 +25,6 @@ Marked slow: ``pytest -m slow tests/test_chaos.py -s``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from coffea_hq.local import terminate
 
 from .conftest import Processes
 from .test_executor import write_flat
+from .util import get_json, poll_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the warm-up tasks
 
@@ -169,11 +168,6 @@ def assert_exact(ours: Any, ref: Any) -> None:
 
 
 # ---------------------------------------------------------------------- the cluster of a run
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.load(r)
 
 
 @dataclass
@@ -375,16 +369,16 @@ def noop(x: int) -> int:
 
 def warm_up(run: Run, timeout: float = 60.0) -> None:
     """Short tasks until every worker has measured a runtime (so it leases in batches)."""
-    deadline = time.monotonic() + timeout
     with Client(run.url) as client:
-        while time.monotonic() < deadline:
+
+        def measured() -> bool:
             client.map(noop, range(40)).result(timeout=30)
             time.sleep(0.8)  # a heartbeat carries the workers' stats
             stats = get_json(run.url + protocol.WORKERS)
             names = {run.names[w.pid] for w in run.live_workers()}
-            if all(stats.get(n, {}).get("stats", {}).get("mean_runtime") for n in names):
-                return
-    raise AssertionError("the workers never measured a task runtime in the warm-up")
+            return all(stats.get(n, {}).get("stats", {}).get("mean_runtime") for n in names)
+
+        poll_until(measured, timeout, "every worker measured a task runtime", every=0)
 
 
 def chaos(
