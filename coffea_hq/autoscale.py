@@ -19,7 +19,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
-from .factory.policy import Bounds, Cooldown, Decision, JobState, WorkerJob, decide, wanted
+from .factory.policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
 
 if TYPE_CHECKING:
     from .local import LocalCluster
@@ -73,7 +73,7 @@ class LocalScaler:
         jobs = [
             WorkerJob(
                 self.cluster.worker_name(w),
-                JobState.RUNNING,
+                BatchState.RUNNING,
                 busy=held.get(self.cluster.worker_name(w), 0) > 0,
             )
             for w in self.live

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
 
-import cloudpickle
 import pytest
 
 from coffea_hq import Client, LocalCluster
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+from .tasks import nap, slow_square
+from .util import poll_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def slow_square(x: int) -> int:
-    time.sleep(0.05)
-    return x * x
-
-
-def nap(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, start: float | None = None) -> float:
-    """Seconds from ``start`` (default: now) until ``condition`` held; fails after ``seconds``."""
-    start = time.monotonic() if start is None else start
-    while not condition():
-        assert time.monotonic() - start < seconds, "condition not reached in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def test_local_autoscaler_goes_to_max_under_backlog_and_back_to_min() -> None:
@@ -47,10 +26,15 @@ def test_local_autoscaler_goes_to_max_under_backlog_and_back_to_min() -> None:
             # max_attempts=1: a task handed back by a draining worker must not count.
             submitted = time.monotonic()
             job = client.map(slow_square, range(300), max_attempts=1)
-            up = wait_for(lambda: len(scaler.live) == 3, 20, start=submitted)
+            poll_until(lambda: len(scaler.live) == 3, 20, "the scaler is up at max")
+            up = time.monotonic() - submitted
+            assert up < 20
             assert job.result(timeout=120) == [i * i for i in range(300)]
-            drained = time.monotonic()
-            down = wait_for(lambda: len(scaler.live) == 1 and not scaler.draining, 30, drained)
+            down = poll_until(
+                lambda: len(scaler.live) == 1 and not scaler.draining,
+                30,
+                "the scaler is back at min",
+            )
             assert client.queue()["workers"] == 1
         print(
             f"\nlocal autoscale: min->max {up:.2f}s under backlog, max->min {down:.2f}s "
@@ -69,14 +53,14 @@ def test_a_job_running_across_a_scale_down_completes_exactly_once() -> None:
         assert scaler is not None
         with Client(cluster.url) as client:
             first = client.map(slow_square, range(200), max_attempts=1)
-            wait_for(lambda: len(scaler.live) == 3, 20)
+            poll_until(lambda: len(scaler.live) == 3, 20, "the scaler is up at max")
             got = {}
             for index, value in first.as_completed(timeout=120):
                 assert index not in got
                 got[index] = value
             # One long task: the policy drains the two idle workers while it runs.
             long = client.map(nap, [4.0], max_attempts=1)
-            wait_for(lambda: len(scaler.live) == 1, 10)
+            poll_until(lambda: len(scaler.live) == 1, 10, "the idle workers are drained")
             assert long.status()["state"] == "running"
             assert long.result(timeout=60) == [4.0]
         assert got == {i: i * i for i in range(200)}

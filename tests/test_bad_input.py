@@ -48,18 +48,18 @@ def make_job(url: str, job: str, n: int) -> None:
     """A job with n tasks, through the raw protocol."""
     blob = b"not really a function"
     sha = protocol.blob_name(blob)
-    assert http("PUT", f"{url}/api/v1/blobs/{sha}", blob, "application/octet-stream")[0] == 201
-    assert http("PUT", f"{url}/api/v1/jobs/{job}", js({"function": sha}))[0] == 200
+    blob_url = url + protocol.BLOB.format(sha=sha)
+    assert http("PUT", blob_url, blob, "application/octet-stream")[0] == 201
+    assert http("PUT", url + protocol.JOB.format(job=job), js({"function": sha}))[0] == 200
     body = protocol.pack({"tasks": [str(i) for i in range(n)]}, [b"x"] * n)
-    assert (
-        http("POST", f"{url}/api/v1/jobs/{job}/tasks", body, protocol.FRAMES_CONTENT_TYPE)[0] == 200
-    )
-    assert http("POST", f"{url}/api/v1/jobs/{job}/seal", js({"total": n}))[0] == 200
+    tasks_url = url + protocol.JOB_TASKS.format(job=job)
+    assert http("POST", tasks_url, body, protocol.FRAMES_CONTENT_TYPE)[0] == 200
+    assert http("POST", url + protocol.JOB_SEAL.format(job=job), js({"total": n}))[0] == 200
 
 
 def lease(url: str, worker: str, n: int) -> list[list[Any]]:
     status, (header, _) = http(
-        "POST", f"{url}/api/v1/lease", js({"worker": worker, "max": n, "wait": 0})
+        "POST", url + protocol.LEASE, js({"worker": worker, "max": n, "wait": 0})
     )
     assert status == 200
     return header["tasks"]  # type: ignore[no-any-return]
@@ -67,7 +67,7 @@ def lease(url: str, worker: str, n: int) -> list[list[Any]]:
 
 def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
     body = protocol.pack({"worker": worker, "items": items}, [b"result"] * len(items))
-    return http("POST", f"{url}/api/v1/complete", body, protocol.FRAMES_CONTENT_TYPE)
+    return http("POST", url + protocol.COMPLETE, body, protocol.FRAMES_CONTENT_TYPE)
 
 
 @pytest.mark.parametrize(
@@ -177,10 +177,13 @@ def test_malformed_requests_get_a_clear_4xx(
 def test_blob_with_wrong_hash_is_rejected_and_not_stored(server_url: str) -> None:
     sha = protocol.blob_name(b"the real bytes")
     status, doc = http(
-        "PUT", f"{server_url}/api/v1/blobs/{sha}", b"other bytes", "application/octet-stream"
+        "PUT",
+        server_url + protocol.BLOB.format(sha=sha),
+        b"other bytes",
+        "application/octet-stream",
     )
     assert status == 400 and "do not match" in doc["message"]
-    assert http("HEAD", f"{server_url}/api/v1/blobs/{sha}")[0] == 404
+    assert http("HEAD", server_url + protocol.BLOB.format(sha=sha))[0] == 404
 
 
 def test_completing_a_task_not_leased_to_the_worker_is_409_and_changes_nothing(
@@ -191,12 +194,12 @@ def test_completing_a_task_not_leased_to_the_worker_is_409_and_changes_nothing(
     status, doc = complete(server_url, "intruder", [[job, task, attempt, "ok", None]])
     assert status == 409 and "not leased to worker intruder" in doc["message"]
     assert doc["rejected"] == [{"index": 0, "job": job, "task": task, "status": "not_leased"}]
-    assert http("GET", f"{server_url}/api/v1/jobs/j1")[1]["done"] == 0
+    assert http("GET", server_url + protocol.JOB.format(job="j1"))[1]["done"] == 0
     status, doc = complete(server_url, "rightful", [[job, task, attempt, "ok", None]])
     assert status == 200 and doc["items"] == ["accepted"]
     status, doc = complete(server_url, "rightful", [[job, task, attempt, "ok", None]])
     assert status == 200 and doc["items"] == ["duplicate"]  # a retried request
-    assert http("GET", f"{server_url}/api/v1/jobs/j1")[1]["done"] == 1
+    assert http("GET", server_url + protocol.JOB.format(job="j1"))[1]["done"] == 1
     status, doc = complete(server_url, "rightful", [["nojob", "0", 1, "ok", None]])
     assert status == 409 and doc["items"] == ["unknown"]
 
@@ -205,10 +208,10 @@ def test_submit_batch_with_mismatched_parts_changes_nothing(server_url: str) -> 
     make_job(server_url, "j2", 1)
     body = protocol.pack({"tasks": ["5", "6"]}, [b"x"])
     status, doc = http(
-        "POST", f"{server_url}/api/v1/jobs/j2/tasks", body, protocol.FRAMES_CONTENT_TYPE
+        "POST", server_url + protocol.JOB_TASKS.format(job="j2"), body, protocol.FRAMES_CONTENT_TYPE
     )
     assert status == 400 and "one payload part per task" in doc["message"]
-    assert http("GET", f"{server_url}/api/v1/jobs/j2")[1]["submitted"] == 1
+    assert http("GET", server_url + protocol.JOB.format(job="j2"))[1]["submitted"] == 1
 
 
 def test_oversized_request_is_413_and_stores_nothing(
@@ -217,9 +220,9 @@ def test_oversized_request_is_413_and_stores_nothing(
     url, _ = processes.server(store.url, "--max-request-size", "4096", prefix=prefix)
     blob = b"x" * 10_000
     sha = protocol.blob_name(blob)
-    status, doc = http("PUT", f"{url}/api/v1/blobs/{sha}", blob, "application/octet-stream")
+    status, doc = http("PUT", url + protocol.BLOB.format(sha=sha), blob, "application/octet-stream")
     assert status == 413 and "--max-request-size" in doc["message"] and "4096" in doc["message"]
-    assert http("HEAD", f"{url}/api/v1/blobs/{sha}")[0] == 404
+    assert http("HEAD", url + protocol.BLOB.format(sha=sha))[0] == 404
 
 
 def test_server_refuses_a_store_that_may_evict_keys(
@@ -233,7 +236,7 @@ def test_server_refuses_a_store_that_may_evict_keys(
     log = processes.logs()
     assert "allkeys-lru" in log and "--allow-eviction" in log and "noeviction" in log
     url, server = processes.server(embedded_store.url, "--allow-eviction")
-    assert http("GET", url + "/health")[0] == 200 and server.poll() is None
+    assert http("GET", url + protocol.HEALTH)[0] == 200 and server.poll() is None
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ Marked slow: ``pytest -m slow tests/test_chaos.py -s``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -50,12 +48,13 @@ from coffea import processor
 from coffea.nanoevents import BaseSchema
 from coffea.processor import accumulate
 
-from coffea_hq import Client, HQExecutor
+from coffea_hq import Client, HQExecutor, protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
 from coffea_hq.local import terminate
 
 from .conftest import Processes
 from .test_executor import write_flat
+from .util import get_json, poll_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # for the warm-up tasks
 
@@ -169,11 +168,6 @@ def assert_exact(ours: Any, ref: Any) -> None:
 
 
 # ---------------------------------------------------------------------- the cluster of a run
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.load(r)
 
 
 @dataclass
@@ -375,16 +369,16 @@ def noop(x: int) -> int:
 
 def warm_up(run: Run, timeout: float = 60.0) -> None:
     """Short tasks until every worker has measured a runtime (so it leases in batches)."""
-    deadline = time.monotonic() + timeout
     with Client(run.url) as client:
-        while time.monotonic() < deadline:
+
+        def measured() -> bool:
             client.map(noop, range(40)).result(timeout=30)
             time.sleep(0.8)  # a heartbeat carries the workers' stats
-            stats = get_json(run.url + "/api/v1/workers")
+            stats = get_json(run.url + protocol.WORKERS)
             names = {run.names[w.pid] for w in run.live_workers()}
-            if all(stats.get(n, {}).get("stats", {}).get("mean_runtime") for n in names):
-                return
-    raise AssertionError("the workers never measured a task runtime in the warm-up")
+            return all(stats.get(n, {}).get("stats", {}).get("mean_runtime") for n in names)
+
+        poll_until(measured, timeout, "every worker measured a task runtime", every=0)
 
 
 def chaos(
@@ -414,7 +408,7 @@ def wait_workers_idle(run: Run, timeout: float = 15.0) -> dict[str, Any]:
     while time.monotonic() < deadline:
         live = {run.names[w.pid] for w in run.live_workers()}
         with contextlib.suppress(OSError, ValueError):
-            stats = get_json(run.url + "/api/v1/workers")
+            stats = get_json(run.url + protocol.WORKERS)
             busy = {
                 name: {k: w["stats"].get(k) for k in ("held", "busy_slots")}
                 for name, w in stats.items()
@@ -497,7 +491,7 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
                 chunksize=CHUNKSIZE,
                 metadata_cache={},
             )
-            before = get_json(run.url + "/api/v1/queue")["counters"]  # after any warm-up
+            before = get_json(run.url + protocol.QUEUE)["counters"]  # after any warm-up
             stop = threading.Event()
             errors: list[BaseException] = []
             thread = threading.Thread(
@@ -508,8 +502,8 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
                 ours = runner(chunks, processor_instance=proc)
             except Exception as e:
                 with contextlib.suppress(Exception):
-                    run.note(f"run failed: {e!r}; queue {get_json(run.url + '/api/v1/queue')}")
-                    run.note(f"workers {get_json(run.url + '/api/v1/workers')}")
+                    run.note(f"run failed: {e!r}; queue {get_json(run.url + protocol.QUEUE)}")
+                    run.note(f"workers {get_json(run.url + protocol.WORKERS)}")
                 if run.defects:  # the cause, more useful than the timeout it led to
                     raise AssertionError("\n".join([*failures, *run.defects])) from e
                 raise
@@ -535,7 +529,7 @@ def test_reducing_analysis_exactly_once_under_chaos(tmp_path: Path, processes: P
             if busy:
                 failures.append(f"run {index}: workers still hold work after the run: {busy}")
 
-            queue = get_json(run.url + "/api/v1/queue")
+            queue = get_json(run.url + protocol.QUEUE)
             counters = {k: v - before.get(k, 0) for k, v in queue["counters"].items()}
             run.note(f"queue after the run: {queue}; this run's counters {counters}")
             assert queue["work"] == 0 and queue["jobs"] == 0, queue

@@ -30,6 +30,7 @@ from coffea_hq.protocol import CompleteStatus, Counter, Outcome
 from .conftest import Processes
 from .test_bad_input import http, js, make_job
 from .test_transitions import FN, merge_name, new_job, ok, run
+from .util import poll_until
 
 REDUCER = protocol.blob_name(b"reducer")
 
@@ -126,13 +127,13 @@ def test_fanin_at_the_limit_merges_in_one_task(store: EmbeddedRedis, prefix: str
 def test_fanin_over_the_limit_is_refused(server_url: str) -> None:
     blob = b"f"
     sha = protocol.blob_name(blob)
-    http("PUT", f"{server_url}/api/v1/blobs/{sha}", blob, "application/octet-stream")
+    http("PUT", server_url + protocol.BLOB.format(sha=sha), blob, "application/octet-stream")
     body = {"function": sha, "reducer": sha, "fanin": protocol.MAX_FANIN + 1}
-    status, doc = http("PUT", f"{server_url}/api/v1/jobs/wide", js(body))
+    status, doc = http("PUT", server_url + protocol.JOB.format(job="wide"), js(body))
     assert (
         status == 400 and "$.fanin" in doc["message"] and str(protocol.MAX_FANIN) in doc["message"]
     )
-    assert http("GET", f"{server_url}/api/v1/jobs/wide")[0] == 404
+    assert http("GET", server_url + protocol.JOB.format(job="wide"))[0] == 404
 
 
 # ---------------------------------------------------------------------- reports item by item
@@ -143,7 +144,7 @@ def test_one_malformed_item_is_refused_and_the_rest_of_the_report_stands(
 ) -> None:
     make_job(server_url, "mixed", 3)
     status, (header, _) = http(
-        "POST", f"{server_url}/api/v1/lease", js({"worker": "w", "max": 3, "wait": 0})
+        "POST", server_url + protocol.LEASE, js({"worker": "w", "max": 3, "wait": 0})
     )
     assert len(header["tasks"]) == 3
     huge = {"type": "builtins.ValueError", "message": "x" * (protocol.ERROR_TEXT_MAX + 1)}
@@ -152,11 +153,11 @@ def test_one_malformed_item_is_refused_and_the_rest_of_the_report_stands(
         for i, (job, task, attempt, _) in enumerate(header["tasks"])
     ]
     body = protocol.pack({"worker": "w", "items": items}, [b"r"] * 3)
-    status, doc = http("POST", f"{server_url}/api/v1/complete", body, protocol.FRAMES_CONTENT_TYPE)
+    status, doc = http("POST", server_url + protocol.COMPLETE, body, protocol.FRAMES_CONTENT_TYPE)
     assert status == 409
     assert doc["items"] == ["accepted", "invalid", "accepted"]
     assert "$[4].message" in doc["rejected"][0]["reason"] and doc["rejected"][0]["index"] == 1
-    summary = http("GET", f"{server_url}/api/v1/jobs/mixed")[1]
+    summary = http("GET", server_url + protocol.JOB.format(job="mixed"))[1]
     assert (summary["done"], summary["failed"], summary["state"]) == (2, 0, "running")
 
 
@@ -171,24 +172,26 @@ def test_an_unsealed_job_without_client_activity_is_cancelled_and_expires(
     )
     blob = b"f"
     sha = protocol.blob_name(blob)
-    http("PUT", f"{url}/api/v1/blobs/{sha}", blob, "application/octet-stream")
+    http("PUT", url + protocol.BLOB.format(sha=sha), blob, "application/octet-stream")
     for job in ("abandoned", "sealed"):
-        assert http("PUT", f"{url}/api/v1/jobs/{job}", js({"function": sha}))[0] == 200
+        assert http("PUT", url + protocol.JOB.format(job=job), js({"function": sha}))[0] == 200
         frames = protocol.pack({"tasks": ["0", "1"]}, [b"x", b"y"])
-        http("POST", f"{url}/api/v1/jobs/{job}/tasks", frames, protocol.FRAMES_CONTENT_TYPE)
-    http("POST", f"{url}/api/v1/jobs/sealed/seal", js({"total": 2}))
-    deadline = time.monotonic() + 10
-    while http("GET", f"{url}/api/v1/jobs/abandoned")[1]["state"] == "running":
-        assert time.monotonic() < deadline, "the abandoned job was never cancelled"
-        time.sleep(0.2)
-    summary = http("GET", f"{url}/api/v1/jobs/abandoned")[1]
+        http("POST", url + protocol.JOB_TASKS.format(job=job), frames, protocol.FRAMES_CONTENT_TYPE)
+    http("POST", url + protocol.JOB_SEAL.format(job="sealed"), js({"total": 2}))
+    poll_until(
+        lambda: http("GET", url + protocol.JOB.format(job="abandoned"))[1]["state"] != "running",
+        10,
+        "the abandoned job is cancelled",
+        every=0.2,
+    )
+    summary = http("GET", url + protocol.JOB.format(job="abandoned"))[1]
     assert summary["state"] == "cancelled" and "never sealed" in summary["reason"]
-    assert http("GET", f"{url}/api/v1/jobs/sealed")[1]["state"] == "running"
+    assert http("GET", url + protocol.JOB.format(job="sealed"))[1]["state"] == "running"
     r = sync_redis.Redis.from_url(store.url)
     try:
         keys = [f"{prefix}:job:{{abandoned}}", f"{prefix}:job:{{abandoned}}:events"]
         assert all(0 < int(r.ttl(k)) <= 300 for k in keys)  # type: ignore[arg-type]
-        assert http("GET", f"{url}/api/v1/queue")[1]["jobs"] == 1  # only the sealed one
+        assert http("GET", url + protocol.QUEUE)[1]["jobs"] == 1  # only the sealed one
     finally:
         r.close()
 
@@ -202,12 +205,12 @@ def test_a_parked_lease_of_a_worker_that_stopped_heartbeating_is_not_filled(
     """A SIGSTOPped worker's long poll stays parked on the server; filling it would cost
     every task it gets an attempt."""
     url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
-    assert http("POST", f"{url}/api/v1/heartbeat", js({"worker": "sleepy"}))[0] == 200
+    assert http("POST", url + protocol.HEARTBEAT, js({"worker": "sleepy"}))[0] == 200
     got: dict[str, Any] = {}
 
     def park() -> None:
         status, (header, _) = http(
-            "POST", f"{url}/api/v1/lease", js({"worker": "sleepy", "max": 5, "wait": 8})
+            "POST", url + protocol.LEASE, js({"worker": "sleepy", "max": 5, "wait": 8})
         )
         got.update(header, at=time.monotonic())
 
@@ -219,7 +222,7 @@ def test_a_parked_lease_of_a_worker_that_stopped_heartbeating_is_not_filled(
     thread.join(timeout=10)
     assert got["tasks"] == [] and got["at"] - submitted < 3
     status, (header, _) = http(
-        "POST", f"{url}/api/v1/lease", js({"worker": "awake", "max": 5, "wait": 0})
+        "POST", url + protocol.LEASE, js({"worker": "awake", "max": 5, "wait": 0})
     )
     assert [t[1:3] for t in header["tasks"]] == [["0", 1]]  # first attempt, not second
 
@@ -232,15 +235,15 @@ def test_a_lease_request_whose_connection_closed_gets_no_tasks(
     body = js({"worker": "ghost", "max": 5, "wait": 10})
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(
-            b"POST /api/v1/lease HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (protocol.LEASE.encode(), len(body), body)
         )
         time.sleep(0.3)  # parked on the server now
     time.sleep(0.3)
     make_job(url, "j", 1)
     time.sleep(0.5)
     status, (header, _) = http(
-        "POST", f"{url}/api/v1/lease", js({"worker": "live", "max": 5, "wait": 2})
+        "POST", url + protocol.LEASE, js({"worker": "live", "max": 5, "wait": 2})
     )
     assert [t[1:3] for t in header["tasks"]] == [["0", 1]]
 
@@ -258,16 +261,16 @@ def test_a_redis_cluster_store_is_refused_at_start(tmp_path: Path) -> None:
         + ["--save", "", "--appendonly", "no", "--logfile", str(log)],
         stdout=subprocess.DEVNULL,
     )
+
+    def answers() -> bool:
+        assert store.poll() is None, log.read_text() if log.exists() else "no log"
+        try:
+            return bool(sync_redis.Redis(host="127.0.0.1", port=port).ping())
+        except sync_redis.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                sync_redis.Redis(host="127.0.0.1", port=port).ping()
-                break
-            except sync_redis.ConnectionError:
-                assert store.poll() is None, log.read_text() if log.exists() else "no log"
-                assert time.monotonic() < deadline, "the cluster-mode store never answered"
-                time.sleep(0.05)
+        poll_until(answers, 60, "the cluster-mode store answers")
         server = subprocess.run(
             [sys.executable, "-m", "coffea_hq.server", "--redis", f"redis://127.0.0.1:{port}/0"]
             + ["--port", str(free_port())],

@@ -8,12 +8,10 @@ point whatever order the merges add them in.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -34,7 +32,9 @@ from coffea.nanoevents import BaseSchema, NanoAODSchema  # noqa: E402
 from coffea.processor.executor import ExecutorBase, Ok  # noqa: E402
 from uproot.deserialization import DeserializationError  # noqa: E402
 
-from coffea_hq import Client, HQError, HQExecutor, LocalCluster  # noqa: E402
+from coffea_hq import Client, HQError, HQExecutor, LocalCluster, protocol  # noqa: E402
+
+from .util import get_json, poll_until  # noqa: E402
 
 CHUNKSIZE = 250
 CATEGORY_AXES = (hist.axis.StrCategory, hist.axis.IntCategory)
@@ -295,8 +295,7 @@ def hq(cluster: LocalCluster) -> HQExecutor:
 
 
 def worker_stats(url: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(url + "/api/v1/workers") as r:
-        return [w["stats"] for w in json.load(r).values()]
+    return [w["stats"] for w in get_json(url + protocol.WORKERS).values()]
 
 
 # ---------------------------------------------------------------------- same results
@@ -588,10 +587,7 @@ def test_timeout_cancels_the_run_and_frees_the_workers(cluster: LocalCluster) ->
         hq([30.0, 30.0, 30.0], nap, None)
     assert time.monotonic() - started < 10
     with Client(cluster.url) as client:
-        deadline = time.monotonic() + 15
-        while client.queue()["work"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.queue()["work"] == 0  # nothing left queued or running
+        poll_until(lambda: client.queue()["work"] == 0, 15, "nothing left queued or running")
 
 
 # ---------------------------------------------------------------------- workers killed (slow)

@@ -5,39 +5,29 @@ Marked slow: run with ``pytest -m slow`` (CI runs them).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
 import pytest
 
 from coffea_hq import Client, protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
 
 from .conftest import Processes
-
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+from .tasks import nap, slow_square, slow_sum
+from .util import get_json, poll_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def slow_square(x: int) -> int:
-    time.sleep(0.05)
-    return x * x
 
 
 def counters(url: str) -> dict[str, int]:
     """The server's own task accounting (the client deduplicates; the server must not
     need it to)."""
-    with urllib.request.urlopen(url + protocol.QUEUE, timeout=10) as r:
-        return json.load(r)["counters"]  # type: ignore[no-any-return]
+    return get_json(url + protocol.QUEUE, timeout=10)["counters"]  # type: ignore[no-any-return]
 
 
 def collect_while(job: Any, when: int, action: Callable[[], None], url: str) -> dict[int, int]:
@@ -196,11 +186,6 @@ def test_many_workers_killed_repeatedly(
     assert got == {i: i * i for i in range(600)}
 
 
-def slow_sum(values: list[int]) -> int:
-    time.sleep(0.2)
-    return sum(values)
-
-
 def test_worker_killed_while_merging_loses_nothing(
     store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
@@ -211,9 +196,7 @@ def test_worker_killed_while_merging_loses_nothing(
         job = client.map(slow_square, range(300), reduce=slow_sum, fanin=4)
 
         def kill_when_merging() -> None:
-            deadline = time.monotonic() + 30
-            while job.status()["merges"] < 5 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            poll_until(lambda: job.status()["merges"] >= 5, 30, "5 merges are done")
             victim.send_signal(signal.SIGKILL)
 
         collect_while(job, 100, kill_when_merging, url)
@@ -227,10 +210,8 @@ def test_second_sigterm_aborts_a_draining_worker(
     url, _ = processes.server(store.url, "--lease-timeout", "2", prefix=prefix)
     stubborn = processes.worker(url)
     with Client(url) as client:
-        job = client.map(nap_long, [0.01, 30.0])
-        deadline = time.monotonic() + 20
-        while job.status()["done"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        job = client.map(nap, [0.01, 30.0])
+        poll_until(lambda: job.status()["done"] >= 1, 20, "the short task is done", every=0.1)
         time.sleep(0.5)  # the 30 s task is running now
         stubborn.send_signal(signal.SIGTERM)  # drain: would wait for the 30 s task
         time.sleep(0.5)
@@ -238,11 +219,6 @@ def test_second_sigterm_aborts_a_draining_worker(
         stubborn.send_signal(signal.SIGTERM)  # abort
         assert stubborn.wait(timeout=10) == 0
         job.cancel()
-
-
-def nap_long(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
 
 
 def test_results_long_poll_outlasts_a_quiet_store(
@@ -253,4 +229,4 @@ def test_results_long_poll_outlasts_a_quiet_store(
     url, _ = processes.server(store.url, prefix=prefix)
     processes.worker(url)
     with Client(url, retry_for=3) as client:
-        assert client.map(nap_long, [8.0]).result(timeout=60) == [8.0]
+        assert client.map(nap, [8.0]).result(timeout=60) == [8.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import linecache
 import os
@@ -19,10 +18,12 @@ import cloudpickle
 import pytest
 import redis
 
-from coffea_hq import Client, LocalCluster, TaskFailed
+from coffea_hq import Client, LocalCluster, TaskFailed, protocol
 from coffea_hq.errors import HQError, JobCancelled
 
 from .conftest import Processes
+from .tasks import add_all, fail_on, killed_on, nap, segfault_on, square
+from .util import get_json, poll_until
 
 # Tasks defined here must travel by value: the workers cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -40,40 +41,12 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         yield c
 
 
-def square(x: int) -> int:
-    return x * x
-
-
-def fail_on(x: int, bad: int) -> int:
-    if x == bad:
-        raise ValueError(f"cannot take {x}")
-    return x
-
-
-def segfault_on(x: int, bad: int) -> int:
-    if x == bad:
-        ctypes.string_at(0)  # reads address 0: SIGSEGV
-    return x
-
-
 def exit_once(x: int, marker: str) -> int:
     """Kills its own subprocess the first time it runs for x == 0."""
     if x == 0 and not os.path.exists(marker):
         Path(marker).touch()
         os._exit(3)
     return x + 100
-
-
-def killed_on(x: int, bad: int) -> int:
-    """Dies the way the kernel's out-of-memory killer ends a process: SIGKILL."""
-    if x == bad:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x
-
-
-def nap(x: float) -> float:
-    time.sleep(x)
-    return x
 
 
 def test_map_returns_results_ordered_like_the_inputs(client: Client) -> None:
@@ -160,15 +133,11 @@ def test_cancel_ends_the_job_and_drops_its_queue(client: Client) -> None:
     job.cancel()
     with pytest.raises(JobCancelled, match="cancelled"):
         job.result(timeout=30)
-    deadline = time.monotonic() + 10
-    while client.queue()["work"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert client.queue()["work"] == 0
+    poll_until(lambda: client.queue()["work"] == 0, 10, "the cancelled job's queue is dropped")
 
 
 def worker_stats(url: str) -> list[dict[str, float]]:
-    with urllib.request.urlopen(url + "/api/v1/workers") as r:
-        return [w["stats"] for w in json.load(r).values()]
+    return [w["stats"] for w in get_json(url + protocol.WORKERS).values()]
 
 
 def test_result_timeout_raises_and_cancel_stops_the_running_task(
@@ -180,18 +149,18 @@ def test_result_timeout_raises_and_cancel_stops_the_running_task(
         job.result(timeout=2)
     job.cancel()
     # The next heartbeat tells the worker its lease is gone; it kills the subprocess.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if sum(s["restarts"] for s in worker_stats(cluster.url)) > restarts:
-            break
-        time.sleep(0.2)
-    assert sum(s["restarts"] for s in worker_stats(cluster.url)) > restarts
+    poll_until(
+        lambda: sum(s["restarts"] for s in worker_stats(cluster.url)) > restarts,
+        10,
+        "the cancelled task's subprocess is killed (a slot restarts)",
+        every=0.2,
+    )
 
 
 def test_health_and_queue_endpoints_answer_json(cluster: LocalCluster) -> None:
-    with urllib.request.urlopen(cluster.url + "/health") as r:
+    with urllib.request.urlopen(cluster.url + protocol.HEALTH) as r:
         assert r.status == 200 and json.load(r)["status"] == "ok"
-    with urllib.request.urlopen(cluster.url + "/api/v1/queue") as r:
+    with urllib.request.urlopen(cluster.url + protocol.QUEUE) as r:
         doc = json.load(r)
     assert set(doc) >= {"queued", "running", "work", "workers"}
     assert doc["workers"] == 2
@@ -248,10 +217,6 @@ def test_local_cluster_stops_everything_it_started() -> None:
     assert all(p is not None and p.poll() is not None for p in procs)
     assert redis_proc is not None and redis_proc.poll() is not None
     assert c.redis is not None and not c.redis.directory.exists()
-
-
-def add_all(values: list[int]) -> int:
-    return sum(values)
 
 
 def slow_identity(x: int) -> int:
@@ -407,8 +372,7 @@ def test_by_value_code_unpickles_with_only_the_standard_library_and_cloudpickle(
 
 
 def queue_doc(url: str) -> dict[str, int]:
-    with urllib.request.urlopen(url + "/api/v1/queue") as r:
-        doc: dict[str, int] = json.load(r)
+    doc: dict[str, int] = get_json(url + protocol.QUEUE)
     return doc
 
 
@@ -430,9 +394,7 @@ def test_a_map_whose_submission_fails_leaves_no_job_behind(
     assert queue_doc(url)["jobs"] == 0 and queue_doc(url)["work"] == 0
     # A worker that joins afterwards finds nothing of it to run.
     processes.worker(url)
-    deadline = time.monotonic() + 15
-    while queue_doc(url)["workers"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll_until(lambda: queue_doc(url)["workers"], 15, "the new worker registers", every=0.1)
     time.sleep(2.0)  # a lease poll and a heartbeat with its stats
     stats = worker_stats(url)
     assert stats and all(s.get("done", 0) + s.get("failed", 0) == 0 for s in stats), stats

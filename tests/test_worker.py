@@ -19,6 +19,7 @@ from coffea_hq import Client, TaskFailed, protocol
 from coffea_hq.embedded import EmbeddedRedis
 
 from .conftest import Processes
+from .tasks import exit_on
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -133,12 +134,6 @@ def test_a_function_blob_that_cannot_be_fetched_fails_its_tasks_clearly(
         # The worker is still there and serves the next job.
         assert client.map(triple, range(5)).result(timeout=20) == [3 * i for i in range(5)]
         assert worker.poll() is None
-
-
-def exit_on(x: int, bad: int) -> int:
-    if x == bad:
-        os._exit(3)
-    return x
 
 
 def test_slot_temp_files_do_not_outlive_a_slot_or_its_worker(

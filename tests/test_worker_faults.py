@@ -5,12 +5,10 @@ Marked slow: run with ``pytest -m slow``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import cloudpickle
@@ -20,26 +18,16 @@ from coffea_hq import Client, protocol
 from coffea_hq.embedded import EmbeddedRedis
 
 from .conftest import Processes
+from .tasks import nap
+from .util import get_json, poll_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-def nap(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
-
 def wait_for_worker(url: str, timeout: float = 10.0) -> None:
-    def registered() -> bool:
-        with urllib.request.urlopen(url + protocol.WORKERS, timeout=5) as r:
-            return bool(json.loads(r.read()))
-
-    deadline = time.monotonic() + timeout
-    while not registered():
-        assert time.monotonic() < deadline, "the worker never registered"
-        time.sleep(0.1)
+    poll_until(lambda: get_json(url + protocol.WORKERS), timeout, "a worker registers", 0.1)
 
 
 def test_a_hung_worker_resumed_keeps_the_attempt_it_was_given_meanwhile(
@@ -86,9 +74,7 @@ def test_a_drain_ends_even_when_a_slot_crashes_after_it_began(
         assert client.map(nap, [0.0] * 50).result(timeout=30) == [0.0] * 50
         order = [*range(1, 300), 0, *range(300, n)]  # 0 sits inside a batch
         job = client.map(exit_once_when_told, order, [go] * n, [crashed] * n)
-        deadline = time.monotonic() + 30
-        while job.status()["done"] < 250 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: job.status()["done"] >= 250, 30, "250 tasks are done")
         leaving.send_signal(signal.SIGTERM)
         time.sleep(1.0)  # the drain has handed back what was queued in the worker
         Path(go).touch()  # now the slot dies: the rest of its batch comes back to the agent
@@ -107,9 +93,7 @@ def test_a_drain_out_of_time_hands_back_the_running_task(
         wait_for_worker(url)
         # max_attempts=1: handed back, not expired, or the task would fail for good.
         job = client.map(nap, [4.0], max_attempts=1)
-        deadline = time.monotonic() + 10
-        while not client_leased(url) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: client_leased(url), 10, "the task is leased")
         time.sleep(0.5)  # running now
         leaving.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -120,8 +104,7 @@ def test_a_drain_out_of_time_hands_back_the_running_task(
 
 
 def client_leased(url: str) -> int:
-    with urllib.request.urlopen(url + protocol.QUEUE, timeout=5) as r:
-        return int(json.loads(r.read())["running"])
+    return int(get_json(url + protocol.QUEUE)["running"])
 
 
 def test_a_drain_ends_in_time_when_the_server_is_gone(
@@ -133,10 +116,7 @@ def test_a_drain_ends_in_time_when_the_server_is_gone(
     with Client(url) as client:
         wait_for_worker(url)
         client.map(nap, [30.0])
-        deadline = time.monotonic() + 20
-        while not worker_busy(url):
-            assert time.monotonic() < deadline, "the task never started"
-            time.sleep(0.2)
+        poll_until(lambda: worker_busy(url), 20, "the task starts", every=0.2)
         server.kill()
         server.wait()
         worker.send_signal(signal.SIGTERM)
@@ -147,6 +127,5 @@ def test_a_drain_ends_in_time_when_the_server_is_gone(
 
 
 def worker_busy(url: str) -> bool:
-    with urllib.request.urlopen(url + protocol.WORKERS, timeout=5) as r:
-        workers = json.loads(r.read())
+    workers = get_json(url + protocol.WORKERS)
     return any(w["stats"].get("busy_slots", 0) > 0 for w in workers.values())

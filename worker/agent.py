@@ -31,7 +31,7 @@ from coffea_hq import protocol
 from coffea_hq.protocol import FRAMES_CONTENT_TYPE, Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable, Transport
 
-from .slots import FunctionUnavailable, LeaseKey, Result, Slot, WorkItem
+from .slots import FunctionUnavailable, HeldTask, LeaseKey, Result, Slot
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -73,8 +73,8 @@ class Leases:
     """
 
     def __init__(self) -> None:
-        self._held: dict[LeaseKey, WorkItem] = {}
-        self._pending: deque[WorkItem] = deque()
+        self._held: dict[LeaseKey, HeldTask] = {}
+        self._pending: deque[HeldTask] = deque()
         self._running: set[LeaseKey] = set()
         self._lost: set[LeaseKey] = set()  # held, but the server says no longer ours
         self.work = asyncio.Event()  # set when there is something pending
@@ -95,20 +95,20 @@ class Leases:
         self.work.set()
         self.ended.set()
 
-    def add(self, items: list[WorkItem]) -> None:
+    def add(self, items: list[HeldTask]) -> None:
         for item in items:
             self._held[item.key] = item
             self._pending.append(item)
         if items:
             self.work.set()
 
-    def take(self, n: int) -> list[WorkItem]:
+    def take(self, n: int) -> list[HeldTask]:
         """Up to ``n`` pending leases, oldest first, now running."""
         batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
         self._running.update(item.key for item in batch)
         return batch
 
-    def put_back(self, items: list[WorkItem]) -> None:
+    def put_back(self, items: list[HeldTask]) -> None:
         """A batch's rest that never ran (its subprocess died): first in line again."""
         keep = []
         for item in items:
@@ -121,7 +121,7 @@ class Leases:
         if keep:
             self.work.set()
 
-    def finished(self, item: WorkItem) -> bool:
+    def finished(self, item: HeldTask) -> bool:
         """The slot has a result for ``item``; whether it is still worth reporting."""
         self._running.discard(item.key)
         if item.key in self._held and item.key not in self._lost:
@@ -129,7 +129,7 @@ class Leases:
         self.end(item)  # lost or handed back: nobody wants this result any more
         return False
 
-    def end(self, item: WorkItem) -> None:
+    def end(self, item: HeldTask) -> None:
         """Reported, dropped or handed back: the lease is no longer ours to extend."""
         self._held.pop(item.key, None)
         self._running.discard(item.key)
@@ -150,7 +150,7 @@ class Leases:
         self._lost |= keys & self._held.keys()
         return keys & self._running
 
-    def hand_back_pending(self) -> list[WorkItem]:
+    def hand_back_pending(self) -> list[HeldTask]:
         """End every pending lease; the caller gives them back to the server."""
         items = list(self._pending)
         self._pending.clear()
@@ -158,7 +158,7 @@ class Leases:
             self.end(item)
         return items
 
-    def hand_back_running(self) -> list[WorkItem]:
+    def hand_back_running(self) -> list[HeldTask]:
         """End every running lease (a drain out of time); the caller gives them back."""
         items = [self._held[k] for k in self._running if k in self._held]
         for item in items:
@@ -308,7 +308,7 @@ class Worker:
             await self._heartbeat(exiting=True, retry_for=budget())
 
     async def _hand_back(
-        self, items: list[WorkItem], what: str, retry_for: float | None = None
+        self, items: list[HeldTask], what: str, retry_for: float | None = None
     ) -> None:
         """Return leases to the queue without counting an attempt (they end here either
         way: if the server cannot be told, they expire)."""
@@ -348,7 +348,7 @@ class Worker:
             reply = m.convert(header, m.LeaseReply)
             self.leases.add(
                 [
-                    WorkItem(t.job, t.task, t.attempt, t.function, bytes(payload))
+                    HeldTask(t.job, t.task, t.attempt, t.function, bytes(payload))
                     for t, payload in zip(reply.tasks, parts, strict=True)
                 ]
             )

@@ -16,7 +16,7 @@ from coffea_hq.messages import LeaseRef
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
-from .runner import MARKER
+from .child import MARKER
 
 LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
 
@@ -29,13 +29,13 @@ class FunctionUnavailable(Exception):
 
 
 @dataclass(slots=True)
-class WorkItem:
-    """A leased task inside the worker."""
+class HeldTask:
+    """A leased task inside the worker (not coffea's ``WorkItem``, a chunk of a file)."""
 
     job: str
     task: str
     attempt: int
-    function: str
+    function_blob: str  # the sha of the job's pickled function, a blob on the server
     payload: bytes
 
     @property
@@ -54,7 +54,7 @@ class WorkItem:
 
 @dataclass(slots=True)
 class Result:
-    item: WorkItem
+    item: HeldTask
     outcome: Outcome
     error: dict[str, Any] | None
     data: bytes
@@ -81,11 +81,11 @@ class Slot:
         self.index = index
         self._fetch = fetch_function
         self._proc: asyncio.subprocess.Process | None = None
-        self._functions: set[str] = set()
+        self._loaded: set[str] = set()  # function blobs (shas) the subprocess holds
         self._seq = 0
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
-        self._unreported: dict[int, WorkItem] = {}  # by sequence number: the batch in hand
+        self._unreported: dict[int, HeldTask] = {}  # by sequence number: the batch in hand
 
     async def start(self) -> None:
         self._close_marker()
@@ -95,11 +95,11 @@ class Slot:
         os.unlink(path)
         os.write(fd, bytes(MARKER.size))
         self._marker = fd
-        self._functions = set()
+        self._loaded = set()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "coffea_hq.worker.runner",
+            "coffea_hq.worker.child",
             str(fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -121,33 +121,32 @@ class Slot:
         return item.key if item else None
 
     async def run(
-        self, batch: list[WorkItem], report: Callable[[list[Result]], None]
-    ) -> list[WorkItem]:
+        self, batch: list[HeldTask], report: Callable[[list[Result]], None]
+    ) -> list[HeldTask]:
         """Run ``batch``, calling ``report`` as results arrive. Returns the items that never
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
         functions: dict[str, bytes] = {}
-        for sha in {item.function for item in batch} - self._functions:
+        for sha in {item.function_blob for item in batch} - self._loaded:
             try:
                 functions[sha] = await self._fetch(sha)
             except FunctionUnavailable as e:
                 # Fail this function's tasks now: a slot that died here would leave them
                 # held and heartbeated for ever.
                 error = {"type": FUNCTION_UNAVAILABLE, "message": str(e), "traceback": ""}
-                report(
-                    [Result(i, Outcome.ERROR, error, b"", 0.0) for i in batch if i.function == sha]
-                )
-                batch = [i for i in batch if i.function != sha]
+                failed = [i for i in batch if i.function_blob == sha]
+                report([Result(i, Outcome.ERROR, error, b"", 0.0) for i in failed])
+                batch = [i for i in batch if i.function_blob != sha]
         by_seq = self._unreported = {}
         order = []
         for item in batch:
             self._seq += 1
             by_seq[self._seq] = item
-            order.append((self._seq, item.function, item.payload, item.merge))
+            order.append((self._seq, item.function_blob, item.payload, item.merge))
         try:
             for sha, data in functions.items():
                 self._proc.stdin.write(pipe.encode(("function", sha, data)))
-                self._functions.add(sha)
+                self._loaded.add(sha)
             if order:
                 self._proc.stdin.write(pipe.encode(("run", order)))
             await self._proc.stdin.drain()
@@ -173,8 +172,8 @@ class Slot:
                 self._proc.kill()
 
     async def _after_crash(
-        self, unreported: dict[int, WorkItem], report: Callable[[list[Result]], None]
-    ) -> list[WorkItem]:
+        self, unreported: dict[int, HeldTask], report: Callable[[list[Result]], None]
+    ) -> list[HeldTask]:
         assert self._proc is not None
         returncode = await self._proc.wait()
         crashed = self._marker_seq()

@@ -6,6 +6,6 @@
 
 from __future__ import annotations
 
-from .policy import Bounds, Cooldown, Decision, JobState, WorkerJob, decide, wanted
+from .policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
 
-__all__ = ["Bounds", "Cooldown", "Decision", "JobState", "WorkerJob", "decide", "wanted"]
+__all__ = ["BatchState", "Bounds", "Cooldown", "Decision", "WorkerJob", "decide", "wanted"]

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from coffea_hq import protocol
 
-from .policy import Bounds, Cooldown, Decision, JobState, WorkerJob, decide, wanted
+from .policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
 
 log = logging.getLogger("coffea_hq.factory")
 
@@ -41,11 +41,11 @@ FACTORY_ATTR = "CoffeaHQFactory"
 WORKER_PREFIX = "condor-"
 # HTCondor JobStatus codes (the bindings' JobStatus enum has the same values).
 _CONDOR_STATES = {
-    1: JobState.IDLE,
-    2: JobState.RUNNING,
-    5: JobState.HELD,
-    6: JobState.RUNNING,
-    7: JobState.RUNNING,
+    1: BatchState.IDLE,
+    2: BatchState.RUNNING,
+    5: BatchState.HELD,
+    6: BatchState.RUNNING,
+    7: BatchState.RUNNING,
 }
 # 3 (Removed: a removed worker still draining) and 4 (Completed) are not counted: they
 # are on their way out of the queue.
@@ -261,7 +261,7 @@ class DryRunPool:
     def submit(self, desc: dict[str, str], count: int) -> list[str]:
         self._clusters += 1
         ids = [f"dry{self._clusters}.{i}" for i in range(count)]
-        self._jobs.update((i, WorkerJob(i, JobState.IDLE)) for i in ids)
+        self._jobs.update((i, WorkerJob(i, BatchState.IDLE)) for i in ids)
         return ids
 
     def remove(self, ids: Sequence[str], reason: str) -> None:
@@ -288,7 +288,7 @@ class Factory:
         """Read the queue and the pool, decide, act; returns the decision."""
         queue = read_queue(self.url)
         jobs = self.pool.jobs()
-        if any(j.state is JobState.RUNNING for j in jobs):
+        if any(j.state is BatchState.RUNNING for j in jobs):
             busy = busy_workers(self.url)
             jobs = [WorkerJob(j.id, j.state, busy.get(j.id)) for j in jobs]
         now = time.monotonic() if now is None else now

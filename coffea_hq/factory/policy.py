@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
-class JobState(StrEnum):
-    """A worker job's state in the batch system, as far as scaling cares."""
+class BatchState(StrEnum):
+    """A worker job's state in the batch system, as far as scaling cares (not to be
+    confused with :class:`coffea_hq.protocol.JobState`, the state of a job of tasks)."""
 
     IDLE = "idle"  # submitted, waiting for a slot: no tasks, cheapest to remove
     RUNNING = "running"  # hq-worker is (or is about to be) pulling tasks
@@ -34,7 +35,7 @@ class WorkerJob:
     """One worker job. ``busy`` is whether its hq-worker holds tasks (None: unknown)."""
 
     id: str
-    state: JobState
+    state: BatchState
     busy: bool | None = None
 
 
@@ -77,9 +78,9 @@ def wanted(work: int, bounds: Bounds) -> int:
 
 # Removal order: what costs nothing first, workers holding tasks (which drain) last.
 def _removal_rank(job: WorkerJob) -> int:
-    if job.state is JobState.HELD:
+    if job.state is BatchState.HELD:
         return 0
-    if job.state is JobState.IDLE:
+    if job.state is BatchState.IDLE:
         return 1
     if job.busy is False:
         return 2
@@ -100,9 +101,9 @@ def decide(
     ``scale_down=False`` (a cooldown in progress) keeps surplus jobs this cycle.
     """
     target = wanted(work, bounds)
-    held = sum(j.state is JobState.HELD for j in jobs)
-    idle = sum(j.state is JobState.IDLE for j in jobs)
-    running = sum(j.state is JobState.RUNNING for j in jobs)
+    held = sum(j.state is BatchState.HELD for j in jobs)
+    idle = sum(j.state is BatchState.IDLE for j in jobs)
+    running = sum(j.state is BatchState.RUNNING for j in jobs)
     have = len(jobs)
     need = math.ceil(max(work, 0) / bounds.slots)
     why = f"work {work} at {bounds.slots} slot(s) per worker needs {need} worker(s)"
@@ -122,7 +123,7 @@ def decide(
     # Within a rank the newest job (the last listed) goes first: older idle jobs are
     # nearer the front of the batch system's queue.
     chosen = sorted(reversed(jobs), key=_removal_rank)[:surplus]
-    busy = sum(j.state is JobState.RUNNING and j.busy is not False for j in chosen)
+    busy = sum(j.state is BatchState.RUNNING and j.busy is not False for j in chosen)
     drain = f", {busy} of them drain their tasks first" if busy else ""
     return Decision(
         target,

@@ -21,13 +21,10 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +37,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p
 )
 
+# The benchmarks' shared harness: CPU accounting, quiet wait, time limit, process stopping.
+sys.path.insert(0, str(HERE.parent.parent / "benchmarks"))
+
 import analysis  # noqa: E402
 import generate  # noqa: E402
-import psutil  # noqa: E402
+import harness  # noqa: E402
+from harness import LOADED, CpuMeter  # noqa: E402
 
 EXECUTORS = ("hq", "futures", "dask", "parsl")
 LABELS = {
@@ -51,65 +52,6 @@ LABELS = {
     "dask": "DaskExecutor",
     "parsl": "ParslExecutor",
 }
-LOADED = 0.10  # other processes' share of the CPUs above which a run is flagged
-
-# markers in the command lines of processes we start that are not our children
-# (Parsl's LocalProvider starts its worker pool through a shell that exits)
-ADOPTED: list[str] = []
-
-
-# ---------------------------------------------------------------------- CPU accounting
-
-
-def our_processes() -> list[psutil.Process]:
-    me = psutil.Process()
-    procs = {p.pid: p for p in me.children(recursive=True)}
-    if ADOPTED:
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if any(m in cmd for m in ADOPTED) and p.pid not in procs and p.pid != me.pid:
-                procs[p.pid] = p
-                for c in p.children(recursive=True):
-                    procs[c.pid] = c
-    return [me, *procs.values()]
-
-
-def role(proc: psutil.Process) -> str:
-    if proc.pid == os.getpid():
-        return "client (this process)"
-    try:
-        cmd = " ".join(proc.cmdline())
-    except psutil.Error:
-        return "gone"
-    for needle, name in (
-        ("coffea_hq.worker.runner", "hq task processes"),
-        ("coffea_hq.worker", "hq-worker agents"),
-        ("coffea_hq.server", "hq-server"),
-        ("valkey", "store (valkey)"),
-        ("process_worker_pool", "parsl workers"),
-        ("interchange", "parsl interchange"),
-        ("loky", "loky workers"),
-        ("dask", "dask workers"),
-        ("distributed", "dask workers"),
-        ("multiprocessing", "worker processes"),
-    ):
-        if needle in cmd:
-            return name
-    return "other (" + Path(cmd.split()[0]).name + ")" if cmd else "other"
-
-
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    out = {}
-    for p in our_processes():
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            out[p.pid] = (role(p), t.user + t.system)
-    return out
-
-
-def machine_busy() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 @dataclass
@@ -193,7 +135,7 @@ def _parsl(workers: int) -> Iterator[Any]:
     from parsl.providers import LocalProvider
 
     rundir = tempfile.mkdtemp(prefix="agc-bench-parsl-")
-    ADOPTED.append(rundir)
+    harness.ADOPTED_MARKERS.append(rundir)  # its worker pool is not our descendant
     config = Config(
         executors=[
             HighThroughputExecutor(
@@ -217,7 +159,7 @@ def _parsl(workers: int) -> Iterator[Any]:
     finally:
         dfk.cleanup()
         parsl.clear()
-        ADOPTED.remove(rundir)
+        harness.ADOPTED_MARKERS.remove(rundir)
         shutil.rmtree(rundir, ignore_errors=True)
 
 
@@ -251,20 +193,6 @@ def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-def wait_for_quiet(max_wait: float) -> float:
-    """Wait up to ``max_wait`` s for other processes to leave the CPUs mostly idle."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        before, busy0, t0 = cpu_snapshot(), machine_busy(), time.perf_counter()
-        time.sleep(0.5)
-        ours = sum(c for _, c in cpu_snapshot().values()) - sum(c for _, c in before.values())
-        share = max(0.0, machine_busy() - busy0 - ours) / (
-            (time.perf_counter() - t0) * (os.cpu_count() or 1)
-        )
-        if share < LOADED or time.monotonic() > deadline:
-            return share
-
-
 def measure_once(
     result: Result,
     executor: Any,
@@ -272,20 +200,16 @@ def measure_once(
     args: argparse.Namespace,
     reference: list[dict[str, Any]],
 ) -> None:
-    wait_for_quiet(args.quiet_wait)
-    before, busy0 = cpu_snapshot(), machine_busy()
-    out, metrics, wall = run_once(executor, fileset, args.chunksize)
-    after, busy = cpu_snapshot(), machine_busy() - busy0
-    spent: defaultdict[str, float] = defaultdict(float)
-    for pid, (kind, cpu) in after.items():
-        spent[kind] += cpu - before.get(pid, (kind, 0.0))[1]
-    foreign = max(0.0, busy - sum(spent.values())) / (wall * (os.cpu_count() or 1))
+    harness.wait_for_quiet(args.quiet_wait)
+    with CpuMeter() as cpu:
+        out, metrics, wall = run_once(executor, fileset, args.chunksize)
+    foreign = cpu.foreign_share
     run = Run(
         wall,
         int(metrics["chunks"]),
         int(metrics["entries"]),
         float(metrics["processtime"]),
-        dict(spent),
+        dict(cpu.spent),
         foreign,
     )
     result.runs.append(run)
@@ -299,26 +223,6 @@ def measure_once(
         f"chunks, {run.events / wall / 1e3:8.1f} kHz{flag}",
         flush=True,
     )
-
-
-def reap() -> None:
-    """Kill every process this benchmark started that is still alive (by pid)."""
-    for proc in reversed(our_processes()[1:]):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-def start_watchdog(seconds: float) -> None:
-    """If cleaning up takes longer than ``seconds``, kill our processes and exit."""
-
-    def hard_stop() -> None:
-        print(f"benchmark: cleanup took over {seconds:.0f} s; killing what is left", flush=True)
-        reap()
-        os._exit(2)
-
-    timer = threading.Timer(seconds, hard_stop)
-    timer.daemon = True
-    timer.start()
 
 
 def measure(
@@ -337,7 +241,8 @@ def measure(
             result.startup = time.perf_counter() - start
             print(f"{LABELS[result.name]} up and warm in {result.startup:.1f} s", flush=True)
             executors.append(executor)
-        stack.callback(start_watchdog, 120.0)  # runs first when the stack unwinds
+        # Runs first when the stack unwinds: stopping the executors may take 2 minutes.
+        stack.callback(harness.hard_stop_after, 120.0, "cleanup took over 120 s")
         for round_ in range(args.repeats):
             shift = round_ % len(results)
             for result, executor in (
@@ -464,30 +369,28 @@ def main(argv: list[str] | None = None) -> int:
         if n not in EXECUTORS:
             raise SystemExit(f"unknown executor {n!r}; choose from {', '.join(EXECUTORS)}")
 
-    def timed_out(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"benchmark exceeded --timeout {args.timeout:.0f}s")
-
-    signal.signal(signal.SIGALRM, timed_out)
-    signal.alarm(int(args.timeout))
-    inputs = generate.generate(
-        args.files_per_sample,
-        args.events_per_file,
-        args.seed,
-        args.cache_dir,
-        jobs=min(2, os.cpu_count() or 1),
-    )
-    fileset = analysis.construct_fileset(inputs)
-    events = sum(d["metadata"]["nevts"] for d in fileset.values())
-    print(
-        f"{events:,} events in {sum(len(d['files']) for d in fileset.values())} files, "
-        f"chunksize {args.chunksize:,}, {args.workers} workers per executor, "
-        f"{args.repeats} repeats, {os.cpu_count()} CPUs"
-    )
     try:
-        results, reference = measure(names, fileset, args)
+        with harness.watchdog(args.timeout, "--timeout"):
+            inputs = generate.generate(
+                args.files_per_sample,
+                args.events_per_file,
+                args.seed,
+                args.cache_dir,
+                jobs=min(2, os.cpu_count() or 1),
+            )
+            fileset = analysis.construct_fileset(inputs)
+            events = sum(d["metadata"]["nevts"] for d in fileset.values())
+            print(
+                f"{events:,} events in {sum(len(d['files']) for d in fileset.values())} files, "
+                f"chunksize {args.chunksize:,}, {args.workers} workers per executor, "
+                f"{args.repeats} repeats, {os.cpu_count()} CPUs"
+            )
+            results, reference = measure(names, fileset, args)
+    except harness.BenchmarkTimeout as e:
+        print(f"\nbenchmark: {e}", file=sys.stderr)
+        return 3
     finally:
-        reap()
-    signal.alarm(0)
+        harness.stop_leftovers()
     print(report(results, args.workers))
     for line in targets(results, args.small_chunks):
         print(line)

@@ -28,7 +28,7 @@ from coffea_hq import Client
 from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.factory import condor
 from coffea_hq.factory.condor import DryRunPool, Factory, WorkerSpec
-from coffea_hq.factory.policy import Bounds, Cooldown, JobState, WorkerJob
+from coffea_hq.factory.policy import BatchState, Bounds, Cooldown, WorkerJob
 
 from ..conftest import Processes
 from .conftest import wait_until
@@ -175,7 +175,7 @@ class ProcessPool:
         for job_id, proc in list(self.live.items()):
             if proc.poll() is not None:  # exited: the job leaves the queue
                 del self.live[job_id]
-        return [WorkerJob(job_id, JobState.RUNNING) for job_id in self.live]
+        return [WorkerJob(job_id, BatchState.RUNNING) for job_id in self.live]
 
     def submit(self, desc: dict[str, str], count: int) -> list[str]:
         self.clusters += 1

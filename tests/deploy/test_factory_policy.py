@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from coffea_hq.factory.policy import Bounds, Cooldown, JobState, WorkerJob, decide, wanted
+from coffea_hq.factory.policy import BatchState, Bounds, Cooldown, WorkerJob, decide, wanted
 
-IDLE, RUNNING, HELD = JobState.IDLE, JobState.RUNNING, JobState.HELD
+IDLE, RUNNING, HELD = BatchState.IDLE, BatchState.RUNNING, BatchState.HELD
 
 
-def jobs(*states: JobState, busy: bool | None = None) -> list[WorkerJob]:
+def jobs(*states: BatchState, busy: bool | None = None) -> list[WorkerJob]:
     return [WorkerJob(f"7.{i}", s, busy if s is RUNNING else None) for i, s in enumerate(states)]
 
 

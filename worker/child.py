@@ -1,4 +1,4 @@
-"""The task subprocess: ``python -m coffea_hq.worker.runner MARKER_FD``.
+"""The task subprocess: ``python -m coffea_hq.worker.child MARKER_FD``.
 
 Long-lived, one per slot. It reads batches of tasks from stdin, runs them in
 order and writes results to the original stdout, which is moved away from fd 1
