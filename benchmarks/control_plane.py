@@ -36,15 +36,12 @@ from typing import Any
 
 from harness import (
     CLIENT,
-    BenchmarkTimeout,
     CpuMeter,
     add_run_options,
-    describe_machine,
     print_table,
-    stop_leftovers,
+    run_benchmark,
     wait_for_quiet,
     warn_if_loaded,
-    watchdog,
 )
 
 CONTROL_PLANE_TARGET = 50_000.0
@@ -576,16 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    describe_machine(("aiohttp", "redis"))
-    try:
-        with watchdog(args.time_limit):
-            met = control_plane(args)
-    except BenchmarkTimeout as e:
-        print(f"\nbenchmark: {e}", file=sys.stderr)
-        return 3
-    finally:
-        stop_leftovers()  # everything should be stopped by now: don't leave strays
-    return 0 if met else 1
+    return run_benchmark(lambda: control_plane(args), args.time_limit, ("aiohttp", "redis"))
 
 
 if __name__ == "__main__":

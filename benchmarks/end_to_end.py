@@ -42,12 +42,10 @@ from harness import (
     BenchmarkTimeout,
     CpuMeter,
     add_run_options,
-    describe_machine,
     print_table,
-    stop_leftovers,
+    run_benchmark,
     wait_for_quiet,
     warn_if_loaded,
-    watchdog,
 )
 
 HQ_TARGET_RATIO = 10.0
@@ -307,16 +305,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    describe_machine(("aiohttp", "redis", "dask", "distributed", "parsl"))
-    try:
-        with watchdog(args.time_limit):
-            met = end_to_end(args)
-    except BenchmarkTimeout as e:
-        print(f"\nbenchmark: {e}", file=sys.stderr)
-        return 3
-    finally:
-        stop_leftovers()  # everything should be stopped by now: don't leave strays
-    return 0 if met else 1
+    return run_benchmark(
+        lambda: end_to_end(args),
+        args.time_limit,
+        ("aiohttp", "redis", "dask", "distributed", "parsl"),
+    )
 
 
 if __name__ == "__main__":

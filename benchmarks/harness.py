@@ -14,10 +14,11 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,18 @@ def describe_machine(modules: tuple[str, ...]) -> None:
         f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
         f"; {', '.join(versions)}" + (f"; coffea-hq tree {rev}" if rev else "")
     )
+
+
+def run_benchmark(body: Callable[[], bool], time_limit: float, modules: tuple[str, ...]) -> int:
+    """A benchmark script's exit code: 0 if ``body()`` met its targets, 1 if not, 3 if the
+    watchdog stopped it; whatever it started is stopped on the way out."""
+    describe_machine(modules)
+    try:
+        with watchdog(time_limit):
+            met = body()
+    except BenchmarkTimeout as e:
+        print(f"\nbenchmark: {e}", file=sys.stderr)
+        return 3
+    finally:
+        stop_leftovers()  # everything should be stopped by now: don't leave strays
+    return 0 if met else 1
