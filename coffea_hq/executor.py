@@ -37,8 +37,8 @@ from coffea.processor.executor import ExecutorBase
 from coffea.util import rich_bar
 
 from . import protocol
-from .client import Client, Job
-from .errors import HQError, TaskFailed
+from .client import Client, Job, resolve_url
+from .errors import TaskFailed
 
 __all__ = ["HQExecutor", "merge_outputs"]
 
@@ -173,12 +173,7 @@ class HQExecutor(ExecutorBase):
         """The server this executor submits to: ``url``, else ``$HQ_URL``."""
         if self.client is not None:
             return self.client.url
-        url = self.url or os.environ.get(protocol.ENV_URL)
-        if not url:
-            raise HQError(NO_URL_HELP)
-        if not url.startswith(("http://", "https://")):
-            raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
-        return url
+        return resolve_url(self.url, NO_URL_HELP)
 
     def __call__(
         self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any
