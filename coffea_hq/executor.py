@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ NO_URL_HELP = (
 )
 
 PROGRESS_EVERY = 0.1  # seconds between progress-bar redraws
-MERGE_POLL = 0.5  # seconds between job status reads for the merge bar
 
 
 def merge_outputs(outputs: list[Any]) -> Any:
@@ -225,59 +223,52 @@ class HQExecutor(ExecutorBase):
         """Follow the job with coffea's progress bars; return the merged output."""
         with rich_bar() as progress:
             bar = progress.add_task(self.desc, total=total, unit=self.unit, visible=self.status)
-            watcher = None
+            merging = None
             if job.reducing and self.status:
-                watcher = _MergeWatcher(job, progress, total, self.treereduction or 2)
-            done, last_draw, finished = 0, 0.0, False
-            try:
-                for _, value in job.as_completed(timeout=self.timeout):
-                    done += 1
-                    if not job.reducing:
-                        partial[0] = accumulate([value], partial[0])
-                    now = time.monotonic()
-                    if now - last_draw > PROGRESS_EVERY or done == total:
-                        progress.update(bar, completed=done, refresh=True)
-                        last_draw = now
-                finished = True
-            finally:
-                if watcher is not None:
-                    watcher.stop(finished)
+                merging = _MergeBar(progress, total, self.treereduction or 2)
+            done, last_draw = 0, 0.0
+            for _, value in job.as_completed(timeout=self.timeout):
+                done += 1
+                if not job.reducing:
+                    partial[0] = accumulate([value], partial[0])
+                now = time.monotonic()
+                if now - last_draw > PROGRESS_EVERY or done == total:
+                    progress.update(bar, completed=done, refresh=True)
+                    last_draw = now
+                if merging is not None:
+                    merging.update(job.merges, job.merges_open)
             progress.update(bar, completed=done, refresh=True)
+            if merging is not None:
+                merging.finish()
         return job.result() if job.reducing else partial[0]
 
 
-class _MergeWatcher:
-    """Draws the merge bar from the job's status while the main thread waits on results.
+class _MergeBar:
+    """The merge bar, drawn from the job summary each batch of results carries.
 
-    The bar counts merge tasks finished (queued, from servers that do not report open
-    ones); its total is the number a tree of fan-in ``fanin`` needs for ``total`` chunks.
+    It counts merge tasks finished; its total is the number a tree of fan-in ``fanin``
+    needs for ``total`` chunks (or the number queued, if more).
     """
 
-    def __init__(self, job: Job, progress: Any, total: int, fanin: int) -> None:
-        self.job = job
+    def __init__(self, progress: Any, total: int, fanin: int) -> None:
         self.progress = progress
         self.total = -(-(total - 1) // (fanin - 1)) if total > 1 else 0
         self.bar = progress.add_task("Merging (on workers)", total=self.total, unit="merges")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hq-merge-bar", daemon=True)
-        self._thread.start()
+        self.shown = (0, 0)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(MERGE_POLL):
-            try:
-                status = self.job.status()
-            except Exception:  # the job ended and was deleted: the main thread finishes up
-                return
-            queued = int(status.get("merges", 0))
-            done = queued - int(status.get("merges_open", 0))  # servers that report it
-            self.total = max(self.total, queued)
-            self.progress.update(self.bar, completed=done, total=self.total, refresh=True)
+    def update(self, merges: int, merges_open: int) -> None:
+        """Redraw if the job's ``merges`` (queued so far) or ``merges_open`` changed."""
+        if (merges, merges_open) == self.shown:
+            return
+        self.shown = (merges, merges_open)
+        self.total = max(self.total, merges)
+        self.progress.update(
+            self.bar, completed=merges - merges_open, total=self.total, refresh=True
+        )
 
-    def stop(self, finished: bool) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if finished:  # the job's keys are gone by now: the last merges were not counted
-            self.progress.update(self.bar, completed=self.total, refresh=True)
+    def finish(self) -> None:
+        # The last batch carried the summary from before the final merge was counted.
+        self.progress.update(self.bar, completed=self.total, refresh=True)
 
 
 def _cancel_quietly(job: Job) -> None:
