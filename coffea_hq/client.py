@@ -19,13 +19,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from . import messages, protocol
+from .api import API, Frames
 from .errors import HQError, JobCancelled, SubmitFailed, TaskFailed
-from .protocol import FRAMES_CONTENT_TYPE, Codec
-from .transport import Transport
+from .protocol import Codec
 
 T = TypeVar("T")
 
@@ -34,8 +33,7 @@ SUBMIT_IN_FLIGHT = 2
 SUBMIT_SHARE = 4  # a submit batch stays under this share of the server's request limit
 POLL_WAIT = 30.0
 ABANDON_BUDGET = 3.0  # seconds a failed submission spends deleting its job
-
-Frames = tuple[dict[str, Any], list[memoryview]]
+STOP_BUDGET = ABANDON_BUDGET + 2  # how long Ctrl-C waits for a stopped call to clean up
 
 NO_URL_HELP = (
     "no coffea-hq server URL: pass Client(url), set HQ_URL, or start one on this machine "
@@ -43,11 +41,11 @@ NO_URL_HELP = (
 )
 
 
-def resolve_url(url: str | None) -> str:
-    """``url``, else $HQ_URL, else a clear error."""
+def resolve_url(url: str | None, help: str = NO_URL_HELP) -> str:
+    """``url``, else $HQ_URL, else :class:`HQError` with ``help``."""
     url = url or os.environ.get(protocol.ENV_URL)
     if not url:
-        raise HQError(NO_URL_HELP)
+        raise HQError(help)
     if not url.startswith(("http://", "https://")):
         raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
     return url
@@ -58,6 +56,9 @@ class Client:
 
     ``url`` defaults to ``$HQ_URL``. ``retry_for`` is how long requests ride out an
     unreachable server (restarts, network cuts) before raising.
+
+    ``api`` is the server's HTTP API as coroutines (:class:`coffea_hq.api.API`), bound to
+    the client's event loop: :meth:`run` runs one there and waits for it.
     """
 
     def __init__(
@@ -75,27 +76,46 @@ class Client:
             target=self._loop.run_forever, name="coffea-hq-client", daemon=True
         )
         self._thread.start()
-        self.transport = Transport(self.url, retry_for=retry_for, token=token)
+        self.api = API(self.url, retry_for=retry_for, token=token)
         self._closed = False
         self._request_limit: int | None = None  # the server's, read from /health once
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self._spawn(coro).result(timeout)
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` (a call of :attr:`api`, or built on them) on the client's event
+        loop and wait for its result: the one place the caller's thread crosses over.
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        Ctrl-C in the caller cancels the coroutine and waits (briefly) for it to clean
+        up on its way out (a submission deletes its job) before re-raising.
+        """
         if self._closed:
             coro.close()
             raise HQError("this Client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        begun, ended = threading.Event(), threading.Event()
+
+        async def tracked() -> T:
+            begun.set()
+            try:
+                return await coro
+            finally:
+                ended.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            if begun.is_set():
+                ended.wait(STOP_BUDGET)
+            raise
 
     def close(self) -> None:
         """Close the connection (running jobs continue on the server)."""
         if self._closed:
             return
-        self._run(self._shutdown())
+        self.run(self._shutdown())
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
@@ -106,7 +126,7 @@ class Client:
         for task in pending:  # long polls prefetched for jobs nobody reads any more
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await self.transport.close()
+        await self.api.close()
 
     def __enter__(self) -> Client:
         return self
@@ -118,11 +138,11 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` document."""
-        return self._run(self.transport.call("GET", protocol.HEALTH)).json()
+        return self.run(self.api.health())
 
     def queue(self) -> dict[str, int]:
         """Queued and running task counts, jobs and workers."""
-        return self._run(self.transport.call("GET", protocol.QUEUE)).json()
+        return self.run(self.api.queue())
 
     # ------------------------------------------------------------------ jobs
 
@@ -167,63 +187,24 @@ class Client:
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
-        self._submit(job.id, blobs, payloads, spec)
+        self.run(self._submit(job.id, blobs, payloads, spec))
         return job
 
-    def _submit(
+    async def _submit(
         self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
     ) -> None:
-        """Create, fill and seal the job; whatever fails, nothing of it is left to run."""
-        begun, ended = threading.Event(), threading.Event()
-        future = self._spawn(self._create(job, blobs, payloads, spec, begun, ended))
-        try:
-            future.result()
-        except KeyboardInterrupt:
-            # Ctrl-C lands here, in the caller's thread: stop the coroutine, which deletes
-            # the job on its way out, and wait for that (bounded) before re-raising.
-            future.cancel()
-            if begun.is_set():
-                ended.wait(ABANDON_BUDGET + 2)
-            raise
-
-    async def _upload(self, blob: bytes) -> str:
-        """Upload a content-addressed blob unless the server has it; returns its name."""
-        sha = protocol.blob_name(blob)
-        path = protocol.BLOB.format(sha=sha)
-        found = await self.transport.call("HEAD", path, accept=(200, 404))
-        if found.status == 404:
-            await self.transport.call(
-                "PUT", path, body=blob, content_type=protocol.BLOB_CONTENT_TYPE
-            )
-        return sha
-
-    async def _create(
-        self,
-        job: str,
-        blobs: list[bytes],
-        payloads: list[bytes],
-        spec: dict[str, Any],
-        begun: threading.Event,
-        ended: threading.Event,
-    ) -> None:
-        begun.set()
+        """Create, fill and seal the job; whatever fails (Ctrl-C included), nothing of it
+        is left to run."""
         created = False
         try:
-            shas = [await self._upload(blob) for blob in blobs]
+            shas = [await self.api.upload(blob) for blob in blobs]
             created = True  # from here on the job may exist, even if the reply is lost
-            await self.transport.call(
-                "PUT",
-                protocol.JOB.format(job=job),
-                json_body=messages.CreateJob(
-                    function=shas[0], reducer=shas[1] if len(shas) > 1 else None, **spec
-                ),
+            reducer = shas[1] if len(shas) > 1 else None
+            await self.api.create_job(
+                job, messages.CreateJob(function=shas[0], reducer=reducer, **spec)
             )
             await self._submit_tasks(job, payloads)
-            await self.transport.call(
-                "POST",
-                protocol.JOB_SEAL.format(job=job),
-                json_body=messages.Seal(total=len(payloads)),
-            )
+            await self.api.seal(job, messages.Seal(total=len(payloads)))
         except BaseException as exc:
             # An unsealed job would run its first batches and never end: delete it.
             # (A cancelled task may still await here: the cancellation was delivered.)
@@ -235,12 +216,10 @@ class Client:
                     f"will run: {exc}"
                 ) from exc
             raise
-        finally:
-            ended.set()
 
     async def _max_request_size(self) -> int:
         if self._request_limit is None:
-            doc = (await self.transport.call("GET", protocol.HEALTH)).json()
+            doc = await self.api.health()
             self._request_limit = int(
                 doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
             )
@@ -254,12 +233,7 @@ class Client:
         async def submit(start: int, stop: int) -> None:
             header = messages.SubmitTasks(tasks=[str(i) for i in range(start, stop)])
             async with limit:
-                await self.transport.call(
-                    "POST",
-                    protocol.JOB_TASKS.format(job=job),
-                    body=protocol.pack(header, payloads[start:stop]),
-                    content_type=FRAMES_CONTENT_TYPE,
-                )
+                await self.api.submit_tasks(job, header, payloads[start:stop])
 
         spans = batch_spans([len(p) for p in payloads], SUBMIT_BATCH, budget)
         batches = [asyncio.ensure_future(submit(a, b)) for a, b in spans]
@@ -276,23 +250,12 @@ class Client:
         """Best effort, briefly: cancel the job and drop its keys."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ABANDON_BUDGET):
-                await self.transport.call(
-                    "DELETE",
-                    protocol.JOB.format(job=job),
-                    accept=(200, 404),
-                    retry_for=ABANDON_BUDGET,
-                )
+                await self.api.delete_job(job, retry_for=ABANDON_BUDGET)
 
-    async def _results(self, job: str, after: str, wait: float) -> Frames:
-        response = await self.transport.call(
-            "GET",
-            protocol.JOB_RESULTS.format(job=job),
-            params={"after": after, "ack": after, "wait": str(wait)},
-        )
-        return response.frames()
 
-    async def _delete(self, job: str) -> None:
-        await self.transport.call("DELETE", protocol.JOB.format(job=job), accept=(200, 404))
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def batch_spans(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -311,7 +274,11 @@ def batch_spans(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[
 
 
 class Job:
-    """A handle on a submitted job: stream results, gather them, or cancel."""
+    """A handle on a submitted job: stream results, gather them, or cancel.
+
+    ``merges`` and ``merges_open`` (merge tasks queued so far, and of those the ones not
+    finished) follow the job as its results arrive, for progress bars.
+    """
 
     __slots__ = (
         "id",
@@ -319,6 +286,8 @@ class Job:
         "items",
         "reducing",
         "fail_fast",
+        "merges",
+        "merges_open",
         "_values",
         "_reduced",
         "_received",
@@ -344,6 +313,8 @@ class Job:
         self.items = items
         self.reducing = reducing
         self.fail_fast = fail_fast
+        self.merges = 0
+        self.merges_open = 0
         self._reduced: Any = None
         self._values: list[Any] = [None] * len(items)
         # A result may arrive twice (after a store restart lost its last writes): it counts once.
@@ -351,8 +322,9 @@ class Job:
         self._failures: list[TaskFailed] = []
         # Received but not yet handed to the caller: survives a caller that stops iterating.
         self._buffer: deque[tuple[str, str, memoryview, dict[str, Any]]] = deque()
-        self._prefetch: Future[Frames] | None = None
-        self._cursor = "0"
+        # The long poll for the next batch, on the client's loop (touched only there).
+        self._prefetch: asyncio.Task[Frames] | None = None
+        self._cursor = "0"  # where the next poll starts (touched only on the loop)
         self._end_state: str | None = None
         self._finished = False
 
@@ -364,13 +336,11 @@ class Job:
 
     def status(self) -> dict[str, Any]:
         """The server's summary: state, done, failed, total, merges."""
-        c = self.client
-        return c._run(c.transport.call("GET", protocol.JOB.format(job=self.id))).json()
+        return self.client.run(self.client.api.get_job(self.id))
 
     def cancel(self) -> None:
         """Cancel the job: queued tasks are dropped, running ones stopped."""
-        c = self.client
-        c._run(c.transport.call("POST", protocol.JOB_CANCEL.format(job=self.id)))
+        self.client.run(self.client.api.cancel(self.id))
 
     def as_completed(
         self, timeout: float | None = None, *, keep: bool = True
@@ -426,32 +396,51 @@ class Job:
         """The job has failed for good: free its keys on the server; later calls re-raise."""
         self._failures.append(failure)
         self._finished = True
-        if self._prefetch is not None:
-            self._prefetch.cancel()
-            self._prefetch = None
-        self.client._run(self.client._delete(self.id))
+        self.client.run(self._stop_polling(delete=True))
         return failure
 
     def _receive(self, deadline: float | None, timeout: float | None) -> None:
-        """Wait for the next batch of results; start the long poll after it at once, so
-        the caller's unpickling and accumulation overlap the network."""
-        fetch = self._prefetch or self._fetch(deadline)
-        header, parts = fetch.result()
-        self._cursor = header["cursor"]
-        self._prefetch = None if header.get("end") else self._fetch(deadline)
+        """Wait for the next batch of results (the long poll after it starts at once, so
+        the caller's unpickling and accumulation overlap the network)."""
+        header, parts = self.client.run(self._next_batch(deadline))
+        self.merges = int(header.get("merges", self.merges))
+        self.merges_open = int(header.get("merges_open", self.merges_open))
         errors = header["errors"]
         for (task, outcome), part in zip(header["items"], parts, strict=True):
             self._buffer.append((task, outcome, part, errors.get(task, {})))
         if header.get("end"):
             self._end_state = header["state"]
         elif not self._buffer and deadline is not None and time.monotonic() > deadline:
-            if self._prefetch is not None:
-                self._prefetch.cancel()
-                self._prefetch = None
+            self.client.run(self._stop_polling(delete=False))
             raise TimeoutError(
                 f"job {self.id}: no complete result within {timeout}s "
                 f"({sum(self._received)}/{len(self)} tasks done)"
             )
+
+    async def _next_batch(self, deadline: float | None) -> Frames:
+        """The prefetched batch (or a fresh poll), and the poll after it started."""
+        if self._prefetch is None:
+            self._prefetch = self._poll(deadline)
+        # Shielded: a caller interrupted here (Ctrl-C) finds the same poll when it resumes.
+        header, parts = await asyncio.shield(self._prefetch)
+        self._cursor = header["cursor"]
+        self._prefetch = None if header.get("end") else self._poll(deadline)
+        return header, parts
+
+    def _poll(self, deadline: float | None) -> asyncio.Task[Frames]:
+        wait = POLL_WAIT
+        if deadline is not None:
+            wait = max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
+        poll = asyncio.ensure_future(self.client.api.results(self.id, self._cursor, wait))
+        poll.add_done_callback(_retrieved)  # a poll nobody awaits any more logs nothing
+        return poll
+
+    async def _stop_polling(self, *, delete: bool) -> None:
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+            self._prefetch = None
+        if delete:
+            await self.client.api.delete_job(self.id)
 
     def result(self, timeout: float | None = None) -> Any:
         """All results, ordered like the inputs (for a reducing job: the one merged value,
@@ -463,12 +452,6 @@ class Job:
     def partial(self) -> Any:
         """For a finished reducing job that had failures: the merge of what succeeded."""
         return self._reduced
-
-    def _fetch(self, deadline: float | None) -> Future[Frames]:
-        wait = POLL_WAIT
-        if deadline is not None:
-            wait = max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
-        return self.client._spawn(self.client._results(self.id, self._cursor, wait))
 
     def _failure(self, index: int, error: dict[str, Any], part: memoryview) -> TaskFailed:
         exception = None
@@ -482,7 +465,7 @@ class Job:
 
     def _finish(self, state: str) -> None:
         self._finished = True
-        self.client._run(self.client._delete(self.id))
+        self.client.run(self.client.api.delete_job(self.id))
         if state == protocol.JobState.CANCELLED and not all(self._received):
             raise JobCancelled(
                 f"job {self.id} was cancelled ({sum(self._received)}/{len(self)} results arrived)"

@@ -14,31 +14,21 @@ imports coffea.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import importlib.metadata
-import io
-import os
-import pickle
-import site
 import sys
-import sysconfig
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import lz4.frame
 from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase
 from coffea.util import rich_bar
 
 from . import protocol
-from .client import Client, Job
-from .errors import HQError, TaskFailed
+from .client import Client, Job, resolve_url
+from .errors import TaskFailed
+from .shipping import ship_code
 
 __all__ = ["HQExecutor", "merge_outputs"]
 
@@ -52,7 +42,6 @@ NO_URL_HELP = (
 )
 
 PROGRESS_EVERY = 0.1  # seconds between progress-bar redraws
-MERGE_POLL = 0.5  # seconds between job status reads for the merge bar
 
 
 def merge_outputs(outputs: list[Any]) -> Any:
@@ -173,12 +162,7 @@ class HQExecutor(ExecutorBase):
         """The server this executor submits to: ``url``, else ``$HQ_URL``."""
         if self.client is not None:
             return self.client.url
-        url = self.url or os.environ.get(protocol.ENV_URL)
-        if not url:
-            raise HQError(NO_URL_HELP)
-        if not url.startswith(("http://", "https://")):
-            raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
-        return url
+        return resolve_url(self.url, NO_URL_HELP)
 
     def __call__(
         self, items: Iterable[Any], function: Callable[..., Any], accumulator: Any
@@ -239,59 +223,52 @@ class HQExecutor(ExecutorBase):
         """Follow the job with coffea's progress bars; return the merged output."""
         with rich_bar() as progress:
             bar = progress.add_task(self.desc, total=total, unit=self.unit, visible=self.status)
-            watcher = None
+            merging = None
             if job.reducing and self.status:
-                watcher = _MergeWatcher(job, progress, total, self.treereduction or 2)
-            done, last_draw, finished = 0, 0.0, False
-            try:
-                for _, value in job.as_completed(timeout=self.timeout):
-                    done += 1
-                    if not job.reducing:
-                        partial[0] = accumulate([value], partial[0])
-                    now = time.monotonic()
-                    if now - last_draw > PROGRESS_EVERY or done == total:
-                        progress.update(bar, completed=done, refresh=True)
-                        last_draw = now
-                finished = True
-            finally:
-                if watcher is not None:
-                    watcher.stop(finished)
+                merging = _MergeBar(progress, total, self.treereduction or 2)
+            done, last_draw = 0, 0.0
+            for _, value in job.as_completed(timeout=self.timeout):
+                done += 1
+                if not job.reducing:
+                    partial[0] = accumulate([value], partial[0])
+                now = time.monotonic()
+                if now - last_draw > PROGRESS_EVERY or done == total:
+                    progress.update(bar, completed=done, refresh=True)
+                    last_draw = now
+                if merging is not None:
+                    merging.update(job.merges, job.merges_open)
             progress.update(bar, completed=done, refresh=True)
+            if merging is not None:
+                merging.finish()
         return job.result() if job.reducing else partial[0]
 
 
-class _MergeWatcher:
-    """Draws the merge bar from the job's status while the main thread waits on results.
+class _MergeBar:
+    """The merge bar, drawn from the job summary each batch of results carries.
 
-    The bar counts merge tasks finished (queued, from servers that do not report open
-    ones); its total is the number a tree of fan-in ``fanin`` needs for ``total`` chunks.
+    It counts merge tasks finished; its total is the number a tree of fan-in ``fanin``
+    needs for ``total`` chunks (or the number queued, if more).
     """
 
-    def __init__(self, job: Job, progress: Any, total: int, fanin: int) -> None:
-        self.job = job
+    def __init__(self, progress: Any, total: int, fanin: int) -> None:
         self.progress = progress
         self.total = -(-(total - 1) // (fanin - 1)) if total > 1 else 0
         self.bar = progress.add_task("Merging (on workers)", total=self.total, unit="merges")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hq-merge-bar", daemon=True)
-        self._thread.start()
+        self.shown = (0, 0)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(MERGE_POLL):
-            try:
-                status = self.job.status()
-            except Exception:  # the job ended and was deleted: the main thread finishes up
-                return
-            queued = int(status.get("merges", 0))
-            done = queued - int(status.get("merges_open", 0))  # servers that report it
-            self.total = max(self.total, queued)
-            self.progress.update(self.bar, completed=done, total=self.total, refresh=True)
+    def update(self, merges: int, merges_open: int) -> None:
+        """Redraw if the job's ``merges`` (queued so far) or ``merges_open`` changed."""
+        if (merges, merges_open) == self.shown:
+            return
+        self.shown = (merges, merges_open)
+        self.total = max(self.total, merges)
+        self.progress.update(
+            self.bar, completed=merges - merges_open, total=self.total, refresh=True
+        )
 
-    def stop(self, finished: bool) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if finished:  # the job's keys are gone by now: the last merges were not counted
-            self.progress.update(self.bar, completed=self.total, refresh=True)
+    def finish(self) -> None:
+        # The last batch carried the summary from before the final merge was counted.
+        self.progress.update(self.bar, completed=self.total, refresh=True)
 
 
 def _cancel_quietly(job: Job) -> None:
@@ -356,159 +333,3 @@ def surface(failure: TaskFailed) -> BaseException:
     else:  # its message comes from its own __str__: tracebacks still print notes
         exception.add_note(text)
     return exception
-
-
-# ---------------------------------------------------------------------- shipping code
-
-
-def ship_code(
-    function: Callable[..., Any], modules: Sequence[str], auto: bool
-) -> tuple[Callable[..., Any], list[str]]:
-    """Make ``function`` carry the code of modules the workers may not have.
-
-    Registers ``modules``, and with ``auto`` every local module (one that no installed
-    distribution provides) the function or the processor inside it refers to, with
-    ``cloudpickle.register_pickle_by_value``, and re-pickles the processor coffea's
-    ``Runner`` already pickled by reference. Returns the function and the modules it
-    registered, which the caller unregisters once it has pickled the function.
-    """
-    before = cloudpickle.list_registry_pickle_by_value()
-    registered: list[str] = []
-
-    def register(names: Iterable[str]) -> bool:
-        new = [n for n in names if n not in before and n not in registered]
-        for name in new:
-            cloudpickle.register_pickle_by_value(importlib.import_module(name))
-            registered.append(name)
-        return bool(new)
-
-    register(modules)
-    # Always: coffea's Runner pickled the processor with plain cloudpickle, which names
-    # by-value code "<dynamic-code>" (remote tracebacks would lose the user's files).
-    function = _repickle_processor(function)
-    for _ in range(8):  # code shipped by value may refer to more local modules
-        if not auto:
-            break
-        try:
-            local = {m for m in referenced_modules(function) if is_local_module(m)}
-        except Exception as e:  # scanning is a convenience; the submission says what's wrong
-            warnings.warn(
-                f"HQExecutor could not look for local modules to ship: {e!r}", stacklevel=3
-            )
-            break
-        if not register(local):
-            break
-        function = _repickle_processor(function)
-    return function, registered
-
-
-class _InProcessLoader(pickle.Unpickler):
-    """Loads a cloudpickle made in this process without changing the classes inside it.
-
-    cloudpickle hands a class pickled by value back as the very class it was pickled from
-    (found by its tracker id), then sets its attributes again from the pickle: methods
-    rebuilt with code named "<dynamic-code>" and a copy of their globals. That class is
-    already what the pickle describes, and it is the user's: leave it as it is.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
-        tracked = getattr(cloudpickle.cloudpickle, "_DYNAMIC_CLASS_TRACKER_BY_ID", {})
-        self._existing = {id(c) for c in list(tracked.values())}
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name)
-        if module == "cloudpickle.cloudpickle" and name == "_class_setstate":
-            existing = self._existing
-
-            def class_setstate(obj: Any, state: Any) -> Any:
-                return obj if id(obj) in existing else found(obj, state)
-
-            return class_setstate
-        return found
-
-
-class _ModuleRecorder(_InProcessLoader):
-    """Loads a pickle and notes the top-level name of every module it refers to."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self.modules: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        self.modules.add(module.partition(".")[0])
-        found = super().find_class(module, name)
-        if module.startswith("cloudpickle") and name == "subimport":
-            # cloudpickle sends modules used by by-value code as subimport("name")
-            def subimport(modname: str) -> Any:
-                self.modules.add(modname.partition(".")[0])
-                return found(modname)
-
-            return subimport
-        return found
-
-
-def referenced_modules(function: Callable[..., Any]) -> set[str]:
-    """Top-level modules that the pickled function and any processor inside refer to."""
-    recorder = _ModuleRecorder(protocol.cloud_dumps(function))
-    recorder.load()
-    found = recorder.modules
-    for data in _processor_blobs(function):
-        recorder = _ModuleRecorder(lz4.frame.decompress(data))
-        recorder.load()
-        found |= recorder.modules
-    return found
-
-
-def _processor_blobs(function: Any) -> list[bytes]:
-    """The pickled processors coffea's Runner put in the closure (``processor_instance``)."""
-    if not isinstance(function, functools.partial):
-        return []
-    found = [function.keywords.get("processor_instance")]
-    blobs = [b for b in found if isinstance(b, bytes)]
-    for arg in function.args:
-        blobs += _processor_blobs(arg)
-    return blobs
-
-
-def _repickle_processor(function: Any) -> Any:
-    """The closure with its pickled processor pickled again, under the current registry and
-    keeping the file names of by-value code (coffea's work function takes lz4 bytes)."""
-    if not isinstance(function, functools.partial):
-        return function
-    keywords = dict(function.keywords)
-    blob = keywords.get("processor_instance")
-    if isinstance(blob, bytes):
-        processor = _InProcessLoader(lz4.frame.decompress(blob)).load()
-        keywords["processor_instance"] = lz4.frame.compress(
-            protocol.cloud_dumps(processor), compression_level=1
-        )
-    args = [_repickle_processor(arg) for arg in function.args]
-    return functools.partial(function.func, *args, **keywords)
-
-
-@functools.cache
-def _installed_names() -> frozenset[str]:
-    return frozenset(importlib.metadata.packages_distributions())
-
-
-@functools.cache
-def _install_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    dirs = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
-    dirs += site.getsitepackages() + [site.getusersitepackages(), sys.prefix, sys.base_prefix]
-    return tuple(os.path.realpath(d) + os.sep for d in dirs if d)
-
-
-def is_local_module(name: str) -> bool:
-    """A module of the user's own (beside the notebook, on a PYTHONPATH), not installed."""
-    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
-        return False
-    if name == "__main__" or name in _installed_names():
-        return False  # __main__ is shipped by value by cloudpickle already
-    module = sys.modules.get(name)
-    if module is None:
-        return False
-    files = [getattr(module, "__file__", None), *getattr(module, "__path__", [])]
-    files = [os.path.realpath(f) for f in files if f]
-    return bool(files) and not any(f.startswith(_install_dirs()) for f in files)

@@ -9,6 +9,7 @@ point whatever order the merges add them in.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from coffea.nanoevents import BaseSchema, NanoAODSchema  # noqa: E402
 from coffea.processor.executor import ExecutorBase, Ok  # noqa: E402
 from uproot.deserialization import DeserializationError  # noqa: E402
 
-from coffea_hq import Client, HQError, HQExecutor, LocalCluster, protocol  # noqa: E402
+from coffea_hq import Client, HQError, HQExecutor, Job, LocalCluster, protocol  # noqa: E402
 
 from .util import get_json, poll_until  # noqa: E402
 
@@ -326,14 +327,23 @@ def test_accumulator_types_equal_iterative(
 
 
 def test_progress_bars_count_chunks_and_merges(
-    cluster: LocalCluster, data: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    cluster: LocalCluster,
+    data: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    polled: list[str] = []
+    monkeypatch.setattr(Job, "status", lambda job: polled.append(job.id))
     hq = HQExecutor(cluster.url, status=True, treereduction=3)
     out = run_with(hq, nano_fileset(data), Bookkeeping(), chunksize=100)
     assert_same(out, run_with(iterative(), nano_fileset(data), Bookkeeping(), chunksize=100))
     shown = capsys.readouterr().out
     assert "Processing" in shown and "Merging (on workers)" in shown
     assert "29/29" in shown  # every chunk counted (1200/100 + 800/100 + 900/100)
+    # Every merge counted: at least ceil(28 / (3 - 1)), more if some took fewer inputs.
+    merged = re.findall(r"Merging \(on workers\)[^\n]*?(\d+)/(\d+)", shown)
+    assert merged and merged[-1][0] == merged[-1][1] and int(merged[-1][1]) >= 14
+    assert polled == []  # the merge bar follows the results stream, not status polls
 
 
 def test_base_schema_flat_tree_in_both_fileset_forms(hq: HQExecutor, data: dict[str, Path]) -> None:

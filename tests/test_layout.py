@@ -19,7 +19,9 @@ def loaded_after(statement: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.parametrize("module", ["coffea_hq.server.app", "coffea_hq.worker.agent"])
+@pytest.mark.parametrize(
+    "module", ["coffea_hq.server.app", "coffea_hq.worker.agent", "coffea_hq.api"]
+)
 def test_server_and_worker_import_only_the_protocol_of_ours(module: str) -> None:
     loaded = loaded_after(f"import {module}")
     ours = {m for m in loaded if m.startswith("coffea_hq.")}

@@ -247,6 +247,18 @@ def test_merging_starts_while_chunks_are_still_running(client: Client) -> None:
     assert overlapped and job.result() == sum(range(400))
 
 
+def test_job_follows_its_merges_from_the_results_stream(client: Client) -> None:
+    job = client.map(slow_identity, range(200), reduce=add_all, fanin=4)
+    seen = []
+    for _ in job.as_completed(timeout=60):
+        seen.append((job.merges, job.merges_open))
+        assert 0 <= job.merges_open <= job.merges
+    assert [m for m, _ in seen] == sorted(m for m, _ in seen)  # never goes back
+    assert any(m > 0 for m, _ in seen[:150])  # known while chunks still arrive
+    assert job.result() == sum(range(200))
+    assert job.merges >= -(-199 // 3) and job.merges_open == 0
+
+
 def test_reduce_without_fail_fast_gives_the_merge_of_the_successes(client: Client) -> None:
     job = client.map(fail_on, range(50), [13] * 50, reduce=add_all, fanin=5, fail_fast=False)
     with pytest.raises(TaskFailed, match="cannot take 13") as info:

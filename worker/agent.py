@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 from coffea_hq import messages as m
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, Outcome
-from coffea_hq.transport import ServerError, ServerUnreachable, Transport
+from coffea_hq.api import API
+from coffea_hq.protocol import Outcome
+from coffea_hq.transport import ServerError, ServerUnreachable
 
 from .slots import FunctionUnavailable, HeldTask, LeaseKey, Result, Slot
 
@@ -179,7 +180,7 @@ class Worker:
             raise ValueError("worker name: 1-64 letters, digits, '-', '_' or '.'")
         self.config = config
         self.id = config.name or default_name()
-        self.transport = Transport(config.url, retry_for=config.retry_for, token=config.token)
+        self.api = API(config.url, retry_for=config.retry_for, token=config.token)
         self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
         self.leases = Leases()
         # Finished tasks waiting to be reported: slots put, the report loop alone takes.
@@ -262,7 +263,7 @@ class Worker:
             await asyncio.gather(*watched, return_exceptions=True)
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
-            await self.transport.close()
+            await self.api.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
@@ -276,7 +277,7 @@ class Worker:
 
         def budget() -> float | None:
             if deadline is None:
-                return None  # no limit: the transport's own retry budget
+                return None  # no limit: the API's own retry budget
             return max(DRAIN_CALL_MIN, deadline - loop.time())
 
         log.info("worker %s draining: %d held", self.id, len(self.leases))
@@ -315,11 +316,8 @@ class Worker:
         if not items:
             return
         try:
-            await self.transport.call(
-                "POST",
-                protocol.RELEASE,
-                json_body=m.Release(worker=self.id, items=[i.ref for i in items]),
-                retry_for=retry_for,
+            await self.api.release(
+                m.Release(worker=self.id, items=[i.ref for i in items]), retry_for=retry_for
             )
         except (ServerError, ServerUnreachable) as e:
             log.warning("worker %s: could not hand back %d task(s): %s", self.id, len(items), e)
@@ -335,17 +333,13 @@ class Worker:
                 self.leases.ended.clear()
                 await self.leases.ended.wait()
                 continue
-            response = await self.transport.call(
-                "POST",
-                protocol.LEASE,
-                json_body=m.LeaseRequest(
+            reply, parts = await self.api.lease(
+                m.LeaseRequest(
                     worker=self.id,
                     max=min(room, protocol.LEASE_MAX_TASKS),
                     wait=self.config.lease_wait,
-                ),
+                )
             )
-            header, parts = response.frames()
-            reply = m.convert(header, m.LeaseReply)
             self.leases.add(
                 [
                     HeldTask(t.job, t.task, t.attempt, t.function, bytes(payload))
@@ -368,7 +362,7 @@ class Worker:
 
     async def _fetch_function(self, sha: str) -> bytes:
         try:
-            data = (await self.transport.call("GET", protocol.BLOB.format(sha=sha))).body
+            data = await self.api.get_blob(sha)
         except ServerError as e:
             raise FunctionUnavailable(self._unavailable(sha, e.message)) from e
         if protocol.blob_name(data) != sha:
@@ -482,17 +476,10 @@ class Worker:
                 [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error] for r in batch
             ],
         )
-        body = protocol.pack(header, [r.data for r in batch])
         try:
-            response = await self.transport.call(
-                "POST",
-                protocol.COMPLETE,
-                body=body,
-                content_type=FRAMES_CONTENT_TYPE,
-                accept=(200, 409),
-            )
-            if response.status == 409:
-                log.warning("worker %s: %s", self.id, response.json().get("message"))
+            reply = await self.api.complete(header, [r.data for r in batch])
+            if reply.error is not None:  # some items refused (HTTP 409), the others stand
+                log.warning("worker %s: %s", self.id, reply.message)
         except ServerError as e:
             log.error("worker %s: report refused, results dropped: %s", self.id, e)
         for r in batch:
@@ -513,10 +500,8 @@ class Worker:
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "restarts": sum(s.restarts for s in self.slots),
         }
-        response = await self.transport.call(
-            "POST",
-            protocol.HEARTBEAT,
-            json_body=m.Heartbeat(
+        reply = await self.api.heartbeat(
+            m.Heartbeat(
                 worker=self.id,
                 slots=len(self.slots),
                 host=socket.gethostname()[:256],
@@ -527,7 +512,6 @@ class Worker:
             ),
             retry_for=retry_for,
         )
-        reply = m.decode(response.body, m.HeartbeatReply)
         self._heartbeat_every = reply.interval
         self._max_request = reply.max_request_size
         lost = {(r.job, r.task, r.attempt) for r in reply.lost}

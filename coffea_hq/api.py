@@ -1,0 +1,175 @@
+"""The HTTP API of hq-server as async methods: one per route, in the order of ``server/app.py``.
+
+>>> api = API("http://localhost:8786")
+>>> (await api.health())["status"]
+'ok'
+
+Requests are built from the message types of :mod:`coffea_hq.messages`, and replies
+decoded into them where one exists (lease, complete, heartbeat); the other replies are
+the JSON documents described in :mod:`coffea_hq.protocol`. Every call goes through
+:class:`~coffea_hq.transport.Transport`, so it rides out restarts and network cuts for
+``retry_for`` seconds and raises :class:`~coffea_hq.transport.ServerError` on a 4xx.
+
+Both the client and the worker talk to the server only through this module, which
+imports nothing beyond the wire protocol and the transport (the worker imports it).
+Use an :class:`API` within one event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import messages as m
+from . import protocol
+from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE
+from .transport import Transport
+
+__all__ = ["API", "Frames"]
+
+Frames = tuple[dict[str, Any], list[memoryview]]
+
+
+class API:
+    """The routes of one hq-server. ``token`` authenticates; ``retry_for`` is how long
+    each call retries an unreachable server (a call may lower it with its own)."""
+
+    def __init__(self, url: str, *, retry_for: float = 300.0, token: str | None = None) -> None:
+        self.transport = Transport(url, retry_for=retry_for, token=token)
+
+    @property
+    def url(self) -> str:
+        return self.transport.url
+
+    async def close(self) -> None:
+        """Close the HTTP session (open a new one on the next call)."""
+        await self.transport.close()
+
+    # ------------------------------------------------------------------ service
+
+    async def health(self) -> dict[str, Any]:
+        """``GET HEALTH``: ``{"status", "store", "version", "max_request_size"}``."""
+        return (await self.transport.call("GET", protocol.HEALTH)).json()
+
+    async def queue(self) -> dict[str, Any]:
+        """``GET QUEUE``: queued and running task counts, jobs, workers, counters."""
+        return (await self.transport.call("GET", protocol.QUEUE)).json()
+
+    async def workers(self) -> dict[str, Any]:
+        """``GET WORKERS``: each live worker's last heartbeat (slots, host, telemetry)."""
+        return (await self.transport.call("GET", protocol.WORKERS)).json()
+
+    # ------------------------------------------------------------------ blobs
+
+    async def has_blob(self, sha: str) -> bool:
+        """``HEAD BLOB``: whether the server holds the blob named ``sha``."""
+        found = await self.transport.call("HEAD", protocol.BLOB.format(sha=sha), accept=(200, 404))
+        return found.status == 200
+
+    async def put_blob(self, data: bytes) -> str:
+        """``PUT BLOB``: store ``data`` under its content address; returns that name."""
+        sha = protocol.blob_name(data)
+        await self.transport.call(
+            "PUT", protocol.BLOB.format(sha=sha), body=data, content_type=BLOB_CONTENT_TYPE
+        )
+        return sha
+
+    async def get_blob(self, sha: str) -> bytes:
+        """``GET BLOB``: the blob's bytes (the caller checks them against ``sha``)."""
+        return (await self.transport.call("GET", protocol.BLOB.format(sha=sha))).body
+
+    async def upload(self, data: bytes) -> str:
+        """Store ``data`` unless the server has it already; returns its name."""
+        sha = protocol.blob_name(data)
+        if not await self.has_blob(sha):
+            await self.put_blob(data)
+        return sha
+
+    # ------------------------------------------------------------------ jobs (client)
+
+    async def create_job(self, job: str, spec: m.CreateJob) -> dict[str, Any]:
+        """``PUT JOB``: create ``job`` (idempotent for the same spec); its summary."""
+        return (
+            await self.transport.call("PUT", protocol.JOB.format(job=job), json_body=spec)
+        ).json()
+
+    async def submit_tasks(self, job: str, header: m.SubmitTasks, payloads: Sequence[bytes]) -> int:
+        """``POST JOB_TASKS``: add tasks ``header.tasks``, one payload each; how many were
+        new (a retried batch adds nothing)."""
+        response = await self.transport.call(
+            "POST",
+            protocol.JOB_TASKS.format(job=job),
+            body=protocol.pack(header, payloads),
+            content_type=FRAMES_CONTENT_TYPE,
+        )
+        return int(response.json()["added"])
+
+    async def seal(self, job: str, seal: m.Seal) -> dict[str, Any]:
+        """``POST JOB_SEAL``: no more tasks come; the job's summary."""
+        return (
+            await self.transport.call("POST", protocol.JOB_SEAL.format(job=job), json_body=seal)
+        ).json()
+
+    async def cancel(self, job: str) -> dict[str, Any]:
+        """``POST JOB_CANCEL``: drop the queued tasks, stop the running ones; the summary."""
+        return (await self.transport.call("POST", protocol.JOB_CANCEL.format(job=job))).json()
+
+    async def get_job(self, job: str) -> dict[str, Any]:
+        """``GET JOB``: the job's summary (state, done, failed, total, merges, ...)."""
+        return (await self.transport.call("GET", protocol.JOB.format(job=job))).json()
+
+    async def delete_job(self, job: str, *, retry_for: float | None = None) -> None:
+        """``DELETE JOB``: cancel if running and drop every key (an unknown job is fine)."""
+        await self.transport.call(
+            "DELETE", protocol.JOB.format(job=job), accept=(200, 404), retry_for=retry_for
+        )
+
+    async def results(self, job: str, after: str, wait: float) -> Frames:
+        """``GET JOB_RESULTS``: results past cursor ``after`` (acknowledging those up to
+        it), waiting up to ``wait`` seconds for one. The header holds ``cursor``,
+        ``items`` (``[task, outcome]``), ``errors``, ``end`` and the job summary; one
+        part per item."""
+        response = await self.transport.call(
+            "GET",
+            protocol.JOB_RESULTS.format(job=job),
+            params={"after": after, "ack": after, "wait": str(wait)},
+        )
+        return response.frames()
+
+    # ------------------------------------------------------------------ tasks (worker)
+
+    async def lease(self, request: m.LeaseRequest) -> tuple[m.LeaseReply, list[memoryview]]:
+        """``POST LEASE``: up to ``request.max`` tasks, long-polling ``request.wait``
+        seconds; the leased tasks and their payloads, in the same order."""
+        response = await self.transport.call("POST", protocol.LEASE, json_body=request)
+        header, parts = response.frames()
+        return m.convert(header, m.LeaseReply), parts
+
+    async def complete(self, report: m.Complete, results: Sequence[bytes]) -> m.CompleteReply:
+        """``POST COMPLETE``: report finished tasks, one result part per item. A reply
+        with ``error`` set (HTTP 409) names the items refused; the others stand."""
+        response = await self.transport.call(
+            "POST",
+            protocol.COMPLETE,
+            body=protocol.pack(report, results),
+            content_type=FRAMES_CONTENT_TYPE,
+            accept=(200, 409),
+        )
+        return m.decode(response.body, m.CompleteReply)
+
+    async def release(self, request: m.Release, *, retry_for: float | None = None) -> int:
+        """``POST RELEASE``: hand leases back unstarted; how many the server took back."""
+        response = await self.transport.call(
+            "POST", protocol.RELEASE, json_body=request, retry_for=retry_for
+        )
+        return int(response.json()["released"])
+
+    async def heartbeat(
+        self, beat: m.Heartbeat, *, retry_for: float | None = None
+    ) -> m.HeartbeatReply:
+        """``POST HEARTBEAT``: extend ``beat.leases`` and send telemetry; the reply names
+        the leases lost and when to beat next."""
+        response = await self.transport.call(
+            "POST", protocol.HEARTBEAT, json_body=beat, retry_for=retry_for
+        )
+        return m.decode(response.body, m.HeartbeatReply)
