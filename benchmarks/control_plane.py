@@ -2,8 +2,8 @@
 """Throughput of coffea-hq's control plane alone, without any execution.
 
 An embedded Valkey and a real ``hq-server`` process, driven over HTTP by this process
-acting as client and workers with the protocol's own pieces (Transport, pack/unpack,
-routes): submit -> lease -> complete ("ok") -> results, timed per phase, with Redis
+acting as client and workers through ``coffea_hq.api`` (the calls Client and hq-worker
+make): submit -> lease -> complete ("ok") -> results, timed per phase, with Redis
 commands per task from ``INFO commandstats`` (which counts the commands run inside Lua
 scripts as well as the EVALSHA calls) and the CPU time each process spent. A second pass
 runs the same cycle with several concurrent "workers" on separate connections. The
@@ -162,14 +162,14 @@ class ControlPlane:
 
 
 class Driver:
-    """Speaks the protocol as a client and as workers would, with the shared pieces."""
+    """Acts as the client and as workers would, through coffea_hq.api (the same calls)."""
 
     def __init__(self, url: str, batch: int) -> None:
-        from coffea_hq.transport import Transport
+        from coffea_hq.api import API
 
         self.url = url
         self.batch = batch
-        self.client = Transport(url, retry_for=30.0)
+        self.client = API(url, retry_for=30.0)
         self.requests = 0
         self.releases = 0  # tasks leased with attempt > 1: a lease was lost and expired
 
@@ -179,96 +179,72 @@ class Driver:
     async def create_job(self) -> str:
         import cloudpickle
 
-        from coffea_hq import protocol
+        from coffea_hq import messages, protocol
 
-        blob = protocol.compress(cloudpickle.dumps(noop))
-        sha = protocol.blob_name(blob)
-        await self.client.call(
-            "PUT", protocol.BLOB.format(sha=sha), body=blob, content_type=protocol.BLOB_CONTENT_TYPE
-        )
+        sha = await self.client.put_blob(protocol.compress(cloudpickle.dumps(noop)))
         job = "bench-" + uuid.uuid4().hex[:16]
-        await self.client.call(
-            "PUT",
-            protocol.JOB.format(job=job),
-            json_body={"function": sha, "max_attempts": 3, "fail_fast": True, "label": "bench"},
-        )
+        await self.client.create_job(job, messages.CreateJob(function=sha, label="bench"))
         return job
 
     async def submit(self, job: str, payloads: list[bytes], in_flight: int) -> None:
-        from coffea_hq import protocol
+        from coffea_hq import messages
 
         limit = asyncio.Semaphore(in_flight)
 
         async def one(start: int) -> None:
             chunk = payloads[start : start + self.batch]
-            header = {"tasks": [str(i) for i in range(start, start + len(chunk))]}
+            header = messages.SubmitTasks(tasks=[str(i) for i in range(start, start + len(chunk))])
             async with limit:
-                reply = await self.client.call(
-                    "POST",
-                    protocol.JOB_TASKS.format(job=job),
-                    body=protocol.pack(header, chunk),
-                    content_type=protocol.FRAMES_CONTENT_TYPE,
-                )
+                added = await self.client.submit_tasks(job, header, chunk)
             self.requests += 1
-            if reply.json()["added"] != len(chunk):
-                raise AssertionError(f"submit added {reply.json()} of {len(chunk)} tasks")
+            if added != len(chunk):
+                raise AssertionError(f"submit added {added} of {len(chunk)} tasks")
 
         await asyncio.gather(*(one(s) for s in range(0, len(payloads), self.batch)))
-        await self.client.call(
-            "POST", protocol.JOB_SEAL.format(job=job), json_body={"total": len(payloads)}
-        )
+        await self.client.seal(job, messages.Seal(total=len(payloads)))
         self.requests += 1
 
-    async def lease(self, transport: Any, worker: str, wait: float) -> list[list[Any]]:
-        from coffea_hq import protocol
+    async def start_worker(self, api: Any, worker: str) -> None:
+        """A first heartbeat, as a real worker sends: the server fills parked lease
+        requests only of workers it hears from."""
+        from coffea_hq import messages
 
-        reply = await transport.call(
-            "POST",
-            protocol.LEASE,
-            json_body={"worker": worker, "max": self.batch, "wait": wait},
+        await api.heartbeat(messages.Heartbeat(worker=worker, slots=1))
+        self.requests += 1
+
+    async def lease(self, api: Any, worker: str, wait: float) -> list[Any]:
+        from coffea_hq import messages
+
+        reply, _payloads = await api.lease(
+            messages.LeaseRequest(worker=worker, max=self.batch, wait=wait)
         )
         self.requests += 1
-        header, _payloads = reply.frames()
-        self.releases += sum(1 for t in header["tasks"] if t[2] > 1)
-        return list(header["tasks"])
+        self.releases += sum(1 for t in reply.tasks if t.attempt > 1)
+        return list(reply.tasks)
 
-    async def complete(
-        self, transport: Any, worker: str, tasks: list[list[Any]], values: list[bytes]
-    ) -> None:
-        from coffea_hq import protocol
+    async def complete(self, api: Any, worker: str, tasks: list[Any], values: list[bytes]) -> None:
+        from coffea_hq import messages
 
-        header = {
-            "worker": worker,
-            "items": [[job, task, attempt, "ok", None] for job, task, attempt, _ in tasks],
-        }
-        body = protocol.pack(header, [values[int(t[1])] for t in tasks])
-        reply = await transport.call(
-            "POST", protocol.COMPLETE, body=body, content_type=protocol.FRAMES_CONTENT_TYPE
+        report = messages.Complete(
+            worker=worker, items=[[t.job, t.task, t.attempt, "ok", None] for t in tasks]
         )
+        reply = await api.complete(report, [values[int(t.task)] for t in tasks])
         self.requests += 1
-        statuses = reply.json()["items"]
-        if any(s != "accepted" for s in statuses):
-            raise AssertionError(f"completion not accepted: {Counter(statuses)}")
+        if any(s != "accepted" for s in reply.items):
+            raise AssertionError(f"completion not accepted: {Counter(reply.items)}")
 
     async def results(self, job: str, wait: float) -> tuple[list[Any], list[memoryview]]:
         """Read every result with after/ack cursors until the job's end, then delete it."""
-        from coffea_hq import protocol
-
         cursor, items, parts = "0", [], []
         while True:
-            reply = await self.client.call(
-                "GET",
-                protocol.JOB_RESULTS.format(job=job),
-                params={"after": cursor, "ack": cursor, "wait": str(wait)},
-            )
+            header, got = await self.client.results(job, cursor, wait)
             self.requests += 1
-            header, got = reply.frames()
             cursor = header["cursor"]
             items += header["items"]
             parts += got
             if header.get("end"):
                 break
-        await self.client.call("DELETE", protocol.JOB.format(job=job), accept=(200, 404))
+        await self.client.delete_job(job)
         self.requests += 1
         return items, parts
 
@@ -347,23 +323,26 @@ async def concurrent_cycle(
 ) -> tuple[Phase, str]:
     """Everything at once, as in a real run: a client submitting (2 requests in flight) and
     streaming results, ``workers`` workers each on its own connection leasing and completing."""
-    from coffea_hq.transport import Transport
+    from coffea_hq.api import API
 
     payloads, values = _inputs(n)
     driver = Driver(cp.url, batch)
-    transports = [Transport(cp.url, retry_for=30.0) for _ in range(workers)]
+    apis = [API(cp.url, retry_for=30.0) for _ in range(workers)]
     phase = Phase(f"concurrent, {workers} workers")
     completed = 0
     try:
         job = await driver.create_job()
 
+        for w, api in enumerate(apis):
+            await driver.start_worker(api, f"bench-worker-{w}")
+
         async def work(w: int) -> None:
             nonlocal completed
             name = f"bench-worker-{w}"
             while completed < n:
-                tasks = await driver.lease(transports[w], name, 0.5)
+                tasks = await driver.lease(apis[w], name, 0.5)
                 if tasks:
-                    await driver.complete(transports[w], name, tasks, values)
+                    await driver.complete(apis[w], name, tasks, values)
                     completed += len(tasks)
 
         before = stats.snapshot()
@@ -382,8 +361,8 @@ async def concurrent_cycle(
         phase.releases = driver.releases
         problem = _check_results(n, items, parts)
     finally:
-        for t in transports:
-            await t.close()
+        for api in apis:
+            await api.close()
         await driver.close()
     return phase, problem
 
