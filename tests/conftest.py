@@ -9,16 +9,22 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from coffea_hq.server.keys import Keys
+from coffea_hq.server.store import Store
 
+from coffea_hq import protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
 from coffea_hq.local import terminate, wait_healthy
+
+FUNCTION_BLOB = b"function"  # what store-level tests name as a job's function
 
 STORES = ["embedded"] + (["redis-server"] if shutil.which("redis-server") else [])
 
@@ -49,6 +55,24 @@ def embedded_store() -> Iterator[EmbeddedRedis]:
 def prefix() -> str:
     """A fresh key prefix, so tests sharing a store never see each other's keys."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def queue_store(
+    store: EmbeddedRedis, prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Store]:
+    """The server's domain layer on the shared store, for store-level (Lua script) tests,
+    with the stand-in function blob ``FUNCTION_BLOB`` uploaded. A test marked
+    ``@pytest.mark.lease_timeout(s)`` gets that lease timeout."""
+    marker = request.node.get_closest_marker("lease_timeout")
+    lease_timeout = float(marker.args[0]) if marker else 30.0
+    client = aioredis.Redis.from_url(store.url)
+    try:
+        queue = Store(client, Keys(prefix), lease_timeout=lease_timeout, result_ttl=60)
+        await queue.put_blob(protocol.blob_name(FUNCTION_BLOB), FUNCTION_BLOB)
+        yield queue
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from coffea_hq.protocol import CompleteStatus, Counter, Outcome
 
 from .conftest import Processes
 from .test_bad_input import http, js, make_job
-from .test_transitions import FN, merge_name, new_job, ok, run
+from .test_transitions import FN, merge_name, new_job, ok
 from .util import poll_until
 
 REDUCER = protocol.blob_name(b"reducer")
@@ -69,59 +69,49 @@ async def roll_back(s: Store, snap: dict[bytes, bytes]) -> None:
 # ---------------------------------------------------------------------- merges and rollbacks
 
 
-def test_after_a_store_rollback_a_stale_merge_report_is_refused(
-    store: EmbeddedRedis, prefix: str
-) -> None:
+async def test_after_a_store_rollback_a_stale_merge_report_is_refused(queue_store: Store) -> None:
     """A merge named from a counter was re-created over other inputs after a rollback and
     accepted the old merge's report: two chunks counted twice, two lost."""
-
-    async def body(s: Store) -> None:
-        await reducing_job(s, "r", 4, fanin=2)
-        assert len(await s.lease("w", 4)) == 4
-        before = await snapshot(s)
-        await s.complete("w", [ok("r", "0", data=b"A"), ok("r", "1", data=b"B")])
-        (old_merge,) = await s.lease("w", 4)
-        await roll_back(s, before)  # the last second of writes is gone
-        await s.complete("w", [ok("r", "2", data=b"C"), ok("r", "3", data=b"D")])
-        (new_merge,) = await s.lease("w", 4)
-        assert new_merge.attempt == old_merge.attempt == 1
-        assert new_merge.task == merge_name("2", "3") != old_merge.task
-        # The worker's late report of the merge it leased before the rollback:
-        (status,) = await s.complete("w", [ok("r", old_merge.task, data=b"AB")])
-        assert status is CompleteStatus.UNKNOWN
-        # Chunks 0 and 1 are still leased (their reports were lost): re-reported, they form
-        # the same merge again, under the same name, and everything adds up once.
-        await s.complete("w", [ok("r", "0", data=b"A"), ok("r", "1", data=b"B")])
-        (again,) = await s.lease("w", 4)
-        assert again.task == old_merge.task
-        await s.complete(
-            "w", [ok("r", new_merge.task, data=b"CD"), ok("r", again.task, data=b"AB")]
-        )
-        (final,) = await s.lease("w", 4)
-        parts = [bytes(p) for p in protocol.split_merge_payload(final.payload)]
-        assert sorted(parts) == [b"AB", b"CD"]
-        await s.complete("w", [ok("r", final.task, data=b"ABCD")])
-        summary = await s.summary("r")
-        assert (summary["state"], summary["done"]) == ("done", 4)
-
-    run(store, prefix, body)
+    await reducing_job(queue_store, "r", 4, fanin=2)
+    assert len(await queue_store.lease("w", 4)) == 4
+    before = await snapshot(queue_store)
+    await queue_store.complete("w", [ok("r", "0", data=b"A"), ok("r", "1", data=b"B")])
+    (old_merge,) = await queue_store.lease("w", 4)
+    await roll_back(queue_store, before)  # the last second of writes is gone
+    await queue_store.complete("w", [ok("r", "2", data=b"C"), ok("r", "3", data=b"D")])
+    (new_merge,) = await queue_store.lease("w", 4)
+    assert new_merge.attempt == old_merge.attempt == 1
+    assert new_merge.task == merge_name("2", "3") != old_merge.task
+    # The worker's late report of the merge it leased before the rollback:
+    (status,) = await queue_store.complete("w", [ok("r", old_merge.task, data=b"AB")])
+    assert status is CompleteStatus.UNKNOWN
+    # Chunks 0 and 1 are still leased (their reports were lost): re-reported, they form
+    # the same merge again, under the same name, and everything adds up once.
+    await queue_store.complete("w", [ok("r", "0", data=b"A"), ok("r", "1", data=b"B")])
+    (again,) = await queue_store.lease("w", 4)
+    assert again.task == old_merge.task
+    await queue_store.complete(
+        "w", [ok("r", new_merge.task, data=b"CD"), ok("r", again.task, data=b"AB")]
+    )
+    (final,) = await queue_store.lease("w", 4)
+    parts = [bytes(p) for p in protocol.split_merge_payload(final.payload)]
+    assert sorted(parts) == [b"AB", b"CD"]
+    await queue_store.complete("w", [ok("r", final.task, data=b"ABCD")])
+    summary = await queue_store.summary("r")
+    assert (summary["state"], summary["done"]) == ("done", 4)
 
 
-def test_fanin_at_the_limit_merges_in_one_task(store: EmbeddedRedis, prefix: str) -> None:
+async def test_fanin_at_the_limit_merges_in_one_task(queue_store: Store) -> None:
     n = protocol.MAX_FANIN
-
-    async def body(s: Store) -> None:
-        await reducing_job(s, "big", n, fanin=n)
-        leased = await s.lease("w", protocol.LEASE_MAX_TASKS)
-        assert len(leased) == n
-        await s.complete("w", [ok("big", t.task, data=t.task.encode()) for t in leased])
-        (merge,) = await s.lease("w", 10)
-        parts = protocol.split_merge_payload(merge.payload)
-        assert sorted(int(bytes(p)) for p in parts) == list(range(n))
-        await s.complete("w", [ok("big", merge.task, data=b"all")])
-        assert (await s.summary("big"))["state"] == "done"
-
-    run(store, prefix, body)
+    await reducing_job(queue_store, "big", n, fanin=n)
+    leased = await queue_store.lease("w", protocol.LEASE_MAX_TASKS)
+    assert len(leased) == n
+    await queue_store.complete("w", [ok("big", t.task, data=t.task.encode()) for t in leased])
+    (merge,) = await queue_store.lease("w", 10)
+    parts = protocol.split_merge_payload(merge.payload)
+    assert sorted(int(bytes(p)) for p in parts) == list(range(n))
+    await queue_store.complete("w", [ok("big", merge.task, data=b"all")])
+    assert (await queue_store.summary("big"))["state"] == "done"
 
 
 def test_fanin_over_the_limit_is_refused(server_url: str) -> None:
@@ -285,40 +275,36 @@ def test_a_redis_cluster_store_is_refused_at_start(tmp_path: Path) -> None:
         store.wait()
 
 
-def test_workers_not_heard_from_are_pruned(store: EmbeddedRedis, prefix: str) -> None:
-    async def body(s: Store) -> None:
-        await s.heartbeat("gone", {"slots": 1}, [])
-        await s.heartbeat("here", {"slots": 1}, [])
-        await s.redis.zadd(s.keys.workers_seen, {"gone": time.time() - 3600})  # an hour ago
-        assert set(await s.workers()) == {"gone", "here"}
-        assert await s.prune_workers() == 1
-        assert set(await s.workers()) == {"here"}
-        assert (await s.queue_stats())["workers"] == 1
+async def test_workers_not_heard_from_are_pruned(queue_store: Store) -> None:
+    await queue_store.heartbeat("gone", {"slots": 1}, [])
+    await queue_store.heartbeat("here", {"slots": 1}, [])
+    await queue_store.redis.zadd(
+        queue_store.keys.workers_seen, {"gone": time.time() - 3600}
+    )  # an hour ago
+    assert set(await queue_store.workers()) == {"gone", "here"}
+    assert await queue_store.prune_workers() == 1
+    assert set(await queue_store.workers()) == {"here"}
+    assert (await queue_store.queue_stats())["workers"] == 1
 
-    run(store, prefix, body)
 
-
-def test_counters_account_for_every_transition(store: EmbeddedRedis, prefix: str) -> None:
-    async def body(s: Store) -> None:
-        job = await new_job(s, 4, max_attempts=2, fail_fast=False)
-        await s.lease("w", 4)
-        crash = Report(job, "1", 1, Outcome.CRASHED, {"type": "x", "message": "m"}, b"")
-        error = Report(job, "2", 1, Outcome.ERROR, {"type": "x", "message": "m"}, b"")
-        await s.complete("w", [ok(job, "0"), ok(job, "0"), crash, error])
-        await s.complete("intruder", [ok(job, "3")])
-        await s.release("w", [(job, "3", 1)])
-        counts = await s.counters()
-        assert counts == {
-            **{c.value: 0 for c in Counter},
-            "tasks_ok": 1,
-            "tasks_failed": 1,
-            "requeued": 1,
-            "released": 1,
-            "duplicates": 1,
-            "refused": 1,
-        }
-
-    run(store, prefix, body)
+async def test_counters_account_for_every_transition(queue_store: Store) -> None:
+    job = await new_job(queue_store, 4, max_attempts=2, fail_fast=False)
+    await queue_store.lease("w", 4)
+    crash = Report(job, "1", 1, Outcome.CRASHED, {"type": "x", "message": "m"}, b"")
+    error = Report(job, "2", 1, Outcome.ERROR, {"type": "x", "message": "m"}, b"")
+    await queue_store.complete("w", [ok(job, "0"), ok(job, "0"), crash, error])
+    await queue_store.complete("intruder", [ok(job, "3")])
+    await queue_store.release("w", [(job, "3", 1)])
+    counts = await queue_store.counters()
+    assert counts == {
+        **{c.value: 0 for c in Counter},
+        "tasks_ok": 1,
+        "tasks_failed": 1,
+        "requeued": 1,
+        "released": 1,
+        "duplicates": 1,
+        "refused": 1,
+    }
 
 
 # ---------------------------------------------------------------------- the Python/Lua contract
