@@ -14,6 +14,7 @@ from .local import LocalCluster
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coffea-hq", description="coffea-hq operator commands.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {protocol.package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     local = sub.add_parser(
         "local", help="embedded Redis + hq-server + workers on this machine, until Ctrl-C"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import importlib.metadata
 import io
 import pickle
 import re
@@ -127,6 +128,14 @@ class Counter(enum.StrEnum):
 
 
 _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASCII).match
+
+
+def package_version() -> str:
+    """The installed coffea-hq distribution's version (what every command's --version says)."""
+    try:
+        return importlib.metadata.version("coffea-hq")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def valid_id(value: object) -> bool:

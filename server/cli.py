@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
         prog="hq-server",
         description="The coffea-hq queue server (stateless; all state in Redis/Valkey/Dragonfly).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {protocol.package_version()}")
     p.add_argument(
         "--redis",
         default=os.environ.get("HQ_REDIS_URL"),

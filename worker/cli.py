@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
         "subprocesses, one per slot. SIGTERM drains it: unstarted tasks go back, running "
         "ones finish (within --drain-timeout). A second SIGTERM exits at once.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {protocol.package_version()}")
     p.add_argument(
         "url",
         nargs="?",
