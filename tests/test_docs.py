@@ -9,6 +9,7 @@ every flag of those parsers must be documented that way somewhere in ``docs/``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import re
 import shlex
 from collections.abc import Iterable, Iterator
@@ -224,3 +225,11 @@ def test_deploy_condor_dry_run_is_what_the_command_prints(
     assert condor.run_condor(args) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(shown), f"docs/deploy.md should show:\n{printed}"
+
+
+@pytest.mark.parametrize("command", ["hq-server", "hq-worker", "coffea-hq"])
+def test_version(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        parsers()[command].parse_args(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"{command} {importlib.metadata.version('coffea-hq')}\n"
