@@ -8,7 +8,7 @@ Requests are built from the message types of :mod:`coffea_hq.messages`, and repl
 decoded into them where one exists (lease, complete, heartbeat); the other replies are
 the JSON documents described in :mod:`coffea_hq.protocol`. Every call goes through
 :class:`~coffea_hq.transport.Transport`, so it rides out restarts and network cuts for
-``retry_for`` seconds and raises :class:`~coffea_hq.transport.ServerError` on a 4xx.
+``retry_for`` seconds and raises :class:`~coffea_hq.errors.ServerError` on a 4xx.
 
 Both the client and the worker talk to the server only through this module, which
 imports nothing beyond the wire protocol and the transport (the worker imports it).
@@ -47,9 +47,11 @@ class API:
 
     # ------------------------------------------------------------------ service
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, *, retry_for: float | None = None, warn: bool = True) -> dict[str, Any]:
         """``GET HEALTH``: ``{"status", "store", "version", "max_request_size"}``."""
-        return (await self.transport.call("GET", protocol.HEALTH)).json()
+        return (
+            await self.transport.call("GET", protocol.HEALTH, retry_for=retry_for, warn=warn)
+        ).json()
 
     async def queue(self) -> dict[str, Any]:
         """``GET QUEUE``: queued and running task counts, jobs, workers, counters."""

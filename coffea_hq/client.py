@@ -17,13 +17,14 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import messages, protocol
 from .api import API, Frames
-from .errors import HQError, JobCancelled, SubmitFailed, TaskFailed
+from .errors import HQError, JobCancelled, ServerError, ServerUnreachable, SubmitFailed, TaskFailed
 from .protocol import Codec
 
 T = TypeVar("T")
@@ -34,6 +35,8 @@ SUBMIT_SHARE = 4  # a submit batch stays under this share of the server's reques
 POLL_WAIT = 30.0
 ABANDON_BUDGET = 3.0  # seconds a failed submission spends deleting its job
 STOP_BUDGET = ABANDON_BUDGET + 2  # how long Ctrl-C waits for a stopped call to clean up
+CONNECT_BUDGET = 5.0  # seconds the first use of a Client waits for the server to answer
+CLOSE_BUDGET = 10.0  # seconds closing waits for the HTTP session to shut down
 
 NO_URL_HELP = (
     "no coffea-hq server URL: pass Client(url), set HQ_URL, or start one on this machine "
@@ -51,11 +54,24 @@ def resolve_url(url: str | None, help: str = NO_URL_HELP) -> str:
     return url
 
 
+def no_server(url: str, reason: str) -> str:
+    """The sentence for a server that does not answer when a client first calls it."""
+    return (
+        f"no coffea-hq server answers at {url} ({reason}): start one with `coffea-hq local` "
+        "or check the URL (HQ_URL)"
+    )
+
+
 class Client:
     """A connection to a coffea-hq server.
 
-    ``url`` defaults to ``$HQ_URL``. ``retry_for`` is how long requests ride out an
-    unreachable server (restarts, network cuts) before raising.
+    ``url`` defaults to ``$HQ_URL``. The first call checks, within a few seconds, that a
+    server answers there, and raises :class:`~coffea_hq.errors.ServerUnreachable` saying
+    so if none does. Later, ``retry_for`` is how long requests ride out an unreachable
+    server (restarts, network cuts) before raising.
+
+    Close it (or use it as a context manager); one nobody closed closes itself when it
+    is garbage-collected or the interpreter exits.
 
     ``api`` is the server's HTTP API as coroutines (:class:`coffea_hq.api.API`), bound to
     the client's event loop: :meth:`run` runs one there and waits for it.
@@ -79,6 +95,10 @@ class Client:
         self.api = API(self.url, retry_for=retry_for, token=token)
         self._closed = False
         self._request_limit: int | None = None  # the server's, read from /health once
+        self._checking = threading.Lock()
+        # Closes the session and stops the loop on close(), garbage collection or exit,
+        # whichever comes first; it holds no reference to the client.
+        self._finalizer = weakref.finalize(self, _stop, self._loop, self._thread, self.api)
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -93,6 +113,15 @@ class Client:
         if self._closed:
             coro.close()
             raise HQError("this Client is closed")
+        if self._request_limit is None:
+            try:
+                self._check_server()
+            except BaseException:
+                coro.close()
+                raise
+        return self._call(coro)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         begun, ended = threading.Event(), threading.Event()
 
         async def tracked() -> T:
@@ -111,22 +140,45 @@ class Client:
                 ended.wait(STOP_BUDGET)
             raise
 
+    def _check_server(self) -> None:
+        """Ask the server's ``/health`` once, briefly: a wrong URL or a stopped server
+        fails the first call in seconds with one sentence, not after ``retry_for``."""
+        with self._checking:
+            if self._request_limit is not None:
+                return
+            try:
+                doc = self._call(self._health_check())
+            except ServerUnreachable as e:
+                # Raised here, in the caller's thread: the loop's frames add nothing.
+                raise ServerUnreachable(
+                    no_server(self.url, e.reason), url=self.url, reason=e.reason
+                ) from None
+            except (ServerError, ValueError) as e:
+                raise HQError(
+                    f"the server at {self.url} does not answer like a coffea-hq server "
+                    f"(GET {protocol.HEALTH}: {e}): check the URL (HQ_URL)"
+                ) from None
+            self._request_limit = int(
+                doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
+            )
+
+    async def _health_check(self) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(CONNECT_BUDGET):
+                doc = await self.api.health(retry_for=CONNECT_BUDGET, warn=False)
+        except TimeoutError:  # a connection attempt that hangs (packets dropped)
+            reason = f"no answer within {CONNECT_BUDGET:.0f} s"
+            raise ServerUnreachable(reason, url=self.url, reason=reason) from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"not a JSON object: {doc!r:.100}")
+        return doc
+
     def close(self) -> None:
         """Close the connection (running jobs continue on the server)."""
         if self._closed:
             return
-        self.run(self._shutdown())
         self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    async def _shutdown(self) -> None:
-        current = asyncio.current_task()
-        pending = [t for t in asyncio.all_tasks() if t is not current]
-        for task in pending:  # long polls prefetched for jobs nobody reads any more
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await self.api.close()
+        self._finalizer()
 
     def __enter__(self) -> Client:
         return self
@@ -218,7 +270,7 @@ class Client:
             raise
 
     async def _max_request_size(self) -> int:
-        if self._request_limit is None:
+        if self._request_limit is None:  # a coroutine of api run on the loop directly
             doc = await self.api.health()
             self._request_limit = int(
                 doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
@@ -251,6 +303,29 @@ class Client:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ABANDON_BUDGET):
                 await self.api.delete_job(job, retry_for=ABANDON_BUDGET)
+
+
+def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, api: API) -> None:
+    """Close ``api``'s session on ``loop`` and stop the loop's thread (a Client's finalizer)."""
+
+    async def shutdown() -> None:
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:  # long polls prefetched for jobs nobody reads any more
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await api.close()
+
+    if loop.is_closed() or not thread.is_alive():
+        return
+    if threading.current_thread() is thread:  # collected on its own loop: cannot wait
+        loop.create_task(shutdown()).add_done_callback(lambda _: loop.stop())
+        return
+    future = asyncio.run_coroutine_threadsafe(shutdown(), loop)
+    with contextlib.suppress(Exception):
+        future.result(CLOSE_BUDGET)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:

@@ -1,12 +1,15 @@
-"""The errors a user of coffea-hq can meet, each with a sentence saying what to do."""
+"""The errors a user of coffea-hq can meet, each with a sentence saying what to do.
+
+Every one is an :class:`HQError`, so ``except HQError`` catches whatever coffea-hq
+raises. This module imports nothing of coffea_hq: the transport (which the worker loads)
+imports its error classes from here.
+"""
 
 from __future__ import annotations
 
 import linecache
 import re
 from typing import Any, Final
-
-from .transport import ServerError, ServerUnreachable
 
 __all__ = [
     "HQError",
@@ -21,6 +24,26 @@ __all__ = [
 
 class HQError(Exception):
     """Base class of coffea-hq's errors."""
+
+
+class ServerError(HQError):
+    """The server refused a request; ``status`` and ``code`` say why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status}, {code})")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ServerUnreachable(HQError, ConnectionError):
+    """The server did not answer within the retry budget (``url`` is the server's;
+    ``reason`` what the last attempt met)."""
+
+    def __init__(self, message: str, *, url: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
 
 
 class TaskFailed(HQError):

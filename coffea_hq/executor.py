@@ -91,7 +91,8 @@ class HQExecutor(ExecutorBase):
         pickle_by_value : sequence of str, optional
             More module names whose code travels with the processor.
         token : str, optional
-            Access token for the server (for servers that require one).
+            Access token, sent with every request (``Authorization: Bearer``); hq-server
+            does not check it yet.
         environment : optional
             Reserved for per-task software environments (a later release).
         client : coffea_hq.Client, optional

@@ -2,7 +2,8 @@
 
 Connection failures and 502/503/504 answers are retried with exponential backoff
 for up to ``retry_for`` seconds, so a server restart or a network blip is ridden
-out; every request the protocol defines is idempotent, which makes retrying safe.
+out (the first retry of an outage logs a warning); every request the protocol defines
+is idempotent, which makes retrying safe.
 A 4xx answer is never retried: it raises :class:`ServerError` with the server's
 own sentence.
 """
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,24 +23,13 @@ import aiohttp
 import msgspec
 
 from . import protocol
+from .errors import ServerError, ServerUnreachable
+
+__all__ = ["Response", "ServerError", "ServerUnreachable", "Transport"]
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
-
-
-class ServerError(Exception):
-    """The server refused a request; ``status`` and ``code`` say why."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{message} (HTTP {status}, {code})")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class ServerUnreachable(ConnectionError):
-    """The server did not answer within the retry budget."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +53,18 @@ def _error_from(status: int, body: bytes) -> ServerError:
         return ServerError(status, "error", body.decode(errors="replace")[:500])
 
 
+def _describe(e: BaseException) -> str:
+    """What a failed connection met, in a few words where the cause is a common one."""
+    cause = getattr(e, "os_error", None)
+    if isinstance(cause, socket.gaierror):
+        return f"host not found: {cause.strerror or cause}"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, TimeoutError):
+        return "no answer (timed out)"
+    return f"{type(e).__name__}: {e}"
+
+
 class Transport:
     """A retrying aiohttp session bound to one server URL. Use within one event loop."""
 
@@ -70,6 +73,12 @@ class Transport:
         self.retry_for = retry_for
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
+        self._warned = False  # an outage has been logged and the server not heard since
+
+    def _answered(self) -> None:
+        if self._warned:
+            self._warned = False
+            log.warning("coffea-hq server at %s answers again", self.url)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -97,8 +106,13 @@ class Transport:
         params: dict[str, str] | None = None,
         accept: tuple[int, ...] = (200, 201),
         retry_for: float | None = None,
+        warn: bool = True,
     ) -> Response:
-        """Send one request, retrying transient failures; raise on anything not in ``accept``."""
+        """Send one request, retrying transient failures; raise on anything not in ``accept``.
+
+        The first retry of an outage logs a warning (unless ``warn`` is false); after
+        ``retry_for`` seconds (default: the transport's) it raises :class:`ServerUnreachable`.
+        """
         budget = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + budget
         delay = 0.05
@@ -116,17 +130,31 @@ class Transport:
                     status = resp.status
                     ctype = resp.content_type
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                failure: str = f"{type(e).__name__}: {e}"
+                failure: str = _describe(e)
             else:
                 if status in accept:
+                    self._answered()
                     return Response(status, ctype, payload)
                 if status not in RETRY_STATUSES:
+                    self._answered()
                     raise _error_from(status, payload)
                 failure = f"HTTP {status}: {payload[:200]!r}"
             if time.monotonic() + delay > deadline:
                 raise ServerUnreachable(
                     f"coffea-hq server at {self.url} unreachable for {budget:.0f}s "
-                    f"({method} {path}): {failure}"
+                    f"({method} {path}): {failure}",
+                    url=self.url,
+                    reason=failure,
+                )
+            if warn and not self._warned:
+                # Once per outage, however many requests are retrying: the user sees why
+                # nothing moves (the error itself comes only when the budget runs out).
+                self._warned = True
+                log.warning(
+                    "coffea-hq server at %s unreachable (%s), retrying for %.0f s ...",
+                    self.url,
+                    failure,
+                    budget,
                 )
             log.debug("%s %s failed (%s); retrying in %.2fs", method, path, failure, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))

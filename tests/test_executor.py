@@ -34,6 +34,8 @@ from coffea.processor.executor import ExecutorBase, Ok  # noqa: E402
 from uproot.deserialization import DeserializationError  # noqa: E402
 
 from coffea_hq import Client, HQError, HQExecutor, Job, LocalCluster, protocol  # noqa: E402
+from coffea_hq.embedded import free_port  # noqa: E402
+from coffea_hq.errors import ServerUnreachable  # noqa: E402
 
 from .util import get_json, poll_until  # noqa: E402
 
@@ -517,6 +519,28 @@ def test_url_from_argument_or_hq_url_else_local_cluster_help(
     assert HQExecutor("http://elsewhere:8786").server_url() == "http://elsewhere:8786"
     with pytest.raises(ValueError, match="treereduction"):
         HQExecutor(cluster.url, treereduction=1)
+
+
+@pytest.mark.parametrize("where", ["free port", "unknown host"])
+def test_no_server_at_the_url_fails_within_seconds_in_one_sentence(
+    data: dict[str, Path], where: str
+) -> None:
+    """A wrong URL or a stopped server: the run fails at its first request, naming the URL
+    and what to do, instead of retrying for the client's whole budget (120 s)."""
+    url = (
+        f"http://127.0.0.1:{free_port()}"
+        if where == "free port"
+        else "http://no-such-host.invalid:8786"
+    )
+    started = time.monotonic()
+    with pytest.raises(ServerUnreachable) as info:
+        run_with(HQExecutor(url, status=False), nano_fileset(data), MuonHistograms())
+    assert time.monotonic() - started < 10
+    assert isinstance(info.value, HQError)
+    text = str(info.value)
+    assert text.startswith(f"no coffea-hq server answers at {url} (")
+    assert "`coffea-hq local`" in text and "HQ_URL" in text and "\n" not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_copy_keeps_the_url_the_options_and_an_open_client(cluster: LocalCluster) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import linecache
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 import redis
 
 from coffea_hq import Client, LocalCluster, TaskFailed, protocol
-from coffea_hq.errors import HQError, JobCancelled
+from coffea_hq.embedded import free_port
+from coffea_hq.errors import HQError, JobCancelled, ServerError, ServerUnreachable
 
 from .conftest import Processes
 from .tasks import add_all, fail_on, killed_on, nap, segfault_on, square
@@ -465,3 +467,72 @@ def test_batch_spans_respect_both_bounds() -> None:
     assert batch_spans([1] * 10, 4, 100) == [(0, 4), (4, 8), (8, 10)]
     assert batch_spans([40, 40, 40, 200, 1], 10, 100) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert batch_spans([], 4, 100) == []
+
+
+# ---------------------------------------------------------------------- what the user sees
+
+
+def test_no_server_at_the_url_fails_the_first_call_within_seconds() -> None:
+    """Nothing listens there: the first call says so in one sentence, within seconds."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url) as client:
+        started = time.monotonic()
+        with pytest.raises(HQError) as info:
+            client.map(square, [1, 2])
+        assert time.monotonic() - started < 10
+    assert isinstance(info.value, ServerUnreachable) and isinstance(info.value, ConnectionError)
+    assert str(info.value) == (
+        f"no coffea-hq server answers at {url} (connection refused): start one with "
+        "`coffea-hq local` or check the URL (HQ_URL)"
+    )
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_hq_error_catches_the_server_refusing_and_the_server_gone(
+    store,  # type: ignore[no-untyped-def]
+    processes: Processes,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, server = processes.server(store.url, prefix=prefix)
+    with Client(url, retry_for=2) as client:
+        try:
+            client.run(client.api.get_job("nosuchjob"))
+        except HQError as e:
+            assert isinstance(e, ServerError) and e.status == 404 and "no job nosuchjob" in str(e)
+        else:
+            pytest.fail("an unknown job's status did not raise")
+        server.kill()
+        server.wait()
+        caplog.set_level(logging.WARNING, logger="coffea_hq.transport")
+        with pytest.raises(HQError) as info:
+            client.queue()
+        assert isinstance(info.value, ServerUnreachable) and isinstance(info.value, ConnectionError)
+    # A request that starts retrying says so, once, before its budget runs out.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"coffea-hq server at {url} unreachable (connection refused), retrying for 2 s ..."
+    ]
+
+
+UNCLOSED_SCRIPT = """
+from coffea_hq import Client, LocalCluster
+
+with LocalCluster(workers=1) as cluster:
+    client = Client(cluster.url)                  # as in the README: never closed
+    assert client.map(pow, range(4), [2] * 4).result() == [0, 1, 4, 9]
+    for index, value in client.map(abs, [-1, -2, -3]).as_completed():
+        pass
+    Client(cluster.url).health()                  # dropped at once, never closed
+print("done")
+"""
+
+
+def test_a_client_nobody_closed_closes_quietly_at_exit(tmp_path: Path) -> None:
+    script = tmp_path / "unclosed.py"
+    script.write_text(UNCLOSED_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    assert "Unclosed" not in out.stderr and "Task was destroyed" not in out.stderr, out.stderr
