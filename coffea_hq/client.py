@@ -414,7 +414,8 @@ class Job:
         return self.client.run(self.client.api.get_job(self.id))
 
     def cancel(self) -> None:
-        """Cancel the job: queued tasks are dropped, running ones stopped."""
+        """Cancel the job: queued tasks are dropped; running ones are stopped by their
+        workers at the next heartbeat (within a third of the server's lease timeout)."""
         self.client.run(self.client.api.cancel(self.id))
 
     def as_completed(

@@ -83,7 +83,8 @@ class HQExecutor(ExecutorBase):
             Attempts per chunk when its worker dies or hangs (segfault, out of memory,
             node lost), before the chunk fails (default 3).
         timeout : float, optional
-            Seconds the whole run may take before it is cancelled with ``TimeoutError``.
+            Seconds each executor call (coffea calls it once to preprocess, once to
+            process) may take before it is cancelled with ``TimeoutError``.
         ship_local_modules : bool, optional
             Send the code of your own modules (the ones no installed package provides,
             e.g. ``my_processor.py`` beside your notebook) with the processor, so the
