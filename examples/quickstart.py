@@ -40,8 +40,10 @@ def main() -> None:
             total = [a + b for a, b in zip(total, counts, strict=True)]
         elapsed = time.perf_counter() - start
     peak = max(range(BINS), key=total.__getitem__)
-    print(f"{n_chunks} chunks, {sum(total):,} events in the window, {elapsed:.2f} s "
-          f"({n_chunks / elapsed:,.0f} chunks/s)")
+    print(
+        f"{n_chunks} chunks, {sum(total):,} events in the window, {elapsed:.2f} s "
+        f"({n_chunks / elapsed:,.0f} chunks/s)"
+    )
     edge = LOW + peak * (HIGH - LOW) / BINS
     print(f"peak bin: {edge:.0f}-{edge + (HIGH - LOW) / BINS:.0f} GeV")
     width = max(total)
