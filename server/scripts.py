@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from coffea_hq import protocol
@@ -148,14 +149,16 @@ class Call(Generic[T]):
         return self.parse(await self.script(keys=self.keys, args=self.args))
 
 
-async def run_all(redis: Redis, calls: Sequence[Call[T]]) -> list[T]:
-    """Run independent calls in one round trip (a pipeline, not a transaction)."""
-    if not calls:
+async def run_all(redis: Redis, calls: Sequence[Call[T]], pipe: Pipeline | None = None) -> list[T]:
+    """Run independent calls in one round trip (a pipeline, not a transaction). ``pipe``
+    may already hold other commands, sent in the same round trip (their replies dropped)."""
+    if not calls and pipe is None:
         return []
-    pipe = redis.pipeline(transaction=False)
+    pipe = pipe if pipe is not None else redis.pipeline(transaction=False)
+    first = len(pipe)
     for call in calls:
         await call.script(keys=call.keys, args=call.args, client=pipe)
-    replies = await pipe.execute()
+    replies = (await pipe.execute())[first:]
     return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
 

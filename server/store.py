@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from coffea_hq import protocol
 from coffea_hq.protocol import CompleteStatus, Counter, Outcome
@@ -334,11 +335,16 @@ class Store:
         return leased
 
     async def _per_job(
-        self, items: Iterable[tuple[str, K]], call: Callable[[str, list[K]], Call[T]]
+        self,
+        items: Iterable[tuple[str, K]],
+        call: Callable[[str, list[K]], Call[T]],
+        pipe: Pipeline | None = None,
     ) -> list[tuple[str, list[K], T]]:
-        """One script call per job over ``items`` grouped by job, in one round trip."""
+        """One script call per job over ``items`` grouped by job, in one round trip (with
+        whatever ``pipe`` already holds)."""
         groups = by_job(items)
-        replies = await run_all(self.redis, [call(job, group) for job, group in groups.items()])
+        calls = [call(job, group) for job, group in groups.items()]
+        replies = await run_all(self.redis, calls, pipe)
         return [
             (job, group, reply) for (job, group), reply in zip(groups.items(), replies, strict=True)
         ]
@@ -382,7 +388,6 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
-        await pipe.execute()
 
         def call(job: str, held: list[tuple[str, int]]) -> Call[list[tuple[str, int]]]:
             return self.scripts.heartbeat(
@@ -392,7 +397,7 @@ class Store:
         pairs = [(job, (task, attempt)) for job, task, attempt in leases]
         return [
             (job, task, attempt)
-            for job, _, lost in await self._per_job(pairs, call)
+            for job, _, lost in await self._per_job(pairs, call, pipe)
             for task, attempt in lost
         ]
 
