@@ -1,12 +1,12 @@
 """The HTTP API of hq-server as async methods: one per route, in the order of ``server/app.py``.
 
 >>> api = API("http://localhost:8786")
->>> (await api.health())["status"]
+>>> (await api.health()).status
 'ok'
 
-Requests are built from the message types of :mod:`coffea_hq.messages`, and replies
-decoded into them where one exists (lease, complete, heartbeat); the other replies are
-the JSON documents described in :mod:`coffea_hq.protocol`. Every call goes through
+Requests are built from the message types of :mod:`coffea_hq.messages`, and every
+reply is decoded into its type there (the routes and their types are listed in
+:mod:`coffea_hq.routes`). Every call goes through
 :class:`~coffea_hq.transport.Transport`, so it rides out restarts and network cuts for
 ``retry_for`` seconds and raises :class:`~coffea_hq.errors.ServerError` on a 4xx.
 
@@ -18,7 +18,6 @@ Use an :class:`API` within one event loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from . import messages as m
 from . import protocol
@@ -27,7 +26,7 @@ from .transport import Transport
 
 __all__ = ["API", "Frames"]
 
-Frames = tuple[dict[str, Any], list[memoryview]]
+Frames = tuple[m.ResultsHeader, list[memoryview]]
 
 
 class API:
@@ -47,19 +46,18 @@ class API:
 
     # ------------------------------------------------------------------ service
 
-    async def health(self, *, retry_for: float | None = None, warn: bool = True) -> dict[str, Any]:
-        """``GET HEALTH``: ``{"status", "store", "version", "max_request_size"}``."""
-        return (
-            await self.transport.call("GET", protocol.HEALTH, retry_for=retry_for, warn=warn)
-        ).json()
+    async def health(self, *, retry_for: float | None = None, warn: bool = True) -> m.Health:
+        """``GET HEALTH``: status, store, version, max_request_size."""
+        response = await self.transport.call("GET", protocol.HEALTH, retry_for=retry_for, warn=warn)
+        return m.decode(response.body, m.Health)
 
-    async def queue(self) -> dict[str, Any]:
+    async def queue(self) -> m.QueueStats:
         """``GET QUEUE``: queued and running task counts, jobs, workers, counters."""
-        return (await self.transport.call("GET", protocol.QUEUE)).json()
+        return m.decode((await self.transport.call("GET", protocol.QUEUE)).body, m.QueueStats)
 
-    async def workers(self) -> dict[str, Any]:
+    async def workers(self) -> m.Workers:
         """``GET WORKERS``: each live worker's last heartbeat (slots, host, telemetry)."""
-        return (await self.transport.call("GET", protocol.WORKERS)).json()
+        return m.decode((await self.transport.call("GET", protocol.WORKERS)).body, m.Workers)
 
     # ------------------------------------------------------------------ blobs
 
@@ -89,11 +87,10 @@ class API:
 
     # ------------------------------------------------------------------ jobs (client)
 
-    async def create_job(self, job: str, spec: m.CreateJob) -> dict[str, Any]:
+    async def create_job(self, job: str, spec: m.CreateJob) -> m.JobSummary:
         """``PUT JOB``: create ``job`` (idempotent for the same spec); its summary."""
-        return (
-            await self.transport.call("PUT", protocol.JOB.format(job=job), json_body=spec)
-        ).json()
+        response = await self.transport.call("PUT", protocol.JOB.format(job=job), json_body=spec)
+        return m.decode(response.body, m.JobSummary)
 
     async def submit_tasks(self, job: str, header: m.SubmitTasks, payloads: Sequence[bytes]) -> int:
         """``POST JOB_TASKS``: add tasks ``header.tasks``, one payload each; how many were
@@ -104,21 +101,23 @@ class API:
             body=protocol.pack(header, payloads),
             content_type=FRAMES_CONTENT_TYPE,
         )
-        return int(response.json()["added"])
+        return m.decode(response.body, m.Submitted).added
 
-    async def seal(self, job: str, seal: m.Seal) -> dict[str, Any]:
+    async def seal(self, job: str, seal: m.Seal) -> m.JobSummary:
         """``POST JOB_SEAL``: no more tasks come; the job's summary."""
-        return (
-            await self.transport.call("POST", protocol.JOB_SEAL.format(job=job), json_body=seal)
-        ).json()
+        path = protocol.JOB_SEAL.format(job=job)
+        response = await self.transport.call("POST", path, json_body=seal)
+        return m.decode(response.body, m.JobSummary)
 
-    async def cancel(self, job: str) -> dict[str, Any]:
+    async def cancel(self, job: str) -> m.JobSummary:
         """``POST JOB_CANCEL``: drop the queued tasks, stop the running ones; the summary."""
-        return (await self.transport.call("POST", protocol.JOB_CANCEL.format(job=job))).json()
+        response = await self.transport.call("POST", protocol.JOB_CANCEL.format(job=job))
+        return m.decode(response.body, m.JobSummary)
 
-    async def get_job(self, job: str) -> dict[str, Any]:
+    async def get_job(self, job: str) -> m.JobSummary:
         """``GET JOB``: the job's summary (state, done, failed, total, merges, ...)."""
-        return (await self.transport.call("GET", protocol.JOB.format(job=job))).json()
+        response = await self.transport.call("GET", protocol.JOB.format(job=job))
+        return m.decode(response.body, m.JobSummary)
 
     async def delete_job(self, job: str, *, retry_for: float | None = None) -> None:
         """``DELETE JOB``: cancel if running and drop every key (an unknown job is fine)."""
@@ -128,15 +127,15 @@ class API:
 
     async def results(self, job: str, after: str, wait: float) -> Frames:
         """``GET JOB_RESULTS``: results past cursor ``after`` (acknowledging those up to
-        it), waiting up to ``wait`` seconds for one. The header holds ``cursor``,
-        ``items`` (``[task, outcome]``), ``errors``, ``end`` and the job summary; one
-        part per item."""
+        it), waiting up to ``wait`` seconds for one: the header (cursor, items,
+        errors, end and the job's summary) and one part per item."""
         response = await self.transport.call(
             "GET",
             protocol.JOB_RESULTS.format(job=job),
             params={"after": after, "ack": after, "wait": str(wait)},
         )
-        return response.frames()
+        header, parts = response.frames()
+        return m.convert(header, m.ResultsHeader), parts
 
     # ------------------------------------------------------------------ tasks (worker)
 
@@ -164,7 +163,7 @@ class API:
         response = await self.transport.call(
             "POST", protocol.RELEASE, json_body=request, retry_for=retry_for
         )
-        return int(response.json()["released"])
+        return m.decode(response.body, m.Released).released
 
     async def heartbeat(
         self, beat: m.Heartbeat, *, retry_for: float | None = None

@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
+import msgspec
+
 from . import messages, protocol
 from .api import API, Frames
 from .errors import HQError, JobCancelled, ServerError, ServerUnreachable, SubmitFailed, TaskFailed
@@ -153,24 +155,20 @@ class Client:
                 raise ServerUnreachable(
                     no_server(self.url, e.reason), url=self.url, reason=e.reason
                 ) from None
-            except (ServerError, ValueError) as e:
+            except (ServerError, ValueError) as e:  # msgspec's DecodeError is one
                 raise HQError(
                     f"the server at {self.url} does not answer like a coffea-hq server "
                     f"(GET {protocol.HEALTH}: {e}): check the URL (HQ_URL)"
                 ) from None
-            self._request_limit = int(
-                doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
-            )
+            self._request_limit = doc.max_request_size
 
-    async def _health_check(self) -> dict[str, Any]:
+    async def _health_check(self) -> messages.Health:
         try:
             async with asyncio.timeout(CONNECT_BUDGET):
                 doc = await self.api.health(retry_for=CONNECT_BUDGET, warn=False)
         except TimeoutError:  # a connection attempt that hangs (packets dropped)
             reason = f"no answer within {CONNECT_BUDGET:.0f} s"
             raise ServerUnreachable(reason, url=self.url, reason=reason) from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"not a JSON object: {doc!r:.100}")
         return doc
 
     def close(self) -> None:
@@ -190,11 +188,12 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` document."""
-        return self.run(self.api.health())
+        return msgspec.to_builtins(self.run(self.api.health()))
 
-    def queue(self) -> dict[str, int]:
-        """Queued and running task counts, jobs and workers."""
-        return self.run(self.api.queue())
+    def queue(self) -> dict[str, Any]:
+        """Queued and running task counts, jobs, workers and the server's task counters
+        (:class:`coffea_hq.messages.QueueStats`)."""
+        return msgspec.to_builtins(self.run(self.api.queue()))
 
     # ------------------------------------------------------------------ jobs
 
@@ -271,10 +270,7 @@ class Client:
 
     async def _max_request_size(self) -> int:
         if self._request_limit is None:  # a coroutine of api run on the loop directly
-            doc = await self.api.health()
-            self._request_limit = int(
-                doc.get("max_request_size", protocol.DEFAULT_MAX_REQUEST_SIZE)
-            )
+            self._request_limit = (await self.api.health()).max_request_size
         return self._request_limit
 
     async def _submit_tasks(self, job: str, payloads: list[bytes]) -> None:
@@ -410,8 +406,9 @@ class Job:
         return len(self.items)
 
     def status(self) -> dict[str, Any]:
-        """The server's summary: state, done, failed, total, merges."""
-        return self.client.run(self.client.api.get_job(self.id))
+        """The server's summary: state, done, failed, total, merges
+        (:class:`coffea_hq.messages.JobSummary`)."""
+        return msgspec.to_builtins(self.client.run(self.client.api.get_job(self.id)))
 
     def cancel(self) -> None:
         """Cancel the job: queued tasks are dropped; running ones are stopped by their
@@ -479,13 +476,15 @@ class Job:
         """Wait for the next batch of results (the long poll after it starts at once, so
         the caller's unpickling and accumulation overlap the network)."""
         header, parts = self.client.run(self._next_batch(deadline))
-        self.merges = int(header.get("merges", self.merges))
-        self.merges_open = int(header.get("merges_open", self.merges_open))
-        errors = header["errors"]
-        for (task, outcome), part in zip(header["items"], parts, strict=True):
-            self._buffer.append((task, outcome, part, errors.get(task, {})))
-        if header.get("end"):
-            self._end_state = header["state"]
+        self.merges = header.merges
+        self.merges_open = header.merges_open
+        errors = header.errors
+        for item, part in zip(header.items, parts, strict=True):
+            error = errors.get(item.task)
+            described = msgspec.to_builtins(error) if error else {}
+            self._buffer.append((item.task, item.outcome, part, described))
+        if header.end:
+            self._end_state = header.state
         elif not self._buffer and deadline is not None and time.monotonic() > deadline:
             self.client.run(self._stop_polling(delete=False))
             raise TimeoutError(
@@ -499,8 +498,8 @@ class Job:
             self._prefetch = self._poll(deadline)
         # Shielded: a caller interrupted here (Ctrl-C) finds the same poll when it resumes.
         header, parts = await asyncio.shield(self._prefetch)
-        self._cursor = header["cursor"]
-        self._prefetch = None if header.get("end") else self._poll(deadline)
+        self._cursor = header.cursor
+        self._prefetch = None if header.end else self._poll(deadline)
         return header, parts
 
     def _poll(self, deadline: float | None) -> asyncio.Task[Frames]:

@@ -138,17 +138,124 @@ class Heartbeat(Message):
 
 
 class ErrorReply(msgspec.Struct):
-    """Any 4xx/5xx answer."""
+    """Any 4xx/5xx answer: ``error`` is a short code, ``message`` one sentence for a person."""
 
     error: str
     message: str
 
 
 class Health(msgspec.Struct):
+    """``GET HEALTH``: ``store`` is ``"ok"`` or why the store does not answer."""
+
     status: str
     store: str
     version: str
     max_request_size: int
+
+
+class JobSummary(msgspec.Struct, omit_defaults=True):
+    """``GET JOB`` (and the reply of ``PUT JOB``, ``POST JOB_SEAL``, ``POST JOB_CANCEL``):
+    where the job is. ``total`` is null until the job is sealed; ``merges`` counts merge
+    tasks made, ``merges_open`` those not finished; ``reason`` says why a job ended early."""
+
+    job: str
+    state: protocol.JobState
+    label: str
+    submitted: int
+    total: int | None
+    done: int
+    failed: int
+    max_attempts: int
+    fail_fast: bool
+    reducing: bool
+    merges: int
+    merges_open: int
+    reason: str | None = None
+
+
+class TaskError(msgspec.Struct, omit_defaults=True):
+    """A failed task's error as the results route gives it: what the worker reported
+    (:class:`ErrorInfo`), or, for a task whose workers were all lost, the server's
+    sentence with the last ``worker`` and ``attempt``."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    worker: str | None = None
+    attempt: int | None = None
+
+
+class ResultItem(msgspec.Struct, array_like=True, frozen=True):
+    """``[task, outcome]`` of one result; its value is the matching frame part (empty
+    for ``merged``: merged into a merge task's input on a worker)."""
+
+    task: str
+    outcome: protocol.ResultOutcome
+
+
+class ResultsHeader(JobSummary, kw_only=True):
+    """``GET JOB_RESULTS`` reply frame header: the results past the request's cursor
+    (one part per item: the pickled value, or the pickled exception), ``cursor`` to
+    continue from, ``errors`` by task, ``end`` once the job's last event is included,
+    and the job's summary."""
+
+    cursor: str
+    items: list[ResultItem]
+    errors: dict[str, TaskError]
+    end: bool
+    sizes: list[int]  # the framing's: pack() fills it in (required: omit_defaults is on)
+
+
+class BlobStored(msgspec.Struct):
+    """``PUT BLOB`` reply."""
+
+    blob: str
+    size: int
+
+
+class Submitted(msgspec.Struct):
+    """``POST JOB_TASKS`` reply: how many of the batch's tasks were new."""
+
+    added: int
+
+
+class Deleted(msgspec.Struct):
+    """``DELETE JOB`` reply."""
+
+    deleted: bool
+
+
+class Released(msgspec.Struct):
+    """``POST RELEASE`` reply: how many leases the server took back."""
+
+    released: int
+
+
+class QueueStats(msgspec.Struct):
+    """``GET QUEUE``: tasks queued and leased over all unfinished jobs (``work`` is their
+    sum: what autoscalers read), unfinished jobs, live workers, and the server's task
+    accounting since its store was created."""
+
+    queued: int
+    running: int
+    work: int
+    jobs: int
+    workers: int
+    counters: dict[protocol.Counter, int]
+
+
+class WorkerInfo(msgspec.Struct):
+    """One live worker's last heartbeat: ``leases`` held, ``seen`` (Unix time), and the
+    worker's own ``stats``."""
+
+    slots: int
+    host: str
+    stats: dict[str, Any]
+    leases: int
+    seen: float
+
+
+Workers = dict[str, WorkerInfo]  # ``GET WORKERS``: by worker id
 
 
 class LeasedTask(msgspec.Struct, array_like=True):
@@ -161,12 +268,15 @@ class LeasedTask(msgspec.Struct, array_like=True):
 
 
 class LeaseReply(msgspec.Struct):
-    """``POST LEASE`` reply frame header (its ``sizes`` added by the framing)."""
+    """``POST LEASE`` reply frame header; one payload part per task."""
 
     tasks: list[LeasedTask]
+    sizes: list[int] = []  # the framing's: pack() fills it in
 
 
 class Rejected(msgspec.Struct, omit_defaults=True):
+    """A refused item of a complete report: its index, ids, status and why."""
+
     index: int
     job: str
     task: str
@@ -185,6 +295,8 @@ class CompleteReply(msgspec.Struct, omit_defaults=True):
 
 
 class HeartbeatReply(msgspec.Struct):
+    """``POST HEARTBEAT`` reply."""
+
     lost: list[LeaseRef]  # leases this worker no longer holds: stop them
     interval: float  # seconds until the next heartbeat
     max_request_size: int

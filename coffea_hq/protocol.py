@@ -1,13 +1,15 @@
 """The wire protocol shared by the client, the server and the worker.
 
-Everything that crosses the network is defined here, once: routes, message
-shapes, the binary framing, the serialisation of Python objects, limits and
+Everything that crosses the network is defined here, once: route paths, the
+binary framing, the serialisation of Python objects, limits and
 defaults. This module imports nothing else of ours.
 
 Binary payloads travel as *frames*: a small JSON header followed by raw byte
 parts, so pickled data is never base64-encoded inside JSON::
 
     u32 header length | header JSON (with "sizes": [len(part), ...]) | part 0 | part 1 | ...
+
+(the length big-endian; docs/api.md describes the format for implementers).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
+OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 
 # Defaults, overridable by command-line flags.
 DEFAULT_PORT: Final = 8786
@@ -95,6 +98,14 @@ class Outcome(enum.StrEnum):
     OK = "ok"  # the function returned; the part holds its pickled value
     ERROR = "error"  # the function raised; the header carries the error, the part the exception
     CRASHED = "crashed"  # the subprocess died (segfault, os._exit, OOM kill); retried
+
+
+class ResultOutcome(enum.StrEnum):
+    """How a result reaches the client (``GET JOB_RESULTS`` items)."""
+
+    OK = "ok"  # the part holds the pickled value
+    ERROR = "error"  # the part holds the pickled exception (may be empty); see ``errors``
+    MERGED = "merged"  # merged into a merge task on a worker: no part
 
 
 class CompleteStatus(enum.StrEnum):
@@ -258,9 +269,11 @@ class FrameError(ValueError):
 def pack(header: dict[str, Any] | msgspec.Struct, parts: Sequence[bytes] = ()) -> bytes:
     """Frame a JSON header (a dict or a message of :mod:`coffea_hq.messages`) and raw byte
     parts into one body."""
-    head = msgspec.to_builtins(header) if isinstance(header, msgspec.Struct) else dict(header)
-    head["sizes"] = [len(p) for p in parts]
-    encoded = msgspec.json.encode(head)
+    sizes = [len(p) for p in parts]
+    if isinstance(header, msgspec.Struct):  # every frame header message has 'sizes'
+        encoded = msgspec.json.encode(msgspec.structs.replace(header, sizes=sizes))
+    else:
+        encoded = msgspec.json.encode({**header, "sizes": sizes})
     return b"".join([_LEN.pack(len(encoded)), encoded, *parts])
 
 
@@ -295,21 +308,9 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 
 # --------------------------------------------------------------------------- message shapes
 #
-# Every request body, and the lease and heartbeat replies, is a msgspec.Struct in
-# coffea_hq.messages: the server decodes bodies into them, client and worker build
-# requests from them. Still plain JSON (their shapes are the server's replies):
-#
-# GET  JOB, PUT JOB, POST JOB_SEAL, POST JOB_CANCEL -> job summary {"job", "state",
-#                   "label", "submitted", "total", "done", "failed", "max_attempts",
-#                   "fail_fast", "reducing", "merges", "merges_open", ["reason"]}
-# GET  JOB_RESULTS  ?after=<cursor>&wait=<s>&ack=<cursor>
-#                   frames {"cursor": str, "items": [[task, outcome], ...], "errors":
-#                           {task: error}, "end": bool, **job summary}
-#                   (outcome "ok" | "error" | "merged": merged on workers, no part)
-#                   + one part per item (pickled value, or pickled exception)
-# GET  QUEUE        {"queued", "running", "work", "jobs", "workers", "counters"}
-#
-# An error from the server is JSON {"error": <code>, "message": <sentence>}.
+# Every request and response body is a msgspec.Struct in coffea_hq.messages; the routes
+# that carry them are listed once in coffea_hq.routes (which the server registers its
+# handlers from and the OpenAPI document is generated from: see docs/api.md).
 
 
 _PART_LEN: Final = struct.Struct(">I")

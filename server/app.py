@@ -17,8 +17,10 @@ from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coffea_hq import messages as m
+from coffea_hq import openapi as openapi_document
 from coffea_hq import protocol
 from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError
+from coffea_hq.routes import ROUTES
 
 from . import validate as v
 from .config import ServerConfig
@@ -98,11 +100,11 @@ async def _frames(request: web.Request, kind: type[T]) -> tuple[T, list[memoryvi
     return m.convert(header, kind), parts
 
 
-def _json_reply(message: msgspec.Struct, status: int = 200) -> web.Response:
+def _json_reply(message: msgspec.Struct | m.Workers, status: int = 200) -> web.Response:
     return web.Response(body=m.encode(message), status=status, content_type="application/json")
 
 
-def _frames_response(header: dict[str, Any] | msgspec.Struct, parts: list[bytes]) -> web.Response:
+def _frames_response(header: msgspec.Struct, parts: list[bytes]) -> web.Response:
     return web.Response(body=protocol.pack(header, parts), content_type=FRAMES_CONTENT_TYPE)
 
 
@@ -124,11 +126,16 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def queue(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORE].queue_stats())
+    return _json_reply(m.QueueStats(**await request.app[STORE].queue_stats()))
 
 
 async def workers(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORE].workers())
+    found = await request.app[STORE].workers()
+    return _json_reply({w: msgspec.convert(info, m.WorkerInfo) for w, info in found.items()})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_document.encoded(), content_type="application/json")
 
 
 # ---------------------------------------------------------------------- blobs
@@ -147,7 +154,7 @@ async def put_blob(request: web.Request) -> web.Response:
     if protocol.blob_name(data) != sha:
         raise v.BadRequest(f"blob bytes do not match their name {sha}: corrupted upload?")
     await request.app[STORE].put_blob(sha, data)
-    return web.json_response({"blob": sha, "size": len(data)}, status=201)
+    return _json_reply(m.BlobStored(sha, len(data)), 201)
 
 
 async def head_blob(request: web.Request) -> web.Response:
@@ -176,16 +183,16 @@ async def create_job(request: web.Request) -> web.Response:
         reducer=body.reducer or "",
         fanin=body.fanin,
     )
-    return web.json_response(summary)
+    return _json_reply(m.JobSummary(**summary))
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORE].summary(_job_id(request)))
+    return _json_reply(m.JobSummary(**await request.app[STORE].summary(_job_id(request))))
 
 
 async def delete_job(request: web.Request) -> web.Response:
     await request.app[STORE].delete_job(_job_id(request))
-    return web.json_response({"deleted": True})
+    return _json_reply(m.Deleted(True))
 
 
 async def submit_tasks(request: web.Request) -> web.Response:
@@ -199,17 +206,17 @@ async def submit_tasks(request: web.Request) -> web.Response:
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
     added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts])
-    return web.json_response({"added": added})
+    return _json_reply(m.Submitted(added))
 
 
 async def seal_job(request: web.Request) -> web.Response:
     job = _job_id(request)
     body = await _body(request, m.Seal)
-    return web.json_response(await request.app[STORE].seal(job, body.total))
+    return _json_reply(m.JobSummary(**await request.app[STORE].seal(job, body.total)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORE].cancel(_job_id(request)))
+    return _json_reply(m.JobSummary(**await request.app[STORE].cancel(_job_id(request))))
 
 
 async def job_results(request: web.Request) -> web.Response:
@@ -222,13 +229,14 @@ async def job_results(request: web.Request) -> web.Response:
     batch = await request.app[STORE].results(
         job, after=after, ack=ack, wait=wait, max_bytes=config.max_request_size // 2
     )
-    header = {
-        "cursor": batch.cursor,
-        "items": batch.items,
-        "errors": batch.errors,
-        "end": batch.end,
+    header = m.ResultsHeader(
         **batch.summary,
-    }
+        cursor=batch.cursor,
+        items=[m.ResultItem(*item) for item in batch.items],  # type: ignore[arg-type]
+        errors={task: msgspec.convert(e, m.TaskError) for task, e in batch.errors.items()},
+        end=batch.end,
+        sizes=[],
+    )
     return _frames_response(header, batch.parts)
 
 
@@ -245,8 +253,7 @@ async def lease(request: web.Request) -> web.StreamResponse:
     tasks = await request.app[DISPATCHER].lease(
         worker, body.max, body.wait, connected=lambda: _connected(request)
     )
-    # The shape of messages.LeaseReply, built as plain lists: this is the hot path.
-    header = {"tasks": [[t.job, t.task, t.attempt, t.function] for t in tasks]}
+    header = m.LeaseReply([m.LeasedTask(t.job, t.task, t.attempt, t.function) for t in tasks])
     if not tasks:
         return _frames_response(header, [])
     # Written here rather than by aiohttp, so that a reply that cannot reach the worker
@@ -327,7 +334,7 @@ async def release(request: web.Request) -> web.Response:
     refs = [(r.job, r.task, r.attempt) for r in body.items]
     released = await request.app[STORE].release(body.worker, refs)
     request.app[DISPATCHER].notify()
-    return web.json_response({"released": released})
+    return _json_reply(m.Released(released))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -430,6 +437,42 @@ def _background(
     return context
 
 
+# Operation id (coffea_hq.routes) -> its handler.
+HANDLERS: dict[str, Handler] = {
+    "health": health,
+    "openapi": openapi,
+    "queue": queue,
+    "workers": workers,
+    "put_blob": put_blob,
+    "head_blob": head_blob,
+    "get_blob": get_blob,
+    "create_job": create_job,
+    "get_job": get_job,
+    "delete_job": delete_job,
+    "submit_tasks": submit_tasks,
+    "seal_job": seal_job,
+    "cancel_job": cancel_job,
+    "job_results": job_results,
+    "lease": lease,
+    "complete": complete,
+    "release": release,
+    "heartbeat": heartbeat,
+}
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    """Register a handler for every route of the table, and refuse a table and handlers
+    that disagree (a route without a handler, or a handler no route names)."""
+    named = {route.operation for route in ROUTES}
+    if named != HANDLERS.keys():
+        raise RuntimeError(
+            f"routes without a handler: {sorted(named - HANDLERS.keys())}; "
+            f"handlers without a route: {sorted(HANDLERS.keys() - named)}"
+        )
+    for route in ROUTES:
+        router.add_route(route.method, route.path, HANDLERS[route.operation])
+
+
 def make_app(config: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_request_size, middlewares=[errors_middleware])
     app[CONFIG] = config
@@ -479,22 +522,5 @@ def make_app(config: ServerConfig) -> web.Application:
             await app[DISPATCHER].close()
 
     app.on_shutdown.append(release_parked)
-    r = app.router
-    r.add_get(protocol.HEALTH, health)
-    r.add_get(protocol.QUEUE, queue)
-    r.add_get(protocol.WORKERS, workers)
-    r.add_put(protocol.BLOB, put_blob)
-    r.add_head(protocol.BLOB, head_blob)
-    r.add_get(protocol.BLOB, get_blob, allow_head=False)
-    r.add_put(protocol.JOB, create_job)
-    r.add_get(protocol.JOB, get_job)
-    r.add_delete(protocol.JOB, delete_job)
-    r.add_post(protocol.JOB_TASKS, submit_tasks)
-    r.add_post(protocol.JOB_SEAL, seal_job)
-    r.add_post(protocol.JOB_CANCEL, cancel_job)
-    r.add_get(protocol.JOB_RESULTS, job_results)
-    r.add_post(protocol.LEASE, lease)
-    r.add_post(protocol.COMPLETE, complete)
-    r.add_post(protocol.RELEASE, release)
-    r.add_post(protocol.HEARTBEAT, heartbeat)
+    add_routes(app.router)
     return app

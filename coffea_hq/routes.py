@@ -1,0 +1,313 @@
+"""Every route of the HTTP API, once: the table the server registers its handlers from
+and the OpenAPI document (:mod:`coffea_hq.openapi`, docs/api.md) is generated from.
+
+A :class:`Route` names its method, path (a constant of :mod:`coffea_hq.protocol`), the
+operation id (the name of its handler in ``server/app.py``), what its request body is
+and what it answers with each status. Adding a route is adding one entry to
+:data:`ROUTES` and a handler of that name; the server refuses to start if the two
+disagree. Fields added later (an auth role, say) get a default, so entries need not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from . import messages as m
+from . import protocol
+
+__all__ = ["Bytes", "Frames", "Json", "Query", "Reply", "Route", "ROUTES", "PATH_PARAMETERS"]
+
+
+@dataclass(frozen=True, slots=True)
+class Json:
+    """An ``application/json`` body: one message of :mod:`coffea_hq.messages`."""
+
+    type: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """An ``application/x-hq-frames`` body (see :func:`coffea_hq.protocol.pack`): a JSON
+    header of type ``header`` and raw byte parts, each holding what ``parts`` says."""
+
+    header: Any
+    parts: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bytes:
+    """An ``application/octet-stream`` body: raw bytes, ``what`` they are."""
+
+    what: str
+
+
+Body = Json | Frames | Bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One status a route answers with, its body (None: empty) and when it comes."""
+
+    status: int
+    body: Body | None
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query parameter: its name, type (with its limits as :class:`msgspec.Meta`)."""
+
+    name: str
+    type: Any
+    description: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One operation of the API."""
+
+    method: str
+    path: str
+    operation: str  # operation id, and the name of the server's handler
+    summary: str
+    body: Body | None = None
+    replies: tuple[Reply, ...]
+    query: tuple[Query, ...] = ()
+    tag: str = "service"
+
+    @property
+    def path_parameters(self) -> tuple[str, ...]:
+        """The names of the path's ``{parameters}``, in order."""
+        return tuple(p[1:-1] for p in self.path.split("/") if p.startswith("{"))
+
+
+# Path parameters, by name: every route that has one means the same thing by it.
+PATH_PARAMETERS: Final[dict[str, Any]] = {"job": m.Id, "sha": m.BlobName}
+
+Cursor = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[0-9]{1,20}(-[0-9]{1,20})?\Z",
+        description="a result cursor: '0' (the start) or a 'cursor' of an earlier reply",
+    ),
+]
+Wait = Annotated[float, msgspec.Meta(ge=0.0, le=protocol.LONG_POLL_MAX)]
+
+
+def _error(status: int, when: str) -> Reply:
+    return Reply(status, Json(m.ErrorReply), when)
+
+
+NO_JOB: Final = _error(404, "no such job (never created, deleted, or expired)")
+JOB_CONFLICT: Final = _error(409, "the job is finished, sealed, or exists with another spec")
+NO_BLOB: Final = _error(404, "no blob of that name")
+ACCEPTED_PARTS: Final = (
+    "one per task: the task's arguments, pickled and compressed (see 'Payloads' in docs/api.md)"
+)
+
+ROUTES: Final[tuple[Route, ...]] = (
+    Route(
+        method="GET",
+        path=protocol.HEALTH,
+        operation="health",
+        summary="Whether the server and its store answer (always 200 while the server runs).",
+        replies=(Reply(200, Json(m.Health), "the server's health"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.OPENAPI,
+        operation="openapi",
+        summary="This API's OpenAPI 3.1 document.",
+        replies=(Reply(200, Json(dict[str, Any]), "the document"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.QUEUE,
+        operation="queue",
+        summary="Queued and running tasks over all jobs, live workers and task counters.",
+        replies=(Reply(200, Json(m.QueueStats), "the queue's state"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.WORKERS,
+        operation="workers",
+        summary="Each live worker's last heartbeat.",
+        replies=(Reply(200, Json(m.Workers), "workers by id"),),
+    ),
+    Route(
+        method="PUT",
+        path=protocol.BLOB,
+        operation="put_blob",
+        summary="Store a blob (a pickled function) under its content address.",
+        tag="blobs",
+        body=Bytes("the blob; its hex sha256 must be the path's {sha}"),
+        replies=(Reply(201, Json(m.BlobStored), "stored (again: blobs are immutable)"),),
+    ),
+    Route(
+        method="HEAD",
+        path=protocol.BLOB,
+        operation="head_blob",
+        summary="Whether the server holds a blob.",
+        tag="blobs",
+        replies=(Reply(200, None, "held"), Reply(404, None, "not held")),
+    ),
+    Route(
+        method="GET",
+        path=protocol.BLOB,
+        operation="get_blob",
+        summary="A blob's bytes.",
+        tag="blobs",
+        replies=(Reply(200, Bytes("the blob"), "the blob"), NO_BLOB),
+    ),
+    Route(
+        method="PUT",
+        path=protocol.JOB,
+        operation="create_job",
+        summary="Create a job (idempotent: the same spec again answers the same job).",
+        tag="jobs",
+        body=Json(m.CreateJob),
+        replies=(
+            Reply(200, Json(m.JobSummary), "the job, created or already there"),
+            _error(404, "the function or reducer blob is not on the server"),
+            _error(409, "the job exists with another spec"),
+        ),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOB,
+        operation="get_job",
+        summary="A job's summary.",
+        tag="jobs",
+        replies=(Reply(200, Json(m.JobSummary), "the job"), NO_JOB),
+    ),
+    Route(
+        method="DELETE",
+        path=protocol.JOB,
+        operation="delete_job",
+        summary="Cancel a job if it runs and drop everything of it.",
+        tag="jobs",
+        replies=(Reply(200, Json(m.Deleted), "deleted"), NO_JOB),
+    ),
+    Route(
+        method="POST",
+        path=protocol.JOB_TASKS,
+        operation="submit_tasks",
+        summary="Add a batch of tasks to an unsealed job (a retried batch adds nothing).",
+        tag="jobs",
+        body=Frames(m.SubmitTasks, ACCEPTED_PARTS),
+        replies=(Reply(200, Json(m.Submitted), "the batch is in the queue"), NO_JOB, JOB_CONFLICT),
+    ),
+    Route(
+        method="POST",
+        path=protocol.JOB_SEAL,
+        operation="seal_job",
+        summary="Say how many tasks the job has: it ends when they have all finished.",
+        tag="jobs",
+        body=Json(m.Seal),
+        replies=(Reply(200, Json(m.JobSummary), "sealed"), NO_JOB, JOB_CONFLICT),
+    ),
+    Route(
+        method="POST",
+        path=protocol.JOB_CANCEL,
+        operation="cancel_job",
+        summary="Cancel a job: queued tasks are dropped, workers stop running ones.",
+        tag="jobs",
+        replies=(Reply(200, Json(m.JobSummary), "cancelled (or already finished)"), NO_JOB),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOB_RESULTS,
+        operation="job_results",
+        summary="Results past a cursor, long-polling up to 'wait' seconds for the first.",
+        tag="jobs",
+        query=(
+            Query("after", Cursor, "answer the results after this cursor (default '0')"),
+            Query("ack", Cursor, "the client holds every result up to here: free them"),
+            Query("wait", Wait, "seconds to wait for a result when none is there (default 0)"),
+        ),
+        replies=(
+            Reply(
+                200,
+                Frames(
+                    m.ResultsHeader,
+                    "one per item: the pickled value ('ok'), the pickled exception or "
+                    "nothing ('error'), nothing ('merged')",
+                ),
+                "the next results (none if 'wait' ran out)",
+            ),
+            NO_JOB,
+        ),
+    ),
+    Route(
+        method="POST",
+        path=protocol.LEASE,
+        operation="lease",
+        summary="Lease up to 'max' tasks, long-polling up to 'wait' seconds for one.",
+        tag="workers",
+        body=Json(m.LeaseRequest),
+        replies=(
+            Reply(
+                200,
+                Frames(m.LeaseReply, "one per task: its payload, as submitted"),
+                "the leased tasks (none if 'wait' ran out)",
+            ),
+        ),
+    ),
+    Route(
+        method="POST",
+        path=protocol.COMPLETE,
+        operation="complete",
+        summary="Report finished tasks; items are judged one by one.",
+        tag="workers",
+        body=Frames(
+            m.Complete,
+            "one per item: the pickled value ('ok'), the pickled exception or nothing "
+            "('error'), nothing ('crashed')",
+        ),
+        replies=(
+            Reply(200, Json(m.CompleteReply), "every item was taken"),
+            Reply(409, Json(m.CompleteReply), "some items were refused; the others stand"),
+        ),
+    ),
+    Route(
+        method="POST",
+        path=protocol.RELEASE,
+        operation="release",
+        summary="Hand leases back unstarted (they go back to the queue at once).",
+        tag="workers",
+        body=Json(m.Release),
+        replies=(Reply(200, Json(m.Released), "released"),),
+    ),
+    Route(
+        method="POST",
+        path=protocol.HEARTBEAT,
+        operation="heartbeat",
+        summary="Extend a worker's leases and record its telemetry.",
+        tag="workers",
+        body=Json(m.Heartbeat),
+        replies=(Reply(200, Json(m.HeartbeatReply), "the leases lost, and when to beat next"),),
+    ),
+)
+
+# Answers any route may give besides its own replies, and when (the OpenAPI document
+# lists them on each route they apply to).
+BAD_REQUEST: Final = _error(400, "a path or query parameter, or the body, is malformed")
+TOO_LARGE: Final = _error(413, "the body exceeds the server's --max-request-size")
+STORE_DOWN: Final = _error(503, "the store is unreachable or refuses writes: retry")
+NO_STORE: Final = frozenset({protocol.HEALTH, protocol.OPENAPI})  # these answer without one
+
+
+def replies(route: Route) -> tuple[Reply, ...]:
+    """Everything ``route`` may answer: its own replies and the shared errors."""
+    extra = []
+    if route.body is not None or route.query or route.path_parameters:
+        extra.append(BAD_REQUEST)
+    if route.body is not None:
+        extra.append(TOO_LARGE)
+    if route.path not in NO_STORE:
+        extra.append(STORE_DOWN)
+    own = {r.status for r in route.replies}
+    return route.replies + tuple(r for r in extra if r.status not in own)

@@ -1,0 +1,342 @@
+"""The HTTP API is a published contract: the OpenAPI document is valid, generated from the
+route table the server registers, served, matched by docs/api.md; and a real hq-server,
+fuzzed by schemathesis against it (every operation, good and bad input, stateful
+chains, binary frames from our own strategy), never answers 5xx, always answers as the
+document says, and a job in flight meanwhile still completes exactly once per task.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import time
+import urllib.request
+from collections import Counter as Tally
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import hypothesis
+import hypothesis.errors
+import jsonschema
+import pytest
+import schemathesis
+from coffea_hq.server import app as server_app
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
+from openapi_spec_validator import validate as validate_spec
+
+from coffea_hq import Client, openapi, protocol, routes
+
+from .conftest import Processes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ROOT = Path(__file__).resolve().parent.parent
+IDS = st.from_regex(r"\A[A-Za-z0-9_.\-]{1,8}\Z")
+LONG_POLL_CAP = 0.2  # fuzzed long polls wait at most this long (the document allows 60 s)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read()
+
+
+# ---------------------------------------------------------------------- the document
+
+
+def test_the_document_is_valid_openapi_and_the_server_serves_it(server_url: str) -> None:
+    doc = openapi.document()
+    validate_spec(doc)  # raises with the offending path if the document is not OpenAPI 3.1
+    status, body = get(server_url + protocol.OPENAPI)
+    assert status == 200 and json.loads(body) == doc
+    operations = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert operations == {(r.method, r.path) for r in routes.ROUTES}
+    assert len({r.operation for r in routes.ROUTES}) == len(routes.ROUTES)
+
+
+def test_the_server_refuses_a_route_table_and_handlers_that_disagree(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiohttp import web
+
+    handlers = dict(server_app.HANDLERS)
+    del handlers["seal_job"]
+    handlers["stray"] = server_app.health
+    monkeypatch.setattr(server_app, "HANDLERS", handlers)
+    with pytest.raises(RuntimeError, match=r"without a handler: \['seal_job'\].*\['stray'\]"):
+        server_app.add_routes(web.Application().router)
+
+
+def test_docs_api_md_lists_exactly_the_route_table() -> None:
+    text = (ROOT / "docs" / "api.md").read_text()
+    table = openapi.route_table_markdown()
+    assert table in text, (
+        "docs/api.md's route table is not the route table: paste the output of "
+        "`python -m coffea_hq.openapi --markdown` between its route-table markers"
+    )
+
+
+# ---------------------------------------------------------------------- binary frames
+
+
+def frame(header: bytes, parts: list[bytes]) -> bytes:
+    return struct.pack("!I", len(header)) + header + b"".join(parts)
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    """application/x-hq-frames bodies: well-formed frames with plausible and random
+    headers, and ones that lie (header lengths, part sizes) or are cut short."""
+    n = draw(st.integers(0, 4))
+    parts = [draw(st.binary(max_size=64)) for _ in range(n)]
+    ids = [draw(IDS) for _ in range(n)]
+    item = st.tuples(
+        IDS,
+        IDS,
+        st.integers(-1, 3),
+        st.sampled_from(["ok", "error", "crashed", "weird"]),
+        st.one_of(
+            st.none(),
+            st.fixed_dictionaries({"type": st.text(max_size=8), "message": st.text(max_size=8)}),
+        ),
+    ).map(list)
+    header: Any = draw(
+        st.one_of(
+            st.fixed_dictionaries({"tasks": st.just(ids)}),
+            st.fixed_dictionaries({"worker": IDS, "items": st.lists(item, min_size=n, max_size=n)}),
+            st.dictionaries(st.text(max_size=6), st.recursive(st.none(), st.lists, max_leaves=4)),
+            st.recursive(st.integers() | st.text(max_size=4), st.lists, max_leaves=6),
+        )
+    )
+    lie = draw(
+        st.sampled_from(["none", "none", "sizes", "header-length", "truncate", "bytes", "nest"])
+    )
+    if isinstance(header, dict) and draw(st.integers(0, 3)):
+        header["sizes"] = [len(p) for p in parts]
+        if lie == "sizes":  # parts that do not add up to the body
+            header["sizes"].append(draw(st.integers(1, 1 << 40)))
+    encoded = json.dumps(header).encode()
+    body = frame(encoded, parts)
+    if lie == "header-length":
+        delta = draw(st.integers(-len(encoded), 1 << 20))
+        body = struct.pack("!I", max(0, len(encoded) + delta)) + body[4:]
+    elif lie == "truncate":
+        body = body[: draw(st.integers(0, max(0, len(body) - 1)))]
+    elif lie == "bytes":
+        body = draw(st.binary(max_size=32))
+    elif lie == "nest":
+        body = frame(b"[" * 5000 + b"]" * 5000, [])
+    return body
+
+
+schemathesis.openapi.media_type(protocol.FRAMES_CONTENT_TYPE, frames())
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+
+FUZZ_JOBS = ("fz0", "fz1", "fz2")  # valid job ids are steered to these, so they meet state
+FUZZ_BLOB = b"not a function: tasks of fuzzed jobs fail on the worker"
+
+
+def _steer(case: schemathesis.Case) -> None:
+    """Fuzzed long polls would wait up to a minute each: keep valid waits valid, but short.
+    Valid job ids and blob names rarely name anything: point most at a few that exist."""
+    for holder in (case.query, case.body):
+        if isinstance(holder, dict):
+            wait = holder.get("wait")
+            number = isinstance(wait, int | float) and not isinstance(wait, bool)
+            if number and LONG_POLL_CAP < wait <= protocol.LONG_POLL_MAX:
+                holder["wait"] = LONG_POLL_CAP
+    job = (case.path_parameters or {}).get("job")
+    if isinstance(job, str) and protocol.valid_id(job) and len(job) % 4:
+        # (DELETE gets jobs of its own, or it would leave the later operations none.)
+        pool = ("fzd",) if case.method == "DELETE" else FUZZ_JOBS
+        case.path_parameters["job"] = pool[len(job) % len(pool)]
+    function = case.body.get("function") if isinstance(case.body, dict) else None
+    if isinstance(function, str) and protocol.valid_blob_name(function):
+        case.body["function"] = protocol.blob_name(FUZZ_BLOB)
+
+
+FRAME_REPLIES_CHECKED: Tally[str] = Tally()
+
+
+def frame_headers_conform(ctx: Any, response: Any, case: schemathesis.Case) -> None:
+    """schemathesis sees frames as opaque bytes: check that the body is well-formed frames
+    and that its header is what the document's x-hq-frame-header names."""
+    if response.headers.get("content-type", [""])[0] != protocol.FRAMES_CONTENT_TYPE:
+        return
+    doc = openapi.document()
+    path = doc["paths"][case.operation.path][case.method.lower()]
+    media = path["responses"][str(response.status_code)]["content"][protocol.FRAMES_CONTENT_TYPE]
+    header, parts = protocol.unpack(response.content)  # raises FrameError if malformed
+    assert header["sizes"] == [len(p) for p in parts]
+    schema = {**media["x-hq-frame-header"], "components": doc["components"]}
+    jsonschema.validate(header, schema, cls=jsonschema.Draft202012Validator)
+    FRAME_REPLIES_CHECKED[case.operation.label] += 1
+
+
+def fuzz(url: str, examples: int, seed: int) -> Tally[str]:
+    """Every operation with good and bad input, then stateful chains; raises on any
+    failed check (a 5xx, an undocumented status, a body not as documented, bad input
+    taken). Returns the number of requests sent, by status class."""
+    schema = schemathesis.openapi.from_dict(openapi.document())
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            url + protocol.BLOB.format(sha=protocol.blob_name(FUZZ_BLOB)),
+            data=FUZZ_BLOB,
+            method="PUT",
+        ),
+        timeout=10,
+    ) as r:
+        assert r.status == 201
+    sent: Tally[str] = Tally()
+    excluded = [
+        # Good input may still be refused for the state it meets (no such job, blob).
+        schemathesis.checks.positive_data_acceptance,
+    ]
+
+    def call(case: schemathesis.Case) -> Any:
+        _steer(case)
+        response = case.call_and_validate(
+            base_url=url, excluded_checks=excluded, additional_checks=[frame_headers_conform]
+        )
+        sent[f"{response.status_code // 100}xx"] += 1
+        return response
+
+    settings = hypothesis.settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=False,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[hypothesis.Phase.generate],
+    )
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        began = time.monotonic()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if protocol.FRAMES_CONTENT_TYPE not in str(operation.definition.raw.get("requestBody")):
+            # Bad frames come from frames(), which makes them faster than negative mode.
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+
+            @settings
+            @hypothesis.seed(seed)
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def one(case: schemathesis.Case) -> None:
+                call(case)
+
+            try:
+                one()
+            except hypothesis.errors.Unsatisfiable:
+                # Nothing of an operation without parameters or body can be made invalid.
+                if mode is schemathesis.GenerationMode.POSITIVE:
+                    raise
+        print(f"{operation.label}: {time.monotonic() - began:.2f} s, {sum(sent.values())}")
+
+    machine = schema.as_state_machine()
+
+    class Stateful(machine):  # type: ignore[misc, valid-type]
+        def before_call(self, case: schemathesis.Case) -> None:
+            _steer(case)
+
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": url}
+
+        def after_call(self, response: Any, case: schemathesis.Case) -> None:
+            super().after_call(response, case)
+            sent[f"{response.status_code // 100}xx"] += 1
+
+        def validate_response(self, response: Any, case: schemathesis.Case, **kwargs: Any) -> None:
+            case.validate_response(
+                response, excluded_checks=excluded, additional_checks=[frame_headers_conform]
+            )
+
+    Stateful.run(
+        settings=hypothesis.settings(
+            max_examples=max(2, examples // 2),
+            stateful_step_count=6,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=[hypothesis.Phase.generate],
+        )
+    )
+    return sent
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.05)
+    return x * x
+
+
+def wait_finished(job: Any, timeout: float) -> dict[str, Any]:
+    """The job's summary once it has finished (read before result(), which deletes it)."""
+    deadline = time.monotonic() + timeout
+    while (summary := job.status())["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return summary
+
+
+def _counters(client: Client) -> dict[str, int]:
+    return client.queue()["counters"]
+
+
+def _fuzz_a_server_with_a_job_in_flight(
+    processes: Processes, redis_url: str, prefix: str, examples: int, tasks: int
+) -> Tally[str]:
+    url, server = processes.server(redis_url, "--lease-timeout", "3", prefix=prefix)
+    processes.worker(url, "--slots", "1")
+    with Client(url) as client:
+        before = _counters(client)
+        job = client.map(slow_square, range(tasks))
+        started = time.monotonic()
+        sent = fuzz(url, examples, seed=18)
+        took = time.monotonic() - started
+        summary = wait_finished(job, 60)
+        assert job.result(timeout=60) == [x * x for x in range(tasks)]
+        after = _counters(client)
+        assert server.poll() is None, "the server died under fuzzing"
+        assert client.health()["store"] == "ok"
+    # The server's own accounting: every task of the job accepted exactly once.
+    assert summary["state"] == "done" and summary["done"] == tasks and summary["failed"] == 0
+    assert after["tasks_ok"] - before["tasks_ok"] == tasks
+    total = sum(sent.values())
+    print(f"fuzzed {total} requests in {took:.1f} s: {dict(sent)}")
+    assert sent["5xx"] == 0 and total >= examples
+    assert len(FRAME_REPLIES_CHECKED) == 2, FRAME_REPLIES_CHECKED  # results and lease replies
+    return sent
+
+
+def test_fuzzing_the_api_finds_no_5xx_and_a_job_in_flight_completes_exactly(
+    store: Any, processes: Processes, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    if request.node.callspec.params.get("store") != "embedded":
+        pytest.skip("the default fuzz run uses one store; the slow run covers both")
+    _fuzz_a_server_with_a_job_in_flight(processes, store.url, prefix, examples=6, tasks=40)
+
+
+@pytest.mark.slow
+def test_fuzzing_the_api_at_length(store: Any, processes: Processes, prefix: str) -> None:
+    _fuzz_a_server_with_a_job_in_flight(processes, store.url, prefix, examples=60, tasks=200)
+
+
+def test_frames_strategy_makes_both_good_and_lying_bodies() -> None:
+    """The custom strategy reaches well-formed frames and each kind of malformed one."""
+    kinds: Tally[str] = Tally()
+
+    @hypothesis.settings(max_examples=150, database=None, deadline=None)
+    @given(frames())
+    def sample(body: bytes) -> None:
+        try:
+            header, _ = protocol.unpack(body)
+            kinds["tasks" if "tasks" in header else "items" if "items" in header else "other"] += 1
+        except protocol.FrameError as e:
+            kinds[str(e).split(":")[0]] += 1
+
+    sample()
+    assert kinds["tasks"] and kinds["items"] and kinds["frame header length exceeds the body"]
+    assert kinds["part sizes do not add up to the body length"]
