@@ -239,10 +239,10 @@ class Driver:
         while True:
             header, got = await self.client.results(job, cursor, wait)
             self.requests += 1
-            cursor = header["cursor"]
-            items += header["items"]
+            cursor = header.cursor
+            items += [(item.task, item.outcome) for item in header.items]
             parts += got
-            if header.get("end"):
+            if header.end:
                 break
         await self.client.delete_job(job)
         self.requests += 1
