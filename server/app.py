@@ -124,8 +124,8 @@ async def _own_job(request: web.Request) -> str:
     job = _job_id(request)
     who = principal(request)
     if not who.admin:
-        owner = await request.app[STORE].owner(job)
-        if owner is not None and owner != who.user:
+        # One answer for "not yours" and "not there", whatever the route would say.
+        if await request.app[STORE].owner(job) != who.user:
             raise UnknownJob(NO_JOB.format(job=job))
     return job
 
