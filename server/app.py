@@ -123,10 +123,9 @@ async def _own_job(request: web.Request) -> str:
     answers exactly as a job that does not exist (404), so ids leak nothing."""
     job = _job_id(request)
     who = principal(request)
-    if not who.admin:
-        # One answer for "not yours" and "not there", whatever the route would say.
-        if await request.app[STORE].owner(job) != who.user:
-            raise UnknownJob(NO_JOB.format(job=job))
+    # One answer for "not yours" and "not there", whatever the route would say.
+    if not who.admin and await request.app[STORE].owner(job) != who.user:
+        raise UnknownJob(NO_JOB.format(job=job))
     return job
 
 
