@@ -97,7 +97,7 @@ def auth_server(
     procs = Processes(Path(tmp_path_factory.mktemp("auth")))
     client = redis.Redis.from_url(store.url)
     try:
-        url, _ = procs.server(store.url, "--auth", "--token-cache-ttl", "1", prefix=prefix)
+        url, _ = procs.server(store.url, "--auth", "--token-cache-ttl", "0.5", prefix=prefix)
         server = AuthServer(url, client, Keys(prefix))
         server.token("alice", "alice", Role.USER)
         server.token("bob", "bob", Role.USER)
@@ -268,9 +268,9 @@ def test_revocation_takes_effect_within_the_cache_ttl(auth_server: AuthServer) -
     url = auth_server.url + protocol.JOB.format(job="carols-job")
     assert http("GET", url, token=carol)[0] == 404  # authenticated: the job does not exist
     tokens.revoke(auth_server.redis, auth_server.keys, tokens.digest(carol)[:8])
-    # Still cached (the server was started with --token-cache-ttl 1) ...
+    # Still cached (the server was started with --token-cache-ttl 0.5) ...
     assert http("GET", url, token=carol)[0] == 404
-    time.sleep(1.2)
+    time.sleep(0.6)
     # ... and refused once the cache entry ran out.
     assert http("GET", url, token=carol)[0] == 401
 
