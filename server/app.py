@@ -522,7 +522,10 @@ def make_app(config: ServerConfig) -> web.Application:
     async def lookup(sha: str) -> Any:
         return await app[STORE].redis.hget(app[STORE].keys.tokens, sha)
 
-    tokens = TokenCache(lookup, config.token_cache_ttl) if config.auth else None
+    static = {}
+    if config.worker_token_digest:
+        static[config.worker_token_digest] = Principal("workers", Role.WORKER, "worker-file")
+    tokens = TokenCache(lookup, config.token_cache_ttl, static) if config.auth else None
     app = web.Application(
         client_max_size=config.max_request_size,
         middlewares=[errors_middleware, auth_middleware(tokens)],

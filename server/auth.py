@@ -91,22 +91,32 @@ PRINCIPAL = "hq_principal"  # request key of the caller's Principal
 
 
 def principal(request: web.Request) -> Principal:
-    return request.get(PRINCIPAL, OPEN)  # type: ignore[no-any-return]
+    return request.get(PRINCIPAL, OPEN)
 
 
 class TokenCache:
     """Token digest -> Principal for tokens verified in the last ``ttl`` seconds."""
 
-    def __init__(self, lookup: Callable[[str], Awaitable[Any]], ttl: float) -> None:
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[Any]],
+        ttl: float,
+        static: dict[str, Principal] | None = None,
+    ) -> None:
         self._lookup = lookup  # digest -> stored JSON record or None
         self.ttl = ttl
         self._entries: dict[str, tuple[float, Principal]] = {}
+        # Tokens given to the server itself (--worker-token-file: a Kubernetes Secret), by
+        # digest; not in the store, so rotating the Secret (and restarting) revokes them.
+        self._static = dict(static or {})
 
     def clear(self) -> None:
         self._entries.clear()
 
     async def verify(self, token: str) -> Principal | None:
         sha = digest(token)
+        if sha in self._static:
+            return self._static[sha]
         now = time.monotonic()
         hit = self._entries.get(sha)
         if hit is not None and hit[0] > now:

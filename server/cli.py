@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
 
+from . import tokens
 from .app import make_app
 from .auth import DEFAULT_TOKEN_CACHE_TTL
 from .config import ServerConfig
@@ -101,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
         "the port can run code on the workers",
     )
     security.add_argument(
+        "--worker-token-file",
+        default=None,
+        metavar="PATH",
+        help="a file holding a worker token this server accepts besides those in the store "
+        "(the chart's Secret); rotate the file and restart to revoke it",
+    )
+    security.add_argument(
         "--token-cache-ttl",
         type=float,
         default=DEFAULT_TOKEN_CACHE_TTL,
@@ -179,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("quotas, limits and --token-cache-ttl must be >= 0")
     if not 0 <= args.store_full_at <= 1:
         p.error("--store-full-at is a share of maxmemory, from 0 to 1")
+    worker_digest = ""
+    if args.worker_token_file:
+        if not args.auth:
+            p.error("--worker-token-file needs --auth")
+        try:
+            with open(args.worker_token_file) as f:
+                secret = f.read().strip()
+        except OSError as e:
+            p.error(f"cannot read --worker-token-file: {e}")
+        if len(secret) < 16:
+            p.error("--worker-token-file must hold a token of at least 16 characters")
+        worker_digest = tokens.digest(secret)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
     )
@@ -194,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_eviction=args.allow_eviction,
         auth=args.auth,
         token_cache_ttl=args.token_cache_ttl,
+        worker_token_digest=worker_digest,
         limits=Limits(
             max_tasks_per_request=args.max_tasks_per_request,
             queued_tasks_per_user=args.quota_queued_tasks,

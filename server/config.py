@@ -25,6 +25,7 @@ class ServerConfig:
     # CLI allows only on a loopback address unless told --insecure.
     auth: bool = False
     token_cache_ttl: float = DEFAULT_TOKEN_CACHE_TTL
+    worker_token_digest: str = ""  # sha256 of --worker-token-file's token ('' for none)
     limits: Limits = field(default_factory=Limits)
 
     @property

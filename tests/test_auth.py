@@ -97,8 +97,19 @@ def auth_server(
     procs = Processes(Path(tmp_path_factory.mktemp("auth")))
     client = redis.Redis.from_url(store.url)
     try:
-        url, _ = procs.server(store.url, "--auth", "--token-cache-ttl", "0.5", prefix=prefix)
+        worker_file = Path(tmp_path_factory.mktemp("secret")) / "worker-token"
+        worker_file.write_text("a-worker-token-from-a-k8s-secret\n")
+        url, _ = procs.server(
+            store.url,
+            "--auth",
+            "--token-cache-ttl",
+            "0.5",
+            "--worker-token-file",
+            str(worker_file),
+            prefix=prefix,
+        )
         server = AuthServer(url, client, Keys(prefix))
+        server.secret["file"] = "a-worker-token-from-a-k8s-secret"
         server.token("alice", "alice", Role.USER)
         server.token("bob", "bob", Role.USER)
         server.token("worker", "pool", Role.WORKER)
@@ -273,6 +284,13 @@ def test_revocation_takes_effect_within_the_cache_ttl(auth_server: AuthServer) -
     time.sleep(0.6)
     # ... and refused once the cache entry ran out.
     assert http("GET", url, token=carol)[0] == 401
+
+
+def test_worker_token_file_is_a_worker_token(auth_server: AuthServer) -> None:
+    token = auth_server.secret["file"]
+    lease = json.dumps({"worker": "from-file", "users": ["nobody"]}).encode()
+    assert http("POST", auth_server.url + protocol.LEASE, lease, token)[0] == 200
+    assert http("GET", auth_server.url + protocol.QUEUE, token=token)[0] == 403
 
 
 def test_expired_token_is_refused(auth_server: AuthServer) -> None:
