@@ -83,7 +83,16 @@ class Response:
         return protocol.unpack(self.body)
 
 
+_BODILESS = {  # what a refusal means when it carries no sentence (the answer to a HEAD)
+    401: "the server requires an access token and got none, or one it does not accept: pass "
+    f"token=..., or set {protocol.ENV_TOKEN} or {protocol.ENV_TOKEN_FILE}",
+    403: "this access token's role may not do that",
+}
+
+
 def _error_from(status: int, body: bytes) -> ServerError:
+    if not body:
+        return ServerError(status, "error", _BODILESS.get(status, f"HTTP {status}, no body"))
     try:
         doc = json.loads(body)
         return ServerError(status, str(doc.get("error", "error")), str(doc.get("message", doc)))

@@ -165,14 +165,14 @@ def auth_middleware(cache: TokenCache | None) -> Any:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         resource = request.match_info.route.resource
-        if resource is None:  # no such route: aiohttp answers 404/405 itself
+        if cache is None or resource is None:  # open mode; or no such route (404/405)
             return await handler(request)
         path = resource.canonical
         allowed = roles_for(request.method, path)
         if allowed is _MISSING:
             log.error("route %s %s has no entry in auth.ROUTE_ROLES: refused", request.method, path)
             return _refuse(403, "forbidden", f"{request.method} {path} admits no role")
-        if cache is None or allowed is None:
+        if allowed is None:
             return await handler(request)
         token = bearer(request)
         if token is None:

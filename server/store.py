@@ -33,6 +33,7 @@ WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
 READY_SCAN = 16  # ready jobs one lease looks at (oldest first)
 READY_SCAN_RESTRICTED = 1024  # ... for a worker limited to some users' jobs
 JOB_USERS_MAX = 100_000  # job -> user entries cached (a job's user never changes)
+USER_JOBS_MAX = 10_000  # jobs remembered per user for the quotas (oldest dropped first)
 NO_JOB = "no job {job} (never created, deleted, or expired)"
 
 
@@ -212,7 +213,11 @@ class Store:
         if reply is CreateReply.NOT_YOURS:
             raise UnknownJob(NO_JOB.format(job=job))
         if user and reply is CreateReply.CREATED:
-            await self.redis.zadd(self.keys.user_jobs(user), {job: time.time()})
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.user_jobs(user), {job: time.time()})
+            # Bounded: usage() drops the jobs gone since; this drops the oldest beyond that.
+            pipe.zremrangebyrank(self.keys.user_jobs(user), 0, -USER_JOBS_MAX - 1)
+            await pipe.execute()
         return await self.summary(job)
 
     async def owner(self, job: str) -> str | None:

@@ -22,9 +22,10 @@ from coffea_hq.server.config import ServerConfig
 from coffea_hq.server.keys import Keys
 from coffea_hq.server.tokens import TokenRecord
 
-from coffea_hq import protocol
+from coffea_hq import Client, protocol
 from coffea_hq.cli import main as hq_main
 from coffea_hq.embedded import EmbeddedRedis
+from coffea_hq.errors import HQError, ServerError
 from coffea_hq.protocol import Role
 
 from .conftest import Processes
@@ -284,6 +285,23 @@ def test_revocation_takes_effect_within_the_cache_ttl(auth_server: AuthServer) -
     time.sleep(0.6)
     # ... and refused once the cache entry ran out.
     assert http("GET", url, token=carol)[0] == 401
+
+
+def test_client_without_a_token_is_told_how_to_get_one(
+    auth_server: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(protocol.ENV_TOKEN, raising=False)
+    monkeypatch.delenv(protocol.ENV_TOKEN_FILE, raising=False)
+    before = auth_server.snapshot()
+    with Client(auth_server.url) as client, pytest.raises(HQError) as refused:
+        client.map(abs, [-1, -2])
+    assert isinstance(refused.value.__cause__, ServerError)
+    assert refused.value.__cause__.status == 401
+    assert protocol.ENV_TOKEN_FILE in str(refused.value)
+    assert auth_server.snapshot() == before
+    monkeypatch.setenv(protocol.ENV_TOKEN_FILE, "/nonexistent/token")
+    with pytest.raises(HQError, match="cannot read the access token file"):
+        Client(auth_server.url)
 
 
 def test_worker_token_file_is_a_worker_token(auth_server: AuthServer) -> None:
