@@ -52,7 +52,7 @@ def resolve_token(token: str | None = None) -> str | None:
     if not path:
         return None
     try:
-        with open(path) as f:
+        with open(os.path.expanduser(path)) as f:
             text = f.read().strip()
     except OSError as e:
         raise HQError(
