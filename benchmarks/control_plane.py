@@ -136,10 +136,10 @@ class ControlPlane:
             ]
             if self.auth:
                 import redis
-
-                from coffea_hq.protocol import Role
                 from coffea_hq.server import tokens
                 from coffea_hq.server.keys import Keys
+
+                from coffea_hq.protocol import Role
 
                 store = redis.Redis.from_url(self.redis.url)
                 try:
