@@ -98,8 +98,12 @@ class RedisStats:
 class ControlPlane:
     """An embedded Valkey and one real hq-server process, started and always stopped."""
 
-    def __init__(self, profile_dir: str | None) -> None:
+    def __init__(self, profile_dir: str | None, auth: bool = False) -> None:
         from coffea_hq.embedded import EmbeddedRedis, free_port
+
+        self.auth = auth  # hq-server --auth, with a user token and a worker token
+        self.user_token: str | None = None
+        self.worker_token: str | None = None
 
         self.redis = EmbeddedRedis()
         self.port = free_port()
@@ -128,7 +132,22 @@ class ControlPlane:
                 str(self.port),
                 "--log-level",
                 "WARNING",
+                *(["--auth"] if self.auth else []),
             ]
+            if self.auth:
+                import redis
+                from coffea_hq.server import tokens
+                from coffea_hq.server.keys import Keys
+
+                from coffea_hq.protocol import Role
+
+                store = redis.Redis.from_url(self.redis.url)
+                try:
+                    make = tokens.create
+                    self.user_token = make(store, Keys(), user="bench", role=Role.USER)[0]
+                    self.worker_token = make(store, Keys(), user="pool", role=Role.WORKER)[0]
+                finally:
+                    store.close()
             self._log = open(Path(self.logdir) / "server.log", "wb")  # noqa: SIM115
             self.server = subprocess.Popen(
                 argv,
@@ -164,17 +183,19 @@ class ControlPlane:
 class Driver:
     """Acts as the client and as workers would, through coffea_hq.api (the same calls)."""
 
-    def __init__(self, url: str, batch: int) -> None:
+    def __init__(self, cp: ControlPlane, batch: int) -> None:
         from coffea_hq.api import API
 
-        self.url = url
+        self.url = cp.url
         self.batch = batch
-        self.client = API(url, retry_for=30.0)
+        self.client = API(cp.url, retry_for=30.0, token=cp.user_token)
+        self.worker = API(cp.url, retry_for=30.0, token=cp.worker_token)
         self.requests = 0
         self.releases = 0  # tasks leased with attempt > 1: a lease was lost and expired
 
     async def close(self) -> None:
         await self.client.close()
+        await self.worker.close()
 
     async def create_job(self) -> str:
         import cloudpickle
@@ -275,7 +296,7 @@ async def phased_cycle(
 ) -> tuple[list[Phase], str]:
     """One connection, one phase after another: submit all, lease all, complete all, read all."""
     payloads, values = _inputs(n)
-    driver = Driver(cp.url, batch)
+    driver = Driver(cp, batch)
     phases: list[Phase] = []
     leased: list[list[Any]] = []
     try:
@@ -298,7 +319,7 @@ async def phased_cycle(
 
         async def lease_all() -> None:
             while len(leased) < n:
-                got = await driver.lease(driver.client, "bench-worker-0", 0.0)
+                got = await driver.lease(driver.worker, "bench-worker-0", 0.0)
                 if not got:
                     raise AssertionError(f"queue empty after leasing {len(leased)} of {n}")
                 leased.extend(got)
@@ -306,7 +327,7 @@ async def phased_cycle(
         async def complete_all() -> None:
             for start in range(0, len(leased), batch):
                 chunk = leased[start : start + batch]
-                await driver.complete(driver.client, "bench-worker-0", chunk, values)
+                await driver.complete(driver.worker, "bench-worker-0", chunk, values)
 
         await timed("submit", lambda: driver.submit(job, payloads, in_flight=1))
         await timed("lease", lease_all)
@@ -326,8 +347,8 @@ async def concurrent_cycle(
     from coffea_hq.api import API
 
     payloads, values = _inputs(n)
-    driver = Driver(cp.url, batch)
-    apis = [API(cp.url, retry_for=30.0) for _ in range(workers)]
+    driver = Driver(cp, batch)
+    apis = [API(cp.url, retry_for=30.0, token=cp.worker_token) for _ in range(workers)]
     phase = Phase(f"concurrent, {workers} workers")
     completed = 0
     try:
@@ -397,14 +418,15 @@ def control_plane(args: argparse.Namespace) -> bool:
     repeat = args.repeat
     profile_dir = tempfile.mkdtemp(prefix="hq-bench-prof-") if args.profile_server else None
     print(
-        f"\n== control plane: {n:,} tasks, batches of {batch}, embedded Valkey + one hq-server, "
-        f"no execution; median of {repeat}"
+        f"\n== control plane: {n:,} tasks, batches of {batch}, embedded Valkey + one hq-server"
+        f"{' --auth (user and worker tokens)' if args.auth else ''}, no execution; "
+        f"median of {repeat}"
     )
     cycles: list[list[Phase]] = []
     concurrent: list[Phase] = []
     problems: list[str] = []
     try:
-        with ControlPlane(profile_dir) as cp:
+        with ControlPlane(profile_dir, args.auth) as cp:
             stats = RedisStats(cp.redis.url)
             try:
                 # Warm-up: script loading, connection pools, the server's first requests.
@@ -531,6 +553,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=4,
         help="concurrent workers in the concurrent pass (0: skip it)",
+    )
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="run hq-server --auth: the client and workers send tokens (costs of checking them)",
     )
     p.add_argument(
         "--profile-server",

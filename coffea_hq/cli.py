@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -49,7 +50,48 @@ def parser() -> argparse.ArgumentParser:
     )
     local.add_argument("--host", default="127.0.0.1", help="address to listen on")
     add_condor_parser(sub)
+    _add_token_parser(sub)
     return p
+
+
+def _add_token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser(
+        "token",
+        help="make, list and revoke access tokens (in the store the servers use)",
+        description="Access tokens live in the queue's store, hashed; this command talks to "
+        "the store directly (the operator's credential), so the first admin token needs "
+        "no token to make.",
+    )
+    token.add_argument(
+        "--redis",
+        default=os.environ.get("HQ_REDIS_URL"),
+        help="the store URL hq-server uses (default: $HQ_REDIS_URL)",
+    )
+    token.add_argument("--prefix", default="hq", help="hq-server's --prefix (default: %(default)s)")
+    actions = token.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a token and print it (shown only once)")
+    create.add_argument("--user", required=True, help="whom the token names")
+    create.add_argument(
+        "--role",
+        required=True,
+        choices=[r.value for r in protocol.Role],
+        help="user: submit and manage own jobs; worker: run tasks; admin: everything",
+    )
+    create.add_argument(
+        "--expires-in",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="lifetime in seconds (default: until revoked)",
+    )
+    create.add_argument(
+        "--users",
+        default="",
+        help="a worker token only: comma-separated users whose jobs it may take",
+    )
+    actions.add_parser("list", help="list tokens (ids, users, roles; never the secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id", help="the token's id, as `token list` shows it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +101,67 @@ def main(argv: list[str] | None = None) -> int:
         return _local(p, args)
     if args.command == "condor":
         return run_condor(args)
+    if args.command == "token":
+        return _token(p, args)
     return 2
+
+
+def _token(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import time
+
+    import redis
+
+    # The operator's command reaches the store the servers share (like `coffea-hq local`
+    # runs the server), not a server route: no admin token is needed to make the first.
+    from coffea_hq.server.keys import Keys
+    from coffea_hq.server.tokens import TokenError, create, listing, revoke
+
+    if not args.redis:
+        p.error("give the store with --redis URL (or set HQ_REDIS_URL)")
+    keys = Keys(args.prefix)
+    client = redis.Redis.from_url(args.redis, socket_connect_timeout=5)
+    try:
+        if args.action == "create":
+            users = [u.strip() for u in args.users.split(",") if u.strip()]
+            secret, record = create(
+                client,
+                keys,
+                user=args.user,
+                role=protocol.Role(args.role),
+                ttl=args.expires_in,
+                users=users,
+            )
+            print(secret)
+            print(
+                f"token {record.id} for {record.user} ({record.role}) made; the line above "
+                "is the token, shown only this once",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            print(f"{'id':<14}{'user':<20}{'role':<8}{'created (UTC)':<22}expires / users")
+            for r in listing(client, keys):
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created))
+                expires = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.expires))
+                    if r.expires
+                    else "never"
+                )
+                note = f"{expires}{' (expired)' if r.expired() else ''}"
+                if r.users:
+                    note += f"  users: {','.join(r.users)}"
+                print(f"{r.id:<14}{r.user:<20}{r.role:<8}{created:<22}{note}")
+        elif args.action == "revoke":
+            record = revoke(client, keys, args.id)
+            print(f"token {record.id} of {record.user} ({record.role}) revoked")
+    except TokenError as e:
+        print(f"coffea-hq token: {e}", file=sys.stderr)
+        return 2
+    except redis.RedisError as e:
+        print(f"coffea-hq token: cannot reach the store at {args.redis}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
 
 
 def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:

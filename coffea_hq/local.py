@@ -97,6 +97,12 @@ class LocalCluster:
             if not 0 <= low <= high or high < 1:
                 raise ValueError("adaptive=(min, max) needs 0 <= min <= max and max >= 1")
             workers = low
+        if not protocol.is_loopback(host) and not {"--auth", "--insecure"} & set(server_args):
+            # The server would refuse too; say it here, before anything starts.
+            raise ValueError(
+                f"LocalCluster runs an open server (no tokens): it listens on loopback only, "
+                f"not {host!r}. Pass server_args=('--insecure',) if the network is trusted"
+            )
         self.adaptive = adaptive
         self.scaler: LocalScaler | None = None
         self._scale_settings = (scale_interval, scale_cooldown)

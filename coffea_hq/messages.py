@@ -86,6 +86,9 @@ class LeaseRequest(Message):
     worker: Id
     max: Annotated[int, msgspec.Meta(ge=1, le=protocol.LEASE_MAX_TASKS)] = 1
     wait: Annotated[float, msgspec.Meta(ge=0, le=protocol.LONG_POLL_MAX)] = 0.0
+    # Take only tasks of these users' jobs (``hq-worker --users``); empty: any user's. A
+    # worker token that names users narrows this further.
+    users: Annotated[list[Id], msgspec.Meta(max_length=1024)] = []
 
 
 class ErrorInfo(msgspec.Struct):

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import ipaddress
 import pickle
 import re
 import struct
@@ -74,6 +75,12 @@ LONG_POLL_MAX: Final = 60.0
 ERROR_TEXT_MAX: Final = 64 * 1024
 ERROR_PICKLE_MAX: Final = 1024 * 1024
 ENV_URL: Final = "HQ_URL"
+ENV_TOKEN: Final = "HQ_TOKEN"  # an access token itself
+ENV_TOKEN_FILE: Final = "HQ_TOKEN_FILE"  # a file holding one (a JupyterHub or k8s Secret)
+TOKEN_PREFIX: Final = "hq_"  # every token coffea-hq makes starts with it
+# Quota refusals (429) and a full store (507) tell the client when to try again.
+RETRY_AFTER_QUOTA: Final = 2
+RETRY_AFTER_STORE_FULL: Final = 5
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64
@@ -90,6 +97,14 @@ class JobState(enum.StrEnum):
     @property
     def finished(self) -> bool:
         return self is not JobState.RUNNING
+
+
+class Role(enum.StrEnum):
+    """What an access token may do (``coffea-hq token create --role``)."""
+
+    USER = "user"  # create jobs, and see, cancel, delete, read the results of its own
+    WORKER = "worker"  # lease, heartbeat, complete, release, fetch blobs
+    ADMIN = "admin"  # everything: every user's jobs, the workers list, queue statistics
 
 
 class Outcome(enum.StrEnum):
@@ -147,6 +162,16 @@ def package_version() -> str:
         return importlib.metadata.version("coffea-hq")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree
         return "unknown"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (where a server may run without tokens)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def valid_id(value: object) -> bool:

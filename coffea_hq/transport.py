@@ -4,8 +4,13 @@ Connection failures and 502/503/504 answers are retried with exponential backoff
 for up to ``retry_for`` seconds, so a server restart or a network blip is ridden
 out (the first retry of an outage logs a warning); every request the protocol defines
 is idempotent, which makes retrying safe.
-A 4xx answer is never retried: it raises :class:`ServerError` with the server's
-own sentence.
+A 429 (a quota) or 507 (the store is full) is retried after the ``Retry-After`` the
+server sends, within the same budget; giving up raises :class:`ServerError` with the
+server's sentence. Any other 4xx answer is never retried: it raises
+:class:`ServerError` with the server's own sentence.
+
+The access token is ``token=``, else ``$HQ_TOKEN``, else the contents of the file
+``$HQ_TOKEN_FILE`` names (see :func:`resolve_token`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -23,13 +29,45 @@ import aiohttp
 import msgspec
 
 from . import protocol
-from .errors import ServerError, ServerUnreachable
+from .errors import HQError, ServerError, ServerUnreachable
 
 __all__ = ["Response", "ServerError", "ServerUnreachable", "Transport"]
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+BACKOFF_STATUSES = frozenset({429, 507})  # wait as long as the server says, then retry
+RETRY_AFTER_MAX = 60.0
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The access token to send: ``token``, else ``$HQ_TOKEN``, else the first line of the
+    file ``$HQ_TOKEN_FILE`` (what a JupyterHub spawner or a Kubernetes Secret provides);
+    None when none is given (a server in open mode needs none)."""
+    if token:
+        return token.strip()
+    if os.environ.get(protocol.ENV_TOKEN):
+        return os.environ[protocol.ENV_TOKEN].strip()
+    path = os.environ.get(protocol.ENV_TOKEN_FILE)
+    if not path:
+        return None
+    try:
+        with open(os.path.expanduser(path)) as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise HQError(
+            f"cannot read the access token file {protocol.ENV_TOKEN_FILE}={path}: {e}"
+        ) from e
+    if not text:
+        raise HQError(f"the access token file {protocol.ENV_TOKEN_FILE}={path} is empty")
+    return text.splitlines()[0].strip()
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.05), RETRY_AFTER_MAX)
+    except ValueError:
+        return 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +83,16 @@ class Response:
         return protocol.unpack(self.body)
 
 
+_BODILESS = {  # what a refusal means when it carries no sentence (the answer to a HEAD)
+    401: "the server requires an access token and got none, or one it does not accept: pass "
+    f"token=..., or set {protocol.ENV_TOKEN} or {protocol.ENV_TOKEN_FILE}",
+    403: "this access token's role may not do that",
+}
+
+
 def _error_from(status: int, body: bytes) -> ServerError:
+    if not body:
+        return ServerError(status, "error", _BODILESS.get(status, f"HTTP {status}, no body"))
     try:
         doc = json.loads(body)
         return ServerError(status, str(doc.get("error", "error")), str(doc.get("message", doc)))
@@ -71,6 +118,7 @@ class Transport:
     def __init__(self, url: str, *, retry_for: float = 300.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.retry_for = retry_for
+        token = resolve_token(token)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
         self._warned = False  # an outage has been logged and the server not heard since
@@ -129,12 +177,29 @@ class Transport:
                     payload = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
+                    wait_hint = resp.headers.get("Retry-After")
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
                 failure: str = _describe(e)
             else:
                 if status in accept:
                     self._answered()
                     return Response(status, ctype, payload)
+                if status in BACKOFF_STATUSES:
+                    self._answered()
+                    refused = _error_from(status, payload)
+                    pause = _retry_after(wait_hint)
+                    if time.monotonic() + pause > deadline:
+                        raise ServerError(
+                            status,
+                            refused.code,
+                            f"{refused.message} (gave up after retrying for {budget:.0f}s)",
+                        )
+                    if warn:
+                        log.warning(
+                            "coffea-hq server: %s; retrying in %.0fs", refused.message, pause
+                        )
+                    await asyncio.sleep(pause)
+                    continue
                 if status not in RETRY_STATUSES:
                     self._answered()
                     raise _error_from(status, payload)

@@ -19,20 +19,25 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coffea_hq import messages as m
 from coffea_hq import openapi as openapi_document
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError
+from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Role
 from coffea_hq.routes import ROUTES
 
 from . import validate as v
+from .auth import Principal, TokenCache, auth_middleware, principal
 from .config import ServerConfig
 from .dispatch import LeaseDispatcher
 from .keys import Keys
-from .store import Report, Store, StoreError, UnsupportedStore
+from .limits import LongPolls, MemoryGauge, QuotaExceeded, TooManyTasks
+from .store import NO_JOB, Report, Store, StoreError, UnknownJob, UnsupportedStore
 
 log = logging.getLogger("coffea_hq.server")
 
 CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", LeaseDispatcher)
+GAUGE = web.AppKey("gauge", MemoryGauge)
+LONG_POLLS = web.AppKey("long_polls", LongPolls)
+TOKENS = web.AppKey("tokens", TokenCache)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -47,8 +52,11 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree
     VERSION = "unknown"
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json_reply(m.ErrorReply(code, message), status)
+def _error(status: int, code: str, message: str, retry_after: int | None = None) -> web.Response:
+    reply = _json_reply(m.ErrorReply(code, message), status)
+    if retry_after is not None:
+        reply.headers["Retry-After"] = str(retry_after)
+    return reply
 
 
 @web.middleware
@@ -57,7 +65,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except StoreError as e:
-        return _error(e.status, e.code, e.message)
+        return _error(e.status, e.code, e.message, getattr(e, "retry_after", None))
     except FrameError as e:
         return _error(400, "bad_frames", str(e))
     except msgspec.ValidationError as e:
@@ -112,6 +120,21 @@ def _job_id(request: web.Request) -> str:
     return v.ident(request.match_info["job"], "job id")
 
 
+async def _own_job(request: web.Request) -> str:
+    """The job id of the path, once the caller may touch that job: a job of another user
+    answers exactly as a job that does not exist (404), so ids leak nothing."""
+    job = _job_id(request)
+    who = principal(request)
+    # One answer for "not yours" and "not there", whatever the route would say.
+    if not who.admin and await request.app[STORE].owner(job) != who.user:
+        raise UnknownJob(NO_JOB.format(job=job))
+    return job
+
+
+def _client_key(request: web.Request, who: Principal) -> str:
+    return who.token_id if who.token_id != "open" else f"addr:{request.remote}"
+
+
 # ---------------------------------------------------------------------- service
 
 
@@ -153,7 +176,17 @@ async def put_blob(request: web.Request) -> web.Response:
     data = await request.read()
     if protocol.blob_name(data) != sha:
         raise v.BadRequest(f"blob bytes do not match their name {sha}: corrupted upload?")
-    await request.app[STORE].put_blob(sha, data)
+    store, user = request.app[STORE], principal(request).user
+    await request.app[GAUGE].check()
+    limit = request.app[CONFIG].limits.blob_bytes_per_user
+    if limit and user:
+        held = (await store.usage(user)).blob_bytes
+        if held + len(data) > limit:
+            raise QuotaExceeded(
+                f"user {user} holds {held:,} bytes of blobs; this one ({len(data):,}) would "
+                f"pass the quota of {limit:,} (hq-server --quota-blob-bytes)"
+            )
+    await store.put_blob(sha, data, user)
     return _json_reply(m.BlobStored(sha, len(data)), 201)
 
 
@@ -173,13 +206,14 @@ async def get_blob(request: web.Request) -> web.Response:
 async def create_job(request: web.Request) -> web.Response:
     job = _job_id(request)
     body = await _body(request, m.CreateJob)
+    await request.app[GAUGE].check()
     summary = await request.app[STORE].create_job(
         job,
         function=body.function,
         max_attempts=body.max_attempts,
         fail_fast=body.fail_fast,
         label=body.label,
-        user="",
+        user=principal(request).user,
         reducer=body.reducer or "",
         fanin=body.fanin,
     )
@@ -187,16 +221,42 @@ async def create_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return _json_reply(m.JobSummary(**await request.app[STORE].summary(_job_id(request))))
+    return _json_reply(m.JobSummary(**await request.app[STORE].summary(await _own_job(request))))
 
 
 async def delete_job(request: web.Request) -> web.Response:
-    await request.app[STORE].delete_job(_job_id(request))
+    await request.app[STORE].delete_job(await _own_job(request))
     return _json_reply(m.Deleted(True))
 
 
+async def _check_submit_quotas(request: web.Request, job: str, n: int) -> None:
+    limits = request.app[CONFIG].limits
+    if limits.max_tasks_per_request and n > limits.max_tasks_per_request:
+        raise TooManyTasks(
+            f"{n} tasks in one request; this server takes at most "
+            f"{limits.max_tasks_per_request} (hq-server --max-tasks-per-request): send "
+            "smaller batches"
+        )
+    await request.app[GAUGE].check()
+    user = principal(request).user
+    if not user or not (limits.queued_tasks_per_user or limits.result_bytes_per_user):
+        return
+    usage = await request.app[STORE].usage(user)
+    if limits.queued_tasks_per_user and usage.tasks + n > limits.queued_tasks_per_user:
+        raise QuotaExceeded(
+            f"user {user} has {usage.tasks:,} tasks queued or running; {n:,} more would pass "
+            f"the quota of {limits.queued_tasks_per_user:,} (hq-server --quota-queued-tasks)"
+        )
+    if limits.result_bytes_per_user and usage.result_bytes >= limits.result_bytes_per_user:
+        raise QuotaExceeded(
+            f"user {user}'s uncollected results take {usage.result_bytes:,} bytes, the quota "
+            f"is {limits.result_bytes_per_user:,} (hq-server --quota-result-bytes): collect "
+            "or delete finished jobs' results first"
+        )
+
+
 async def submit_tasks(request: web.Request) -> web.Response:
-    job = _job_id(request)
+    job = await _own_job(request)
     header, parts = await _frames(request, m.SubmitTasks)
     ids = header.tasks
     if len(ids) != len(parts):
@@ -205,30 +265,34 @@ async def submit_tasks(request: web.Request) -> web.Response:
         raise v.BadRequest(f"task ids starting with {protocol.MERGE_PREFIX!r} are reserved")
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
+    await _check_submit_quotas(request, job, len(ids))
     added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts])
     return _json_reply(m.Submitted(added))
 
 
 async def seal_job(request: web.Request) -> web.Response:
-    job = _job_id(request)
+    job = await _own_job(request)
     body = await _body(request, m.Seal)
     return _json_reply(m.JobSummary(**await request.app[STORE].seal(job, body.total)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    return _json_reply(m.JobSummary(**await request.app[STORE].cancel(_job_id(request))))
+    return _json_reply(m.JobSummary(**await request.app[STORE].cancel(await _own_job(request))))
 
 
 async def job_results(request: web.Request) -> web.Response:
-    job = _job_id(request)
+    job = await _own_job(request)
     q = request.query
     after = v.cursor(q.get("after", "0"), "'after'") or "0"
     ack = v.cursor(q.get("ack"), "'ack'")
     wait = v.query_number(q, "wait", 0.0, 0.0, protocol.LONG_POLL_MAX)
     config = request.app[CONFIG]
-    batch = await request.app[STORE].results(
-        job, after=after, ack=ack, wait=wait, max_bytes=config.max_request_size // 2
-    )
+    polls = request.app[LONG_POLLS]
+    key = _client_key(request, principal(request))
+    with polls.hold(key) if wait > 0 else contextlib.nullcontext():
+        batch = await request.app[STORE].results(
+            job, after=after, ack=ack, wait=wait, max_bytes=config.max_request_size // 2
+        )
     header = m.ResultsHeader(
         **batch.summary,
         cursor=batch.cursor,
@@ -247,12 +311,36 @@ def _connected(request: web.Request) -> bool:
     return request.transport is not None and not request.transport.is_closing()
 
 
+def _lease_users(who: Principal, asked: list[str]) -> tuple[str, ...]:
+    """The users whose jobs this lease may take (empty: anyone's): what the worker asks
+    for, narrowed to what its token allows."""
+    if who.role is not Role.WORKER or not who.users:
+        return tuple(asked)
+    if not asked:
+        return who.users
+    kept = tuple(u for u in asked if u in who.users)
+    if not kept:
+        raise v.Forbidden(
+            f"this worker token serves only the jobs of {', '.join(who.users)}, "
+            f"not of {', '.join(asked)}"
+        )
+    return kept
+
+
 async def lease(request: web.Request) -> web.StreamResponse:
     body = await _body(request, m.LeaseRequest)
     worker = body.worker
-    tasks = await request.app[DISPATCHER].lease(
-        worker, body.max, body.wait, connected=lambda: _connected(request)
-    )
+    who = principal(request)
+    users = _lease_users(who, body.users)
+    polls = request.app[LONG_POLLS]
+    with (
+        polls.hold(f"{_client_key(request, who)}/{worker}")
+        if body.wait > 0
+        else (contextlib.nullcontext())
+    ):
+        tasks = await request.app[DISPATCHER].lease(
+            worker, body.max, body.wait, connected=lambda: _connected(request), users=users
+        )
     header = m.LeaseReply([m.LeasedTask(t.job, t.task, t.attempt, t.function) for t in tasks])
     if not tasks:
         return _frames_response(header, [])
@@ -474,8 +562,21 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 def make_app(config: ServerConfig) -> web.Application:
-    app = web.Application(client_max_size=config.max_request_size, middlewares=[errors_middleware])
+    async def lookup(sha: str) -> Any:
+        return await app[STORE].redis.hget(app[STORE].keys.tokens, sha)
+
+    static = {}
+    if config.worker_token_digest:
+        static[config.worker_token_digest] = Principal("workers", Role.WORKER, "worker-file")
+    tokens = TokenCache(lookup, config.token_cache_ttl, static) if config.auth else None
+    app = web.Application(
+        client_max_size=config.max_request_size,
+        middlewares=[errors_middleware, auth_middleware(tokens)],
+    )
     app[CONFIG] = config
+    app[LONG_POLLS] = LongPolls(config.limits.long_polls_per_client)
+    if tokens is not None:
+        app[TOKENS] = tokens
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         redis = aioredis.Redis.from_url(
@@ -495,6 +596,7 @@ def make_app(config: ServerConfig) -> web.Application:
                 result_ttl=config.result_ttl,
                 unsealed_timeout=config.unsealed_timeout,
             )
+            app[GAUGE] = MemoryGauge(redis, config.limits.store_full_at)
             await check_store(app[STORE], config)
             yield
         finally:

@@ -13,8 +13,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
 
+from . import tokens
 from .app import make_app
+from .auth import DEFAULT_TOKEN_CACHE_TTL
 from .config import ServerConfig
+from .limits import Limits
 from .store import UnsupportedStore
 
 
@@ -85,6 +88,73 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run even if the store's maxmemory-policy may evict keys (loses tasks)",
     )
+    security = p.add_argument_group("access (docs/security.md)")
+    security.add_argument(
+        "--auth",
+        action="store_true",
+        help="require an access token (made with `coffea-hq token create`) on every route "
+        "but /health",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow running without --auth on a non-loopback address: anyone who reaches "
+        "the port can run code on the workers",
+    )
+    security.add_argument(
+        "--worker-token-file",
+        default=None,
+        metavar="PATH",
+        help="a file holding a worker token this server accepts besides those in the store "
+        "(the chart's Secret); rotate the file and restart to revoke it",
+    )
+    security.add_argument(
+        "--token-cache-ttl",
+        type=float,
+        default=DEFAULT_TOKEN_CACHE_TTL,
+        help="seconds a verified token is trusted without asking the store; a revoked "
+        "token stops working within this time (default: %(default)s)",
+    )
+    limits = p.add_argument_group("quotas and limits (0: none)")
+    limits.add_argument(
+        "--max-tasks-per-request",
+        type=int,
+        default=0,
+        help="most tasks one submit request may carry (default: no limit)",
+    )
+    limits.add_argument(
+        "--quota-queued-tasks",
+        type=int,
+        default=0,
+        help="most tasks one user may have queued or running (default: no limit)",
+    )
+    limits.add_argument(
+        "--quota-blob-bytes",
+        type=int,
+        default=0,
+        help="most bytes of blobs one user may upload (default: no limit)",
+    )
+    limits.add_argument(
+        "--quota-result-bytes",
+        type=int,
+        default=0,
+        help="most bytes of uncollected results one user may hold before submits are "
+        "refused (default: no limit)",
+    )
+    limits.add_argument(
+        "--max-long-polls",
+        type=int,
+        default=0,
+        help="most long polls one client (token) may hold open on this replica at once "
+        "(default: no limit)",
+    )
+    limits.add_argument(
+        "--store-full-at",
+        type=float,
+        default=0.9,
+        help="share of the store's maxmemory above which new jobs, tasks and blobs are "
+        "refused with 507 'store full' (0: never; default: %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -100,6 +170,35 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prefix may hold only letters, digits, '-', '_' and '.'")
     if args.port > 65535:
         p.error("--port must be at most 65535")
+    if not args.auth and not args.insecure and not protocol.is_loopback(args.host):
+        p.error(
+            f"refusing to listen on {args.host} without --auth: anyone who reaches the port "
+            "could run code on every worker. Start with --auth (and make tokens with "
+            "`coffea-hq token create`), or pass --insecure if the network is trusted"
+        )
+    numbers = [
+        args.max_tasks_per_request,
+        args.quota_queued_tasks,
+        args.quota_blob_bytes,
+        args.quota_result_bytes,
+        args.max_long_polls,
+    ]
+    if min(numbers) < 0 or args.token_cache_ttl < 0:
+        p.error("quotas, limits and --token-cache-ttl must be >= 0")
+    if not 0 <= args.store_full_at <= 1:
+        p.error("--store-full-at is a share of maxmemory, from 0 to 1")
+    worker_digest = ""
+    if args.worker_token_file:
+        if not args.auth:
+            p.error("--worker-token-file needs --auth")
+        try:
+            with open(args.worker_token_file) as f:
+                secret = f.read().strip()
+        except OSError as e:
+            p.error(f"cannot read --worker-token-file: {e}")
+        if len(secret) < 16:
+            p.error("--worker-token-file must hold a token of at least 16 characters")
+        worker_digest = tokens.digest(secret)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
     )
@@ -113,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         result_ttl=int(args.result_ttl),
         unsealed_timeout=args.unsealed_timeout,
         allow_eviction=args.allow_eviction,
+        auth=args.auth,
+        token_cache_ttl=args.token_cache_ttl,
+        worker_token_digest=worker_digest,
+        limits=Limits(
+            max_tasks_per_request=args.max_tasks_per_request,
+            queued_tasks_per_user=args.quota_queued_tasks,
+            blob_bytes_per_user=args.quota_blob_bytes,
+            result_bytes_per_user=args.quota_result_bytes,
+            long_polls_per_client=args.max_long_polls,
+            store_full_at=args.store_full_at,
+        ),
     )
     try:
         web.run_app(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coffea_hq import protocol
+
+from .auth import DEFAULT_TOKEN_CACHE_TTL
+from .limits import Limits
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,12 @@ class ServerConfig:
     result_ttl: int = protocol.DEFAULT_RESULT_TTL
     unsealed_timeout: float = protocol.DEFAULT_UNSEALED_TIMEOUT
     allow_eviction: bool = False
+    # Require a token on every route but /health (see auth.py); off: open mode, which the
+    # CLI allows only on a loopback address unless told --insecure.
+    auth: bool = False
+    token_cache_ttl: float = DEFAULT_TOKEN_CACHE_TTL
+    worker_token_digest: str = ""  # sha256 of --worker-token-file's token ('' for none)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def reap_interval(self) -> float:

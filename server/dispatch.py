@@ -38,6 +38,7 @@ class _Waiter:
     worker: str
     maximum: int
     connected: Callable[[], bool] = _always
+    users: tuple[str, ...] = ()  # a worker that takes only these users' jobs
     future: asyncio.Future[list[LeasedTask]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -62,14 +63,16 @@ class LeaseDispatcher:
         maximum: int,
         wait: float,
         connected: Callable[[], bool] = _always,
+        users: tuple[str, ...] = (),
     ) -> list[LeasedTask]:
         """Lease now, or park until work arrives or ``wait`` passes. ``connected`` tells
-        whether the requester can still receive a reply."""
+        whether the requester can still receive a reply; ``users`` limits the worker to
+        those users' jobs."""
         generation = self._generation
-        tasks = await self.store.lease(worker, maximum)
+        tasks = await self.store.lease(worker, maximum, users)
         if tasks or wait <= 0:
             return tasks
-        waiter = _Waiter(worker, maximum, connected)
+        waiter = _Waiter(worker, maximum, connected, users)
         self._waiters.append(waiter)
         if generation != self._generation:
             self.notify()
@@ -101,39 +104,48 @@ class LeaseDispatcher:
                 waiter.future.set_result([])
 
     async def _drain(self) -> None:
+        # Parked requests are served in arrival order. One that finds nothing ends the round
+        # unless it is limited to some users' jobs: the requests behind it may take others'.
         while self._waiters:
-            waiter = self._waiters[0]
-            if waiter.future.done():
-                self._waiters.popleft()
-                continue
             generation = self._generation
-            try:
-                usable = waiter.connected() and await self.store.worker_alive(
-                    waiter.worker, self.store.lease_timeout * ALIVE_WITHIN
-                )
-                if not usable:
-                    log.info(
-                        "parked lease of worker %s dropped: gone or not heartbeating", waiter.worker
-                    )
-                    if not waiter.future.done():
-                        waiter.future.set_result([])
-                    self._waiters.popleft()
+            for waiter in list(self._waiters):
+                if waiter.future.done():
+                    self._remove(waiter)
                     continue
-                tasks = await self.store.lease(waiter.worker, waiter.maximum)
-            except Exception:
-                log.exception("lease for a parked request failed; it will time out and retry")
-                return
-            if not tasks:
-                if generation == self._generation:
-                    return  # nothing new arrived while we looked
-                continue
-            if waiter.future.done():
-                # The request timed out while we leased: hand the tasks straight back.
-                await self.store.release(waiter.worker, [(t.job, t.task, t.attempt) for t in tasks])
-                continue
-            waiter.future.set_result(tasks)
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+                try:
+                    usable = waiter.connected() and await self.store.worker_alive(
+                        waiter.worker, self.store.lease_timeout * ALIVE_WITHIN
+                    )
+                    if not usable:
+                        log.info(
+                            "parked lease of worker %s dropped: gone or not heartbeating",
+                            waiter.worker,
+                        )
+                        if not waiter.future.done():
+                            waiter.future.set_result([])
+                        self._remove(waiter)
+                        continue
+                    tasks = await self.store.lease(waiter.worker, waiter.maximum, waiter.users)
+                except Exception:
+                    log.exception("lease for a parked request failed; it will time out and retry")
+                    return
+                if not tasks:
+                    if waiter.users:
+                        continue
+                    break
+                if waiter.future.done():
+                    # The request timed out while we leased: hand the tasks straight back.
+                    refs = [(t.job, t.task, t.attempt) for t in tasks]
+                    await self.store.release(waiter.worker, refs)
+                    continue
+                waiter.future.set_result(tasks)
+                self._remove(waiter)
+            if generation == self._generation:
+                return  # nothing new arrived while we looked
+
+    def _remove(self, waiter: _Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     async def close(self) -> None:
         for waiter in self._waiters:

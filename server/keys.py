@@ -117,6 +117,19 @@ class Keys:
     def workers_seen(self) -> str:
         return f"{self.prefix}:workers:seen"
 
+    @property
+    def tokens(self) -> str:
+        """Access tokens: hash, sha256 of the token -> JSON record (see :mod:`.tokens`)."""
+        return f"{self.prefix}:tokens"
+
+    def user_jobs(self, user: str) -> str:
+        """A user's jobs: zset, job -> creation time (ms); the quotas read it."""
+        return f"{self.prefix}:user:{user}:jobs"
+
+    def user_blobs(self, user: str) -> str:
+        """Blobs a user uploaded: hash, sha -> size (the blob quota counts them)."""
+        return f"{self.prefix}:user:{user}:blobs"
+
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"
 

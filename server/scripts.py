@@ -40,6 +40,7 @@ class CreateReply(enum.StrEnum):
     CREATED = "created"
     EXISTS = "exists"
     CONFLICT = "conflict"  # the id exists with another function
+    NOT_YOURS = "not_yours"  # the id is another user's job
 
 
 class SubmitReply(enum.StrEnum):
@@ -71,7 +72,7 @@ SPECS: dict[str, Spec] = {
     # tasks: comma-joined ids; sizes: comma-joined payload lengths; payloads: concatenated.
     "submit": Spec(("tasks", "sizes", "payloads")),
     "seal": Spec(("total",)),
-    "lease": Spec(("worker", "max", "lease_ms")),
+    "lease": Spec(("worker", "max", "lease_ms", "users")),
     # outcomes: one letter per task (OUTCOME_CODES); rest: the error JSON of each task
     # that is not ok, in order.
     "complete": Spec(("worker", "tasks", "attempts", "outcomes", "sizes", "values"), "errors"),
@@ -263,10 +264,25 @@ class Scripts:
         )
 
     def lease(
-        self, keys: JobKeys, job: str, *, worker: str, maximum: int, lease_ms: int
+        self,
+        keys: JobKeys,
+        job: str,
+        *,
+        worker: str,
+        maximum: int,
+        lease_ms: int,
+        users: Sequence[str] = (),
     ) -> Call[LeaseReply]:
+        """``users``: lease only if the job is one of theirs (empty: any job)."""
         return self._call(
-            "lease", keys, job, _parse_lease, worker=worker, max=maximum, lease_ms=lease_ms
+            "lease",
+            keys,
+            job,
+            _parse_lease,
+            worker=worker,
+            max=maximum,
+            lease_ms=lease_ms,
+            users=f",{','.join(users)}," if users else "",
         )
 
     def complete(

@@ -30,6 +30,11 @@ BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
 RESULTS_MAX_TASKS = 8192  # per results response
 WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
+READY_SCAN = 16  # ready jobs one lease looks at (oldest first)
+READY_SCAN_RESTRICTED = 1024  # ... for a worker limited to some users' jobs
+JOB_USERS_MAX = 100_000  # job -> user entries cached (a job's user never changes)
+USER_JOBS_MAX = 10_000  # jobs remembered per user for the quotas (oldest dropped first)
+NO_JOB = "no job {job} (never created, deleted, or expired)"
 
 
 class StoreError(Exception):
@@ -84,6 +89,15 @@ class Report:
 
 
 @dataclass(slots=True)
+class Usage:
+    """A user's share of the store."""
+
+    tasks: int = 0  # queued and running, over the user's unfinished jobs
+    result_bytes: int = 0  # results stored and not yet collected
+    blob_bytes: int = 0
+
+
+@dataclass(slots=True)
 class ResultBatch:
     cursor: str
     items: list[tuple[str, str]]  # (task, "ok" | "error")
@@ -126,6 +140,7 @@ class Store:
         self.result_ttl = result_ttl
         self.unsealed_ms = int(unsealed_timeout * 1000)
         self.scripts = Scripts(redis, keys.wake, result_ttl)
+        self._job_users: dict[str, str] = {}
 
     # ------------------------------------------------------------------ store checks
 
@@ -148,8 +163,13 @@ class Store:
 
     # ------------------------------------------------------------------ blobs
 
-    async def put_blob(self, sha: str, data: bytes) -> None:
-        await self.redis.set(self.keys.blob(sha), data, ex=BLOB_TTL)
+    async def put_blob(self, sha: str, data: bytes, user: str = "") -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.blob(sha), data, ex=BLOB_TTL)
+        if user:  # what the blob quota counts (the blobs expire after BLOB_TTL, so does this)
+            pipe.hset(self.keys.user_blobs(user), sha, len(data))
+            pipe.expire(self.keys.user_blobs(user), BLOB_TTL)
+        await pipe.execute()
 
     async def has_blob(self, sha: str) -> bool:
         return bool(await self.redis.exists(self.keys.blob(sha)))
@@ -190,7 +210,44 @@ class Store:
         ).run()
         if reply is CreateReply.CONFLICT:
             raise Conflict(f"job {job} exists already with another function")
+        if reply is CreateReply.NOT_YOURS:
+            raise UnknownJob(NO_JOB.format(job=job))
+        if user and reply is CreateReply.CREATED:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.user_jobs(user), {job: time.time()})
+            # Bounded: usage() drops the jobs gone since; this drops the oldest beyond that.
+            pipe.zremrangebyrank(self.keys.user_jobs(user), 0, -USER_JOBS_MAX - 1)
+            await pipe.execute()
         return await self.summary(job)
+
+    async def owner(self, job: str) -> str | None:
+        """The user who created ``job`` ('' in open mode), or None if there is no such job."""
+        return _s(await self.redis.hget(self.keys.job(job).meta, Meta.USER.value))
+
+    async def usage(self, user: str) -> Usage:
+        """What ``user`` holds in the store now (what the quotas compare against)."""
+        jobs = [_s(j) for j in await self.redis.zrange(self.keys.user_jobs(user), 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            keys = self.keys.job(str(job))
+            pipe.exists(keys.meta)
+            pipe.llen(keys.queue)
+            pipe.zcard(keys.leases)
+            pipe.memory_usage(keys.results)
+        pipe.hvals(self.keys.user_blobs(user))
+        replies = await pipe.execute()
+        usage = Usage(blob_bytes=sum(int(v) for v in replies[-1]))
+        gone = []
+        for i, job in enumerate(jobs):
+            exists, queued, running, results = replies[4 * i : 4 * i + 4]
+            if not exists:
+                gone.append(job)
+                continue
+            usage.tasks += int(queued) + int(running)
+            usage.result_bytes += int(results or 0)
+        if gone:  # expired or deleted jobs leave the index here
+            await self.redis.zrem(self.keys.user_jobs(user), *gone)
+        return usage
 
     async def summary(self, job: str) -> dict[str, Any]:
         meta = await self.redis.hgetall(self.keys.job(job).meta)
@@ -251,8 +308,11 @@ class Store:
 
     async def delete_job(self, job: str) -> None:
         """Cancel if running, then drop every key of the job (the client has its results)."""
+        user = await self.owner(job)
         await self.cancel(job)
         await self.redis.delete(*self.keys.job(job).owned)
+        if user:
+            await self.redis.zrem(self.keys.user_jobs(user), job)
 
     async def results(
         self, job: str, *, after: str, ack: str | None, wait: float, max_bytes: int
@@ -314,18 +374,38 @@ class Store:
         seen = await self.redis.zscore(self.keys.workers_seen, worker)
         return seen is not None and time.time() - float(seen) <= within
 
-    async def lease(self, worker: str, maximum: int) -> list[LeasedTask]:
-        """Lease up to ``maximum`` tasks, oldest job first."""
+    async def _jobs_of(self, users: Sequence[str], jobs: list[str]) -> list[str]:
+        """Those of ``jobs`` that belong to ``users`` (from a cache: a job's user is fixed at
+        its creation; the lease script checks again, atomically)."""
+        unknown = [j for j in jobs if j not in self._job_users]
+        if unknown:
+            pipe = self.redis.pipeline(transaction=False)
+            for job in unknown:
+                pipe.hget(self.keys.job(job).meta, Meta.USER.value)
+            if len(self._job_users) > JOB_USERS_MAX:
+                self._job_users.clear()
+            for job, user in zip(unknown, await pipe.execute(), strict=True):
+                if user is not None:
+                    self._job_users[job] = user.decode()
+        wanted = set(users)
+        return [j for j in jobs if self._job_users.get(j) in wanted]
+
+    async def lease(self, worker: str, maximum: int, users: Sequence[str] = ()) -> list[LeasedTask]:
+        """Lease up to ``maximum`` tasks, oldest job first; with ``users``, only tasks of
+        those users' jobs."""
         leased: list[LeasedTask] = []
-        jobs = await self.redis.zrange(self.keys.ready, 0, 15)
-        for raw_job in jobs:
-            job = raw_job.decode()
+        scan = READY_SCAN_RESTRICTED if users else READY_SCAN
+        jobs = [j.decode() for j in await self.redis.zrange(self.keys.ready, 0, scan - 1)]
+        if users:
+            jobs = (await self._jobs_of(users, jobs))[:READY_SCAN]
+        for job in jobs:
             reply = await self.scripts.lease(
                 self.keys.job(job),
                 job,
                 worker=worker,
                 maximum=maximum - len(leased),
                 lease_ms=self.lease_ms,
+                users=users,
             ).run()
             for t in reply.tasks:
                 function = reply.reducer_blob if protocol.is_merge(t.task) else reply.function_blob

@@ -17,6 +17,11 @@ class BadRequest(StoreError):
     code = "bad_request"
 
 
+class Forbidden(StoreError):
+    status = 403
+    code = "forbidden"
+
+
 def ident(value: Any, what: str) -> str:
     if not protocol.valid_id(value):
         raise BadRequest(

@@ -25,7 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 README = ROOT / "README.md"
 
-COMMANDS = ("hq-server", "hq-worker", "coffea-hq", "coffea-hq local", "coffea-hq condor")
+COMMANDS = (
+    "hq-server",
+    "hq-worker",
+    "coffea-hq",
+    "coffea-hq local",
+    "coffea-hq condor",
+    "coffea-hq token",
+)
+SUBCOMMANDS = ("local", "condor", "token")
 # The image's entrypoint roles (docker/entrypoint.sh): `docker run IMAGE server ...`.
 IMAGE_ROLES = {"server": "hq-server", "worker": "hq-worker", "local": "coffea-hq local"}
 
@@ -36,7 +44,7 @@ UNDOCUMENTED_OK = {
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # A command named in backticks: `hq-worker [URL]`, `coffea-hq condor`.
-NAMED = re.compile(r"`(hq-server|hq-worker|coffea-hq(?: local| condor)?)\b[^`]*`")
+NAMED = re.compile(r"`(hq-server|hq-worker|coffea-hq(?: local| condor| token)?)\b[^`]*`")
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
@@ -49,11 +57,20 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "coffea-hq": top,
         "coffea-hq local": subs.choices["local"],
         "coffea-hq condor": subs.choices["condor"],
+        "coffea-hq token": subs.choices["token"],
     }
 
 
 def parser_flags(p: argparse.ArgumentParser) -> set[str]:
-    return {o for a in p._actions for o in a.option_strings if o.startswith("--")}
+    """The parser's flags; those of ``coffea-hq token``'s actions (create, list, revoke)
+    count as the token command's."""
+    flags = {o for a in p._actions for o in a.option_strings if o.startswith("--")}
+    if p.prog.endswith(" token"):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags |= parser_flags(sub)
+    return flags
 
 
 def _command_of(words: list[str]) -> tuple[str, list[str]] | None:
@@ -63,7 +80,7 @@ def _command_of(words: list[str]) -> tuple[str, list[str]] | None:
     if not words:
         return None
     name = words[0].rsplit("/", 1)[-1]  # .venv/bin/hq-worker
-    if name == "coffea-hq" and len(words) > 1 and words[1] in ("local", "condor"):
+    if name == "coffea-hq" and len(words) > 1 and words[1] in SUBCOMMANDS:
         return f"coffea-hq {words[1]}", words[2:]
     if name in COMMANDS:
         return name, words[1:]

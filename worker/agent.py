@@ -55,7 +55,8 @@ class WorkerConfig:
     lease_wait: float = 10.0
     retry_for: float = 300.0
     drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT  # None: wait for running tasks
-    token: str | None = None
+    token: str | None = None  # None: $HQ_TOKEN or $HQ_TOKEN_FILE
+    users: tuple[str, ...] = ()  # take only these users' jobs (empty: anyone's)
 
 
 def default_name() -> str:
@@ -338,6 +339,7 @@ class Worker:
                     worker=self.id,
                     max=min(room, protocol.LEASE_MAX_TASKS),
                     wait=self.config.lease_wait,
+                    users=list(self.config.users),
                 )
             )
             self.leases.add(

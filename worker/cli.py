@@ -63,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
         "are stopped and handed back to the queue (their attempt not counted). 0: hand "
         "them back at once; 'none': wait however long they take (default: %(default)s)",
     )
+    p.add_argument(
+        "--users",
+        default="",
+        help="comma-separated users whose jobs this worker takes, and no others' (a pool "
+        "per user or group; default: any user's). A worker token may narrow it further",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--lease-wait and --retry-for must be positive")
     if args.name is not None and not protocol.valid_id(args.name):
         p.error("--name may hold 1-64 letters, digits, '-', '_' and '.'")
+    users = tuple(u.strip() for u in args.users.split(",") if u.strip())
+    if not all(protocol.valid_id(u) for u in users):
+        p.error("--users takes comma-separated user names (letters, digits, '-', '_', '.')")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s"
     )
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         lease_wait=args.lease_wait,
         retry_for=args.retry_for,
         drain_timeout=args.drain_timeout,
+        users=users,
     )
     asyncio.run(Worker(config).run())
     return 0

@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from coffea_hq import protocol
+from coffea_hq.transport import resolve_token
 
 from .policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
 
@@ -193,8 +194,13 @@ def busy_workers(url: str, timeout: float = 10.0) -> dict[str, bool]:
 
 
 def _get_json(url: str, timeout: float) -> Any:
+    # The queue and workers routes need an admin token on a server with --auth: the
+    # factory's own ($HQ_TOKEN or $HQ_TOKEN_FILE; its worker jobs do not inherit it).
+    token = resolve_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         raise FactoryError(f"{url} answered {e.code} {e.reason}") from e

@@ -1,7 +1,9 @@
 -- Create a job (idempotent: the client chooses the id and may retry).
--- Returns a CREATE reply: CREATED, EXISTS, or CONFLICT (the id holds another function).
-local existing = redis.call('HGET', META, F.FUNCTION_BLOB)
+-- Returns a CREATE reply: CREATED, EXISTS, CONFLICT (the id holds another function), or
+-- NOT_YOURS (another user's job holds the id: checked here, atomically with the create).
+local existing, owner = unpack(redis.call('HMGET', META, F.FUNCTION_BLOB, F.USER))
 if existing then
+  if (owner or '') ~= A.user then return CREATEREPLY.NOT_YOURS end
   if existing ~= A.function_blob then return CREATEREPLY.CONFLICT end
   return CREATEREPLY.EXISTS
 end

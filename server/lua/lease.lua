@@ -1,10 +1,14 @@
 -- Lease up to A.max queued tasks to worker A.worker for A.lease_ms.
 -- Returns {function_blob, reducer_blob, task1, attempt1, payload1, task2, ...} or {}.
 -- A merge task's payload is its inputs' results, each prefixed by its length (u32, big end).
-local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB)
+-- A.users: ',alice,bob,' for a worker that takes only those users' jobs, '' for any job.
+local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB, F.USER)
 if m[1] ~= STATE.RUNNING then
   redis.call('ZREM', READY, JOB)
   return {}
+end
+if A.users ~= '' and not string.find(A.users, ',' .. (m[4] or '') .. ',', 1, true) then
+  return {}  -- not this worker's users: the job stays ready for the others
 end
 local max = tonumber(A.max)
 local tasks = redis.call('LRANGE', QUEUE, 0, max - 1)

@@ -184,6 +184,8 @@ def test_server_probes_health_and_workers_get_a_drain_grace(render: Render) -> N
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
     assert c["ports"] == [{"name": "http", "containerPort": 8786, "protocol": "TCP"}]
     assert c["args"][:3] == ["server", "--port", "8786"]
+    # No tokens by default: the server must be told it runs open on a non-loopback address.
+    assert "--insecure" in c["args"] and "--auth" not in c["args"]
     assert server["spec"]["replicas"] == 2
     assert server["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     service = rendered.one("Service", "-server")
@@ -301,6 +303,11 @@ def test_overrides_reach_the_pods_and_security_mounts_are_wired(render: Render) 
         mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
         assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/coffea-hq/tls", "readOnly": True}
         assert env_of(deployment)["HQ_AUTH_DIR"] == "/etc/coffea-hq/auth"
+    # Tokens on: the server requires them and knows the workers' one; workers read it.
+    assert "--auth" in sc["args"] and "--insecure" not in sc["args"]
+    token_file = "/etc/coffea-hq/auth/worker-token"
+    assert sc["args"][sc["args"].index("--worker-token-file") + 1] == token_file
+    assert env_of(worker)["HQ_TOKEN_FILE"] == token_file
     assert sc["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert env_of(worker)["HQ_URL"].startswith("https://cms-hq-server.analysis.svc.")
     trigger = rendered.one("ScaledObject")["spec"]["triggers"][0]
