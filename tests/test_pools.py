@@ -4,6 +4,7 @@ worker ran each task (the job's holder hash) is what the test reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import urllib.error
@@ -13,15 +14,19 @@ from pathlib import Path
 import pytest
 import redis
 from coffea_hq.server import tokens
+from coffea_hq.server.dispatch import LeaseDispatcher
 from coffea_hq.server.keys import Keys
+from coffea_hq.server.store import Store
 
 from coffea_hq import Client, protocol
 from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.protocol import Role
 
-from .conftest import Processes
+from .conftest import FUNCTION_BLOB, Processes
 from .tasks import square
 from .util import poll_until
+
+SHA = protocol.blob_name(FUNCTION_BLOB)
 
 
 def _ran_on(client: redis.Redis, keys: Keys, job: str) -> set[str]:
@@ -88,3 +93,45 @@ def test_each_users_tasks_run_only_on_their_pool(
     finally:
         r.close()
         os.environ.pop(protocol.ENV_TOKEN, None)
+
+
+async def test_a_parked_pool_worker_does_not_hold_up_the_workers_behind_it(
+    queue_store: Store,
+) -> None:
+    """Parked lease requests are served in arrival order; one limited to bob's jobs that
+    finds nothing must not end the round before alice's worker behind it is served."""
+    dispatcher = LeaseDispatcher(queue_store)
+    try:
+        for worker in ("bobs", "alices"):
+            await queue_store.heartbeat(worker, {}, [])
+        bobs = asyncio.create_task(dispatcher.lease("bobs", 4, 5.0, users=("bob",)))
+        await asyncio.sleep(0.05)
+        alices = asyncio.create_task(dispatcher.lease("alices", 4, 5.0, users=("alice",)))
+        await asyncio.sleep(0.05)
+        await queue_store.create_job(
+            "j", function=SHA, max_attempts=1, fail_fast=True, label="", user="alice"
+        )
+        await queue_store.submit("j", ["a", "b"], [b"x", b"y"])
+        dispatcher.notify()  # what the wake-up channel does on a submit
+        got = await asyncio.wait_for(alices, 1.0)
+        assert sorted(t.task for t in got) == ["a", "b"]
+        assert not bobs.done()
+    finally:
+        await dispatcher.close()
+    assert await bobs == []
+
+
+async def test_the_lease_script_checks_the_jobs_user_itself(queue_store: Store) -> None:
+    await queue_store.create_job(
+        "k", function=SHA, max_attempts=1, fail_fast=True, label="", user="alice"
+    )
+    await queue_store.submit("k", ["a"], [b"x"])
+    keys = queue_store.keys.job("k")
+    # Straight to the script (past the server's job -> user cache): bob's pool gets nothing,
+    # and the job stays ready for the others.
+    reply = await queue_store.scripts.lease(
+        keys, "k", worker="w", maximum=4, lease_ms=1000, users=("bob",)
+    ).run()
+    assert reply.tasks == []
+    assert await queue_store.redis.zscore(queue_store.keys.ready, "k") is not None
+    assert [t.task for t in await queue_store.lease("w", 4, ("alice",))] == ["a"]
