@@ -112,9 +112,13 @@ class API:
             await self.transport.call("POST", protocol.JOB_SEAL.format(job=job), json_body=seal)
         ).json()
 
-    async def cancel(self, job: str) -> dict[str, Any]:
+    async def cancel(self, job: str, *, retry_for: float | None = None) -> dict[str, Any]:
         """``POST JOB_CANCEL``: drop the queued tasks, stop the running ones; the summary."""
-        return (await self.transport.call("POST", protocol.JOB_CANCEL.format(job=job))).json()
+        return (
+            await self.transport.call(
+                "POST", protocol.JOB_CANCEL.format(job=job), retry_for=retry_for
+            )
+        ).json()
 
     async def get_job(self, job: str) -> dict[str, Any]:
         """``GET JOB``: the job's summary (state, done, failed, total, merges, ...)."""

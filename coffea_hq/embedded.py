@@ -22,6 +22,7 @@ from pathlib import Path
 
 import redis
 
+from . import lifeline
 from .errors import HQError
 
 START_TIMEOUT = 20.0
@@ -78,7 +79,8 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         if self.process is not None:
             return self
-        self.process = subprocess.Popen(
+        # Own session (the terminal's Ctrl-C is for the owner), dies with its owner.
+        self.process = lifeline.spawn(
             [
                 self.binary,
                 "--port",

@@ -45,6 +45,9 @@ DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch syste
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
+# A drain whose server stays unreachable this long ends at once: nobody could take the
+# results, and an orphan must not linger for the whole drain timeout.
+DRAIN_UNREACHABLE = 5.0
 
 
 @dataclass(frozen=True)
@@ -253,10 +256,11 @@ class Worker:
                 # A second SIGTERM (abort) cuts the drain short.
                 drain = asyncio.create_task(self._drain(leasing, running))
                 abort = asyncio.create_task(self._abort.wait())
+                watch = asyncio.create_task(self._watch_server_while_draining())
                 await asyncio.wait([drain, abort], return_when=asyncio.FIRST_COMPLETED)
-                for task in (drain, abort):
+                for task in (drain, abort, watch):
                     task.cancel()
-                await asyncio.gather(drain, abort, return_exceptions=True)
+                await asyncio.gather(drain, abort, watch, return_exceptions=True)
         finally:
             for task in watched:
                 task.cancel()
@@ -265,6 +269,27 @@ class Worker:
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
             await self.api.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
+
+    async def _watch_server_while_draining(self) -> None:
+        """Abort the drain once the server has not answered for ``DRAIN_UNREACHABLE``
+        seconds (it is gone: the leases expire there, or a new server requeues them)."""
+        while True:
+            try:
+                async with asyncio.timeout(2 * DRAIN_UNREACHABLE):  # a hung server too
+                    await self.api.health(retry_for=DRAIN_UNREACHABLE, warn=False)
+            except (ServerUnreachable, TimeoutError) as e:
+                log.warning(
+                    "worker %s: server unreachable for %.0f s while draining (%s): exiting "
+                    "now; the tasks it held return to the queue when their leases expire",
+                    self.id,
+                    DRAIN_UNREACHABLE,
+                    getattr(e, "reason", "") or "no answer",
+                )
+                self._abort.set()
+                return
+            except ServerError:
+                pass  # it answers: the drain goes on
+            await asyncio.sleep(1.0)
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
         """Hand back everything not started, let running tasks finish and report, within
