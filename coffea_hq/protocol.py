@@ -49,6 +49,11 @@ COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
+# A worker holds one request open here for its whole life (its presence): when the
+# connection drops without a goodbye, the server requeues the worker's tasks after
+# PRESENCE_GRACE seconds rather than after the lease timeout.
+PRESENCE: Final = API + "/presence"
+PRESENCE_CONTENT_TYPE: Final = "application/x-ndjson"
 
 # Defaults, overridable by command-line flags.
 DEFAULT_PORT: Final = 8786
@@ -71,6 +76,9 @@ LONG_POLL_MAX: Final = 60.0
 ERROR_TEXT_MAX: Final = 64 * 1024
 ERROR_PICKLE_MAX: Final = 1024 * 1024
 ENV_URL: Final = "HQ_URL"
+PRESENCE_GRACE: Final = 1.5  # seconds a dropped presence may take to reconnect unpunished
+PRESENCE_PING: Final = 5.0  # seconds between keep-alive lines, both ways
+WORKER_GONE_REASON: Final = "its connection to the server dropped: worker killed or lost"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64

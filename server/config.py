@@ -18,6 +18,7 @@ class ServerConfig:
     result_ttl: int = protocol.DEFAULT_RESULT_TTL
     unsealed_timeout: float = protocol.DEFAULT_UNSEALED_TIMEOUT
     allow_eviction: bool = False
+    presence_grace: float = protocol.PRESENCE_GRACE
 
     @property
     def reap_interval(self) -> float:

@@ -83,6 +83,12 @@ class JobKeys:
         return list(astuple(self))
 
 
+# The KEYS of scripts over the whole store rather than one job (worker_gone): the global
+# keys a job script also gets, then the worker registry. They reach a job's own keys
+# through the use_job() the prelude generates.
+STORE_KEY_NAMES = ("ready", "jobs", "counters", "workers", "workers_seen", "sessions")
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one prefix (``--prefix``, default ``hq``)."""
@@ -116,6 +122,16 @@ class Keys:
     @property
     def workers_seen(self) -> str:
         return f"{self.prefix}:workers:seen"
+
+    @property
+    def sessions(self) -> str:
+        """worker -> the session id of its current presence connection (the fence)."""
+        return f"{self.prefix}:workers:session"
+
+    @property
+    def store_keys(self) -> list[str]:
+        """The KEYS of a store-wide script, in :data:`STORE_KEY_NAMES` order."""
+        return [getattr(self, name) for name in STORE_KEY_NAMES]
 
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"

@@ -173,6 +173,7 @@ def test_kernel_interrupt_with_an_external_server_cancels_the_job(
     poll_until(lambda: get_json(server_url + "/api/v1/queue")["running"] == 0, 10, "stopped")
 
 
+@pytest.mark.slow
 @embedded_only
 def test_ctrl_c_with_the_server_gone_gives_up_in_seconds_with_one_line(
     tmp_path: Path, script: list[Script], processes: Processes, store: EmbeddedRedis, prefix: str

@@ -205,6 +205,7 @@ class Worker:
         self._abort = asyncio.Event()
         self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
+        self._goodbye = asyncio.Event()  # set once everything held was handed back
 
     # ------------------------------------------------------------------ control
 
@@ -237,6 +238,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._report_loop(), name="report"),
         ]
+        presence = asyncio.create_task(self._presence_loop(), name="presence")
         leasing = asyncio.create_task(self._lease_loop(), name="lease")
         running = [
             asyncio.create_task(self._slot_loop(s), name=f"slot{s.index}") for s in self.slots
@@ -267,8 +269,38 @@ class Worker:
             await asyncio.gather(*watched, return_exceptions=True)
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
+            await self._end_presence(presence)
             await self.api.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
+
+    async def _presence_loop(self) -> None:
+        """Hold a presence connection to the server for the worker's life, a fresh
+        session per connection: if this process dies, the server sees the connection
+        drop and requeues what it held within seconds, not at the lease timeout."""
+        delay = 0.1
+        while not self._goodbye.is_set():
+            hello = m.Presence(worker=self.id, session=uuid.uuid4().hex)
+            started = time.monotonic()
+            try:
+                await self.api.presence(hello, self._goodbye)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the server restarts or is cut off: reconnect
+                log.debug("worker %s: presence connection ended: %r", self.id, e)
+            if time.monotonic() - started > 10:
+                delay = 0.1
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)  # well inside the server's grace while it answers
+
+    async def _end_presence(self, presence: asyncio.Task[None]) -> None:
+        """Say goodbye, unless aborting: an aborted worker still holds leases, which its
+        silence lets the server requeue at once."""
+        if self._abort.is_set():
+            presence.cancel()
+        else:
+            self._goodbye.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(presence, return_exceptions=True), 2.0)
 
     async def _watch_server_while_draining(self) -> None:
         """Abort the drain once the server has not answered for ``DRAIN_UNREACHABLE``

@@ -1,0 +1,138 @@
+"""Worker presence: a SIGKILLed worker's tasks are requeued in seconds, not at the lease
+timeout; the fence keeps a stale connection from releasing a newer session's leases,
+across two server replicas sharing the store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+import redis
+
+from coffea_hq import Client, messages, protocol
+from coffea_hq.embedded import EmbeddedRedis
+from tests.conftest import Processes
+from tests.util import get_json, poll_until
+
+embedded_only = pytest.mark.parametrize("store", ["embedded"], indirect=True)
+
+
+def _holder(r: redis.Redis, prefix: str, job: str, task: str) -> str:
+    raw = r.hget(f"{prefix}:job:{{{job}}}:holder", task)
+    return raw.decode() if raw else ""
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@embedded_only
+def test_a_killed_worker_is_requeued_in_seconds_and_its_late_report_refused(
+    processes: Processes, store: EmbeddedRedis, prefix: str, redis_client: redis.Redis
+) -> None:
+    url, _ = processes.server(store.url, "--lease-timeout", "30", prefix=prefix)
+    doomed = processes.worker(url, "--name", "doomed")
+    with Client(url) as client:
+        job = client.map(time.sleep, [3.0])
+        poll_until(lambda: _holder(redis_client, prefix, job.id, "0") == "1|doomed", 20, "leased")
+        processes.worker(url, "--name", "heir")
+        poll_until(lambda: "heir" in get_json(url + "/api/v1/workers"), 20, "heir registered")
+        doomed.send_signal(signal.SIGKILL)
+        took = poll_until(
+            lambda: _holder(redis_client, prefix, job.id, "0") == "2|heir", 10, "re-leased"
+        )
+        assert took < 5, f"re-leased after {took:.1f}s (lease timeout 30 s)"
+        assert "doomed" not in get_json(url + "/api/v1/workers")
+        queue = get_json(url + "/api/v1/queue")
+        assert queue["running"] == 1 and queue["counters"]["requeued"] == 1
+        # Exactly once: the dead worker's attempt, reported late, is refused.
+        header = messages.Complete(worker="doomed", items=[[job.id, "0", 1, "ok", None]])
+        status, reply = _post(
+            url + protocol.COMPLETE,
+            protocol.pack(header, [protocol.dumps(None)]),
+            protocol.FRAMES_CONTENT_TYPE,
+        )
+        assert status == 409 and json.loads(reply)["items"] == ["not_leased"], reply
+        assert job.result(timeout=30) == [None]
+    counters = get_json(url + "/api/v1/queue")["counters"]
+    assert counters["tasks_ok"] == 1 and counters["refused"] == 1
+
+
+async def _hold(url: str, worker: str, session: str) -> tuple[aiohttp.ClientSession, asyncio.Task]:
+    """A raw presence connection that never says goodbye; closing the session drops it."""
+    http = aiohttp.ClientSession()
+    stop = asyncio.Event()
+
+    async def body():  # type: ignore[no-untyped-def]
+        yield messages.encode(messages.Presence(worker=worker, session=session)) + b"\n"
+        await stop.wait()
+        yield b""
+
+    async def run() -> None:
+        async with http.post(
+            url + protocol.PRESENCE,
+            data=body(),
+            headers={"Content-Type": protocol.PRESENCE_CONTENT_TYPE},
+        ) as resp:
+            async for _ in resp.content:
+                pass
+
+    task = asyncio.create_task(run())
+    return http, task
+
+
+async def _until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"not within {timeout:g}s: {what}"
+        await asyncio.sleep(0.05)
+
+
+def _sessions(r: redis.Redis, prefix: str) -> dict[bytes, bytes]:
+    return r.hgetall(f"{prefix}:workers:session")
+
+
+@pytest.mark.slow
+@embedded_only
+async def test_a_stale_connection_never_releases_a_newer_sessions_leases_across_replicas(
+    processes: Processes, store: EmbeddedRedis, prefix: str, redis_client: redis.Redis
+) -> None:
+    a, _ = processes.server(store.url, "--lease-timeout", "30", prefix=prefix)
+    b, _ = processes.server(store.url, "--lease-timeout", "30", prefix=prefix)
+    client = Client(a)
+    try:
+        job = await asyncio.to_thread(client.map, abs, [-1])
+        lease = messages.LeaseRequest(worker="w1", max=1)
+        status, _ = await asyncio.to_thread(
+            _post, a + protocol.LEASE, messages.encode(lease), "application/json"
+        )
+        assert status == 200 and _holder(redis_client, prefix, job.id, "0") == "1|w1"
+        old_http, old = await _hold(a, "w1", "s1")
+        await asyncio.sleep(0.5)
+        new_http, new = await _hold(b, "w1", "s2")  # reconnected to the other replica
+        await _until(lambda: _sessions(redis_client, prefix).get(b"w1") == b"s2", 5, "s2 open")
+        await old_http.close()  # the stale connection drops, past its grace
+        old.cancel()
+        await asyncio.sleep(protocol.PRESENCE_GRACE + 1.5)
+        leases = f"{prefix}:job:{{{job.id}}}:leases"
+        assert redis_client.zscore(leases, "0") is not None, "a stale close released a lease"
+        assert get_json(a + "/api/v1/queue")["counters"]["requeued"] == 0
+        await new_http.close()  # now the current session drops: the lease is requeued
+        new.cancel()
+        await _until(lambda: redis_client.zscore(leases, "0") is None, 5, "lease requeued")
+        assert get_json(b + "/api/v1/queue")["counters"]["requeued"] == 1
+        assert b"w1" not in _sessions(redis_client, prefix)
+    finally:
+        await asyncio.to_thread(client.close)
