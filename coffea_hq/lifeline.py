@@ -130,3 +130,24 @@ def watch_stdin(stop: Callable[[], None] = _terminate_self) -> None:
         stop()
 
     threading.Thread(target=watch, name="coffea-hq-lifeline", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m coffea_hq.lifeline PROGRAM ARGS...``: run a program that cannot watch
+    a pipe itself (valkey-server where there is no PDEATHSIG) and stop it when this
+    wrapper's stdin closes or it gets SIGTERM. Both share a process group: SIGKILL the
+    group to kill both."""
+    if not argv:
+        print("usage: python -m coffea_hq.lifeline PROGRAM [ARGS...]", file=sys.stderr)
+        return 2
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner decides
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    os.environ[ENV] = "stdin"
+    watch_stdin(child.terminate)
+    code = child.wait()
+    return code if code >= 0 else 128 - code  # the shell's way to say "killed by signal"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from coffea_hq import Client, LocalCluster
+from coffea_hq import Client, LocalCluster, lifeline
 from coffea_hq.embedded import EmbeddedRedis
 from tests.conftest import Processes
 from tests.util import get_json, poll_until
@@ -99,7 +99,7 @@ def _job_state(r: redis.Redis, prefix: str, job: str) -> str | None:
 
 LOCAL_SCRIPT = """
 import time
-from coffea_hq import Client, LocalCluster
+from coffea_hq import Client, LocalCluster, lifeline
 with LocalCluster(workers=2, redis_url={redis!r}, server_args=("--prefix", {prefix!r})) as c:
     client = Client(c.url)
     job = client.map(time.sleep, [30.0] * 4)
@@ -195,7 +195,7 @@ def test_ctrl_c_with_the_server_gone_gives_up_in_seconds_with_one_line(
 
 OWNER_SCRIPT = """
 import time
-from coffea_hq import Client, LocalCluster
+from coffea_hq import Client, LocalCluster, lifeline
 c = LocalCluster(workers=2).start()
 client = Client(c.url)
 job = client.map(time.sleep, [60.0] * 2)
@@ -215,6 +215,24 @@ def test_children_die_with_an_owner_killed_by_sigkill(tmp_path: Path, script: li
     s.proc.kill()  # the kernel's OOM killer: no cleanup runs in the owner
     s.proc.wait()
     poll_until(lambda: not _alive(children), 5, "every child of the killed owner exited")
+
+
+def test_lifeline_wrapper_stops_its_program_when_the_owner_goes() -> None:
+    """Where there is no PDEATHSIG (macOS), the embedded Valkey runs under this wrapper."""
+    wrapper = lifeline.spawn(
+        [sys.executable, "-m", "coffea_hq.lifeline", "sleep", "60"], lifeline=True
+    )
+    try:
+        poll_until(lambda: psutil.Process(wrapper.pid).children(), 10, "program started")
+        (program,) = psutil.Process(wrapper.pid).children()
+        assert wrapper.stdin is not None
+        wrapper.stdin.close()  # what the owner's death does to the pipe
+        assert wrapper.wait(timeout=10) == 128 + signal.SIGTERM
+        poll_until(lambda: not _alive([program]), 5, "the wrapped program exited")
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
+            wrapper.wait()
 
 
 @pytest.mark.slow

@@ -13,10 +13,13 @@ import urllib.request
 import aiohttp
 import pytest
 import redis
+from coffea_hq.server.store import Store
 
 from coffea_hq import Client, messages, protocol
 from coffea_hq.embedded import EmbeddedRedis
+from coffea_hq.protocol import CompleteStatus
 from tests.conftest import Processes
+from tests.test_transitions import new_job, ok
 from tests.util import get_json, poll_until
 
 embedded_only = pytest.mark.parametrize("store", ["embedded"], indirect=True)
@@ -136,3 +139,31 @@ async def test_a_stale_connection_never_releases_a_newer_sessions_leases_across_
         assert b"w1" not in _sessions(redis_client, prefix)
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def test_worker_gone_is_fenced_and_ends_only_that_workers_leases(queue_store: Store) -> None:
+    """Store level: the script behind a dropped presence, on two jobs; the last attempt of
+    a task fails and ends its job, which must expire that job's keys and nothing global."""
+    a = await new_job(queue_store, 2, max_attempts=3, job="ja")
+    b = await new_job(queue_store, 1, max_attempts=1, job="jb")
+    await queue_store.lease("w", 1)  # a/0
+    await queue_store.lease("other", 1)  # a/1
+    await queue_store.lease("w", 1)  # b/0
+    await queue_store.open_session("w", "s1")
+    await queue_store.open_session("w", "s2")  # reconnected
+    assert await queue_store.end_session("w", "s1", lost=True) == (False, 0, 0)
+    assert await queue_store.redis.zcard(queue_store.keys.job(a).leases) == 2
+    assert await queue_store.end_session("w", "s2", lost=True) == (True, 1, 1)
+    assert [
+        t.decode() for t in await queue_store.redis.zrange(queue_store.keys.job(a).leases, 0, -1)
+    ] == ["1"]
+    assert (await queue_store.summary(b))["state"] == "failed"
+    for key in queue_store.keys.store_keys:
+        assert await queue_store.redis.ttl(key) in (-1, -2), key  # no TTL on global keys
+    assert await queue_store.redis.ttl(queue_store.keys.job(b).meta) > 0
+    (late,) = await queue_store.complete("w", [ok(a, "0")])
+    assert late is CompleteStatus.NOT_LEASED
+    # A clean goodbye closes the session and releases nothing.
+    await queue_store.open_session("other", "s9")
+    assert await queue_store.end_session("other", "s9", lost=False) == (True, 0, 0)
+    assert await queue_store.redis.zcard(queue_store.keys.job(a).leases) == 1

@@ -285,6 +285,11 @@ class Worker:
                 await self.api.presence(hello, self._goodbye)
             except asyncio.CancelledError:
                 raise
+            except ServerError as e:
+                if e.status in (404, 405):  # an older server: the lease timeout alone
+                    log.info("worker %s: the server has no presence route", self.id)
+                    return
+                log.debug("worker %s: presence refused: %s", self.id, e)
             except Exception as e:  # the server restarts or is cut off: reconnect
                 log.debug("worker %s: presence connection ended: %r", self.id, e)
             if time.monotonic() - started > 10:
