@@ -272,3 +272,29 @@ def test_local_cluster_restarts_a_worker_that_died(
             assert client.map(abs, [-1, -2, -3]).result() == [1, 2, 3]
         said = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
         assert len(said) == 1 and "SIGKILL" in said[0], said
+
+
+CLI_SCRIPT = """
+import sys
+from coffea_hq.cli import main
+sys.argv = ["coffea-hq", "local", "--workers", "1", "--port", "0"]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_coffea_hq_local_in_seconds_with_a_task_running(
+    tmp_path: Path, script: list[Script]
+) -> None:
+    s = Script(tmp_path, CLI_SCRIPT)
+    script.append(s)
+    url = s.line("  export HQ_URL=")
+    with Client(url) as client:
+        client.map(time.sleep, [60.0])
+        _wait_running(url, 1)
+        children = s.descendants()
+        start = time.monotonic()
+        os.killpg(os.getpgid(s.proc.pid), signal.SIGINT)
+        s.proc.wait(timeout=20)
+    assert time.monotonic() - start < 8, s.stderr()
+    poll_until(lambda: not _alive(children), 5, "every child of coffea-hq local exited")
