@@ -48,6 +48,9 @@ REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished 
 # A drain whose server stays unreachable this long ends at once: nobody could take the
 # results, and an orphan must not linger for the whole drain timeout.
 DRAIN_UNREACHABLE = 5.0
+# A lease lost before its slot began the task is looked for this often, this many times.
+LOST_RECHECK_EVERY = 0.1
+LOST_RECHECKS = 100
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,10 @@ class Leases:
             self.end(item)
         return items
 
+    def still_running(self, keys: set[LeaseKey]) -> set[LeaseKey]:
+        """Those of ``keys`` a slot holds (taken, no result yet)."""
+        return keys & self._running
+
     async def wait_empty(self) -> None:
         while self._held:
             self.ended.clear()
@@ -206,6 +213,7 @@ class Worker:
         self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
         self._goodbye = asyncio.Event()  # set once everything held was handed back
+        self._lost_watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -269,6 +277,8 @@ class Worker:
             await asyncio.gather(*watched, return_exceptions=True)
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
+            if self._lost_watch is not None:
+                self._lost_watch.cancel()
             await self._end_presence(presence)
             await self.api.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
@@ -581,12 +591,34 @@ class Worker:
         # what is running (its result would be refused anyway). Only that very attempt:
         # the same task may be running here again under a newer one.
         running = self.leases.lost(lost)
+        if running:
+            self._stop_lost(running)
+
+    def _stop_lost(self, running: set[LeaseKey]) -> set[LeaseKey]:
+        """Kill the slots running these lost leases; the ones no slot has begun yet
+        (its subprocess still loading the function) are looked for again shortly."""
         for slot in self.slots:
-            if running and slot.executing() in running:
+            key = slot.executing()
+            if key in running:
                 log.info(
                     "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
                 )
                 slot.kill()
+                running = running - {key}
+        left = self.leases.still_running(running)
+        if left and self._lost_watch is None:
+            self._lost_watch = asyncio.create_task(self._stop_lost_later(left))
+        return left
+
+    async def _stop_lost_later(self, running: set[LeaseKey]) -> None:
+        try:
+            for _ in range(LOST_RECHECKS):
+                await asyncio.sleep(LOST_RECHECK_EVERY)
+                running = self._stop_lost(running)
+                if not running:
+                    return
+        finally:
+            self._lost_watch = None
 
     async def _heartbeat_loop(self) -> None:
         while True:
