@@ -167,3 +167,18 @@ async def test_worker_gone_is_fenced_and_ends_only_that_workers_leases(queue_sto
     await queue_store.open_session("other", "s9")
     assert await queue_store.end_session("other", "s9", lost=False) == (True, 0, 0)
     assert await queue_store.redis.zcard(queue_store.keys.job(a).leases) == 1
+
+
+@embedded_only
+def test_a_malformed_presence_hello_is_refused_with_a_sentence(
+    server_url: str, store: EmbeddedRedis, prefix: str, redis_client: redis.Redis
+) -> None:
+    for body, says in [
+        (b"not json\n", "JSON"),
+        (b'{"worker": "w/1", "session": "s"}\n', "worker"),
+        (b'{"worker": "w1"}\n', "session"),
+    ]:
+        status, reply = _post(server_url + protocol.PRESENCE, body, protocol.PRESENCE_CONTENT_TYPE)
+        doc = json.loads(reply)
+        assert status == 400 and doc["error"] == "bad_request" and says in doc["message"], doc
+    assert _sessions(redis_client, prefix) == {}  # nothing registered
