@@ -298,3 +298,36 @@ def test_ctrl_c_stops_coffea_hq_local_in_seconds_with_a_task_running(
         s.proc.wait(timeout=20)
     assert time.monotonic() - start < 8, s.stderr()
     poll_until(lambda: not _alive(children), 5, "every child of coffea-hq local exited")
+
+
+EXECUTOR_SCRIPT = """
+import time
+from coffea_hq import HQExecutor, LocalCluster
+with LocalCluster(workers=2, redis_url={redis!r}, server_args=("--prefix", {prefix!r})) as c:
+    print("url", c.url, flush=True)
+    HQExecutor(c.url, status=False)([30.0] * 4, time.sleep, None)
+"""
+
+
+@pytest.mark.slow
+@embedded_only
+def test_ctrl_c_in_hq_executor_with_a_local_cluster_returns_in_seconds(
+    tmp_path: Path,
+    script: list[Script],
+    store: EmbeddedRedis,
+    prefix: str,
+    redis_client: redis.Redis,
+) -> None:
+    s = Script(tmp_path, EXECUTOR_SCRIPT.format(redis=store.url, prefix=prefix))
+    script.append(s)
+    url = s.line("url ")
+    _wait_running(url, 2)
+    children = s.descendants()
+    start = time.monotonic()
+    os.killpg(os.getpgid(s.proc.pid), signal.SIGINT)
+    s.proc.wait(timeout=20)
+    assert time.monotonic() - start < 10, s.stderr()
+    poll_until(lambda: not _alive(children), 5, "every child of the script exited")
+    metas = [k for k in redis_client.scan_iter(f"{prefix}:job:*") if k.endswith(b"}")]
+    assert len(metas) == 1
+    assert redis_client.hget(metas[0], "state") == b"cancelled"
