@@ -331,3 +331,28 @@ def test_ctrl_c_in_hq_executor_with_a_local_cluster_returns_in_seconds(
     metas = [k for k in redis_client.scan_iter(f"{prefix}:job:*") if k.endswith(b"}")]
     assert len(metas) == 1
     assert redis_client.hget(metas[0], "state") == b"cancelled"
+
+
+@pytest.mark.slow
+def test_a_crash_looping_worker_is_restarted_a_bounded_number_of_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from coffea_hq import local
+
+    caplog.set_level(logging.WARNING, "coffea_hq.local")
+    # "--slots 0" makes every hq-worker refuse to start (exit code 2).
+    with LocalCluster(workers=1, worker_args=("--slots", "0")) as cluster:
+        poll_until(
+            lambda: (
+                len(cluster.workers) == 1 + local.RESTART_BURST
+                and all(w.poll() is not None for w in cluster.workers)
+            ),
+            30,
+            "the restart budget spent",
+        )
+        time.sleep(4 * local.WATCH_EVERY)
+        assert len(cluster.workers) == 1 + local.RESTART_BURST
+    said = [r for r in caplog.records if "is not restarted" in r.getMessage()]
+    assert len(said) == 1 and "exit code 2" in said[0].getMessage()
+    restarted = [r for r in caplog.records if "in its place" in r.getMessage()]
+    assert len(restarted) == local.RESTART_BURST
