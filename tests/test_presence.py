@@ -41,11 +41,25 @@ def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def _malformed_hellos_are_refused(url: str, redis_client: redis.Redis, prefix: str) -> None:
+    """Bad input: a malformed hello gets a sentence naming what is wrong, registers nothing."""
+    for body, says in [
+        (b"not json\n", "JSON"),
+        (b'{"worker": "w/1", "session": "s"}\n', "worker"),
+        (b'{"worker": "w1"}\n', "session"),
+    ]:
+        status, reply = _post(url + protocol.PRESENCE, body, protocol.PRESENCE_CONTENT_TYPE)
+        doc = json.loads(reply)
+        assert status == 400 and doc["error"] == "bad_request" and says in doc["message"], doc
+    assert _sessions(redis_client, prefix) == {}
+
+
 @embedded_only
 def test_a_killed_worker_is_requeued_in_seconds_and_its_late_report_refused(
     processes: Processes, store: EmbeddedRedis, prefix: str, redis_client: redis.Redis
 ) -> None:
     url, _ = processes.server(store.url, "--lease-timeout", "30", prefix=prefix)
+    _malformed_hellos_are_refused(url, redis_client, prefix)
     doomed = processes.worker(url, "--name", "doomed")
     with Client(url) as client:
         job = client.map(time.sleep, [3.0])
@@ -167,18 +181,3 @@ async def test_worker_gone_is_fenced_and_ends_only_that_workers_leases(queue_sto
     await queue_store.open_session("other", "s9")
     assert await queue_store.end_session("other", "s9", lost=False) == (True, 0, 0)
     assert await queue_store.redis.zcard(queue_store.keys.job(a).leases) == 1
-
-
-@embedded_only
-def test_a_malformed_presence_hello_is_refused_with_a_sentence(
-    server_url: str, store: EmbeddedRedis, prefix: str, redis_client: redis.Redis
-) -> None:
-    for body, says in [
-        (b"not json\n", "JSON"),
-        (b'{"worker": "w/1", "session": "s"}\n', "worker"),
-        (b'{"worker": "w1"}\n', "session"),
-    ]:
-        status, reply = _post(server_url + protocol.PRESENCE, body, protocol.PRESENCE_CONTENT_TYPE)
-        doc = json.loads(reply)
-        assert status == 400 and doc["error"] == "bad_request" and says in doc["message"], doc
-    assert _sessions(redis_client, prefix) == {}  # nothing registered
