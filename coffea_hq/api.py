@@ -17,7 +17,10 @@ Use an :class:`API` within one event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from . import messages as m
 from . import protocol
@@ -109,9 +112,10 @@ class API:
         response = await self.transport.call("POST", path, json_body=seal)
         return m.decode(response.body, m.JobSummary)
 
-    async def cancel(self, job: str) -> m.JobSummary:
+    async def cancel(self, job: str, *, retry_for: float | None = None) -> m.JobSummary:
         """``POST JOB_CANCEL``: drop the queued tasks, stop the running ones; the summary."""
-        response = await self.transport.call("POST", protocol.JOB_CANCEL.format(job=job))
+        path = protocol.JOB_CANCEL.format(job=job)
+        response = await self.transport.call("POST", path, retry_for=retry_for)
         return m.decode(response.body, m.JobSummary)
 
     async def get_job(self, job: str) -> m.JobSummary:
@@ -157,6 +161,25 @@ class API:
             accept=(200, 409),
         )
         return m.decode(response.body, m.CompleteReply)
+
+    async def presence(self, hello: m.Presence, goodbye: asyncio.Event) -> None:
+        """``POST PRESENCE``: hold the worker's presence open until ``goodbye`` is set
+        (then end it cleanly) or the connection drops (returns or raises: reconnect)."""
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield m.encode(hello) + b"\n"
+            while not goodbye.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(goodbye.wait(), protocol.PRESENCE_PING)
+                yield b"\n"
+            yield m.encode(m.Presence(hello.worker, hello.session, bye=True)) + b"\n"
+
+        await self.transport.hold(
+            protocol.PRESENCE,
+            lines(),
+            content_type=protocol.PRESENCE_CONTENT_TYPE,
+            idle=3 * protocol.PRESENCE_PING,
+        )
 
     async def release(self, request: m.Release, *, retry_for: float | None = None) -> int:
         """``POST RELEASE``: hand leases back unstarted; how many the server took back."""

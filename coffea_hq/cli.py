@@ -10,7 +10,7 @@ import threading
 
 from . import protocol
 from .factory.condor import add_condor_parser, run_condor
-from .local import LocalCluster
+from .local import INTERRUPTED_STOP_TIMEOUT, LocalCluster
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,7 +179,7 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCluster(
+    cluster = LocalCluster(
         workers=args.workers,
         slots=args.slots,
         port=args.port,
@@ -187,7 +187,9 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         logs="-",
         adaptive=adaptive,
         scale_cooldown=args.cooldown,
-    ) as cluster:
+    )
+    try:
+        cluster.start()
         size = f"{args.workers}" if adaptive is None else f"{adaptive[0]}-{adaptive[1]}"
         print(
             f"coffea-hq running at {cluster.url} with {size} worker(s) x "
@@ -197,6 +199,9 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         stop.wait()
         print("stopping...", flush=True)
+    finally:
+        # Its store goes too: nothing a drain saves would survive, so stop in seconds.
+        cluster.close(INTERRUPTED_STOP_TIMEOUT)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from .protocol import Codec
 
 T = TypeVar("T")
 
+log = logging.getLogger("coffea_hq")
+
 SUBMIT_BATCH = 4096
 SUBMIT_IN_FLIGHT = 2
 SUBMIT_SHARE = 4  # a submit batch stays under this share of the server's request limit
@@ -39,6 +42,7 @@ ABANDON_BUDGET = 3.0  # seconds a failed submission spends deleting its job
 STOP_BUDGET = ABANDON_BUDGET + 2  # how long Ctrl-C waits for a stopped call to clean up
 CONNECT_BUDGET = 5.0  # seconds the first use of a Client waits for the server to answer
 CLOSE_BUDGET = 10.0  # seconds closing waits for the HTTP session to shut down
+INTERRUPT_BUDGET = 3.0  # seconds Ctrl-C spends cancelling the job before giving up
 
 NO_URL_HELP = (
     "no coffea-hq server URL: pass Client(url), set HQ_URL, or start one on this machine "
@@ -368,6 +372,7 @@ class Job:
         "_cursor",
         "_end_state",
         "_finished",
+        "_cancel_sent",
     )
 
     def __init__(
@@ -398,6 +403,7 @@ class Job:
         self._cursor = "0"  # where the next poll starts (touched only on the loop)
         self._end_state: str | None = None
         self._finished = False
+        self._cancel_sent = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
@@ -410,10 +416,41 @@ class Job:
         (:class:`coffea_hq.messages.JobSummary`)."""
         return msgspec.to_builtins(self.client.run(self.client.api.get_job(self.id)))
 
-    def cancel(self) -> None:
+    def cancel(self, *, budget: float | None = None) -> None:
         """Cancel the job: queued tasks are dropped; running ones are stopped by their
-        workers at the next heartbeat (within a third of the server's lease timeout)."""
-        self.client.run(self.client.api.cancel(self.id))
+        workers at the next heartbeat (within a third of the server's lease timeout).
+        ``budget``: seconds to keep trying an unreachable server (default: the client's
+        ``retry_for``)."""
+        api = self.client.api
+        if budget is None:
+            self.client.run(api.cancel(self.id))
+        else:
+
+            async def bounded() -> None:
+                async with asyncio.timeout(budget):
+                    await api.cancel(self.id, retry_for=budget)
+
+            self.client.run(bounded())
+        self._cancel_sent = True
+
+    def interrupted(self) -> None:
+        """Ctrl-C while this job runs: cancel it within :data:`INTERRUPT_BUDGET` seconds,
+        or say in one line that the server did not answer (its workers may go on)."""
+        if self._cancel_sent or self._finished:
+            return
+        self._cancel_sent = True
+        try:
+            self.cancel(budget=INTERRUPT_BUDGET)
+        except Exception as e:
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            log.warning(
+                "interrupted: job %s not cancelled, the server at %s did not answer within "
+                "%.0f s (%s); tasks already on workers may still run",
+                self.id,
+                self.client.url,
+                INTERRUPT_BUDGET,
+                reason,
+            )
 
     def as_completed(
         self, timeout: float | None = None, *, keep: bool = True
@@ -435,7 +472,11 @@ class Job:
             if self._end_state is not None:
                 self._finish(self._end_state)
                 break
-            self._receive(deadline, timeout)
+            try:
+                self._receive(deadline, timeout)
+            except KeyboardInterrupt:
+                self.interrupted()
+                raise
         if self._failures:
             raise self._failures[0]
 

@@ -16,12 +16,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
+from . import lifeline
 from .errors import HQError
 
 START_TIMEOUT = 20.0
@@ -78,32 +80,36 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         if self.process is not None:
             return self
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                self.appendfsync,
-                "--save",
-                "",
-                "--maxmemory-policy",
-                "noeviction",
-                "--protected-mode",
-                "yes",
-                "--daemonize",
-                "no",
-                "--logfile",
-                str(self.directory / "server.log"),
-            ],
-            stdin=subprocess.DEVNULL,
-        )
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "server.log"),
+        ]
+        # Own session (the terminal's Ctrl-C is for the owner), dies with its owner: by
+        # PDEATHSIG where the kernel has it, else through a wrapper watching a pipe.
+        if lifeline.pdeathsig_available():
+            self.process = lifeline.spawn(argv, stdin=subprocess.DEVNULL)
+        else:
+            wrapped = [sys.executable, "-m", "coffea_hq.lifeline", *argv]
+            self.process = lifeline.spawn(wrapped, lifeline=True)
         self._wait_ready()
         return self
 
@@ -144,6 +150,8 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if proc is not None and proc.stdin is not None:  # a lifeline wrapper's pipe
+            proc.stdin.close()
         if not keep_data and self._own_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -152,7 +160,10 @@ class EmbeddedRedis:
         proc = self.process
         self.process = None
         if proc is not None:
-            proc.kill()
+            try:  # the group: a lifeline wrapper and the server it runs
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
             proc.wait()
 
     def __enter__(self) -> EmbeddedRedis:

@@ -216,7 +216,10 @@ class HQExecutor(ExecutorBase):
                 raise exception from None
             recovered = job.partial() if reducing else partial[0]
             return accumulate([recovered, accumulator]), exception
-        except BaseException:  # Ctrl-C, a timeout: stop the workers on this job
+        except KeyboardInterrupt:
+            job.interrupted()  # briefly: Ctrl-C must return within seconds
+            raise
+        except BaseException:  # a timeout: stop the workers on this job
             _cancel_quietly(job)
             raise
         return accumulate([output, accumulator]), 0

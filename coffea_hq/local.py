@@ -10,25 +10,44 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from . import protocol
+from . import lifeline, protocol
 from .autoscale import LocalScaler
 from .embedded import EmbeddedRedis, free_port
 from .errors import HQError
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+INTERRUPTED_STOP_TIMEOUT = 3.0  # after Ctrl-C: the job was cancelled, nothing to wait for
+WATCH_EVERY = 0.5  # seconds between looks for workers that died
+RESTART_WINDOW = 60.0  # a crash loop: at most RESTART_BURST restarts per window
+RESTART_BURST = 5
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words: its exit code or the signal that killed it."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -63,6 +82,9 @@ def terminate(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdin is not None:  # a lifeline pipe
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
 
 
 class LocalCluster:
@@ -125,6 +147,12 @@ class LocalCluster:
         self.workers: list[subprocess.Popen[bytes]] = []
         self._log_files: list[IO[bytes]] = []
         self._started = False
+        self._lock = threading.Lock()  # the workers list: the watcher restarts workers
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._restarts: list[float] = []  # when workers were restarted (crash-loop bound)
+        self._reported: set[int] = set()  # pids of dead workers already logged
+        self._gave_up_until = 0.0
 
     @property
     def url(self) -> str:
@@ -155,6 +183,10 @@ class LocalCluster:
                     self, *self.adaptive, interval=interval, cooldown=cooldown
                 )
                 self.scaler.start()
+            self._watcher = threading.Thread(
+                target=self._watch, name="coffea-hq-local-watch", daemon=True
+            )
+            self._watcher.start()
         except BaseException:
             self.close()
             raise
@@ -165,9 +197,10 @@ class LocalCluster:
         if not self._stream_logs:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in close())
             self._log_files.append(out)
-        return subprocess.Popen(
+        # Own session (the terminal's Ctrl-C is ours to handle), dies with this process.
+        return lifeline.spawn(
             [sys.executable, "-m", *argv],
-            stdin=subprocess.DEVNULL,
+            lifeline=True,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
         )
@@ -194,22 +227,65 @@ class LocalCluster:
 
     def add_worker(self, *extra: str) -> subprocess.Popen[bytes]:
         """Start one more hq-worker process."""
-        n = len(self.workers)
-        proc = self._spawn(
-            f"worker-{n}",
-            [
-                "coffea_hq.worker",
-                self.url,
-                "--slots",
-                str(self.slots),
-                "--name",
-                f"local-{self.port}-{n}",
-                *self.worker_args,
-                *extra,
-            ],
+        with self._lock:
+            n = len(self.workers)
+            proc = self._spawn(
+                f"worker-{n}",
+                [
+                    "coffea_hq.worker",
+                    self.url,
+                    "--slots",
+                    str(self.slots),
+                    "--name",
+                    f"local-{self.port}-{n}",
+                    *self.worker_args,
+                    *extra,
+                ],
+            )
+            self.workers.append(proc)
+            return proc
+
+    def _watch(self) -> None:
+        """Restart workers that die while the cluster runs (an autoscaled cluster's own
+        scaler replaces them instead), at most RESTART_BURST per RESTART_WINDOW."""
+        while not self._closing.wait(WATCH_EVERY):
+            with self._lock:
+                dead = [
+                    w for w in self.workers if w.poll() is not None and w.pid not in self._reported
+                ]
+            for proc in dead:
+                if self._closing.is_set():
+                    return
+                self._reported.add(proc.pid)
+                if self.scaler is not None and proc in self.scaler.draining:
+                    continue  # scaled down: it was asked to stop
+                self._replace(proc)
+
+    def _replace(self, proc: subprocess.Popen[bytes]) -> None:
+        name, how = self.worker_name(proc), describe_exit(proc.returncode)
+        if self.scaler is not None:
+            log.warning("worker %s died (%s); the autoscaler replaces it if needed", name, how)
+            return
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW]
+        if len(self._restarts) >= RESTART_BURST:
+            if now >= self._gave_up_until:
+                self._gave_up_until = now + RESTART_WINDOW
+                log.error(
+                    "worker %s died (%s); %d workers were restarted in the last %.0f s, so it "
+                    "is not restarted (see its log in %s)",
+                    name,
+                    how,
+                    len(self._restarts),
+                    RESTART_WINDOW,
+                    self.log_dir,
+                )
+            return
+        self._restarts.append(now)
+        new = self.add_worker()
+        log.warning(
+            "worker %s died (%s); started %s in its place", name, how, self.worker_name(new)
         )
-        self.workers.append(proc)
-        return proc
 
     def worker_name(self, proc: subprocess.Popen[bytes]) -> str:
         """The name a worker process of this cluster reports to the server."""
@@ -227,17 +303,23 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ stop
 
-    def close(self) -> None:
-        """Stop workers (draining), the server and the embedded Redis; remove temp files."""
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop workers (draining, up to ``timeout`` seconds), the server and the embedded
+        Redis; remove temp files."""
         if not self._started:
             return
         self._started = False
         atexit.unregister(self.close)
+        self._closing.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         if self.scaler is not None:
             self.scaler.stop()
-        terminate(self.workers, STOP_TIMEOUT)
+        with self._lock:
+            workers = list(self.workers)
+        terminate(workers, timeout)
         if self.server is not None:
-            terminate([self.server], STOP_TIMEOUT)
+            terminate([self.server], timeout)
         if self.redis is not None:
             self.redis.stop()
         for f in self._log_files:
@@ -248,5 +330,7 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        # After Ctrl-C the job was cancelled: workers have nothing worth waiting for.
+        interrupted = isinstance(kind, type) and issubclass(kind, KeyboardInterrupt)
+        self.close(INTERRUPTED_STOP_TIMEOUT if interrupted else STOP_TIMEOUT)

@@ -137,6 +137,16 @@ class Heartbeat(Message):
     exiting: bool = False
 
 
+class Presence(Message):
+    """One line of the ``POST PRESENCE`` request body (newline-delimited JSON): the first
+    names the worker and a fresh ``session`` for this connection; empty lines keep it
+    alive; ``bye`` ends it cleanly (the worker handed back what it held)."""
+
+    worker: Id
+    session: Id
+    bye: bool = False
+
+
 # ---------------------------------------------------------------------- server -> client, worker
 
 

@@ -15,8 +15,8 @@ from typing import Any, Final
 import msgspec
 
 from . import protocol
-from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE
-from .routes import PATH_PARAMETERS, ROUTES, Bytes, Frames, Json, Reply, Route, replies
+from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PRESENCE_CONTENT_TYPE
+from .routes import PATH_PARAMETERS, ROUTES, Bytes, Frames, Json, Lines, Reply, Route, replies
 
 __all__ = ["document", "FRAMES_DESCRIPTION"]
 
@@ -46,10 +46,12 @@ def _types() -> list[Any]:
                 seen[body.type] = None
             elif isinstance(body, Frames):
                 seen[body.header] = None
+            elif isinstance(body, Lines) and body.type is not None:
+                seen[body.type] = None
     return list(seen)
 
 
-def _content(body: Json | Frames | Bytes, schema: dict[str, Any]) -> dict[str, Any]:
+def _content(body: Json | Frames | Bytes | Lines, schema: dict[str, Any]) -> dict[str, Any]:
     if isinstance(body, Json):
         return {"application/json": {"schema": schema}}
     if isinstance(body, Frames):
@@ -60,6 +62,10 @@ def _content(body: Json | Frames | Bytes, schema: dict[str, Any]) -> dict[str, A
             "description": f"{FRAMES_DESCRIPTION} Header: {header}. Parts: {body.parts}.",
         }
         return {FRAMES_CONTENT_TYPE: {"schema": binary, "x-hq-frame-header": schema}}
+    if isinstance(body, Lines):
+        text = {"type": "string", "description": f"Newline-delimited JSON: {body.what}."}
+        line = {"x-hq-line": schema} if schema else {}
+        return {PRESENCE_CONTENT_TYPE: {"schema": text, **line}}
     return {
         BLOB_CONTENT_TYPE: {
             "schema": {"type": "string", "format": "binary", "description": body.what}
@@ -118,11 +124,13 @@ def _operation(route: Route, schema_of: dict[Any, dict[str, Any]]) -> dict[str, 
     return op
 
 
-def _body(body: Json | Frames | Bytes, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+def _body(body: Json | Frames | Bytes | Lines, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     if isinstance(body, Json):
         return _content(body, schema_of[body.type])
     if isinstance(body, Frames):
         return _content(body, schema_of[body.header])
+    if isinstance(body, Lines) and body.type is not None:
+        return _content(body, schema_of[body.type])
     return _content(body, {})
 
 
@@ -181,7 +189,7 @@ def encoded() -> bytes:
     return _document()
 
 
-def _body_name(body: Json | Frames | Bytes | None) -> str:
+def _body_name(body: Json | Frames | Bytes | Lines | None) -> str:
     if body is None:
         return "-"
     if isinstance(body, Json):
@@ -189,6 +197,8 @@ def _body_name(body: Json | Frames | Bytes | None) -> str:
         return f"`{name}`" if name != "dict" else "JSON object"
     if isinstance(body, Frames):
         return f"frames: `{body.header.__name__}` + parts"
+    if isinstance(body, Lines):
+        return f"lines: `{body.type.__name__}`" if body.type is not None else "lines"
     return "bytes"
 
 

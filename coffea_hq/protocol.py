@@ -53,6 +53,11 @@ RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
+# A worker holds one request open here for its whole life (its presence): when the
+# connection drops without a goodbye, the server requeues the worker's tasks after
+# PRESENCE_GRACE seconds rather than after the lease timeout.
+PRESENCE: Final = API + "/presence"
+PRESENCE_CONTENT_TYPE: Final = "application/x-ndjson"
 
 # Defaults, overridable by command-line flags.
 DEFAULT_PORT: Final = 8786
@@ -81,6 +86,9 @@ TOKEN_PREFIX: Final = "hq_"  # every token coffea-hq makes starts with it
 # Quota refusals (429) and a full store (507) tell the client when to try again.
 RETRY_AFTER_QUOTA: Final = 2
 RETRY_AFTER_STORE_FULL: Final = 5
+PRESENCE_GRACE: Final = 1.5  # seconds a dropped presence may take to reconnect unpunished
+PRESENCE_PING: Final = 5.0  # seconds between keep-alive lines, both ways
+WORKER_GONE_REASON: Final = "its connection to the server dropped: worker killed or lost"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64

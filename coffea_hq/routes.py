@@ -18,7 +18,7 @@ import msgspec
 from . import messages as m
 from . import protocol
 
-__all__ = ["Bytes", "Frames", "Json", "Query", "Reply", "Route", "ROUTES", "PATH_PARAMETERS"]
+__all__ = ["Bytes", "Frames", "Json", "Lines", "Query", "Reply", "Route", "ROUTES", "PATH_PARAMETERS"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,16 @@ class Bytes:
     what: str
 
 
-Body = Json | Frames | Bytes
+@dataclass(frozen=True, slots=True)
+class Lines:
+    """An ``application/x-ndjson`` stream held open: one JSON message of type ``type`` per
+    line (None: empty lines only), empty lines keeping the connection alive."""
+
+    type: Any
+    what: str
+
+
+Body = Json | Frames | Bytes | Lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +298,24 @@ ROUTES: Final[tuple[Route, ...]] = (
         tag="workers",
         body=Json(m.Heartbeat),
         replies=(Reply(200, Json(m.HeartbeatReply), "the leases lost, and when to beat next"),),
+    ),
+    Route(
+        method="POST",
+        path=protocol.PRESENCE,
+        operation="presence",
+        summary=(
+            "Held open for a worker's life: a connection that drops without a goodbye "
+            "requeues the worker's tasks after a short grace."
+        ),
+        tag="workers",
+        body=Lines(
+            m.Presence,
+            "a hello naming the worker and a fresh session, empty keep-alive lines, and "
+            "optionally a goodbye (bye: true) once the worker handed back what it held",
+        ),
+        replies=(
+            Reply(200, Lines(None, "keep-alive empty lines until either side ends"), "held"),
+        ),
     ),
 )
 

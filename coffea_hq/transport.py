@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,22 @@ class Transport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def hold(
+        self, path: str, body: AsyncIterator[bytes], *, content_type: str, idle: float
+    ) -> None:
+        """One long-lived ``POST``: stream ``body`` while reading the reply until either
+        ends. No retries (the caller reconnects); raises if the connection fails or the
+        server stays silent for ``idle`` seconds."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=idle)
+        headers = {"Content-Type": content_type}
+        async with self._client().post(
+            self.url + path, data=body, headers=headers, timeout=timeout
+        ) as resp:
+            if resp.status != 200:
+                raise _error_from(resp.status, await resp.read())
+            async for _ in resp.content:  # keep-alive lines
+                pass
 
     async def call(
         self,

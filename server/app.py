@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .dispatch import LeaseDispatcher
 from .keys import Keys
 from .limits import LongPolls, MemoryGauge, QuotaExceeded, TooManyTasks
+from .presence import PresenceTracker
 from .store import NO_JOB, Report, Store, StoreError, UnknownJob, UnsupportedStore
 
 log = logging.getLogger("coffea_hq.server")
@@ -38,6 +39,7 @@ DISPATCHER = web.AppKey("dispatcher", LeaseDispatcher)
 GAUGE = web.AppKey("gauge", MemoryGauge)
 LONG_POLLS = web.AppKey("long_polls", LongPolls)
 TOKENS = web.AppKey("tokens", TokenCache)
+PRESENCE = web.AppKey("presence", PresenceTracker)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -443,6 +445,45 @@ async def heartbeat(request: web.Request) -> web.Response:
     return _json_reply(reply)
 
 
+async def presence(request: web.Request) -> web.StreamResponse:
+    """Held open for a worker's life: its request body is newline-delimited
+    :class:`~coffea_hq.messages.Presence` lines (a hello, keep-alive empty lines, a
+    goodbye); the reply streams keep-alive lines back. See :mod:`.presence`."""
+    hello = m.decode(await request.content.readline(), m.Presence)
+    tracker = request.app[PRESENCE]
+    await request.app[STORE].open_session(hello.worker, hello.session)
+    tracker.opened()
+    clean = False
+    response = web.StreamResponse(headers={"Content-Type": protocol.PRESENCE_CONTENT_TYPE})
+
+    async def ping() -> None:
+        while True:
+            await response.write(b"\n")
+            await asyncio.sleep(protocol.PRESENCE_PING)
+
+    pinger: asyncio.Task[None] | None = None
+    try:
+        await response.prepare(request)
+        pinger = asyncio.create_task(ping())
+        while line := await request.content.readline():
+            if line.strip():
+                said = m.decode(line, m.Presence)
+                if said.worker == hello.worker and said.session == hello.session and said.bye:
+                    clean = True
+                    break
+    except (ConnectionError, OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        pass  # a broken stream is a dropped one
+    except Exception as e:  # aiohttp's payload errors: the connection broke mid-body
+        log.debug("presence of worker %s ended: %r", hello.worker, e)
+    finally:
+        if pinger is not None:
+            pinger.cancel()
+        tracker.ended(hello.worker, hello.session, clean=clean)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write_eof()
+    return response
+
+
 # ---------------------------------------------------------------------- lifecycle
 
 
@@ -545,6 +586,7 @@ HANDLERS: dict[str, Handler] = {
     "complete": complete,
     "release": release,
     "heartbeat": heartbeat,
+    "presence": presence,
 }
 
 
@@ -604,6 +646,7 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def dispatcher(app: web.Application) -> AsyncIterator[None]:
         app[DISPATCHER] = LeaseDispatcher(app[STORE])
+        app[PRESENCE] = PresenceTracker(app[STORE], config.presence_grace)
         yield
         await app[DISPATCHER].close()
 
@@ -622,6 +665,8 @@ def make_app(config: ServerConfig) -> web.Application:
         # Shutdown waits for running handlers: end parked long polls now, not at their timeout.
         if DISPATCHER in app:
             await app[DISPATCHER].close()
+        if PRESENCE in app:  # presence streams never end on their own
+            await app[PRESENCE].close()
 
     app.on_shutdown.append(release_parked)
     add_routes(app.router)

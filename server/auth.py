@@ -58,6 +58,7 @@ ROUTE_ROLES: dict[tuple[str, str], frozenset[Role] | None] = {
     ("POST", protocol.COMPLETE): WORKER,
     ("POST", protocol.RELEASE): WORKER,
     ("POST", protocol.HEARTBEAT): WORKER,
+    ("POST", protocol.PRESENCE): WORKER,
 }
 
 _MISSING = object()

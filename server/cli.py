@@ -12,6 +12,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
+from coffea_hq.lifeline import watch_stdin
 
 from . import tokens
 from .app import make_app
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
     )
+    watch_stdin()  # started by a LocalCluster: stop when it goes away
     config = ServerConfig(
         redis_url=args.redis,
         host=args.host,

@@ -27,6 +27,7 @@ class ServerConfig:
     token_cache_ttl: float = DEFAULT_TOKEN_CACHE_TTL
     worker_token_digest: str = ""  # sha256 of --worker-token-file's token ('' for none)
     limits: Limits = field(default_factory=Limits)
+    presence_grace: float = protocol.PRESENCE_GRACE
 
     @property
     def reap_interval(self) -> float:

@@ -83,6 +83,12 @@ class JobKeys:
         return list(astuple(self))
 
 
+# The KEYS of scripts over the whole store rather than one job (worker_gone): the global
+# keys a job script also gets, then the worker registry. They reach a job's own keys
+# through the use_job() the prelude generates.
+STORE_KEY_NAMES = ("ready", "jobs", "counters", "workers", "workers_seen", "sessions")
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one prefix (``--prefix``, default ``hq``)."""
@@ -121,6 +127,16 @@ class Keys:
     def tokens(self) -> str:
         """Access tokens: hash, sha256 of the token -> JSON record (see :mod:`.tokens`)."""
         return f"{self.prefix}:tokens"
+
+    @property
+    def sessions(self) -> str:
+        """worker -> the session id of its current presence connection (the fence)."""
+        return f"{self.prefix}:workers:session"
+
+    @property
+    def store_keys(self) -> list[str]:
+        """The KEYS of a store-wide script, in :data:`STORE_KEY_NAMES` order."""
+        return [getattr(self, name) for name in STORE_KEY_NAMES]
 
     def user_jobs(self, user: str) -> str:
         """A user's jobs: zset, job -> creation time (ms); the quotas read it."""

@@ -481,6 +481,18 @@ class Store:
             for task, attempt in lost
         ]
 
+    async def open_session(self, worker: str, session: str) -> None:
+        """``worker``'s presence is now ``session``: an older session's end changes nothing."""
+        await self.redis.hset(self.keys.sessions, worker, session)
+
+    async def end_session(self, worker: str, session: str, *, lost: bool) -> tuple[bool, int, int]:
+        """End ``worker``'s presence ``session`` if it is still the current one; if ``lost``,
+        forget the worker and requeue (or fail) its leases. Returns (current, requeued,
+        failed)."""
+        return await self.scripts.worker_gone(
+            self.keys, worker=worker, session=session, lost=lost
+        ).run()
+
     async def forget_worker(self, worker: str) -> None:
         await self.redis.hdel(self.keys.workers, worker)
         await self.redis.zrem(self.keys.workers_seen, worker)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis as sync_redis
 from coffea_hq.server import scripts
-from coffea_hq.server.keys import Event, JobKeys, Keys, Meta
+from coffea_hq.server.keys import STORE_KEY_NAMES, Event, JobKeys, Keys, Meta
 from coffea_hq.server.store import Report, Store
 
 from coffea_hq import protocol
@@ -325,7 +325,11 @@ def test_the_lua_prelude_declares_the_python_key_layout_and_argv() -> None:
         prelude = scripts.prelude(name)
         declared = re.search(r"^local ([A-Z_, ]+) = KEYS\[1\]", prelude, re.M)
         assert declared is not None
-        assert declared.group(1).split(", ") == [k.upper() for k in JobKeys.names()]
+        if name in scripts.STORE_SCRIPTS:  # store-wide: its own KEYS, job keys via use_job
+            assert declared.group(1).split(", ") == [k.upper() for k in STORE_KEY_NAMES]
+            assert Keys("p").store_keys[:3] == job_keys.script_keys[JobKeys.OWNED :]
+        else:
+            assert declared.group(1).split(", ") == [k.upper() for k in JobKeys.names()]
         table = re.search(r"^local A = \{(.*)\}$", prelude, re.M)
         assert table is not None
         named = re.findall(r"(\w+) = ARGV\[(\d+)\]", table.group(1))

@@ -45,6 +45,12 @@ DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch syste
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
+# A drain whose server stays unreachable this long ends at once: nobody could take the
+# results, and an orphan must not linger for the whole drain timeout.
+DRAIN_UNREACHABLE = 5.0
+# A lease lost before its slot began the task is looked for this often, this many times.
+LOST_RECHECK_EVERY = 0.1
+LOST_RECHECKS = 100
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,10 @@ class Leases:
             self.end(item)
         return items
 
+    def still_running(self, keys: set[LeaseKey]) -> set[LeaseKey]:
+        """Those of ``keys`` a slot holds (taken, no result yet)."""
+        return keys & self._running
+
     async def wait_empty(self) -> None:
         while self._held:
             self.ended.clear()
@@ -203,6 +213,8 @@ class Worker:
         self._abort = asyncio.Event()
         self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
+        self._goodbye = asyncio.Event()  # set once everything held was handed back
+        self._lost_watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -235,6 +247,7 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._report_loop(), name="report"),
         ]
+        presence = asyncio.create_task(self._presence_loop(), name="presence")
         leasing = asyncio.create_task(self._lease_loop(), name="lease")
         running = [
             asyncio.create_task(self._slot_loop(s), name=f"slot{s.index}") for s in self.slots
@@ -254,18 +267,77 @@ class Worker:
                 # A second SIGTERM (abort) cuts the drain short.
                 drain = asyncio.create_task(self._drain(leasing, running))
                 abort = asyncio.create_task(self._abort.wait())
+                watch = asyncio.create_task(self._watch_server_while_draining())
                 await asyncio.wait([drain, abort], return_when=asyncio.FIRST_COMPLETED)
-                for task in (drain, abort):
+                for task in (drain, abort, watch):
                     task.cancel()
-                await asyncio.gather(drain, abort, return_exceptions=True)
+                await asyncio.gather(drain, abort, watch, return_exceptions=True)
         finally:
             for task in watched:
                 task.cancel()
             await asyncio.gather(*watched, return_exceptions=True)
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
+            if self._lost_watch is not None:
+                self._lost_watch.cancel()
+            await self._end_presence(presence)
             await self.api.close()
         log.info("worker %s stopped: %s", self.id, self.stats)
+
+    async def _presence_loop(self) -> None:
+        """Hold a presence connection to the server for the worker's life, a fresh
+        session per connection: if this process dies, the server sees the connection
+        drop and requeues what it held within seconds, not at the lease timeout."""
+        delay = 0.1
+        while not self._goodbye.is_set():
+            hello = m.Presence(worker=self.id, session=uuid.uuid4().hex)
+            started = time.monotonic()
+            try:
+                await self.api.presence(hello, self._goodbye)
+            except asyncio.CancelledError:
+                raise
+            except ServerError as e:
+                if e.status in (404, 405):  # an older server: the lease timeout alone
+                    log.info("worker %s: the server has no presence route", self.id)
+                    return
+                log.debug("worker %s: presence refused: %s", self.id, e)
+            except Exception as e:  # the server restarts or is cut off: reconnect
+                log.debug("worker %s: presence connection ended: %r", self.id, e)
+            if time.monotonic() - started > 10:
+                delay = 0.1
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)  # well inside the server's grace while it answers
+
+    async def _end_presence(self, presence: asyncio.Task[None]) -> None:
+        """Say goodbye, unless aborting: an aborted worker still holds leases, which its
+        silence lets the server requeue at once."""
+        if self._abort.is_set():
+            presence.cancel()
+        else:
+            self._goodbye.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(presence, return_exceptions=True), 2.0)
+
+    async def _watch_server_while_draining(self) -> None:
+        """Abort the drain once the server has not answered for ``DRAIN_UNREACHABLE``
+        seconds (it is gone: the leases expire there, or a new server requeues them)."""
+        while True:
+            try:
+                async with asyncio.timeout(2 * DRAIN_UNREACHABLE):  # a hung server too
+                    await self.api.health(retry_for=DRAIN_UNREACHABLE, warn=False)
+            except (ServerUnreachable, TimeoutError) as e:
+                log.warning(
+                    "worker %s: server unreachable for %.0f s while draining (%s): exiting "
+                    "now; the tasks it held return to the queue when their leases expire",
+                    self.id,
+                    DRAIN_UNREACHABLE,
+                    getattr(e, "reason", "") or "no answer",
+                )
+                self._abort.set()
+                return
+            except ServerError:
+                pass  # it answers: the drain goes on
+            await asyncio.sleep(1.0)
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
         """Hand back everything not started, let running tasks finish and report, within
@@ -521,12 +593,34 @@ class Worker:
         # what is running (its result would be refused anyway). Only that very attempt:
         # the same task may be running here again under a newer one.
         running = self.leases.lost(lost)
+        if running:
+            self._stop_lost(running)
+
+    def _stop_lost(self, running: set[LeaseKey]) -> set[LeaseKey]:
+        """Kill the slots running these lost leases; the ones no slot has begun yet
+        (its subprocess still loading the function) are looked for again shortly."""
         for slot in self.slots:
-            if running and slot.executing() in running:
+            key = slot.executing()
+            if key in running:
                 log.info(
                     "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
                 )
                 slot.kill()
+                running = running - {key}
+        left = self.leases.still_running(running)
+        if left and self._lost_watch is None:
+            self._lost_watch = asyncio.create_task(self._stop_lost_later(left))
+        return left
+
+    async def _stop_lost_later(self, running: set[LeaseKey]) -> None:
+        try:
+            for _ in range(LOST_RECHECKS):
+                await asyncio.sleep(LOST_RECHECK_EVERY)
+                running = self._stop_lost(running)
+                if not running:
+                    return
+        finally:
+            self._lost_watch = None
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from coffea_hq import protocol
+from coffea_hq.lifeline import watch_stdin
 
 from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout=args.drain_timeout,
         users=users,
     )
+    watch_stdin()  # started by a LocalCluster: drain when it goes away
     asyncio.run(Worker(config).run())
     return 0
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from coffea_hq.lifeline import tie_to_parent
 from coffea_hq.messages import LeaseRef
 from coffea_hq.protocol import Outcome, is_merge
 
@@ -104,6 +105,7 @@ class Slot:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             pass_fds=(fd,),
+            preexec_fn=tie_to_parent(),  # a SIGKILLed worker leaves no task running
         )
 
     @property

@@ -84,7 +84,7 @@ local function finish(state, reason)
   redis.call('ZREM', READY, JOB)
   redis.call('ZREM', JOBS, JOB)
   redis.call('XADD', EVENTS, '*', EV.END, state)
-  for i = 1, OWNED_KEYS do redis.call('EXPIRE', KEYS[i], TTL) end
+  for _, key in ipairs(owned_keys()) do redis.call('EXPIRE', key, TTL) end
 end
 
 local function queue_merge(inputs)
@@ -152,4 +152,45 @@ local function lost_error(task, attempt, worker, reason)
     worker = worker,
     attempt = attempt,
   })
+end
+
+-- End leases of tasks whose worker is gone (lease expired, or its presence dropped): back
+-- to the queue with the attempt counted, or failed for good past max_attempts with
+-- `reason`. Returns requeued, failed.
+local function expire_leases(expired, max_attempts, reason)
+  if #expired == 0 then return 0, 0 end
+  local holders = call_sliced_collect('HMGET', HOLDER, expired)
+  local back, failed, done_pairs = {}, {}, {}
+  for k, task in ipairs(expired) do
+    local attempt, worker = split_holder(holders[k])
+    if not attempt then
+      back[#back + 1] = task  -- no holder record: give the task another go
+    elseif attempt < max_attempts then
+      back[#back + 1] = task
+    else
+      failed[#failed + 1] = {task, attempt, worker}
+      done_pairs[#done_pairs + 1] = task
+      done_pairs[#done_pairs + 1] = attempt .. '|' .. worker .. '|D'
+    end
+  end
+  call_sliced('ZREM', LEASES, expired)
+  if #back > 0 then
+    call_sliced('LPUSH', QUEUE, back)
+    redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+    count(COUNT.REQUEUED, #back)
+    redis.call('PUBLISH', CHANNEL, #back)
+  end
+  if #failed > 0 then
+    call_sliced('HSET', HOLDER, done_pairs)
+    local err = {}
+    for _, f in ipairs(failed) do
+      redis.call('HDEL', PAYLOAD, f[1])
+      fail_task(f[1], lost_error(f[1], f[2], f[3], reason), '')
+      err[#err + 1] = f[1]
+    end
+    redis.call('XADD', EVENTS, '*', EV.OK, '', EV.ERROR, table.concat(err, ','))
+    fail_fast_if_needed()
+    finish_if_complete()
+  end
+  return #back, #failed
 end
