@@ -45,6 +45,9 @@ DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch syste
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
+# A slot keeps serving its job's tasks while the oldest pending task of another job has
+# waited less than this; then it switches (a new subprocess) to that job.
+JOB_SWITCH_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,32 @@ class Leases:
         if items:
             self.work.set()
 
-    def take(self, n: int) -> list[HeldTask]:
-        """Up to ``n`` pending leases, oldest first, now running."""
-        batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+    def take(self, n: int, job: str | None = None) -> list[HeldTask]:
+        """Up to ``n`` pending leases of one job, oldest first, now running.
+
+        ``job`` (the one the calling slot's subprocess serves) is preferred while it has
+        pending tasks and the oldest pending task has waited less than ``JOB_SWITCH_WAIT``:
+        a slot switching jobs costs a new subprocess, but no job waits long behind another.
+        """
+        if not self._pending:
+            return []
+        head = self._pending[0]
+        if job is None or head.job == job or time.monotonic() - head.since > JOB_SWITCH_WAIT:
+            job = head.job
+        batch: list[HeldTask] = []
+        if head.job == job:  # the fast path: a run of one job's tasks at the front
+            while self._pending and len(batch) < n and self._pending[0].job == job:
+                batch.append(self._pending.popleft())
+        else:
+            rest: deque[HeldTask] = deque()
+            for item in self._pending:
+                if item.job == job and len(batch) < n:
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            if not batch:  # the preferred job has nothing pending: take the oldest's
+                return self.take(n, head.job)
+            self._pending = rest
         self._running.update(item.key for item in batch)
         return batch
 
@@ -394,7 +420,7 @@ class Worker:
                 await self.leases.work.wait()
             if self._stopping.is_set():
                 return
-            batch = self.leases.take(self._batch_size())
+            batch = self.leases.take(self._batch_size(), slot.job)
             self._busy += 1
             try:
                 leftover = await slot.run(batch, self._on_results)
@@ -499,6 +525,7 @@ class Worker:
             "mean_runtime": self._mean_runtime,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "restarts": sum(s.restarts for s in self.slots),
+            "job_switches": sum(s.switches for s in self.slots),
         }
         reply = await self.api.heartbeat(
             m.Heartbeat(
