@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,15 +32,21 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait until the hq-server ``proc`` answers ``/health`` at ``url``."""
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Wait until the hq-server ``proc`` answers ``/health`` at ``url`` (an ``https://``
+    one verified with ``context``)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise HQError(f"hq-server exited at start with code {proc.returncode}")
         with (
             contextlib.suppress(OSError, ValueError),
-            urllib.request.urlopen(url + protocol.HEALTH, timeout=2) as r,
+            urllib.request.urlopen(url + protocol.HEALTH, timeout=2, context=context) as r,
         ):
             if json.load(r).get("status") == "ok":
                 return

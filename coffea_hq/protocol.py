@@ -71,6 +71,13 @@ LONG_POLL_MAX: Final = 60.0
 ERROR_TEXT_MAX: Final = 64 * 1024
 ERROR_PICKLE_MAX: Final = 1024 * 1024
 ENV_URL: Final = "HQ_URL"
+# TLS files of clients and workers (PEM): the CA that signed the server's certificate,
+# and a client certificate and its key where the server requires one (mutual TLS).
+ENV_TLS_CA: Final = "HQ_TLS_CA"
+ENV_TLS_CERT: Final = "HQ_TLS_CERT"
+ENV_TLS_KEY: Final = "HQ_TLS_KEY"
+# hq-server's password for the store (kept off the command line).
+ENV_STORE_PASSWORD: Final = "HQ_STORE_PASSWORD"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64

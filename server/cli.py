@@ -12,6 +12,8 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
+from coffea_hq.errors import TLSError
+from coffea_hq.tls import server_context
 
 from .app import make_app
 from .config import ServerConfig
@@ -85,6 +87,24 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run even if the store's maxmemory-policy may evict keys (loses tasks)",
     )
+    tls = p.add_argument_group("TLS (HTTPS) for clients and workers")
+    tls.add_argument("--tls-cert", help="the server's certificate chain (PEM); with --tls-key")
+    tls.add_argument("--tls-key", help="the key of --tls-cert (PEM)")
+    tls.add_argument(
+        "--tls-ca",
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
+    store = p.add_argument_group("the store's credentials and TLS")
+    store.add_argument(
+        "--store-user",
+        help="Redis ACL user to connect as (its password from "
+        f"${protocol.ENV_STORE_PASSWORD}, kept off the command line)",
+    )
+    store.add_argument("--store-ca", help="CA (PEM) that signed a rediss:// store's certificate")
+    store.add_argument(
+        "--store-cert", help="client certificate (PEM) for a rediss:// store that requires one"
+    )
+    store.add_argument("--store-key", help="the key of --store-cert (PEM)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -100,6 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prefix may hold only letters, digits, '-', '_' and '.'")
     if args.port > 65535:
         p.error("--port must be at most 65535")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        p.error("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    store_tls = [
+        f"--{name}"
+        for name in ("store-ca", "store-cert", "store-key")
+        if getattr(args, name.replace("-", "_"))
+    ]
+    if store_tls and not args.redis.startswith("rediss://"):
+        p.error(f"{', '.join(store_tls)} need a rediss:// store URL, got {args.redis!r}")
+    if bool(args.store_cert) != bool(args.store_key):
+        p.error("--store-cert and --store-key go together")
+    ssl_context = None
+    if args.tls_cert:
+        try:
+            ssl_context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        except TLSError as e:
+            p.error(str(e))
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
     )
@@ -113,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         result_ttl=int(args.result_ttl),
         unsealed_timeout=args.unsealed_timeout,
         allow_eviction=args.allow_eviction,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        store_user=args.store_user,
+        store_password=os.environ.get(protocol.ENV_STORE_PASSWORD) or None,
+        store_ca=args.store_ca,
+        store_cert=args.store_cert,
+        store_key=args.store_key,
     )
     try:
         web.run_app(
@@ -120,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             host=config.host,
             port=config.port,
             print=None,
+            ssl_context=ssl_context,
             shutdown_timeout=5.0,
             access_log=None,
         )

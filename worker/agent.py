@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from coffea_hq import messages as m
-from coffea_hq import protocol
+from coffea_hq import protocol, tls
 from coffea_hq.api import API
 from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
@@ -59,6 +59,9 @@ class WorkerConfig:
     retry_for: float = 300.0
     drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT  # None: wait for running tasks
     token: str | None = None
+    tls_ca: str | None = None  # PEM files; None: $HQ_TLS_CA, $HQ_TLS_CERT, $HQ_TLS_KEY
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def default_name() -> str:
@@ -206,7 +209,12 @@ class Worker:
             raise ValueError("worker name: 1-64 letters, digits, '-', '_' or '.'")
         self.config = config
         self.id = config.name or default_name()
-        self.api = API(config.url, retry_for=config.retry_for, token=config.token)
+        context = (
+            tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
+            if config.url.startswith("https://")
+            else None
+        )
+        self.api = API(config.url, retry_for=config.retry_for, token=config.token, tls=context)
         self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
         self.leases = Leases()
         # Finished tasks waiting to be reported: slots put, the report loop alone takes.
@@ -228,6 +236,7 @@ class Worker:
         self._abort = asyncio.Event()
         self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
+        self.error: BaseException | None = None  # what made the worker give up, if anything
 
     # ------------------------------------------------------------------ control
 
@@ -272,7 +281,8 @@ class Worker:
             )
             for task in done:
                 if task in watched and task.exception():
-                    log.error("worker %s giving up: %s", self.id, task.exception())
+                    self.error = task.exception()
+                    log.error("worker %s giving up: %s", self.id, self.error)
                     self._abort.set()
                     self.stop()
             if not self._abort.is_set():

@@ -247,10 +247,10 @@ class Slot:
         spare, self._spare = self._spare, None
         if spare is not None:
             with contextlib.suppress(Exception):
-                proc, fd = await spare
-                if proc.stdin:
-                    proc.stdin.close()
-                await _end(proc, timeout, fd)
+                spare_proc, fd = await spare
+                if spare_proc.stdin:
+                    spare_proc.stdin.close()
+                await _end(spare_proc, timeout, fd)
         if self._exiting:
             await asyncio.gather(*self._exiting, return_exceptions=True)
         proc = self._proc
