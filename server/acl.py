@@ -54,7 +54,7 @@ _SCRIPT_CALL: Final = re.compile(r"(?:redis\.p?call|call_sliced(?:_collect)?)\(\
 def script_commands() -> set[str]:
     """Every command the server's Lua scripts call, lower case."""
     folder = resources.files(__package__).joinpath("lua")
-    found = set()
+    found: set[str] = set()
     for lua in folder.iterdir():
         if lua.name.endswith(".lua"):
             found.update(c.lower() for c in _SCRIPT_CALL.findall(lua.read_text()))
