@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from coffea_hq import protocol
+from coffea_hq.tls import client_context
 
 from .policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
 
@@ -193,8 +194,10 @@ def busy_workers(url: str, timeout: float = 10.0) -> dict[str, bool]:
 
 
 def _get_json(url: str, timeout: float) -> Any:
+    # An https:// server is verified as clients verify it (system CAs plus $HQ_TLS_CA).
+    context = client_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         raise FactoryError(f"{url} answered {e.code} {e.reason}") from e
