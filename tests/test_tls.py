@@ -166,3 +166,32 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
 def test_a_missing_ca_file_fails_when_the_client_is_made(tmp_path: Path) -> None:
     with pytest.raises(TLSError, match="cannot load the TLS CA"):
         Client("https://127.0.0.1:1", tls_ca=str(tmp_path / "nope.pem"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"], "cannot load"),
+        (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-ca", "/nonexistent.pem"], "needs --tls-cert and --tls-key"),
+        (["--store-ca", "/nonexistent.pem"], "need a rediss:// store URL"),
+    ],
+)
+def test_bad_tls_options_stop_the_server_with_a_sentence(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coffea_hq.server import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--redis", "redis://127.0.0.1:1/0", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_worker_with_an_unreadable_ca_exits_with_a_sentence(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from coffea_hq.worker import cli
+
+    assert cli.main(["https://127.0.0.1:1", "--tls-ca", "/nonexistent.pem"]) == 2
+    assert "cannot load the TLS CA from /nonexistent.pem" in capsys.readouterr().err
