@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from . import protocol
@@ -22,9 +23,9 @@ __all__ = ["client_context", "describe_failure", "refusal", "server_context", "s
 PROBE_TIMEOUT = 2.0  # seconds a probe for TLS on a plaintext URL's port may take
 
 
-def _load(what: str, load: object, *paths: str) -> None:
+def _load(what: str, load: Callable[..., None], *paths: str) -> None:
     try:
-        load(*paths)  # type: ignore[operator]
+        load(*paths)
     except (OSError, ssl.SSLError) as e:
         raise TLSError(f"cannot load the TLS {what} from {', '.join(paths)}: {e}") from None
 

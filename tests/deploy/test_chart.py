@@ -331,6 +331,12 @@ def test_notes_print_the_hq_url(helm_render: Path, tmp_path: Path, render: Rende
     assert "scaled by KEDA between 0 and 40" in done.stdout
     done = render_raw(helm_render, tmp_path, CASES["valkey-auth-no-persistence"], notes=True)
     assert "WARNING: valkey.persistence.enabled is false" in done.stdout
+    assert "HQ_TLS_CA" not in done.stdout
+    done = render_raw(helm_render, tmp_path, CASES["tls-keda"], notes=True)
+    assert done.returncode == 0, done.stderr
+    assert "export HQ_URL=https://" in done.stdout
+    assert "get secret hq-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d" in done.stdout
+    assert "export HQ_TLS_CA=" in done.stdout
 
 
 # ----------------------------------------------------------------------------- values
