@@ -22,6 +22,7 @@ _LAZY = {
     "TaskFailed": "coffea_hq.errors",
     "JobCancelled": "coffea_hq.errors",
     "WorkerLost": "coffea_hq.errors",
+    "TLSError": "coffea_hq.errors",
     "HQExecutor": "coffea_hq.executor",
 }
 
@@ -32,13 +33,14 @@ __all__ = [
     "Job",
     "JobCancelled",
     "LocalCluster",
+    "TLSError",
     "TaskFailed",
     "WorkerLost",
 ]
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job
-    from coffea_hq.errors import HQError, JobCancelled, TaskFailed, WorkerLost
+    from coffea_hq.errors import HQError, JobCancelled, TaskFailed, TLSError, WorkerLost
     from coffea_hq.executor import HQExecutor
     from coffea_hq.local import LocalCluster
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from . import messages as m
 from . import protocol
@@ -34,10 +34,18 @@ Frames = tuple[m.ResultsHeader, list[memoryview]]
 
 class API:
     """The routes of one hq-server. ``token`` authenticates; ``retry_for`` is how long
-    each call retries an unreachable server (a call may lower it with its own)."""
+    each call retries an unreachable server (a call may lower it with its own); ``tls``
+    verifies an ``https://`` server (default: :func:`coffea_hq.tls.client_context`)."""
 
-    def __init__(self, url: str, *, retry_for: float = 300.0, token: str | None = None) -> None:
-        self.transport = Transport(url, retry_for=retry_for, token=token)
+    def __init__(
+        self,
+        url: str,
+        *,
+        retry_for: float = 300.0,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.transport = Transport(url, retry_for=retry_for, token=token, tls=tls)
 
     @property
     def url(self) -> str:

@@ -25,9 +25,17 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import messages, protocol
+from . import messages, protocol, tls
 from .api import API, Frames
-from .errors import HQError, JobCancelled, ServerError, ServerUnreachable, SubmitFailed, TaskFailed
+from .errors import (
+    HQError,
+    JobCancelled,
+    ServerError,
+    ServerUnreachable,
+    SubmitFailed,
+    TaskFailed,
+    TLSError,
+)
 from .protocol import Codec
 
 T = TypeVar("T")
@@ -73,8 +81,14 @@ class Client:
 
     ``url`` defaults to ``$HQ_URL``. The first call checks, within a few seconds, that a
     server answers there, and raises :class:`~coffea_hq.errors.ServerUnreachable` saying
-    so if none does. Later, ``retry_for`` is how long requests ride out an unreachable
-    server (restarts, network cuts) before raising.
+    so if none does (:class:`~coffea_hq.errors.TLSError` if TLS is what failed). Later,
+    ``retry_for`` is how long requests ride out an unreachable server (restarts, network
+    cuts) before raising.
+
+    An ``https://`` server's certificate is verified: against the system's CAs and
+    ``tls_ca`` (default ``$HQ_TLS_CA``), a private CA's PEM file. ``tls_cert`` and
+    ``tls_key`` (default ``$HQ_TLS_CERT``, ``$HQ_TLS_KEY``) are this client's certificate
+    for a server that requires one (mutual TLS).
 
     Close it (or use it as a context manager); one nobody closed closes itself when it
     is garbage-collected or the interpreter exits.
@@ -90,15 +104,24 @@ class Client:
         token: str | None = None,
         retry_for: float = 120.0,
         codec: Codec = Codec.LZ4,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.url = resolve_url(url)
         self.codec = codec
+        # Built (and its files read) now: a missing file fails here, not in the first call.
+        context = (
+            tls.client_context(tls_ca, tls_cert, tls_key)
+            if self.url.startswith("https://")
+            else None
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="coffea-hq-client", daemon=True
         )
         self._thread.start()
-        self.api = API(self.url, retry_for=retry_for, token=token)
+        self.api = API(self.url, retry_for=retry_for, token=token, tls=context)
         self._closed = False
         self._request_limit: int | None = None  # the server's, read from /health once
         self._checking = threading.Lock()
@@ -154,6 +177,8 @@ class Client:
                 return
             try:
                 doc = self._call(self._health_check())
+            except TLSError as e:
+                raise TLSError(str(e), url=self.url) from None  # one sentence, no loop frames
             except ServerUnreachable as e:
                 # Raised here, in the caller's thread: the loop's frames add nothing.
                 raise ServerUnreachable(

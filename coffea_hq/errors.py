@@ -17,6 +17,7 @@ __all__ = [
     "ServerError",
     "ServerUnreachable",
     "SubmitFailed",
+    "TLSError",
     "TaskFailed",
     "WorkerLost",
 ]
@@ -44,6 +45,15 @@ class ServerUnreachable(HQError, ConnectionError):
         super().__init__(message)
         self.url = url
         self.reason = reason
+
+
+class TLSError(HQError, ConnectionError):
+    """A TLS connection to the server failed in a way retrying cannot fix: a certificate
+    not trusted, plaintext on one side, a client certificate missing. Never retried."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class TaskFailed(HQError):

@@ -94,6 +94,12 @@ class HQExecutor(ExecutorBase):
         token : str, optional
             Access token, sent with every request (``Authorization: Bearer``); hq-server
             does not check it yet.
+        tls_ca : str, optional
+            PEM file of the CA that signed an ``https://`` server's certificate, if not a
+            public one (default ``$HQ_TLS_CA``). The certificate is always verified.
+        tls_cert, tls_key : str, optional
+            This session's client certificate and key, for a server that requires one
+            (mutual TLS; default ``$HQ_TLS_CERT``, ``$HQ_TLS_KEY``).
         environment : optional
             Reserved for per-task software environments (a later release).
         client : coffea_hq.Client, optional
@@ -109,6 +115,9 @@ class HQExecutor(ExecutorBase):
     ship_local_modules: bool
     pickle_by_value: tuple[str, ...]
     token: str | None
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
     environment: Any
     client: Client | None
 
@@ -129,6 +138,9 @@ class HQExecutor(ExecutorBase):
         ship_local_modules: bool = True,
         pickle_by_value: Sequence[str] = (),
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         environment: Any = None,
         client: Client | None = None,
     ) -> None:
@@ -148,6 +160,9 @@ class HQExecutor(ExecutorBase):
         self.ship_local_modules = ship_local_modules
         self.pickle_by_value = tuple(pickle_by_value)
         self.token = token
+        self.tls_ca = tls_ca
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.environment = environment
         self.client = client
         if treereduction is not None and treereduction < 2:
@@ -177,7 +192,13 @@ class HQExecutor(ExecutorBase):
                 "HQExecutor(environment=...) is reserved for per-task environments, which "
                 "this version of coffea-hq does not support yet; leave it unset"
             )
-        client = self.client or Client(self.server_url(), token=self.token)
+        client = self.client or Client(
+            self.server_url(),
+            token=self.token,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+        )
         try:
             return self._run(client, items, function, accumulator)
         finally:

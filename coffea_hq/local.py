@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,15 +51,21 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait until the hq-server ``proc`` answers ``/health`` at ``url``."""
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Wait until the hq-server ``proc`` answers ``/health`` at ``url`` (an ``https://``
+    one verified with ``context``)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise HQError(f"hq-server exited at start with code {proc.returncode}")
         with (
             contextlib.suppress(OSError, ValueError),
-            urllib.request.urlopen(url + protocol.HEALTH, timeout=2) as r,
+            urllib.request.urlopen(url + protocol.HEALTH, timeout=2, context=context) as r,
         ):
             if json.load(r).get("status") == "ok":
                 return

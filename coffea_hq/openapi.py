@@ -124,7 +124,9 @@ def _operation(route: Route, schema_of: dict[Any, dict[str, Any]]) -> dict[str, 
     return op
 
 
-def _body(body: Json | Frames | Bytes | Lines, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+def _body(
+    body: Json | Frames | Bytes | Lines, schema_of: dict[Any, dict[str, Any]]
+) -> dict[str, Any]:
     if isinstance(body, Json):
         return _content(body, schema_of[body.type])
     if isinstance(body, Frames):

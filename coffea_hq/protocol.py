@@ -89,6 +89,13 @@ RETRY_AFTER_STORE_FULL: Final = 5
 PRESENCE_GRACE: Final = 1.5  # seconds a dropped presence may take to reconnect unpunished
 PRESENCE_PING: Final = 5.0  # seconds between keep-alive lines, both ways
 WORKER_GONE_REASON: Final = "its connection to the server dropped: worker killed or lost"
+# TLS files of clients and workers (PEM): the CA that signed the server's certificate,
+# and a client certificate and its key where the server requires one (mutual TLS).
+ENV_TLS_CA: Final = "HQ_TLS_CA"
+ENV_TLS_CERT: Final = "HQ_TLS_CERT"
+ENV_TLS_KEY: Final = "HQ_TLS_KEY"
+# hq-server's password for the store (kept off the command line).
+ENV_STORE_PASSWORD: Final = "HQ_STORE_PASSWORD"
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64

@@ -18,7 +18,17 @@ import msgspec
 from . import messages as m
 from . import protocol
 
-__all__ = ["Bytes", "Frames", "Json", "Lines", "Query", "Reply", "Route", "ROUTES", "PATH_PARAMETERS"]
+__all__ = [
+    "Bytes",
+    "Frames",
+    "Json",
+    "Lines",
+    "Query",
+    "Reply",
+    "Route",
+    "ROUTES",
+    "PATH_PARAMETERS",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +323,7 @@ ROUTES: Final[tuple[Route, ...]] = (
             "a hello naming the worker and a fresh session, empty keep-alive lines, and "
             "optionally a goodbye (bye: true) once the worker handed back what it held",
         ),
-        replies=(
-            Reply(200, Lines(None, "keep-alive empty lines until either side ends"), "held"),
-        ),
+        replies=(Reply(200, Lines(None, "keep-alive empty lines until either side ends"), "held"),),
     ),
 )
 

@@ -7,7 +7,9 @@ is idempotent, which makes retrying safe.
 A 429 (a quota) or 507 (the store is full) is retried after the ``Retry-After`` the
 server sends, within the same budget; giving up raises :class:`ServerError` with the
 server's sentence. Any other 4xx answer is never retried: it raises
-:class:`ServerError` with the server's own sentence.
+:class:`ServerError` with the server's own sentence. Neither is a TLS failure (a
+certificate not trusted, plaintext to a TLS port or the reverse): it raises
+:class:`TLSError` at once, saying why.
 
 The access token is ``token=``, else ``$HQ_TOKEN``, else the contents of the file
 ``$HQ_TOKEN_FILE`` names (see :func:`resolve_token`).
@@ -21,6 +23,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,9 +33,10 @@ import aiohttp
 import msgspec
 
 from . import protocol
-from .errors import HQError, ServerError, ServerUnreachable
+from .errors import HQError, ServerError, ServerUnreachable, TLSError
+from .tls import client_context, describe_failure, refusal, speaks_tls
 
-__all__ = ["Response", "ServerError", "ServerUnreachable", "Transport"]
+__all__ = ["Response", "ServerError", "ServerUnreachable", "TLSError", "Transport"]
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +117,39 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class Transport:
-    """A retrying aiohttp session bound to one server URL. Use within one event loop."""
+def _ssl_failure(e: BaseException) -> BaseException | None:
+    """The TLS error behind a failed request, if that is what it was."""
+    seen: BaseException | None = e
+    for _ in range(4):  # aiohttp wraps the ssl module's error once or twice
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError | aiohttp.ClientSSLError):
+            return seen
+        seen = getattr(seen, "os_error", None) or seen.__cause__ or seen.__context__
+    return None
 
-    def __init__(self, url: str, *, retry_for: float = 300.0, token: str | None = None) -> None:
+
+class Transport:
+    """A retrying aiohttp session bound to one server URL. Use within one event loop.
+
+    An ``https://`` URL is verified with ``tls`` (default: ``coffea_hq.tls.client_context()``,
+    which reads ``$HQ_TLS_CA``, ``$HQ_TLS_CERT`` and ``$HQ_TLS_KEY``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retry_for: float = 300.0,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.retry_for = retry_for
         token = resolve_token(token)
+        self.https = self.url.startswith("https://")
+        self._tls = tls if tls is not None or not self.https else client_context()
+        self._probed = False  # a plaintext URL's port has been asked whether it speaks TLS
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
         self._warned = False  # an outage has been logged and the server not heard since
@@ -132,7 +162,9 @@ class Transport:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, enable_cleanup_closed=True),
+                connector=aiohttp.TCPConnector(
+                    limit=64, enable_cleanup_closed=True, ssl=self._tls or True
+                ),
                 headers=self._headers,
                 # Long polls set their own read timeout per request.
                 timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=120),
@@ -196,6 +228,7 @@ class Transport:
                     ctype = resp.content_type
                     wait_hint = resp.headers.get("Retry-After")
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                await self._fail_if_tls_mismatch(e)
                 failure: str = _describe(e)
             else:
                 if status in accept:
@@ -241,3 +274,28 @@ class Transport:
             log.debug("%s %s failed (%s); retrying in %.2fs", method, path, failure, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+
+    async def _fail_if_tls_mismatch(self, e: BaseException) -> None:
+        """Raise :class:`TLSError` if ``e`` is a TLS failure, or if this plaintext URL's
+        port turns out to speak TLS: no retry would change either."""
+        cause = _ssl_failure(e)
+        if cause is not None and self.https:
+            raise TLSError(describe_failure(self.url, cause), url=self.url) from None
+        if self._probed or not isinstance(
+            e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+        ):
+            return
+        self._probed = True  # once: a restarting server disconnects too
+        if self.https:
+            assert self._tls is not None
+            why = await refusal(self.url, self._tls)
+            if why is not None:
+                raise TLSError(why, url=self.url) from None
+            return
+        if await speaks_tls(self.url):
+            secure = "https://" + self.url.removeprefix("http://")
+            raise TLSError(
+                f"the server at {self.url} speaks TLS, not plain HTTP: use {secure} "
+                "(and tls_ca=, --tls-ca or HQ_TLS_CA if a private CA signed its certificate)",
+                url=self.url,
+            ) from None

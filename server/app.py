@@ -629,6 +629,7 @@ def make_app(config: ServerConfig) -> web.Application:
             socket_timeout=protocol.LONG_POLL_MAX + 30,
             health_check_interval=30,
             retry_on_timeout=False,
+            **config.store_options(),
         )
         try:
             app[STORE] = Store(

@@ -12,7 +12,9 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coffea_hq import protocol
+from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
+from coffea_hq.tls import server_context
 
 from . import tokens
 from .app import make_app
@@ -156,6 +158,24 @@ def parser() -> argparse.ArgumentParser:
         help="share of the store's maxmemory above which new jobs, tasks and blobs are "
         "refused with 507 'store full' (0: never; default: %(default)s)",
     )
+    tls = p.add_argument_group("TLS (HTTPS) for clients and workers")
+    tls.add_argument("--tls-cert", help="the server's certificate chain (PEM); with --tls-key")
+    tls.add_argument("--tls-key", help="the key of --tls-cert (PEM)")
+    tls.add_argument(
+        "--tls-ca",
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
+    store = p.add_argument_group("the store's credentials and TLS")
+    store.add_argument(
+        "--store-user",
+        help="Redis ACL user to connect as (its password from "
+        f"${protocol.ENV_STORE_PASSWORD}, kept off the command line)",
+    )
+    store.add_argument("--store-ca", help="CA (PEM) that signed a rediss:// store's certificate")
+    store.add_argument(
+        "--store-cert", help="client certificate (PEM) for a rediss:// store that requires one"
+    )
+    store.add_argument("--store-key", help="the key of --store-cert (PEM)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -200,6 +220,25 @@ def main(argv: list[str] | None = None) -> int:
         if len(secret) < 16:
             p.error("--worker-token-file must hold a token of at least 16 characters")
         worker_digest = tokens.digest(secret)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        p.error("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    store_tls = [
+        f"--{name}"
+        for name in ("store-ca", "store-cert", "store-key")
+        if getattr(args, name.replace("-", "_"))
+    ]
+    if store_tls and not args.redis.startswith("rediss://"):
+        p.error(f"{', '.join(store_tls)} need a rediss:// store URL, got {args.redis!r}")
+    if bool(args.store_cert) != bool(args.store_key):
+        p.error("--store-cert and --store-key go together")
+    ssl_context = None
+    if args.tls_cert:
+        try:
+            ssl_context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        except TLSError as e:
+            p.error(str(e))
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-server %(levelname)s %(message)s"
     )
@@ -225,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             long_polls_per_client=args.max_long_polls,
             store_full_at=args.store_full_at,
         ),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        store_user=args.store_user,
+        store_password=os.environ.get(protocol.ENV_STORE_PASSWORD) or None,
+        store_ca=args.store_ca,
+        store_cert=args.store_cert,
+        store_key=args.store_key,
     )
     try:
         web.run_app(
@@ -232,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             host=config.host,
             port=config.port,
             print=None,
+            ssl_context=ssl_context,
             shutdown_timeout=5.0,
             access_log=None,
         )

@@ -5,7 +5,9 @@ Every fixture that starts a process stops it in its teardown, whatever the test 
 
 from __future__ import annotations
 
+import os
 import shutil
+import ssl
 import subprocess
 import sys
 import uuid
@@ -89,21 +91,34 @@ class Processes:
     log_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``python -m argv``, its output in the test's log directory; ``env`` is added to
+        this process's environment."""
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
         log.close()
         self.procs.append(proc)
         return proc
 
     def server(
-        self, redis_url: str, *args: str, port: int | None = None, prefix: str = "hq"
+        self,
+        redis_url: str,
+        *args: str,
+        port: int | None = None,
+        prefix: str = "hq",
+        tls: ssl.SSLContext | None = None,
+        env: dict[str, str] | None = None,
     ) -> tuple[str, subprocess.Popen[bytes]]:
+        """An hq-server on ``redis_url``; ``tls``: it serves HTTPS (give it --tls-cert and
+        --tls-key in ``args``) and is checked with this client context."""
         port = port or free_port()
         proc = self.spawn(
             "server",
@@ -117,13 +132,16 @@ class Processes:
                 prefix,
                 *args,
             ],
+            env=env,
         )
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, timeout=20)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        wait_healthy(url, proc, timeout=20, context=tls)
         return url, proc
 
-    def worker(self, url: str, *args: str) -> subprocess.Popen[bytes]:
-        return self.spawn("worker", ["coffea_hq.worker", url, *args])
+    def worker(
+        self, url: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.spawn("worker", ["coffea_hq.worker", url, *args], env=env)
 
     def logs(self) -> str:
         return "\n".join(

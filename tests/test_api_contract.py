@@ -138,6 +138,25 @@ def frames(draw: st.DrawFn) -> bytes:
 schemathesis.openapi.media_type(protocol.FRAMES_CONTENT_TYPE, frames())
 
 
+@st.composite
+def presence_lines(draw: st.DrawFn) -> bytes:
+    """application/x-ndjson presence bodies: a hello (well-formed or not), keep-alive empty
+    lines, goodbyes of this or another session, and junk; the stream ends with the body."""
+    hello = st.fixed_dictionaries(
+        {"worker": IDS, "session": IDS}, optional={"bye": st.booleans()}
+    ).map(lambda d: json.dumps(d).encode())
+    junk = st.one_of(
+        st.binary(max_size=24).map(lambda b: b.replace(b"\n", b"")),
+        st.just(b"[" * 5000),
+        st.dictionaries(st.text(max_size=6), st.integers()).map(lambda d: json.dumps(d).encode()),
+    )
+    lines = draw(st.lists(st.one_of(hello, junk, st.just(b"")), min_size=1, max_size=5))
+    return b"\n".join(lines) + draw(st.sampled_from([b"\n", b""]))
+
+
+schemathesis.openapi.media_type(protocol.PRESENCE_CONTENT_TYPE, presence_lines())
+
+
 # ---------------------------------------------------------------------- fuzzing
 
 

@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from coffea_hq import messages as m
-from coffea_hq import protocol
+from coffea_hq import protocol, tls
 from coffea_hq.api import API
 from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
@@ -51,6 +51,9 @@ DRAIN_UNREACHABLE = 5.0
 # A lease lost before its slot began the task is looked for this often, this many times.
 LOST_RECHECK_EVERY = 0.1
 LOST_RECHECKS = 100
+# A slot keeps serving its job's tasks while the oldest pending task of another job has
+# waited less than this; then it switches (a new subprocess) to that job.
+JOB_SWITCH_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class WorkerConfig:
     drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT  # None: wait for running tasks
     token: str | None = None  # None: $HQ_TOKEN or $HQ_TOKEN_FILE
     users: tuple[str, ...] = ()  # take only these users' jobs (empty: anyone's)
+    tls_ca: str | None = None  # PEM files; None: $HQ_TLS_CA, $HQ_TLS_CERT, $HQ_TLS_KEY
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def default_name() -> str:
@@ -110,9 +116,32 @@ class Leases:
         if items:
             self.work.set()
 
-    def take(self, n: int) -> list[HeldTask]:
-        """Up to ``n`` pending leases, oldest first, now running."""
-        batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+    def take(self, n: int, job: str | None = None) -> list[HeldTask]:
+        """Up to ``n`` pending leases of one job, oldest first, now running.
+
+        ``job`` (the one the calling slot's subprocess serves) is preferred while it has
+        pending tasks and the oldest pending task has waited less than ``JOB_SWITCH_WAIT``:
+        a slot switching jobs costs a new subprocess, but no job waits long behind another.
+        """
+        if not self._pending:
+            return []
+        head = self._pending[0]
+        if job is None or head.job == job or time.monotonic() - head.since > JOB_SWITCH_WAIT:
+            job = head.job
+        batch: list[HeldTask] = []
+        if head.job == job:  # the fast path: a run of one job's tasks at the front
+            while self._pending and len(batch) < n and self._pending[0].job == job:
+                batch.append(self._pending.popleft())
+        else:
+            rest: deque[HeldTask] = deque()
+            for item in self._pending:
+                if item.job == job and len(batch) < n:
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            if not batch:  # the preferred job has nothing pending: take the oldest's
+                return self.take(n, head.job)
+            self._pending = rest
         self._running.update(item.key for item in batch)
         return batch
 
@@ -191,7 +220,12 @@ class Worker:
             raise ValueError("worker name: 1-64 letters, digits, '-', '_' or '.'")
         self.config = config
         self.id = config.name or default_name()
-        self.api = API(config.url, retry_for=config.retry_for, token=config.token)
+        context = (
+            tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
+            if config.url.startswith("https://")
+            else None
+        )
+        self.api = API(config.url, retry_for=config.retry_for, token=config.token, tls=context)
         self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
         self.leases = Leases()
         # Finished tasks waiting to be reported: slots put, the report loop alone takes.
@@ -215,6 +249,7 @@ class Worker:
         self._busy = 0
         self._goodbye = asyncio.Event()  # set once everything held was handed back
         self._lost_watch: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None  # what made the worker give up, if anything
 
     # ------------------------------------------------------------------ control
 
@@ -260,7 +295,8 @@ class Worker:
             )
             for task in done:
                 if task in watched and task.exception():
-                    log.error("worker %s giving up: %s", self.id, task.exception())
+                    self.error = task.exception()
+                    log.error("worker %s giving up: %s", self.id, self.error)
                     self._abort.set()
                     self.stop()
             if not self._abort.is_set():
@@ -468,7 +504,7 @@ class Worker:
                 await self.leases.work.wait()
             if self._stopping.is_set():
                 return
-            batch = self.leases.take(self._batch_size())
+            batch = self.leases.take(self._batch_size(), slot.job)
             self._busy += 1
             try:
                 leftover = await slot.run(batch, self._on_results)
@@ -573,6 +609,7 @@ class Worker:
             "mean_runtime": self._mean_runtime,
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "restarts": sum(s.restarts for s in self.slots),
+            "job_switches": sum(s.switches for s in self.slots),
         }
         reply = await self.api.heartbeat(
             m.Heartbeat(

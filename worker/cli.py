@@ -9,6 +9,7 @@ import os
 import sys
 
 from coffea_hq import protocol
+from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
 
 from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
@@ -70,6 +71,23 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated users whose jobs this worker takes, and no others' (a pool "
         "per user or group; default: any user's). A worker token may narrow it further",
     )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get(protocol.ENV_TLS_CA),
+        help="PEM file of the CA that signed an https:// server's certificate, if not a "
+        f"public one (default: ${protocol.ENV_TLS_CA})",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get(protocol.ENV_TLS_CERT),
+        help="this worker's client certificate (PEM), for a server that requires one "
+        f"(default: ${protocol.ENV_TLS_CERT})",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get(protocol.ENV_TLS_KEY),
+        help=f"the key of --tls-cert (default: ${protocol.ENV_TLS_KEY})",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -101,10 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         retry_for=args.retry_for,
         drain_timeout=args.drain_timeout,
         users=users,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    try:
+        worker = Worker(config)
+    except TLSError as e:
+        print(f"hq-worker: {e}", file=sys.stderr)
+        return 2
     watch_stdin()  # started by a LocalCluster: drain when it goes away
-    asyncio.run(Worker(config).run())
-    return 0
+    asyncio.run(worker.run())
+    return 1 if worker.error is not None else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""One slot = one long-lived task subprocess, restarted when it dies."""
+"""One slot = one task subprocess, serving one job: restarted when it dies, replaced by a
+fresh one before it serves another job (nothing a task changes in its interpreter reaches
+another job's tasks)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coffea_hq.lifeline import tie_to_parent
@@ -38,6 +41,7 @@ class HeldTask:
     attempt: int
     function_blob: str  # the sha of the job's pickled function, a blob on the server
     payload: bytes
+    since: float = field(default_factory=time.monotonic)  # when the worker leased it
 
     @property
     def key(self) -> LeaseKey:
@@ -76,7 +80,8 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class Slot:
-    """Runs batches of tasks in its subprocess; reports a crash as the crashed task's result."""
+    """Runs batches of one job's tasks in its subprocess; reports a crash as the crashed
+    task's result. ``job`` is the job the subprocess serves (None: a fresh one)."""
 
     def __init__(self, index: int, fetch_function: Callable[[str], Awaitable[bytes]]) -> None:
         self.index = index
@@ -87,26 +92,39 @@ class Slot:
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
         self._unreported: dict[int, HeldTask] = {}  # by sequence number: the batch in hand
+        self.job: str | None = None
+        self._spare: asyncio.Task[tuple[asyncio.subprocess.Process, int]] | None = None
+        self._exiting: set[asyncio.Task[None]] = set()  # replaced subprocesses being reaped
+        self.switches = 0  # subprocesses replaced because the next batch was another job's
 
     async def start(self) -> None:
         self._close_marker()
+        self._proc, self._marker = await self._spawn()
+        self._loaded = set()
+        self.job = None
+
+    async def _spawn(self) -> tuple[asyncio.subprocess.Process, int]:
+        """A fresh task subprocess and the fd of its marker file."""
         # Unlinked at once, shared by file descriptor: nothing is left in the temp
         # directory, however this worker ends.
         fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
         os.unlink(path)
         os.write(fd, bytes(MARKER.size))
-        self._marker = fd
-        self._loaded = set()
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "coffea_hq.worker.child",
-            str(fd),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            pass_fds=(fd,),
-            preexec_fn=tie_to_parent(),  # a SIGKILLed worker leaves no task running
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "coffea_hq.worker.child",
+                str(fd),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                pass_fds=(fd,),
+                preexec_fn=tie_to_parent(),  # a SIGKILLed worker leaves no task running
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return proc, fd
 
     @property
     def pid(self) -> int | None:
@@ -127,6 +145,13 @@ class Slot:
     ) -> list[HeldTask]:
         """Run ``batch``, calling ``report`` as results arrive. Returns the items that never
         ran because the subprocess died under an earlier one (run them again elsewhere)."""
+        if not batch:
+            return []
+        job = batch[0].job
+        assert all(item.job == job for item in batch), "a batch holds one job's tasks"
+        if self.job is not None and self.job != job:
+            await self._replace()
+        self.job = job
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
         functions: dict[str, bytes] = {}
         for sha in {item.function_blob for item in batch} - self._loaded:
@@ -167,6 +192,33 @@ class Slot:
             self._unreported = {}
         return []
 
+    async def _replace(self) -> None:
+        """A fresh subprocess for the next job. A slot that has switched once keeps a
+        spare one started ahead, so later switches do not wait for an interpreter to
+        start; the old one exits on its own (its stdin closed)."""
+        old, marker = self._proc, self._marker
+        if old is not None and old.stdin:
+            old.stdin.close()
+        spare, self._spare = self._spare, None
+        fresh = None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                fresh = await spare
+        if fresh is None or fresh[0].returncode is not None:
+            if fresh is not None:
+                os.close(fresh[1])
+            fresh = await self._spawn()
+        self._proc, self._marker = fresh
+        self._loaded = set()
+        self.switches += 1
+        self._spare = asyncio.create_task(self._spawn(), name=f"slot{self.index}-spare")
+        if old is not None:  # reaped meanwhile, not waited for here
+            reap = asyncio.create_task(_end(old, 5.0, marker))
+            self._exiting.add(reap)
+            reap.add_done_callback(self._exiting.discard)
+        elif marker >= 0:
+            os.close(marker)
+
     def kill(self) -> None:
         """Kill the subprocess (its task's job was cancelled); :meth:`run` restarts it."""
         if self._proc is not None and self._proc.returncode is None:
@@ -194,16 +246,34 @@ class Slot:
             self._marker = -1
 
     async def stop(self, timeout: float = 5.0) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                spare_proc, fd = await spare
+                if spare_proc.stdin:
+                    spare_proc.stdin.close()
+                await _end(spare_proc, timeout, fd)
+        if self._exiting:
+            await asyncio.gather(*self._exiting, return_exceptions=True)
         proc = self._proc
         if proc is None:
             return
         if proc.stdin:
             proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await _end(proc, timeout)
         self._close_marker()
         self._proc = None
+
+
+async def _end(proc: asyncio.subprocess.Process, timeout: float, marker: int = -1) -> None:
+    """Wait for ``proc`` (its stdin closed) to exit, killing it after ``timeout`` seconds
+    (a task's atexit hook or thread that will not end); then close its ``marker`` fd."""
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    finally:
+        if marker >= 0:
+            os.close(marker)

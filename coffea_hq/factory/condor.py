@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from coffea_hq import protocol
+from coffea_hq.tls import client_context
 from coffea_hq.transport import resolve_token
 
 from .policy import BatchState, Bounds, Cooldown, Decision, WorkerJob, decide, wanted
@@ -198,9 +199,11 @@ def _get_json(url: str, timeout: float) -> Any:
     # factory's own ($HQ_TOKEN or $HQ_TOKEN_FILE; its worker jobs do not inherit it).
     token = resolve_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # An https:// server is verified as clients verify it (system CAs plus $HQ_TLS_CA).
+    context = client_context() if url.startswith("https://") else None
     try:
         request = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         raise FactoryError(f"{url} answered {e.code} {e.reason}") from e

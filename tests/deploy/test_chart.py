@@ -19,7 +19,10 @@ import yaml
 from .conftest import CHART, KUBE_VERSION, Manifest, Rendered, container, env_of, render_raw
 
 HERE = Path(__file__).parent
-KEDA_SCHEMA = json.loads((HERE / "keda_scaledobject.schema.json").read_text())
+KEDA_SCHEMAS = {
+    kind: json.loads((HERE / f"keda_{kind.lower()}.schema.json").read_text())
+    for kind in ("ScaledObject", "TriggerAuthentication")
+}
 VALUES_SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 
 Render = Callable[..., Rendered]
@@ -29,7 +32,7 @@ def validate_manifest(doc: Manifest) -> None:
     """Kubernetes' own schema for built-in kinds (strict: unknown fields fail), KEDA's
     documented fields for the ScaledObject."""
     if doc["apiVersion"] == "keda.sh/v1alpha1":
-        jsonschema.Draft7Validator(KEDA_SCHEMA).validate(doc)
+        jsonschema.Draft7Validator(KEDA_SCHEMAS[doc["kind"]]).validate(doc)
         return
     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
@@ -73,6 +76,14 @@ CASES: dict[str, dict[str, Any]] = {
             "persistence": {"enabled": False},
             "networkPolicy": {"enabled": False},
         },
+    },
+    "tls-keda": {
+        "tls": {"enabled": True, "secretName": "hq-tls"},
+        "autoscaling": {"enabled": True},
+    },
+    "tls-public-ca": {
+        "tls": {"enabled": True, "secretName": "hq-tls", "caKey": ""},
+        "autoscaling": {"enabled": True},
     },
     "security-and-placement": {
         "fullnameOverride": "cms-hq",
@@ -310,6 +321,8 @@ def test_overrides_reach_the_pods_and_security_mounts_are_wired(render: Render) 
     assert env_of(worker)["HQ_TOKEN_FILE"] == token_file
     assert sc["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert env_of(worker)["HQ_URL"].startswith("https://cms-hq-server.analysis.svc.")
+    # The operator's own TriggerAuthentication stands: the chart adds none.
+    assert not rendered.all("TriggerAuthentication")
     trigger = rendered.one("ScaledObject")["spec"]["triggers"][0]
     assert trigger["authenticationRef"] == {"name": "hq-keda-token"}
     assert trigger["metadata"]["authMode"] == "bearer"
@@ -325,6 +338,12 @@ def test_notes_print_the_hq_url(helm_render: Path, tmp_path: Path, render: Rende
     assert "scaled by KEDA between 0 and 40" in done.stdout
     done = render_raw(helm_render, tmp_path, CASES["valkey-auth-no-persistence"], notes=True)
     assert "WARNING: valkey.persistence.enabled is false" in done.stdout
+    assert "HQ_TLS_CA" not in done.stdout
+    done = render_raw(helm_render, tmp_path, CASES["tls-keda"], notes=True)
+    assert done.returncode == 0, done.stderr
+    assert "export HQ_URL=https://" in done.stdout
+    assert "get secret hq-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d" in done.stdout
+    assert "export HQ_TLS_CA=" in done.stdout
 
 
 # ----------------------------------------------------------------------------- values
@@ -442,3 +461,43 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+@pytest.mark.timeout(30)
+def test_tls_serves_the_secret_and_workers_and_keda_get_only_its_ca(render: Render) -> None:
+    rendered = render(CASES["tls-keda"])
+    server = rendered.one("Deployment", "-server")
+    worker = rendered.one("Deployment", "-worker")
+    sc, wc = container(server), container(worker)
+    # The server serves the Secret's certificate and key ...
+    assert sc["args"][sc["args"].index("--tls-cert") + 1] == "/etc/coffea-hq/tls/tls.crt"
+    assert sc["args"][sc["args"].index("--tls-key") + 1] == "/etc/coffea-hq/tls/tls.key"
+    volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"] == {"secretName": "hq-tls", "defaultMode": 0o440}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert sc[probe]["httpGet"]["scheme"] == "HTTPS"
+    # ... workers get only the CA, never the server's key, and an https URL.
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert env_of(worker)["HQ_TLS_CA"] == "/etc/coffea-hq/tls/ca.crt"
+    assert env_of(worker)["HQ_URL"].startswith("https://")
+    assert "--tls-cert" not in wc["args"]
+    # KEDA reads the queue over https, verifying with the same CA.
+    auth = rendered.one("TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "ca", "name": "hq-tls", "key": "ca.crt"}
+    ]
+    trigger = rendered.one("ScaledObject")["spec"]["triggers"][0]
+    assert trigger["metadata"]["url"].startswith("https://")
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+
+
+@pytest.mark.timeout(30)
+def test_tls_with_a_public_ca_mounts_nothing_in_workers(render: Render) -> None:
+    rendered = render(CASES["tls-public-ca"])
+    worker = rendered.one("Deployment", "-worker")
+    volumes = {v["name"] for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert "tls" not in volumes and "HQ_TLS_CA" not in env_of(worker)
+    assert env_of(worker)["HQ_URL"].startswith("https://")
+    assert not rendered.all("TriggerAuthentication")
+    assert "authenticationRef" not in rendered.one("ScaledObject")["spec"]["triggers"][0]

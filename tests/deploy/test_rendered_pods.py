@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+import trustme
 
 from coffea_hq import Client
 from coffea_hq.embedded import free_port, server_binary
@@ -71,17 +73,40 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
+def write_tls_secret(directory: Path, server_names: list[str]) -> ssl.SSLContext:
+    """A kubernetes.io/tls Secret's files as Kubernetes mounts them (tls.crt, tls.key,
+    ca.crt) from a CA made here; returns a client context trusting that CA."""
+    ca = trustme.CA()
+    cert = ca.issue_cert(*server_names)
+    directory.mkdir()
+    (directory / "tls.crt").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(directory / "tls.key")
+    ca.cert_pem.write_to_path(directory / "ca.crt")
+    return ssl.create_default_context(cafile=str(directory / "ca.crt"))
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
 def test_rendered_containers_run_a_job_and_drain(
-    render: Callable[..., Rendered], tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+    render: Callable[..., Rendered],
+    tmp_path: Path,
+    spawned: list[subprocess.Popen[bytes]],
+    tls: bool,
 ) -> None:
-    rendered = render(
-        {
-            "valkey": {"auth": {"enabled": True, "password": "pw-Xy9"}},
-            "worker": {"slots": 2, "terminationGracePeriodSeconds": 60},
-            "autoscaling": {"enabled": True},
-        }
-    )
+    """With tls.enabled the Secret's files sit where the pods mount them (tls.mountPath
+    pointed at a temporary directory): the server serves HTTPS, its probe passes over
+    HTTPS, workers and KEDA's URL verify it with the CA the chart hands them."""
+    secret_dir = tmp_path / "tls"
+    values: dict[str, Any] = {
+        "valkey": {"auth": {"enabled": True, "password": "pw-Xy9"}},
+        "worker": {"slots": 2, "terminationGracePeriodSeconds": 60},
+        "autoscaling": {"enabled": True},
+    }
+    if tls:
+        values["tls"] = {"enabled": True, "secretName": "hq-tls", "mountPath": str(secret_dir)}
+    rendered = render(values)
+    context = write_tls_secret(secret_dir, ["127.0.0.1"]) if tls else None
+    scheme = "https" if tls else "http"
     secrets = {
         s["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
         for s in rendered.all("Secret")
@@ -125,10 +150,13 @@ def test_rendered_containers_run_a_job_and_drain(
     )
     args = set_option(server["args"], "--port", str(server_port))
     spawned.append(subprocess.Popen(["sh", str(ENTRYPOINT), *args], env={**base_env, **env}))
-    url = f"http://127.0.0.1:{server_port}"
-    probe = server["readinessProbe"]["httpGet"]["path"]
+    url = f"{scheme}://127.0.0.1:{server_port}"
+    probe = server["readinessProbe"]["httpGet"]
+    assert probe["scheme"] == scheme.upper()
     wait_until(
-        lambda: urllib.request.urlopen(url + probe, timeout=2).status == 200,
+        lambda: (
+            urllib.request.urlopen(url + probe["path"], timeout=2, context=context).status == 200
+        ),
         "server",
         ignore=(OSError,),
     )
@@ -144,7 +172,9 @@ def test_rendered_containers_run_a_job_and_drain(
     )
     spawned.append(worker_proc)
 
-    with Client(url) as client:
+    if tls:
+        assert env["HQ_TLS_CA"] == str(secret_dir / "ca.crt")
+    with Client(url, tls_ca=env.get("HQ_TLS_CA")) as client:
         job = client.map(pow, range(12), [2] * 12)
         assert job.result(timeout=60) == [i * i for i in range(12)]
 
@@ -153,7 +183,7 @@ def test_rendered_containers_run_a_job_and_drain(
         metrics_url = trigger["url"].replace(
             f"{server_service}{dns}:8786", f"127.0.0.1:{server_port}"
         )
-        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        with urllib.request.urlopen(metrics_url, timeout=5, context=context) as response:
             queue = json.load(response)
         assert queue[trigger["valueLocation"]] == 0
         wait_until(lambda: client.queue()["workers"] == 1, "worker registration")

@@ -132,14 +132,61 @@ so that Kubernetes expands $(HQ_REDIS_PASSWORD) inside HQ_REDIS_URL.
   value: {{ printf "%s://%s%s:%d/%d" $scheme (ternary (printf "%s@" $userinfo) "" (ne $userinfo "")) $host $port $db | quote }}
 {{- end }}
 
-{{/* Volumes and mounts of the security extension points (TLS, tokens). */}}
-{{- define "coffea-hq.securityVolumes" -}}
-{{- if .Values.tls.enabled }}
+{{/*
+TLS, by role (dict "root" $ "role" "server"|"worker"). The server mounts the whole
+kubernetes.io/tls Secret (its certificate and key); a worker only the CA (tls.caKey),
+never the server's key, and trusts it through HQ_TLS_CA.
+*/}}
+{{- define "coffea-hq.tlsVolumes" -}}
+{{- $tls := .root.Values.tls }}
+{{- if $tls.enabled }}
+{{- $secret := required "tls.enabled needs tls.secretName" $tls.secretName }}
+{{- if eq .role "server" }}
 - name: tls
   secret:
-    secretName: {{ required "tls.enabled needs tls.secretName" .Values.tls.secretName }}
+    secretName: {{ $secret }}
     defaultMode: 0440
+{{- else if $tls.caKey }}
+- name: tls
+  secret:
+    secretName: {{ $secret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $tls.caKey }}
+        path: ca.crt
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "coffea-hq.tlsMounts" -}}
+{{- $tls := .root.Values.tls }}
+{{- if and $tls.enabled (or (eq .role "server") $tls.caKey) }}
+- name: tls
+  mountPath: {{ $tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "coffea-hq.tlsEnv" -}}
+{{- $tls := .root.Values.tls }}
+{{- if and $tls.enabled (eq .role "worker") $tls.caKey }}
+- name: HQ_TLS_CA
+  value: {{ printf "%s/ca.crt" $tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The server's HTTPS options: its certificate and key from the mounted Secret. */}}
+{{- define "coffea-hq.tlsArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert
+- {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- --tls-key
+- {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts of the token extension point. */}}
+{{- define "coffea-hq.securityVolumes" -}}
 {{- if .Values.auth.enabled }}
 - name: auth
   secret:
@@ -149,11 +196,6 @@ so that Kubernetes expands $(HQ_REDIS_PASSWORD) inside HQ_REDIS_URL.
 {{- end }}
 
 {{- define "coffea-hq.securityMounts" -}}
-{{- if .Values.tls.enabled }}
-- name: tls
-  mountPath: {{ .Values.tls.mountPath }}
-  readOnly: true
-{{- end }}
 {{- if .Values.auth.enabled }}
 - name: auth
   mountPath: {{ .Values.auth.mountPath }}
@@ -162,10 +204,6 @@ so that Kubernetes expands $(HQ_REDIS_PASSWORD) inside HQ_REDIS_URL.
 {{- end }}
 
 {{- define "coffea-hq.securityEnv" -}}
-{{- if .Values.tls.enabled }}
-- name: HQ_TLS_DIR
-  value: {{ .Values.tls.mountPath | quote }}
-{{- end }}
 {{- if .Values.auth.enabled }}
 - name: HQ_AUTH_DIR
   value: {{ .Values.auth.mountPath | quote }}
