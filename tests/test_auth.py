@@ -194,6 +194,11 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
             j({"worker": "w1", "leases": [[JOB, "t0", 1]]}).encode(),
             "application/json",
         ),
+        ("POST", protocol.PRESENCE): (
+            protocol.PRESENCE,
+            j({"worker": "w1", "session": "s1", "bye": True}).encode() + b"\n",
+            protocol.PRESENCE_CONTENT_TYPE,
+        ),
     }
 
 
