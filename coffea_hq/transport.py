@@ -17,7 +17,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -28,6 +28,8 @@ from .errors import ServerError, ServerUnreachable
 __all__ = ["Response", "ServerError", "ServerUnreachable", "Transport"]
 
 log = logging.getLogger(__name__)
+
+H = TypeVar("H")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 
@@ -41,8 +43,9 @@ class Response:
     def json(self) -> Any:
         return json.loads(self.body)
 
-    def frames(self) -> tuple[dict[str, Any], list[memoryview]]:
-        return protocol.unpack(self.body)
+    def frames(self, kind: type[H]) -> tuple[H, list[memoryview]]:
+        """The body as frames whose header is message ``kind``."""
+        return protocol.unpack(self.body, kind)
 
 
 def _error_from(status: int, body: bytes) -> ServerError:
