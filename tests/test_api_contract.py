@@ -127,7 +127,7 @@ def frames(draw: st.DrawFn) -> bytes:
     lie = draw(
         st.sampled_from(["none", "none", "sizes", "header-length", "truncate", "bytes", "nest"])
     )
-    if isinstance(header, dict) and draw(st.integers(0, 3)):
+    if isinstance(header, dict) and draw(st.integers(0, 3)) != 3:  # mostly with sizes
         header["sizes"] = [len(p) for p in parts]
         if lie == "sizes":  # parts that do not add up to the body
             header["sizes"].append(draw(st.integers(1, 1 << 40)))
@@ -343,7 +343,7 @@ def test_frames_strategy_makes_both_good_and_lying_bodies() -> None:
     """The custom strategy reaches well-formed frames and each kind of malformed one."""
     kinds: Tally[str] = Tally()
 
-    @hypothesis.settings(max_examples=150, database=None, deadline=None)
+    @hypothesis.settings(max_examples=150, database=None, deadline=None, derandomize=True)
     @given(frames())
     def sample(body: bytes) -> None:
         try:
