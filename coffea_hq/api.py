@@ -146,8 +146,7 @@ class API:
             protocol.JOB_RESULTS.format(job=job),
             params={"after": after, "ack": after, "wait": str(wait)},
         )
-        header, parts = response.frames()
-        return m.convert(header, m.ResultsHeader), parts
+        return response.frames(m.ResultsHeader)
 
     # ------------------------------------------------------------------ tasks (worker)
 
@@ -155,8 +154,7 @@ class API:
         """``POST LEASE``: up to ``request.max`` tasks, long-polling ``request.wait``
         seconds; the leased tasks and their payloads, in the same order."""
         response = await self.transport.call("POST", protocol.LEASE, json_body=request)
-        header, parts = response.frames()
-        return m.convert(header, m.LeaseReply), parts
+        return response.frames(m.LeaseReply)
 
     async def complete(self, report: m.Complete, results: Sequence[bytes]) -> m.CompleteReply:
         """``POST COMPLETE``: report finished tasks, one result part per item. A reply

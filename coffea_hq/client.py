@@ -184,7 +184,7 @@ class Client:
                 raise ServerUnreachable(
                     no_server(self.url, e.reason), url=self.url, reason=e.reason
                 ) from None
-            except (ServerError, ValueError) as e:  # msgspec's DecodeError is one
+            except (ServerError, ValueError) as e:  # ValueError: msgspec's, a reply not a Health
                 raise HQError(
                     f"the server at {self.url} does not answer like a coffea-hq server "
                     f"(GET {protocol.HEALTH}: {e}): check the URL (HQ_URL)"

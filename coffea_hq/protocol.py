@@ -26,7 +26,7 @@ import struct
 import types
 from collections import ChainMap
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 import cloudpickle
 import lz4.frame
@@ -302,6 +302,9 @@ def valid_blob_name(name: str) -> bool:
 _LEN: Final = struct.Struct("!I")
 
 
+H = TypeVar("H")
+
+
 class FrameError(ValueError):
     """A request or response body is not well-formed frames."""
 
@@ -317,23 +320,37 @@ def pack(header: dict[str, Any] | msgspec.Struct, parts: Sequence[bytes] = ()) -
     return b"".join([_LEN.pack(len(encoded)), encoded, *parts])
 
 
-def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
-    """Split a body made by :func:`pack`; raises :class:`FrameError` on malformed input."""
+@overload
+def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]: ...
+@overload
+def unpack(body: bytes, kind: type[H]) -> tuple[H, list[memoryview]]: ...
+def unpack(body: bytes, kind: Any = None) -> tuple[Any, list[memoryview]]:
+    """Split a body made by :func:`pack`; raises :class:`FrameError` on malformed input.
+
+    With ``kind`` (a frame header message of :mod:`coffea_hq.messages`) the header is
+    decoded as one, in the same pass (a header that is not one raises
+    :class:`msgspec.ValidationError`, naming the field)."""
     if len(body) < _LEN.size:
         raise FrameError("body too short to hold a frame header")
     (head_len,) = _LEN.unpack_from(body)
     end = _LEN.size + head_len
     if end > len(body):
         raise FrameError("frame header length exceeds the body")
+    raw = body[_LEN.size : end]
     try:
-        header = msgspec.json.decode(body[_LEN.size : end])
+        header = msgspec.json.decode(raw) if kind is None else msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as e:  # a 400 naming the field, like a JSON body's
+        raise msgspec.ValidationError(f"frame header: {e}") from None
     except msgspec.DecodeError as e:
         raise FrameError(f"frame header is not JSON: {e}") from e
     except RecursionError as e:
         raise FrameError("frame header is JSON nested too deeply") from e
-    if not isinstance(header, dict):
-        raise FrameError("frame header must be a JSON object")
-    sizes = header.get("sizes")
+    if kind is None:
+        if not isinstance(header, dict):
+            raise FrameError("frame header must be a JSON object")
+        sizes = header.get("sizes")
+    else:
+        sizes = header.sizes
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
         raise FrameError("frame header needs 'sizes': a list of part lengths")
     if end + sum(sizes) != len(body):

@@ -4,8 +4,10 @@ and the OpenAPI document (:mod:`coffea_hq.openapi`, docs/api.md) is generated fr
 A :class:`Route` names its method, path (a constant of :mod:`coffea_hq.protocol`), the
 operation id (the name of its handler in ``server/app.py``), what its request body is
 and what it answers with each status. Adding a route is adding one entry to
-:data:`ROUTES` and a handler of that name; the server refuses to start if the two
-disagree. Fields added later (an auth role, say) get a default, so entries need not change.
+:data:`ROUTES` and a handler of that name (the server refuses to start if the two
+disagree), then pasting ``python -m coffea_hq.openapi --markdown`` into docs/api.md (a
+test checks it is there). Fields added later (an auth role, say) get a default, so
+entries need not change.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -39,6 +39,8 @@ from .tls import client_context, describe_failure, refusal, speaks_tls
 __all__ = ["Response", "ServerError", "ServerUnreachable", "TLSError", "Transport"]
 
 log = logging.getLogger(__name__)
+
+H = TypeVar("H")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 BACKOFF_STATUSES = frozenset({429, 507})  # wait as long as the server says, then retry
@@ -84,8 +86,9 @@ class Response:
     def json(self) -> Any:
         return json.loads(self.body)
 
-    def frames(self) -> tuple[dict[str, Any], list[memoryview]]:
-        return protocol.unpack(self.body)
+    def frames(self, kind: type[H]) -> tuple[H, list[memoryview]]:
+        """The body as frames whose header is message ``kind``."""
+        return protocol.unpack(self.body, kind)
 
 
 _BODILESS = {  # what a refusal means when it carries no sentence (the answer to a HEAD)

@@ -1,6 +1,7 @@
-"""Checks on the parts of a request that are not its body (path and query parameters),
-and the cross-field rules of bodies. Bodies themselves are decoded and checked by their
-message types (:mod:`coffea_hq.messages`). Each failure is a 400 naming the parameter."""
+"""Checks on the parts of a request that are not its body: path and query parameters,
+with the limits the route table (:mod:`coffea_hq.routes`) publishes. Bodies are decoded
+and checked by their message types (:mod:`coffea_hq.messages`). Each failure is a 400
+naming the parameter."""
 
 from __future__ import annotations
 

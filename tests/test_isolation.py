@@ -74,9 +74,7 @@ def test_two_jobs_interleaved_on_one_slot_never_share_a_subprocess(
 
         # The worker's own accounting (its next heartbeat): it switched subprocesses.
         def switches() -> int:
-            return sum(
-                w.stats["job_switches"] for w in client.run(client.api.workers()).values()
-            )
+            return sum(w.stats["job_switches"] for w in client.run(client.api.workers()).values())
 
         poll_until(lambda: switches() >= 1, 10, "a job switch reported")
     assert [text for text, _ in dumped] == [json.dumps({"x": x}) for x in range(200)]
