@@ -15,7 +15,7 @@ from typing import Any, Final
 import msgspec
 
 from . import protocol
-from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PRESENCE_CONTENT_TYPE
+from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PRESENCE_CONTENT_TYPE, Role
 from .routes import PATH_PARAMETERS, ROUTES, Bytes, Frames, Json, Lines, Reply, Route, replies
 
 __all__ = ["document", "FRAMES_DESCRIPTION"]
@@ -28,6 +28,8 @@ FRAMES_DESCRIPTION: Final = (
     "part, in order), then the parts back to back. The body ends exactly after the last "
     "part: its length is 4 + N + sum(sizes). See docs/api.md, 'Binary frames'."
 )
+
+BEARER: Final = "bearer"
 
 TAGS: Final = [
     {"name": "service", "description": "Health, the queue's state, workers, this document."},
@@ -88,12 +90,16 @@ def _links(route: Route) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+def _operation(route: Route, schema_of: dict[Any, dict[str, Any]], auth: bool) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": route.operation,
         "summary": route.summary,
         "tags": [route.tag],
     }
+    if auth:
+        op["security"] = [] if route.roles is None else [{BEARER: []}]
+        if route.roles is not None:
+            op["x-hq-roles"] = sorted({*route.roles, Role.ADMIN})
     parameters = [
         {
             "name": name,
@@ -118,7 +124,7 @@ def _operation(route: Route, schema_of: dict[Any, dict[str, Any]]) -> dict[str, 
     if route.body is not None:
         op["requestBody"] = {"required": True, "content": _body(route.body, schema_of)}
     responses: dict[str, Any] = {}
-    for reply in replies(route):
+    for reply in replies(route, auth):
         responses[str(reply.status)] = _response(route, reply, schema_of)
     op["responses"] = responses
     return op
@@ -155,14 +161,14 @@ def _ecma(node: Any) -> Any:
 
 
 @functools.cache
-def _document() -> bytes:
+def _document(auth: bool) -> bytes:
     types = _types()
     schemas, components = msgspec.json.schema_components(types, ref_template=REF)
     schema_of = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schema_of)
-    doc = {
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schema_of, auth)
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "coffea-hq",
@@ -178,17 +184,31 @@ def _document() -> bytes:
         "paths": paths,
         "components": {"schemas": components},
     }
+    if auth:
+        doc["components"]["securitySchemes"] = {
+            BEARER: {
+                "type": "http",
+                "scheme": "bearer",
+                "description": (
+                    "An access token made by `coffea-hq token create` (hq-server --auth): "
+                    "user tokens create jobs and reach their own jobs only, worker tokens "
+                    "lease and report, admin tokens everything. x-hq-roles on each "
+                    "operation names the roles it admits."
+                ),
+            }
+        }
     return msgspec.json.encode(_ecma(doc))
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document, as a fresh JSON object."""
-    return json.loads(_document())
+def document(auth: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, as a fresh JSON object: of a server with ``--auth`` (bearer
+    tokens, 401/403 answers) or without (open mode: no security)."""
+    return json.loads(_document(auth))
 
 
-def encoded() -> bytes:
-    """The document as JSON bytes (what the server serves; computed once)."""
-    return _document()
+def encoded(auth: bool = True) -> bytes:
+    """The document as JSON bytes (what a server serves; computed once per mode)."""
+    return _document(auth)
 
 
 def _body_name(body: Json | Frames | Bytes | Lines | None) -> str:

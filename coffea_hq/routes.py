@@ -19,6 +19,7 @@ import msgspec
 
 from . import messages as m
 from . import protocol
+from .protocol import Role
 
 __all__ = [
     "Bytes",
@@ -93,6 +94,9 @@ class Route:
     method: str
     path: str
     operation: str  # operation id, and the name of the server's handler
+    # The roles besides admin that may call it (hq-server --auth); None: anyone, no token.
+    # No default: a new route says who may call it.
+    roles: frozenset[Role] | None
     summary: str
     body: Body | None = None
     replies: tuple[Reply, ...]
@@ -104,6 +108,13 @@ class Route:
         """The names of the path's ``{parameters}``, in order."""
         return tuple(p[1:-1] for p in self.path.split("/") if p.startswith("{"))
 
+
+# Who may call a route (admin tokens may call every one).
+ANYONE: Final = None
+USERS: Final = frozenset({Role.USER})
+WORKERS: Final = frozenset({Role.WORKER})
+USERS_AND_WORKERS: Final = USERS | WORKERS
+ADMINS: Final[frozenset[Role]] = frozenset()
 
 # Path parameters, by name: every route that has one means the same thing by it.
 PATH_PARAMETERS: Final[dict[str, Any]] = {"job": m.Id, "sha": m.BlobName}
@@ -122,7 +133,9 @@ def _error(status: int, when: str) -> Reply:
     return Reply(status, Json(m.ErrorReply), when)
 
 
-NO_JOB: Final = _error(404, "no such job (never created, deleted, or expired)")
+NO_JOB: Final = _error(
+    404, "no such job (never created, deleted, or expired), or another user's job"
+)
 JOB_CONFLICT: Final = _error(409, "the job is finished, sealed, or exists with another spec")
 NO_BLOB: Final = _error(404, "no blob of that name")
 ACCEPTED_PARTS: Final = (
@@ -134,6 +147,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.HEALTH,
         operation="health",
+        roles=ANYONE,
         summary="Whether the server and its store answer (always 200 while the server runs).",
         replies=(Reply(200, Json(m.Health), "the server's health"),),
     ),
@@ -141,6 +155,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.OPENAPI,
         operation="openapi",
+        roles=ANYONE,
         summary="This API's OpenAPI 3.1 document.",
         replies=(Reply(200, Json(dict[str, Any]), "the document"),),
     ),
@@ -148,6 +163,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.QUEUE,
         operation="queue",
+        roles=ADMINS,
         summary="Queued and running tasks over all jobs, live workers and task counters.",
         replies=(Reply(200, Json(m.QueueStats), "the queue's state"),),
     ),
@@ -155,6 +171,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.WORKERS,
         operation="workers",
+        roles=ADMINS,
         summary="Each live worker's last heartbeat.",
         replies=(Reply(200, Json(m.Workers), "workers by id"),),
     ),
@@ -162,6 +179,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="PUT",
         path=protocol.BLOB,
         operation="put_blob",
+        roles=USERS,
         summary="Store a blob (a pickled function) under its content address.",
         tag="blobs",
         body=Bytes("the blob; its hex sha256 must be the path's {sha}"),
@@ -171,6 +189,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="HEAD",
         path=protocol.BLOB,
         operation="head_blob",
+        roles=USERS_AND_WORKERS,
         summary="Whether the server holds a blob.",
         tag="blobs",
         replies=(Reply(200, None, "held"), Reply(404, None, "not held")),
@@ -179,6 +198,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.BLOB,
         operation="get_blob",
+        roles=WORKERS,
         summary="A blob's bytes.",
         tag="blobs",
         replies=(Reply(200, Bytes("the blob"), "the blob"), NO_BLOB),
@@ -187,6 +207,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="PUT",
         path=protocol.JOB,
         operation="create_job",
+        roles=USERS,
         summary="Create a job (idempotent: the same spec again answers the same job).",
         tag="jobs",
         body=Json(m.CreateJob),
@@ -200,6 +221,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.JOB,
         operation="get_job",
+        roles=USERS,
         summary="A job's summary.",
         tag="jobs",
         replies=(Reply(200, Json(m.JobSummary), "the job"), NO_JOB),
@@ -208,6 +230,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="DELETE",
         path=protocol.JOB,
         operation="delete_job",
+        roles=USERS,
         summary="Cancel a job if it runs and drop everything of it.",
         tag="jobs",
         replies=(Reply(200, Json(m.Deleted), "deleted"), NO_JOB),
@@ -216,6 +239,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.JOB_TASKS,
         operation="submit_tasks",
+        roles=USERS,
         summary="Add a batch of tasks to an unsealed job (a retried batch adds nothing).",
         tag="jobs",
         body=Frames(m.SubmitTasks, ACCEPTED_PARTS),
@@ -225,6 +249,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.JOB_SEAL,
         operation="seal_job",
+        roles=USERS,
         summary="Say how many tasks the job has: it ends when they have all finished.",
         tag="jobs",
         body=Json(m.Seal),
@@ -234,6 +259,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.JOB_CANCEL,
         operation="cancel_job",
+        roles=USERS,
         summary="Cancel a job: queued tasks are dropped, workers stop running ones.",
         tag="jobs",
         replies=(Reply(200, Json(m.JobSummary), "cancelled (or already finished)"), NO_JOB),
@@ -242,6 +268,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="GET",
         path=protocol.JOB_RESULTS,
         operation="job_results",
+        roles=USERS,
         summary="Results past a cursor, long-polling up to 'wait' seconds for the first.",
         tag="jobs",
         query=(
@@ -266,6 +293,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.LEASE,
         operation="lease",
+        roles=WORKERS,
         summary="Lease up to 'max' tasks, long-polling up to 'wait' seconds for one.",
         tag="workers",
         body=Json(m.LeaseRequest),
@@ -281,6 +309,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.COMPLETE,
         operation="complete",
+        roles=WORKERS,
         summary="Report finished tasks; items are judged one by one.",
         tag="workers",
         body=Frames(
@@ -297,6 +326,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.RELEASE,
         operation="release",
+        roles=WORKERS,
         summary="Hand leases back unstarted (they go back to the queue at once).",
         tag="workers",
         body=Json(m.Release),
@@ -306,6 +336,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.HEARTBEAT,
         operation="heartbeat",
+        roles=WORKERS,
         summary="Extend a worker's leases and record its telemetry.",
         tag="workers",
         body=Json(m.Heartbeat),
@@ -315,6 +346,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         method="POST",
         path=protocol.PRESENCE,
         operation="presence",
+        roles=WORKERS,
         summary=(
             "Held open for a worker's life: a connection that drops without a goodbye "
             "requeues the worker's tasks after a short grace."
@@ -335,10 +367,19 @@ BAD_REQUEST: Final = _error(400, "a path or query parameter, or the body, is mal
 TOO_LARGE: Final = _error(413, "the body exceeds the server's --max-request-size")
 STORE_DOWN: Final = _error(503, "the store is unreachable or refuses writes: retry")
 NO_STORE: Final = frozenset({protocol.HEALTH, protocol.OPENAPI})  # these answer without one
+# With hq-server --auth (docs/security.md):
+NO_TOKEN: Final = _error(401, "no access token, or one the server does not know (revoked?)")
+WRONG_ROLE: Final = _error(403, "the token's role may not call this route")
+OVER_QUOTA: Final = _error(429, "a quota or limit is reached: retry after Retry-After seconds")
+STORE_FULL: Final = _error(507, "the store is near its maxmemory: retry after Retry-After")
+# Which routes a quota or a full store can refuse (server/limits.py).
+QUOTA_CHECKED: Final = frozenset({"put_blob", "submit_tasks", "job_results", "lease"})
+STORE_FULL_CHECKED: Final = frozenset({"put_blob", "create_job", "submit_tasks"})
 
 
-def replies(route: Route) -> tuple[Reply, ...]:
-    """Everything ``route`` may answer: its own replies and the shared errors."""
+def replies(route: Route, auth: bool = True) -> tuple[Reply, ...]:
+    """Everything ``route`` may answer: its own replies and the shared errors (those of
+    tokens only with ``auth``: hq-server --auth)."""
     extra = []
     if route.body is not None or route.query or route.path_parameters:
         extra.append(BAD_REQUEST)
@@ -346,5 +387,13 @@ def replies(route: Route) -> tuple[Reply, ...]:
         extra.append(TOO_LARGE)
     if route.path not in NO_STORE:
         extra.append(STORE_DOWN)
+    if auth and route.roles is not None:
+        extra.append(NO_TOKEN)
+        if not route.roles >= USERS_AND_WORKERS:
+            extra.append(WRONG_ROLE)
+    if route.operation in QUOTA_CHECKED:
+        extra.append(OVER_QUOTA)
+    if route.operation in STORE_FULL_CHECKED:
+        extra.append(STORE_FULL)
     own = {r.status for r in route.replies}
     return route.replies + tuple(r for r in extra if r.status not in own)

@@ -168,7 +168,9 @@ async def workers(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=openapi_document.encoded(), content_type="application/json")
+    return web.Response(
+        body=openapi_document.encoded(request.app[CONFIG].auth), content_type="application/json"
+    )
 
 
 # ---------------------------------------------------------------------- blobs

@@ -1,8 +1,8 @@
 """Who may call which route: bearer tokens with roles, checked before any handler runs.
 
-:data:`ROUTE_ROLES` maps every route, keyed by (method, path constant of
-:mod:`coffea_hq.protocol`), to the roles that may call it (admin may call all);
-``None`` marks the one public route. :func:`auth_middleware` resolves the caller's
+:data:`ROUTE_ROLES` maps every route of :data:`coffea_hq.routes.ROUTES`, keyed by
+(method, path), to the roles that may call it (admin may call all); ``None`` marks the
+public routes. :func:`auth_middleware` resolves the caller's
 token to a :class:`Principal` and refuses the request before any state changes:
 no token or an unknown one is a 401, a role the route does not admit a 403. Which
 *job* a user may touch is checked by the handlers (a job of another user is a 404).
@@ -25,6 +25,7 @@ from aiohttp import web
 from coffea_hq import messages as m
 from coffea_hq import protocol
 from coffea_hq.protocol import Role
+from coffea_hq.routes import ROUTES
 
 from .tokens import TokenRecord, digest
 
@@ -33,32 +34,10 @@ log = logging.getLogger("coffea_hq.server.auth")
 DEFAULT_TOKEN_CACHE_TTL = 5.0
 CACHE_MAX = 10_000  # distinct tokens remembered at once (a flood of bad ones cannot grow it)
 
-USER = frozenset({Role.USER})
-WORKER = frozenset({Role.WORKER})
-BOTH = USER | WORKER
-ADMIN_ONLY: frozenset[Role] = frozenset()
-
-# The roles besides admin that may call each route; None: anyone, without a token.
+# The roles besides admin that may call each route (coffea_hq.routes says, per route);
+# None: anyone, without a token.
 ROUTE_ROLES: dict[tuple[str, str], frozenset[Role] | None] = {
-    ("GET", protocol.HEALTH): None,
-    ("GET", protocol.OPENAPI): None,
-    ("GET", protocol.QUEUE): ADMIN_ONLY,
-    ("GET", protocol.WORKERS): ADMIN_ONLY,
-    ("PUT", protocol.BLOB): USER,
-    ("HEAD", protocol.BLOB): BOTH,
-    ("GET", protocol.BLOB): WORKER,
-    ("PUT", protocol.JOB): USER,
-    ("GET", protocol.JOB): USER,
-    ("DELETE", protocol.JOB): USER,
-    ("POST", protocol.JOB_TASKS): USER,
-    ("POST", protocol.JOB_SEAL): USER,
-    ("POST", protocol.JOB_CANCEL): USER,
-    ("GET", protocol.JOB_RESULTS): USER,
-    ("POST", protocol.LEASE): WORKER,
-    ("POST", protocol.COMPLETE): WORKER,
-    ("POST", protocol.RELEASE): WORKER,
-    ("POST", protocol.HEARTBEAT): WORKER,
-    ("POST", protocol.PRESENCE): WORKER,
+    (route.method, route.path): route.roles for route in ROUTES
 }
 
 _MISSING = object()

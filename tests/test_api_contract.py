@@ -40,6 +40,7 @@ from coffea_hq import Client, openapi, protocol, routes
 from coffea_hq import messages as m
 
 from .conftest import Processes
+from .test_auth import AuthServer, auth_server  # noqa: F401  (the --auth server fixture)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -57,12 +58,12 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def test_the_document_is_valid_openapi_and_the_server_serves_it(
-    server_url: str, request: pytest.FixtureRequest
+    embedded_store: Any, processes: Processes, prefix: str
 ) -> None:
-    if request.node.callspec.params.get("store") != "embedded":
-        pytest.skip("the document does not depend on the store")
-    doc = openapi.document()
+    server_url, _ = processes.server(embedded_store.url, prefix=prefix)
+    doc = openapi.document(auth=False)  # this server runs without --auth
     validate_spec(doc)  # raises with the offending path if the document is not OpenAPI 3.1
+    validate_spec(openapi.document(auth=True))
     status, body = get(server_url + protocol.OPENAPI)
     assert status == 200 and json.loads(body) == doc
     operations = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
@@ -216,7 +217,7 @@ def fuzz(url: str, examples: int, seed: int) -> Tally[str]:
     """Every operation with good and bad input, then stateful chains; raises on any
     failed check (a 5xx, an undocumented status, a body not as documented, bad input
     taken). Returns the number of requests sent, by status class."""
-    schema = schemathesis.openapi.from_dict(openapi.document())
+    schema = schemathesis.openapi.from_dict(openapi.document(auth=False))  # an open server
     with urllib.request.urlopen(
         urllib.request.Request(
             url + protocol.BLOB.format(sha=protocol.blob_name(FUZZ_BLOB)),
@@ -346,11 +347,10 @@ def _fuzz_a_server_with_a_job_in_flight(
 
 
 def test_fuzzing_the_api_finds_no_5xx_and_a_job_in_flight_completes_exactly(
-    store: Any, processes: Processes, prefix: str, request: pytest.FixtureRequest
+    embedded_store: Any, processes: Processes, prefix: str
 ) -> None:
-    if request.node.callspec.params.get("store") != "embedded":
-        pytest.skip("the default fuzz run uses one store; the slow run covers both")
-    _fuzz_a_server_with_a_job_in_flight(processes, store.url, prefix, examples=6, tasks=40)
+    # (One store by default; the slow run below covers both.)
+    _fuzz_a_server_with_a_job_in_flight(processes, embedded_store.url, prefix, examples=6, tasks=40)
 
 
 @pytest.mark.slow
@@ -505,12 +505,13 @@ class LeaseChain(RuleBasedStateMachine):
 
 
 def test_the_lease_chain_answers_what_the_accounting_says(
-    store: Any, processes: Processes, prefix: str, request: pytest.FixtureRequest
+    embedded_store: Any, processes: Processes, prefix: str
 ) -> None:
-    if request.node.callspec.params.get("store") != "embedded":
-        pytest.skip("one store is enough for the default run")
-    # A long lease timeout: no lease may expire between the steps of a slow machine.
-    LeaseChain.url, _ = processes.server(store.url, "--lease-timeout", "120", prefix=prefix)
+    # (One store by default; the slow run covers both.) A long lease timeout: no lease may
+    # expire between the steps of a slow machine.
+    LeaseChain.url, _ = processes.server(
+        embedded_store.url, "--lease-timeout", "120", prefix=prefix
+    )
     chain(examples=12)
 
 
@@ -537,3 +538,81 @@ def chain(examples: int, derandomize: bool = True) -> None:
     # Every kind of step was reached: accepted, refused and resent reports, releases.
     for seen in ("complete 200", "complete 409", "duplicate", "release 200", "seal 200"):
         assert sent[seen], (seen, sent)
+
+
+# ---------------------------------------------------------------------- fuzzing with tokens
+
+
+AUTH_EXAMPLES = 3  # per operation, caller and mode: about 300 requests in all
+
+
+def _refused_as(
+    url: str, headers: dict[str, str], status: int, who: str | None, sent: Tally[int]
+) -> Any:
+    def one(case: schemathesis.Case) -> None:
+        if isinstance(case.query, dict) and "wait" in case.query:
+            case.query["wait"] = 0  # (refused before it could wait, but bound it)
+        # (Replacing whatever Authorization schemathesis made up for the bearer scheme.)
+        case.headers = {
+            k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"
+        }
+        case.headers.update(headers)
+        response = case.call(base_url=url)
+        assert response.status_code == status, (
+            f"{case.method} {case.formatted_path} as {who}: "
+            f"{response.status_code} {response.text[:200]}"
+        )
+        sent[status] += 1
+
+    return one
+
+
+def test_fuzzed_calls_without_a_token_or_with_a_wrong_role_are_refused_and_change_nothing(
+    auth_server: AuthServer,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """hq-server --auth: every protected operation, with good and bad input, from no token,
+    a revoked one and (where the route does not admit it) the wrong role, answers 401/403
+    before anything else looks at the request, and the store is unchanged afterwards."""
+    schema = schemathesis.openapi.from_dict(openapi.document())
+    by_operation = {route.operation: route for route in routes.ROUTES}
+    settings = hypothesis.settings(
+        max_examples=AUTH_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[hypothesis.Phase.generate],
+    )
+    before = auth_server.snapshot()
+    sent: Tally[int] = Tally()
+    for result in schema.get_all_operations():
+        operation = result.ok()  # type: ignore[union-attr]
+        route = by_operation[operation.definition.raw["operationId"]]
+        if route.roles is None:
+            continue
+        callers: list[tuple[str | None, int]] = [(None, 401), ("revoked", 401)]
+        if protocol.Role.USER not in route.roles:
+            callers.append(("alice", 403))
+        if protocol.Role.WORKER not in route.roles:
+            callers.append(("worker", 403))
+        for who, status in callers:
+            token = auth_server.secret[who] if who else None
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            for mode in (
+                schemathesis.GenerationMode.POSITIVE,
+                schemathesis.GenerationMode.NEGATIVE,
+            ):
+                one = settings(
+                    hypothesis.seed(7)(
+                        given(case=operation.as_strategy(generation_mode=mode))(
+                            _refused_as(auth_server.url, headers, status, who, sent)
+                        )
+                    )
+                )
+                try:
+                    one()
+                except hypothesis.errors.Unsatisfiable:
+                    if mode is schemathesis.GenerationMode.POSITIVE:
+                        raise
+    print(f"auth fuzz: {dict(sent)}")
+    assert sent[401] > 0 and sent[403] > 0
+    assert auth_server.snapshot() == before
