@@ -26,6 +26,8 @@ from . import messages, protocol
 from .api import API, Frames
 from .errors import HQError, JobCancelled, ServerError, ServerUnreachable, SubmitFailed, TaskFailed
 from .protocol import Codec
+from .remote import TaskNotes
+from .shipping import with_env
 
 T = TypeVar("T")
 
@@ -196,6 +198,23 @@ class Client:
         """Queued and running task counts, jobs and workers."""
         return self.run(self.api.queue())
 
+    def workers(self) -> dict[str, Any]:
+        """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
+        return self.run(self.api.workers())
+
+    def worker_logs(
+        self, workers: Iterable[str] | None = None
+    ) -> dict[str, list[messages.LogLine]]:
+        """The log ring buffer of each worker (default: every live one), as Dask's
+        ``get_worker_logs``: its tasks' output and its own log lines, oldest first."""
+        names = list(self.workers()) if workers is None else list(workers)
+
+        async def fetch() -> dict[str, list[messages.LogLine]]:
+            replies = await asyncio.gather(*(self.api.worker_logs(w) for w in names))
+            return {w: r.lines for w, r in zip(names, replies, strict=True)}
+
+        return self.run(fetch())
+
     # ------------------------------------------------------------------ jobs
 
     def map(
@@ -208,6 +227,7 @@ class Client:
         reduce: Callable[[list[Any]], Any] | None = None,
         fanin: int = protocol.DEFAULT_FANIN,
         blob_codec: Codec | None = None,
+        env: dict[str, str] | Iterable[str] | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -221,9 +241,17 @@ class Client:
 
         ``blob_codec`` compresses the pickled function and reducer (default: the client's
         codec); ``Codec.NONE`` for functions whose bulk is compressed already.
+
+        ``env`` sets environment variables in each task's process, for this job only: a
+        dict, or names whose values are taken from this process's ``os.environ``.
+
+        Warnings and log records (WARNING and above) the tasks raise are raised again here
+        as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
+        if env is not None:
+            function = with_env(function, env)
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
         blobs = [
@@ -372,6 +400,8 @@ class Job:
         "_cursor",
         "_end_state",
         "_finished",
+        "notes",
+        "_logs",
     )
 
     def __init__(
@@ -402,6 +432,9 @@ class Job:
         self._cursor = "0"  # where the next poll starts (touched only on the loop)
         self._end_state: str | None = None
         self._finished = False
+        # The tasks' warnings and logs (re-raised here) and their resources, added up.
+        self.notes = TaskNotes()
+        self._logs: list[messages.LogLine] | None = None  # kept from before the job's deletion
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
@@ -412,6 +445,14 @@ class Job:
     def status(self) -> dict[str, Any]:
         """The server's summary: state, done, failed, total, merges."""
         return self.client.run(self.client.api.get_job(self.id))
+
+    def logs(self) -> list[messages.LogLine]:
+        """What the job's tasks printed (stdout and stderr), newest last: the server's ring
+        buffer of the job's last ``JOB_LOG_LINES`` outputs, each with its worker and task.
+        Kept here once the job has ended (the server deletes it)."""
+        if self._logs is not None:
+            return list(self._logs)
+        return self.client.run(self.client.api.job_logs(self.id)).lines
 
     def cancel(self) -> None:
         """Cancel the job: queued tasks are dropped; running ones are stopped by their
@@ -472,6 +513,7 @@ class Job:
         """The job has failed for good: free its keys on the server; later calls re-raise."""
         self._failures.append(failure)
         self._finished = True
+        self._keep_logs()
         self.client.run(self._stop_polling(delete=True))
         return failure
 
@@ -482,6 +524,8 @@ class Job:
         self.merges = int(header.get("merges", self.merges))
         self.merges_open = int(header.get("merges_open", self.merges_open))
         errors = header["errors"]
+        for task, note in (header.get("notes") or {}).items():
+            self.notes.take(task, note, protocol.is_merge(task))
         for (task, outcome), part in zip(header["items"], parts, strict=True):
             self._buffer.append((task, outcome, part, errors.get(task, {})))
         if header.get("end"):
@@ -539,8 +583,15 @@ class Job:
         item = self.items[index] if index >= 0 else "(a merge of results on a worker)"
         return TaskFailed(self.id, index, item, error, exception)
 
+    def _keep_logs(self) -> None:
+        """Fetch the job's log buffer before the job is deleted (best effort)."""
+        if self._logs is None:
+            with contextlib.suppress(HQError):
+                self._logs = self.client.run(self.client.api.job_logs(self.id)).lines
+
     def _finish(self, state: str) -> None:
         self._finished = True
+        self._keep_logs()
         self.client.run(self.client.api.delete_job(self.id))
         if state == protocol.JobState.CANCELLED and not all(self._received):
             raise JobCancelled(

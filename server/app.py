@@ -229,7 +229,20 @@ async def job_results(request: web.Request) -> web.Response:
         "end": batch.end,
         **batch.summary,
     }
+    if batch.notes:
+        header["notes"] = batch.notes
     return _frames_response(header, batch.parts)
+
+
+async def job_logs(request: web.Request) -> web.Response:
+    lines = await request.app[STORE].job_logs(_job_id(request))
+    return _json_reply(m.LogsReply(msgspec.convert(lines, list[m.LogLine])))
+
+
+async def worker_logs(request: web.Request) -> web.Response:
+    worker = v.ident(request.match_info["worker"], "worker id")
+    lines = await request.app[STORE].worker_logs(worker)
+    return _json_reply(m.LogsReply(msgspec.convert(lines, list[m.LogLine])))
 
 
 # ---------------------------------------------------------------------- tasks (worker)
@@ -266,9 +279,22 @@ async def lease(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _report(item: m.ReportItem, part: memoryview) -> Report:
+def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
     error = msgspec.structs.asdict(item.error) if item.error is not None else None
-    return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
+    info = item.info
+    if info is None:
+        return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
+    note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
+    return Report(
+        item.job,
+        item.task,
+        item.attempt,
+        item.outcome,
+        error,
+        bytes(part),
+        m.encode(note),
+        info.output,
+    )
 
 
 def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> m.Rejected:
@@ -294,7 +320,7 @@ async def complete(request: web.Request) -> web.Response:
         checked = None
     for i, (item, part) in enumerate(zip(items, parts, strict=True)):
         try:
-            reports.append(_report(checked[i] if checked else m.report_item(item), part))
+            reports.append(_report(worker, checked[i] if checked else m.report_item(item), part))
             where.append(i)
         except msgspec.ValidationError as e:
             reasons[i] = f"'items'[{i}]: {e}"
@@ -337,7 +363,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if body.draining:
         request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now
-    lost = await store.heartbeat(body.worker, info, refs)
+    lost = await store.heartbeat(body.worker, info, refs, body.logs)
     if body.exiting:
         await store.forget_worker(body.worker)
     reply = m.HeartbeatReply(
@@ -483,6 +509,7 @@ def make_app(config: ServerConfig) -> web.Application:
     r.add_get(protocol.HEALTH, health)
     r.add_get(protocol.QUEUE, queue)
     r.add_get(protocol.WORKERS, workers)
+    r.add_get(protocol.WORKER_LOGS, worker_logs)
     r.add_put(protocol.BLOB, put_blob)
     r.add_head(protocol.BLOB, head_blob)
     r.add_get(protocol.BLOB, get_blob, allow_head=False)
@@ -493,6 +520,7 @@ def make_app(config: ServerConfig) -> web.Application:
     r.add_post(protocol.JOB_SEAL, seal_job)
     r.add_post(protocol.JOB_CANCEL, cancel_job)
     r.add_get(protocol.JOB_RESULTS, job_results)
+    r.add_get(protocol.JOB_LOGS, job_logs)
     r.add_post(protocol.LEASE, lease)
     r.add_post(protocol.COMPLETE, complete)
     r.add_post(protocol.RELEASE, release)

@@ -81,6 +81,8 @@ class Report:
     outcome: Outcome
     error: dict[str, Any] | None
     data: bytes
+    note: bytes | None = None  # JSON messages.TaskNote for the client, if the worker sent info
+    output: str = ""  # what the task printed (its tail), for the log ring buffers
 
 
 @dataclass(slots=True)
@@ -91,6 +93,7 @@ class ResultBatch:
     errors: dict[str, Any]
     summary: dict[str, Any]
     end: bool = False  # the batch reaches the job's last event: nothing more will come
+    notes: dict[str, Any] | None = None  # task -> messages.TaskNote as JSON, where one exists
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -284,10 +287,17 @@ class Store:
         # Merged results stay on the server (the workers consumed them): nothing to fetch.
         ids = [task for _, items, _ in entries for task, outcome in items if outcome != "merged"]
         failed = [task for _, items, _ in entries for task, outcome in items if outcome == "error"]
+        every = [task for _, items, _ in entries for task, _ in items]
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
         pipe.hmget(keys.errors, failed) if failed else pipe.echo(b"")
-        values, errors = await pipe.execute()
+        pipe.hmget(keys.notes, every) if every else pipe.echo(b"")
+        values, errors, notes = await pipe.execute()
+        noted = {
+            task: json.loads(raw)
+            for task, raw in zip(every, notes if every else [], strict=True)
+            if raw
+        }
         fetched = dict(zip(ids, values or [], strict=False))
         size = 0
         for entry_id, items, end in entries:
@@ -298,6 +308,9 @@ class Store:
                 size += len(value)
                 batch.items.append((task, outcome))
                 batch.parts.append(value)
+                if task in noted:
+                    batch.notes = batch.notes or {}
+                    batch.notes[task] = noted[task]
             batch.cursor = entry_id
             batch.end = end
         for task, raw in zip(failed, errors if failed else [], strict=True):
@@ -368,10 +381,62 @@ class Store:
 
         statuses: list[CompleteStatus] = [CompleteStatus.UNKNOWN] * len(reports)
         indexed = [(r.job, (i, r)) for i, r in enumerate(reports)]
-        for _, batch, reply in await self._per_job(indexed, call):
+        pipe = self.redis.pipeline(transaction=False)
+        self._write_notes(pipe, worker, reports)
+        for _, batch, reply in await self._per_job(indexed, call, pipe):
             for (i, _), status in zip(batch, reply, strict=True):
                 statuses[i] = status
         return statuses
+
+    def _write_notes(self, pipe: Pipeline, worker: str, reports: Sequence[Report]) -> None:
+        """Queue the writes of the reports' task notes and output on ``pipe``, before their
+        results (so a client that sees a result finds its note). A late duplicate's note
+        replaces the first's; a job gone meanwhile leaves keys that expire with the TTL."""
+        now = time.time()
+        worker_lines: list[bytes] = []
+        for job, group in by_job((r.job, r) for r in reports).items():
+            keys = self.keys.job(job)
+            notes: dict[Any, Any] = {r.task: r.note for r in group if r.note}
+            if notes:
+                pipe.hset(keys.notes, mapping=notes)
+                pipe.expire(keys.notes, self.result_ttl)
+            lines = [
+                json.dumps(
+                    {"time": now, "worker": worker, "job": job, "task": r.task, "text": r.output}
+                ).encode()
+                for r in group
+                if r.output
+            ]
+            if lines:
+                pipe.rpush(keys.logs, *lines)
+                pipe.ltrim(keys.logs, -protocol.JOB_LOG_LINES, -1)
+                pipe.expire(keys.logs, self.result_ttl)
+                worker_lines += lines
+        if worker_lines:
+            self._push_worker_lines(pipe, worker, worker_lines)
+
+    def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
+        key = self.keys.worker_logs(worker)
+        pipe.rpush(key, *lines)
+        pipe.ltrim(key, -protocol.WORKER_LOG_LINES, -1)
+        pipe.expire(key, protocol.WORKER_LOG_TTL)
+
+    async def job_logs(self, job: str) -> list[dict[str, Any]]:
+        """The job's log ring buffer, oldest first."""
+        keys = self.keys.job(job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.meta)
+        pipe.lrange(keys.logs, 0, -1)
+        exists, lines = await pipe.execute()
+        if not exists:
+            raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
+        return [json.loads(line) for line in lines]
+
+    async def worker_logs(self, worker: str) -> list[dict[str, Any]]:
+        """The worker's log ring buffer, oldest first (empty for a worker never heard of)."""
+        return [
+            json.loads(x) for x in await self.redis.lrange(self.keys.worker_logs(worker), 0, -1)
+        ]
 
     async def release(self, worker: str, items: Sequence[tuple[str, str, int]]) -> int:
         def call(job: str, leases: list[tuple[str, int]]) -> Call[int]:
@@ -381,13 +446,23 @@ class Store:
         return sum(n for _, _, n in await self._per_job(pairs, call))
 
     async def heartbeat(
-        self, worker: str, info: dict[str, Any], leases: Sequence[tuple[str, str, int]]
+        self,
+        worker: str,
+        info: dict[str, Any],
+        leases: Sequence[tuple[str, str, int]],
+        logs: Sequence[str] = (),
     ) -> list[tuple[str, str, int]]:
-        """Extend the worker's leases and record its telemetry; returns the leases it lost."""
+        """Extend the worker's leases, record its telemetry and its log lines; returns the
+        leases it lost."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
+        if logs:
+            lines = [
+                json.dumps({"time": now, "worker": worker, "text": text}).encode() for text in logs
+            ]
+            self._push_worker_lines(pipe, worker, lines)
 
         def call(job: str, held: list[tuple[str, int]]) -> Call[list[tuple[str, int]]]:
             return self.scripts.heartbeat(

@@ -23,8 +23,10 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+import msgspec
 
 from coffea_hq import messages as m
 from coffea_hq import protocol
@@ -45,6 +47,48 @@ DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch syste
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
+ENDED_JOBS_KEPT = 256  # jobs known to have ended (cancelled, failed, deleted): recent ones
+# Report verdicts that mean the task's job is over here: it finished (cancelled or failed)
+# or is gone altogether.
+JOB_OVER = (protocol.CompleteStatus.JOB_FINISHED, protocol.CompleteStatus.UNKNOWN)
+
+
+class LogBuffer(logging.Handler):
+    """The worker's own log lines since the last heartbeat, which carries them to the
+    server's ring buffer for ``client.worker_logs()`` (bounded: the oldest go first)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=protocol.HEARTBEAT_LOG_LINES)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a bad record must not break the worker
+            return
+        self.lines.append(protocol.cut_text(text, protocol.TASK_NOTE_TEXT_MAX))
+
+    def take(self) -> list[str]:
+        lines = list(self.lines)
+        self.lines.clear()
+        return lines
+
+
+def _info_size(r: Result) -> int:
+    """Bytes ``r``'s info adds to a report's header."""
+    return 0 if r.info is None else len(msgspec.json.encode(r.info))
+
+
+def _rss_bytes(pid: int | None) -> int:
+    """Current resident set of process ``pid`` (0 if unknown)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +195,11 @@ class Leases:
         self._lost |= keys & self._held.keys()
         return keys & self._running
 
+    def end_job(self, job: str) -> set[LeaseKey]:
+        """The job is over (cancelled, failed, deleted): drop its pending leases, mark the
+        rest lost, and return its running ones (their slots should stop)."""
+        return self.lost({key for key in self._held if key[0] == job})
+
     def hand_back_pending(self) -> list[HeldTask]:
         """End every pending lease; the caller gives them back to the server."""
         items = list(self._pending)
@@ -202,6 +251,10 @@ class Worker:
         self._abort = asyncio.Event()
         self._slot_grace = 5.0  # how long a stopping slot may finish its task
         self._busy = 0
+        self._ended: OrderedDict[str, None] = OrderedDict()  # jobs known to be over
+        self._log_buffer = LogBuffer()
+        # Peak RSS (bytes) of the last task each slot's subprocess ran.
+        self._slot_task_rss = [0] * len(self.slots)
 
     # ------------------------------------------------------------------ control
 
@@ -228,6 +281,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        logging.getLogger("coffea_hq").addHandler(self._log_buffer)
         await asyncio.gather(*(slot.start() for slot in self.slots))
         log.info("worker %s: %d slot(s), server %s", self.id, len(self.slots), self.config.url)
         background = [
@@ -264,6 +318,7 @@ class Worker:
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
             await self.api.close()
+            logging.getLogger("coffea_hq").removeHandler(self._log_buffer)
         log.info("worker %s stopped: %s", self.id, self.stats)
 
     async def _drain(self, leasing: asyncio.Task[None], running: list[asyncio.Task[None]]) -> None:
@@ -397,7 +452,9 @@ class Worker:
             batch = self.leases.take(self._batch_size())
             self._busy += 1
             try:
-                leftover = await slot.run(batch, self._on_results)
+                leftover = await slot.run(
+                    batch, lambda results: self._on_results(results, slot.index)
+                )
             finally:
                 self._busy -= 1
             self.leases.put_back(leftover)
@@ -421,10 +478,12 @@ class Worker:
             "(raise hq-server --max-request-size, or return less)",
             "traceback": "",
         }
-        return Result(r.item, Outcome.ERROR, error, b"", r.seconds)
+        return Result(r.item, Outcome.ERROR, error, b"", r.seconds, r.info)
 
-    def _on_results(self, results: list[Result]) -> None:
+    def _on_results(self, results: list[Result], slot: int | None = None) -> None:
         for r in results:
+            if slot is not None and r.info is not None:
+                self._slot_task_rss[slot] = r.info.max_rss
             if not self.leases.finished(r.item):
                 continue
             if r.error is not None:
@@ -459,31 +518,72 @@ class Worker:
         while True:
             first = carried or await self.outbox.get()
             carried = None
-            batch, size = [first], len(first.data)
+            batch, size = [first], len(first.data) + _info_size(first)
             while len(batch) < REPORT_MAX_ITEMS and not self.outbox.empty():
                 r = self.outbox.get_nowait()
-                if size + len(r.data) > self._report_max_bytes:
+                more = len(r.data) + _info_size(r)
+                if size + more > self._report_max_bytes:
                     carried = r
                     break
                 batch.append(r)
-                size += len(r.data)
+                size += more
             await self._report(batch)
 
     async def _report(self, batch: list[Result]) -> None:
         header = m.Complete(
             worker=self.id,
             items=[
-                [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error] for r in batch
+                [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error, r.info]
+                for r in batch
             ],
         )
         try:
             reply = await self.api.complete(header, [r.data for r in batch])
-            if reply.error is not None:  # some items refused (HTTP 409), the others stand
-                log.warning("worker %s: %s", self.id, reply.message)
         except ServerError as e:
             log.error("worker %s: report refused, results dropped: %s", self.id, e)
+        else:
+            over = self._jobs_over(batch, reply.items)
+            unexplained = [
+                s
+                for r, s in zip(batch, reply.items, strict=False)
+                if s.refused and r.item.job not in over
+            ]
+            if reply.error is not None and (unexplained or reply.error != "not_leased"):
+                # Some items refused (HTTP 409) for another reason than their job's end.
+                log.warning("worker %s: %s", self.id, reply.message)
         for r in batch:
             self.leases.end(r.item)
+
+    def _jobs_over(self, batch: list[Result], statuses: list[protocol.CompleteStatus]) -> set[str]:
+        """Jobs the server says are over (cancelled, failed, deleted): stop their work here."""
+        over = {r.item.job for r, s in zip(batch, statuses, strict=False) if s in JOB_OVER}
+        for job in over:
+            self._end_job(job)
+        return over
+
+    def _end_job(self, job: str) -> None:
+        """Drop the job's queued tasks and kill the slots running its tasks, logging it once."""
+        first = job not in self._ended
+        self._ended[job] = None
+        while len(self._ended) > ENDED_JOBS_KEPT:
+            self._ended.popitem(last=False)
+        before = self.leases.pending
+        running = self.leases.end_job(job)
+        dropped = before - self.leases.pending
+        stopped = 0
+        for slot in self.slots:
+            if slot.executing() in running:
+                slot.kill()
+                stopped += 1
+        if first or dropped or stopped:
+            log.info(
+                "worker %s: job %s is over (cancelled, failed or deleted): dropped %d queued "
+                "task(s) and the results of finished ones, stopped %d running",
+                self.id,
+                job,
+                dropped,
+                stopped,
+            )
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -497,7 +597,10 @@ class Worker:
             "busy_slots": self._busy,
             "held": len(self.leases),
             "mean_runtime": self._mean_runtime,
-            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            # The agent's own peak; the tasks' memory is the slots' (their subprocesses).
+            "agent_max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "slot_rss_bytes": [_rss_bytes(s.pid) for s in self.slots],
+            "slot_task_max_rss_bytes": list(self._slot_task_rss),
             "restarts": sum(s.restarts for s in self.slots),
         }
         reply = await self.api.heartbeat(
@@ -509,6 +612,7 @@ class Worker:
                 stats=stats,
                 draining=draining or self._stopping.is_set(),
                 exiting=exiting,
+                logs=self._log_buffer.take(),
             ),
             retry_for=retry_for,
         )

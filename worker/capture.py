@@ -1,0 +1,189 @@
+"""What one task tells its session besides its result, collected in the slot subprocess.
+
+:class:`TaskCapture` wraps each task: it records the Python warnings and log records
+(``TASK_LOG_LEVEL`` and above) the task raises, what it prints (at the file-descriptor
+level, so C libraries' output too), its wall and CPU time and the subprocess's peak
+resident set during the task, all bounded by the limits in :mod:`coffea_hq.protocol`.
+The result is a :class:`coffea_hq.messages.TaskInfo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+from coffea_hq import protocol
+from coffea_hq.messages import TaskInfo, TaskLog, TaskWarning
+
+_FORMATTER = logging.Formatter()
+
+
+def _cut(text: str) -> str:
+    return protocol.cut_text(text, protocol.TASK_NOTE_TEXT_MAX)
+
+
+class _Records(logging.Handler):
+    """Root-logger handler that keeps the current task's records (bounded)."""
+
+    def __init__(self) -> None:
+        super().__init__(protocol.TASK_LOG_LEVEL)
+        self.records: list[TaskLog] = []
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) >= protocol.TASK_LOGS_MAX:
+            self.dropped += 1
+            return
+        try:
+            text = record.getMessage()
+        except Exception as e:  # a bad format string still says something
+            text = f"{record.msg!r} (message formatting failed: {e})"
+        if record.exc_info:
+            text += "\n" + _FORMATTER.formatException(record.exc_info)
+        self.records.append(
+            TaskLog(
+                _cut(record.name),
+                record.levelno,
+                _cut(text),
+                _cut(record.pathname),
+                max(record.lineno, 0),
+                record.created,
+            )
+        )
+
+
+class _PeakRss:
+    """The subprocess's peak RSS during one task.
+
+    Linux keeps a high-water mark (VmHWM) that writing ``5`` to /proc/self/clear_refs
+    resets: reset before the task, read after. Elsewhere (or where that is refused) the
+    lifetime peak (``ru_maxrss``) is all there is: an upper bound for tasks after the first.
+    """
+
+    def __init__(self) -> None:
+        self._clear = self._status = -1
+        with contextlib.suppress(OSError):
+            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+            self._status = os.open("/proc/self/status", os.O_RDONLY)
+
+    def reset(self) -> None:
+        if self._clear >= 0:
+            try:
+                os.write(self._clear, b"5")
+            except OSError:
+                os.close(self._clear)
+                self._clear = -1
+
+    def read(self) -> int:
+        """Bytes."""
+        if self._clear >= 0 and self._status >= 0:
+            status = os.pread(self._status, 4096, 0)
+            at = status.find(b"VmHWM:")
+            if at >= 0:
+                return int(status[at + 6 : status.index(b"kB", at)]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Output:
+    """Points fds 1 and 2 at an unlinked file while a task runs; its tail is the output.
+    Everything is copied to the real stderr afterwards, so the worker's log keeps it."""
+
+    def __init__(self, stderr_fd: int) -> None:
+        self._stderr = stderr_fd
+        fd, path = tempfile.mkstemp(prefix="hq-output-")
+        os.unlink(path)
+        self._fd = fd
+
+    def start(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.dup2(self._fd, 1)
+        os.dup2(self._fd, 2)
+
+    def stop(self) -> str:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(self._stderr, 1)
+        os.dup2(self._stderr, 2)
+        size = os.fstat(self._fd).st_size
+        if not size:
+            return ""
+        with contextlib.suppress(OSError):
+            os.sendfile(self._stderr, self._fd, 0, size)
+        start = max(0, size - protocol.TASK_OUTPUT_MAX)
+        text = os.pread(self._fd, size - start, start).decode("utf-8", "replace")
+        if start:
+            note = f"[... {start:,} bytes cut ...]\n"
+            text = note + text[-(protocol.TASK_OUTPUT_MAX - len(note)) :]
+        return text[-protocol.TASK_OUTPUT_MAX :]
+
+
+class TaskCapture:
+    """``with capture.task(): run()``, then :attr:`info` describes that task."""
+
+    def __init__(self, stderr_fd: int) -> None:
+        self._records = _Records()
+        root = logging.getLogger()
+        root.addHandler(self._records)
+        # Records also go to stderr (so to the output and the worker's log), as Python's
+        # last-resort handler would have printed them without ours.
+        echo = logging.StreamHandler()
+        echo.setLevel(protocol.TASK_LOG_LEVEL)
+        root.addHandler(echo)
+        self._rss = _PeakRss()
+        self._output = _Output(stderr_fd)
+        self.info = TaskInfo()
+        self._caught: Any = None
+        self._log: list[warnings.WarningMessage] = []
+        self._t0 = self._cpu0 = 0.0
+
+    def __enter__(self) -> TaskCapture:
+        self._records.records = []
+        self._rss.reset()
+        self._output.start()
+        # Entering resets the registries of the "default" action: each task reports each
+        # warning it raises once per place, filtered as Python would here.
+        self._caught = warnings.catch_warnings(record=True)
+        self._log = self._caught.__enter__()
+        self._t0 = time.perf_counter()
+        self._cpu0 = _cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        cpu = _cpu() - self._cpu0
+        self._caught.__exit__(None, None, None)
+        output = self._output.stop()
+        self.info = TaskInfo(
+            wall=wall,
+            cpu=max(cpu, 0.0),
+            max_rss=self._rss.read(),
+            warnings=_warnings(self._log),
+            logs=self._records.records,
+            output=output,
+        )
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _warnings(caught: list[warnings.WarningMessage]) -> list[TaskWarning]:
+    """Distinct warnings (category, text, place) with how often each came, bounded."""
+    seen: dict[tuple[str, str, str, int], int] = {}
+    for w in caught:
+        category = f"{w.category.__module__}.{w.category.__qualname__}"
+        key = (category, _cut(str(w.message)), _cut(w.filename or ""), w.lineno or 0)
+        if key not in seen and len(seen) >= protocol.TASK_WARNINGS_MAX:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+    return [TaskWarning(*key, "", count) for key, count in seen.items()]
