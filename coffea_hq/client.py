@@ -380,7 +380,9 @@ class Job:
     """A handle on a submitted job: stream results, gather them, or cancel.
 
     ``merges`` and ``merges_open`` (merge tasks queued so far, and of those the ones not
-    finished) follow the job as its results arrive, for progress bars.
+    finished), ``requeued`` and ``crashed`` (attempts retried, attempts that crashed their
+    subprocess) follow the job as its results arrive, for progress bars. ``notes`` holds
+    the tasks' resources added up (:class:`coffea_hq.remote.TaskNotes`).
     """
 
     __slots__ = (
@@ -391,6 +393,8 @@ class Job:
         "fail_fast",
         "merges",
         "merges_open",
+        "requeued",
+        "crashed",
         "_values",
         "_reduced",
         "_received",
@@ -420,6 +424,8 @@ class Job:
         self.fail_fast = fail_fast
         self.merges = 0
         self.merges_open = 0
+        self.requeued = 0  # attempts retried after their worker crashed, died or hung
+        self.crashed = 0  # attempts that crashed their subprocess
         self._reduced: Any = None
         self._values: list[Any] = [None] * len(items)
         # A result may arrive twice (after a store restart lost its last writes): it counts once.
@@ -445,6 +451,14 @@ class Job:
     def status(self) -> dict[str, Any]:
         """The server's summary: state, done, failed, total, merges."""
         return self.client.run(self.client.api.get_job(self.id))
+
+    def resources(self, index: int) -> dict[str, Any] | None:
+        """What task ``index`` cost, once its result arrived: ``wall`` and ``cpu`` seconds,
+        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``."""
+        got = self.notes.tasks.get(str(index))
+        if got is None:
+            return None
+        return dict(zip(("wall", "cpu", "max_rss", "worker"), got, strict=True))
 
     def logs(self) -> list[messages.LogLine]:
         """What the job's tasks printed (stdout and stderr), newest last: the server's ring
@@ -523,6 +537,8 @@ class Job:
         header, parts = self.client.run(self._next_batch(deadline))
         self.merges = int(header.get("merges", self.merges))
         self.merges_open = int(header.get("merges_open", self.merges_open))
+        self.requeued = int(header.get("requeued", self.requeued))
+        self.crashed = int(header.get("crashed", self.crashed))
         errors = header["errors"]
         for task, note in (header.get("notes") or {}).items():
             self.notes.take(task, note, protocol.is_merge(task))
@@ -581,7 +597,11 @@ class Job:
             except Exception:  # the exception's class may not exist here
                 exception = None
         item = self.items[index] if index >= 0 else "(a merge of results on a worker)"
-        return TaskFailed(self.id, index, item, error, exception)
+        kind = TaskFailed.like(type(exception) if exception is not None else None)
+        try:
+            return kind(self.id, index, item, error, exception)
+        except Exception:  # the remote class's __init__ wants other arguments
+            return TaskFailed(self.id, index, item, error, exception)
 
     def _keep_logs(self) -> None:
         """Fetch the job's log buffer before the job is deleted (best effort)."""

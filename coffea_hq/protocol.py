@@ -323,13 +323,16 @@ def unpack(body: bytes) -> tuple[dict[str, Any], list[memoryview]]:
 #
 # GET  JOB, PUT JOB, POST JOB_SEAL, POST JOB_CANCEL -> job summary {"job", "state",
 #                   "label", "submitted", "total", "done", "failed", "max_attempts",
-#                   "fail_fast", "reducing", "merges", "merges_open", ["reason"]}
+#                   "fail_fast", "reducing", "merges", "merges_open", "requeued",
+#                   "crashed", ["reason"]}
 # GET  JOB_RESULTS  ?after=<cursor>&wait=<s>&ack=<cursor>
 #                   frames {"cursor": str, "items": [[task, outcome], ...], "errors":
-#                           {task: error}, "end": bool, **job summary}
+#                           {task: error}, ["notes": {task: messages.TaskNote}], "end": bool,
+#                           **job summary}
 #                   (outcome "ok" | "error" | "merged": merged on workers, no part)
 #                   + one part per item (pickled value, or pickled exception)
 # GET  QUEUE        {"queued", "running", "work", "jobs", "workers", "counters"}
+# GET  JOB_LOGS, WORKER_LOGS  messages.LogsReply
 #
 # An error from the server is JSON {"error": <code>, "message": <sentence>}.
 

@@ -66,13 +66,17 @@ class TaskNotes:
 
     chunks: TaskResources = field(default_factory=TaskResources)
     merges: TaskResources = field(default_factory=TaskResources)
+    # task id -> (wall s, CPU s, peak RSS bytes, worker) of each of the job's own tasks
+    tasks: dict[str, tuple[float, float, int, str]] = field(default_factory=dict)
     _seen: set[tuple[Any, ...]] = field(default_factory=set)
 
     def take(self, task: str, note: dict[str, Any], merge: bool) -> None:
         worker = str(note.get("worker", "?"))
-        (self.merges if merge else self.chunks).add(
-            float(note.get("wall", 0.0)), float(note.get("cpu", 0.0)), int(note.get("max_rss", 0))
-        )
+        wall, cpu = float(note.get("wall", 0.0)), float(note.get("cpu", 0.0))
+        rss = int(note.get("max_rss", 0))
+        (self.merges if merge else self.chunks).add(wall, cpu, rss)
+        if not merge:
+            self.tasks[task] = (wall, cpu, rss, worker)
         for w in note.get("warnings", ()):
             self._warn(worker, *w)
         for record in note.get("logs", ()):

@@ -34,6 +34,8 @@ class Meta(enum.StrEnum):
     FAILED = "failed"  # client tasks that failed for good
     MERGES = "merges"  # merge tasks queued so far
     MERGES_OPEN = "merges_open"  # merge tasks queued or running
+    REQUEUED = "requeued"  # attempts that crashed or expired and went back to the queue
+    CRASHED = "crashed"  # attempts whose subprocess died (segfault, out of memory, os._exit)
     FIRST_ERROR = "first_error"  # the first failed task
     FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
     REASON = "reason"  # why the server ended the job, when nobody asked it to

@@ -217,6 +217,8 @@ class Store:
             "reducing": bool(m.get(Meta.REDUCER_BLOB)),
             "merges": number(Meta.MERGES),
             "merges_open": number(Meta.MERGES_OPEN),
+            "requeued": number(Meta.REQUEUED),
+            "crashed": number(Meta.CRASHED),
         }
         if m.get(Meta.REASON):
             summary["reason"] = m[Meta.REASON]

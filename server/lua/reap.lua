@@ -35,6 +35,7 @@ if #back > 0 then
   call_sliced('LPUSH', QUEUE, back)
   redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
   count(COUNT.REQUEUED, #back)
+  redis.call('HINCRBY', META, F.REQUEUED, #back)
   redis.call('PUBLISH', CHANNEL, #back)
 end
 if #failed > 0 then
