@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -93,7 +94,8 @@ class ResultBatch:
     errors: dict[str, Any]
     summary: dict[str, Any]
     end: bool = False  # the batch reaches the job's last event: nothing more will come
-    notes: dict[str, Any] | None = None  # task -> messages.TaskNote as JSON, where one exists
+    # task -> messages.TaskNote, where one exists: its JSON as stored, passed on unparsed
+    notes: dict[str, msgspec.Raw] | None = None
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -296,7 +298,7 @@ class Store:
         pipe.hmget(keys.notes, every) if every else pipe.echo(b"")
         values, errors, notes = await pipe.execute()
         noted = {
-            task: json.loads(raw)
+            task: msgspec.Raw(raw)
             for task, raw in zip(every, notes if every else [], strict=True)
             if raw
         }

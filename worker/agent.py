@@ -530,6 +530,13 @@ class Worker:
             await self._report(batch)
 
     async def _report(self, batch: list[Result]) -> None:
+        late = [r for r in batch if r.item.job in self._ended]
+        if late:  # finished before we heard their job ended: nobody wants them
+            for r in late:
+                self.leases.end(r.item)
+            batch = [r for r in batch if r.item.job not in self._ended]
+            if not batch:
+                return
         header = m.Complete(
             worker=self.id,
             items=[
