@@ -178,6 +178,9 @@ class Heartbeat(Message):
     stats: dict[str, Any] = {}
     draining: bool = False
     exiting: bool = False
+    # Seconds the server may hold the reply: it answers at once if a lease is lost, else
+    # when a job ends (so the worker stops that job's tasks promptly) or ``wait`` passes.
+    wait: Annotated[float, msgspec.Meta(ge=0, le=protocol.LONG_POLL_MAX)] = 0.0
     # The worker's own log lines since its last heartbeat (kept in its ring buffer).
     logs: Annotated[
         list[Annotated[str, msgspec.Meta(max_length=protocol.TASK_NOTE_TEXT_MAX)]],

@@ -22,8 +22,9 @@ from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError
 
 from . import validate as v
 from .config import ServerConfig
-from .dispatch import LeaseDispatcher
+from .dispatch import Beacon, LeaseDispatcher
 from .keys import Keys
+from .scripts import JOB_ENDED_MESSAGE
 from .store import Report, Store, StoreError, UnsupportedStore
 
 log = logging.getLogger("coffea_hq.server")
@@ -31,6 +32,7 @@ log = logging.getLogger("coffea_hq.server")
 CONFIG = web.AppKey("config", ServerConfig)
 STORE = web.AppKey("store", Store)
 DISPATCHER = web.AppKey("dispatcher", LeaseDispatcher)
+ENDED = web.AppKey("ended", Beacon)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -366,12 +368,31 @@ async def heartbeat(request: web.Request) -> web.Response:
     lost = await store.heartbeat(body.worker, info, refs, body.logs)
     if body.exiting:
         await store.forget_worker(body.worker)
+    elif body.wait > 0 and refs and not lost and not body.draining:
+        lost = await _until_a_lease_is_lost(request, body, refs)
     reply = m.HeartbeatReply(
         lost=[m.LeaseRef(*x) for x in lost],
         interval=request.app[CONFIG].lease_timeout / 3,
         max_request_size=request.app[CONFIG].max_request_size,
     )
     return _json_reply(reply)
+
+
+async def _until_a_lease_is_lost(
+    request: web.Request, body: m.Heartbeat, refs: list[tuple[str, str, int]]
+) -> list[tuple[str, str, int]]:
+    """Hold a heartbeat up to ``body.wait`` seconds; whenever a job ends, look again at the
+    worker's leases and answer at once if one is lost (its task should stop now)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body.wait
+    store, ended = request.app[STORE], request.app[ENDED]
+    while (left := deadline - loop.time()) > 0 and _connected(request):
+        if not await ended.wait(left):
+            break
+        lost = await store.lost_leases(body.worker, refs)
+        if lost:
+            return lost
+    return []
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -400,18 +421,23 @@ async def check_store(store: Store, config: ServerConfig) -> None:
         log.warning(message)
 
 
-async def _listen_for_wakeups(store: Store, dispatcher: LeaseDispatcher) -> None:
+async def _listen_for_wakeups(store: Store, dispatcher: LeaseDispatcher, ended: Beacon) -> None:
     """Follow the wake-up channel; reconnect with backoff when the store goes away."""
+    ended_message = JOB_ENDED_MESSAGE.encode()
     delay = 0.1
     while True:
         try:
             async with store.redis.pubsub() as pubsub:
                 await pubsub.subscribe(store.keys.wake)
                 dispatcher.notify()  # anything published while we were away
+                ended.ring()
                 delay = 0.1
                 async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        dispatcher.notify()
+                    if message["type"] != "message":
+                        continue
+                    if message["data"] == ended_message:
+                        ended.ring()
+                    dispatcher.notify()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -459,6 +485,7 @@ def _background(
 def make_app(config: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_request_size, middlewares=[errors_middleware])
     app[CONFIG] = config
+    app[ENDED] = Beacon()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         redis = aioredis.Redis.from_url(
@@ -492,7 +519,7 @@ def make_app(config: ServerConfig) -> web.Application:
         [
             store,
             dispatcher,
-            _background(lambda app: _listen_for_wakeups(app[STORE], app[DISPATCHER])),
+            _background(lambda app: _listen_for_wakeups(app[STORE], app[DISPATCHER], app[ENDED])),
             _background(
                 lambda app: _reap_forever(app[STORE], app[DISPATCHER], config.reap_interval)
             ),
@@ -501,6 +528,7 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def release_parked(app: web.Application) -> None:
         # Shutdown waits for running handlers: end parked long polls now, not at their timeout.
+        app[ENDED].close()
         if DISPATCHER in app:
             await app[DISPATCHER].close()
 

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from coffea_hq import protocol
-from coffea_hq.protocol import CompleteStatus, Counter, Outcome
+from coffea_hq.protocol import CompleteStatus, Counter, JobState, Outcome
 
 from .keys import Event, Keys, Meta
 from .scripts import Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
@@ -479,6 +479,22 @@ class Store:
             for job, _, lost in await self._per_job(pairs, call, pipe)
             for task, attempt in lost
         ]
+
+    async def lost_leases(
+        self, worker: str, leases: Sequence[tuple[str, str, int]]
+    ) -> list[tuple[str, str, int]]:
+        """The leases among ``leases`` whose job is no longer running (cancelled, failed,
+        done or deleted). A cheap look that extends nothing (a parked heartbeat's, when a
+        job ends); expired leases are the next heartbeat's to find."""
+        jobs = list(dict.fromkeys(job for job, _, _ in leases))
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hget(self.keys.job(job).meta, Meta.STATE)
+        running = JobState.RUNNING.value.encode()
+        over = {
+            job for job, state in zip(jobs, await pipe.execute(), strict=True) if state != running
+        }
+        return [lease for lease in leases if lease[0] in over]
 
     async def forget_worker(self, worker: str) -> None:
         await self.redis.hdel(self.keys.workers, worker)

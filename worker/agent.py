@@ -47,6 +47,7 @@ DEFAULT_DRAIN_TIMEOUT = 600.0  # a drain always ends: Kubernetes and batch syste
 STALL_CATCH_UP = 0.1  # seconds after a stall before heartbeating again
 DRAIN_CALL_MIN = 2.0  # seconds each request of a drain past its deadline may still retry
 REPORT_GRACE = 10.0  # after a drain timeout: how long results already finished may take to send
+HEARTBEAT_MIN_GAP = 0.05  # seconds between a parked heartbeat answered early and the next
 ENDED_JOBS_KEPT = 256  # jobs known to have ended (cancelled, failed, deleted): recent ones
 # Report verdicts that mean the task's job is over here: it finished (cancelled or failed)
 # or is gone altogether.
@@ -124,6 +125,7 @@ class Leases:
         self._lost: set[LeaseKey] = set()  # held, but the server says no longer ours
         self.work = asyncio.Event()  # set when there is something pending
         self.ended = asyncio.Event()  # set when a lease ends: room to lease more
+        self.started = asyncio.Event()  # set when a slot takes leases to run
 
     def __len__(self) -> int:
         return len(self._held)
@@ -132,8 +134,15 @@ class Leases:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     def refs(self) -> list[m.LeaseRef]:
-        return [i.ref for i in self._held.values()]
+        """The leases to extend: held and not lost (the server said so once already)."""
+        if not self._lost:
+            return [i.ref for i in self._held.values()]
+        return [i.ref for k, i in self._held.items() if k not in self._lost]
 
     def wake(self) -> None:
         """Wake whoever waits for work or room (the worker is stopping)."""
@@ -151,6 +160,8 @@ class Leases:
         """Up to ``n`` pending leases, oldest first, now running."""
         batch = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
         self._running.update(item.key for item in batch)
+        if batch:
+            self.started.set()
         return batch
 
     def put_back(self, items: list[HeldTask]) -> None:
@@ -595,8 +606,15 @@ class Worker:
     # ------------------------------------------------------------------ heartbeats
 
     async def _heartbeat(
-        self, *, draining: bool = False, exiting: bool = False, retry_for: float | None = None
-    ) -> None:
+        self,
+        *,
+        draining: bool = False,
+        exiting: bool = False,
+        retry_for: float | None = None,
+        wait: float = 0.0,
+    ) -> int:
+        """One heartbeat (held by the server up to ``wait`` seconds, see the loop); returns
+        how many of our leases the server says are lost."""
         uptime = time.monotonic() - self._started
         stats = {
             **self.stats,
@@ -620,6 +638,7 @@ class Worker:
                 draining=draining or self._stopping.is_set(),
                 exiting=exiting,
                 logs=self._log_buffer.take(),
+                wait=wait,
             ),
             retry_for=retry_for,
         )
@@ -636,13 +655,28 @@ class Worker:
                     "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
                 )
                 slot.kill()
+        return len(lost)
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._heartbeat()
             asked = self._heartbeat_every
             started = time.monotonic()
-            await asyncio.sleep(asked)
+            if self.leases.running and not self._stopping.is_set():
+                # Held by the server until the interval passes, or answered at once when
+                # a job ends and takes one of our leases with it: its tasks stop now, not
+                # an interval later.
+                if await self._heartbeat(wait=asked):
+                    await asyncio.sleep(HEARTBEAT_MIN_GAP)
+                    continue
+                await asyncio.sleep(max(0.0, asked - (time.monotonic() - started)))
+            else:
+                await self._heartbeat()
+                asked = self._heartbeat_every  # the server's reply sets it
+                # Until the interval passes, or a task starts: then beat held at once.
+                self.leases.started.clear()
+                if not self.leases.running:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.leases.started.wait(), asked)
             if time.monotonic() - started > 2 * asked:
                 # The process was stopped or starved. A lease reply that waited meanwhile
                 # may hold leases close to their deadline: once it is taken in (a moment

@@ -84,6 +84,7 @@ local function finish(state, reason)
   redis.call('ZREM', READY, JOB)
   redis.call('ZREM', JOBS, JOB)
   redis.call('XADD', EVENTS, '*', EV.END, state)
+  redis.call('PUBLISH', CHANNEL, JOB_ENDED_MESSAGE)  -- workers running its tasks stop them
   for i = 1, OWNED_KEYS do redis.call('EXPIRE', KEYS[i], TTL) end
 end
 
