@@ -469,8 +469,8 @@ class Job:
         return self.client.run(self.client.api.job_logs(self.id)).lines
 
     def cancel(self) -> None:
-        """Cancel the job: queued tasks are dropped; running ones are stopped by their
-        workers at the next heartbeat (within a third of the server's lease timeout)."""
+        """Cancel the job: queued tasks are dropped, and the workers stop the running ones
+        (killing their processes) and drop the ones they fetched, within moments."""
         self.client.run(self.client.api.cancel(self.id))
 
     def as_completed(
