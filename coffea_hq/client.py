@@ -354,6 +354,8 @@ def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, api: API) -
         future.result(CLOSE_BUDGET)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
+    if not thread.is_alive():
+        loop.close()  # else "unclosed event loop" (a ResourceWarning) when it is collected
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:
