@@ -242,6 +242,9 @@ class HeartbeatReply(msgspec.Struct):
     lost: list[LeaseRef]  # leases this worker no longer holds: stop them
     interval: float  # seconds until the next heartbeat
     max_request_size: int
+    # Jobs of lost leases that have ended (cancelled, failed, done or deleted): drop
+    # everything of them. Lost leases of other jobs expired.
+    ended: list[str] = []
 
 
 class TaskNote(msgspec.Struct, omit_defaults=True):

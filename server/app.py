@@ -374,6 +374,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         lost=[m.LeaseRef(*x) for x in lost],
         interval=request.app[CONFIG].lease_timeout / 3,
         max_request_size=request.app[CONFIG].max_request_size,
+        ended=await store.ended_jobs(job for job, _, _ in lost) if lost else [],
     )
     return _json_reply(reply)
 

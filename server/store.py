@@ -480,20 +480,23 @@ class Store:
             for task, attempt in lost
         ]
 
+    async def ended_jobs(self, jobs: Iterable[str]) -> list[str]:
+        """Those of ``jobs`` that are no longer running (cancelled, failed, done, deleted)."""
+        names = list(dict.fromkeys(jobs))
+        pipe = self.redis.pipeline(transaction=False)
+        for job in names:
+            pipe.hget(self.keys.job(job).meta, Meta.STATE)
+        running = JobState.RUNNING.value.encode()
+        states = await pipe.execute() if names else []
+        return [job for job, state in zip(names, states, strict=True) if state != running]
+
     async def lost_leases(
         self, worker: str, leases: Sequence[tuple[str, str, int]]
     ) -> list[tuple[str, str, int]]:
         """The leases among ``leases`` whose job is no longer running (cancelled, failed,
         done or deleted). A cheap look that extends nothing (a parked heartbeat's, when a
         job ends); expired leases are the next heartbeat's to find."""
-        jobs = list(dict.fromkeys(job for job, _, _ in leases))
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            pipe.hget(self.keys.job(job).meta, Meta.STATE)
-        running = JobState.RUNNING.value.encode()
-        over = {
-            job for job, state in zip(jobs, await pipe.execute(), strict=True) if state != running
-        }
+        over = set(await self.ended_jobs(job for job, _, _ in leases))
         return [lease for lease in leases if lease[0] in over]
 
     async def forget_worker(self, worker: str) -> None:

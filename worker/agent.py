@@ -644,7 +644,9 @@ class Worker:
         )
         self._heartbeat_every = reply.interval
         self._max_request = reply.max_request_size
-        lost = {(r.job, r.task, r.attempt) for r in reply.lost}
+        for job in reply.ended:  # its queued and running tasks here go, logged once
+            self._end_job(job)
+        lost = {(r.job, r.task, r.attempt) for r in reply.lost if r.job not in reply.ended}
         # Cancelled jobs or expired leases: do not start what is no longer ours, and stop
         # what is running (its result would be refused anyway). Only that very attempt:
         # the same task may be running here again under a newer one.
@@ -655,7 +657,7 @@ class Worker:
                     "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
                 )
                 slot.kill()
-        return len(lost)
+        return len(reply.lost)
 
     async def _heartbeat_loop(self) -> None:
         while True:

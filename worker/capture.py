@@ -10,6 +10,7 @@ The result is a :class:`coffea_hq.messages.TaskInfo`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import resource
@@ -92,38 +93,56 @@ class _PeakRss:
 
 
 class _Output:
-    """Points fds 1 and 2 at an unlinked file while a task runs; its tail is the output.
-    Everything is copied to the real stderr afterwards, so the worker's log keeps it."""
+    """Fds 1 and 2 point, for good, at an unlinked file opened for appending: what a task
+    adds to it is its output. Everything is copied on to the real stderr, so the worker's
+    log keeps it; the file is emptied once it grows past ``_ROTATE``. A task that prints
+    nothing costs two fstat calls."""
+
+    _ROTATE = 1 << 20
 
     def __init__(self, stderr_fd: int) -> None:
         self._stderr = stderr_fd
         fd, path = tempfile.mkstemp(prefix="hq-output-")
         os.unlink(path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self._fd = fd
+        _flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        self._start = self._end = 0  # where the task's output begins; what was copied on
+
+    def _copy(self, start: int, end: int) -> None:
+        with contextlib.suppress(OSError):
+            os.sendfile(self._stderr, self._fd, start, end - start)
 
     def start(self) -> None:
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.dup2(self._fd, 1)
-        os.dup2(self._fd, 2)
+        size = os.fstat(self._fd).st_size
+        if size > self._end:  # printed between tasks (the subprocess itself)
+            self._copy(self._end, size)
+        self._start = self._end = size
 
     def stop(self) -> str:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.dup2(self._stderr, 1)
-        os.dup2(self._stderr, 2)
+        _flush()
         size = os.fstat(self._fd).st_size
-        if not size:
+        start, self._end = self._start, size
+        if size == start:
             return ""
-        with contextlib.suppress(OSError):
-            os.sendfile(self._stderr, self._fd, 0, size)
-        start = max(0, size - protocol.TASK_OUTPUT_MAX)
-        text = os.pread(self._fd, size - start, start).decode("utf-8", "replace")
-        if start:
-            note = f"[... {start:,} bytes cut ...]\n"
+        self._copy(start, size)
+        cut = max(start, size - protocol.TASK_OUTPUT_MAX)
+        text = os.pread(self._fd, size - cut, cut).decode("utf-8", "replace")
+        if size > self._ROTATE:
+            os.ftruncate(self._fd, 0)
+            self._end = 0
+        if cut > start:
+            note = f"[... {cut - start:,} bytes cut ...]\n"
             text = note + text[-(protocol.TASK_OUTPUT_MAX - len(note)) :]
         return text[-protocol.TASK_OUTPUT_MAX :]
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 class TaskCapture:
