@@ -230,7 +230,7 @@ def test_a_failed_job_stops_fetched_work_with_one_info_line(
     dropped = [x for x in lines if "results were dropped" in x]
     assert not dropped, dropped
     over = [x for x in lines if f"job {job.id} is over" in x]
-    assert 1 <= len(over) <= 2 and all(x.startswith("INFO") for x in over), over
+    assert 1 <= len(over) <= 2 and all(x.startswith("INFO") for x in over), lines
     queue = client.queue()
     assert queue["work"] == 0
 

@@ -203,8 +203,9 @@ class Leases:
             self._pending = deque(i for i in self._pending if i.key not in keys)
             for item in gone:
                 self.end(item)
-        self._lost |= keys & self._held.keys()
-        return keys & self._running
+        new = keys - self._lost  # the running ones lost before are being stopped already
+        self._lost |= keys & self._held.keys()  # the pending ones have ended
+        return new & self._running
 
     def end_job(self, job: str) -> set[LeaseKey]:
         """The job is over (cancelled, failed, deleted): drop its pending leases, mark the
@@ -581,7 +582,6 @@ class Worker:
 
     def _end_job(self, job: str) -> None:
         """Drop the job's queued tasks and kill the slots running its tasks, logging it once."""
-        first = job not in self._ended
         self._ended[job] = None
         while len(self._ended) > ENDED_JOBS_KEPT:
             self._ended.popitem(last=False)
@@ -593,7 +593,7 @@ class Worker:
             if slot.executing() in running:
                 slot.kill()
                 stopped += 1
-        if first or dropped or stopped:
+        if dropped or stopped:
             log.info(
                 "worker %s: job %s is over (cancelled, failed or deleted): dropped %d queued "
                 "task(s) and the results of finished ones, stopped %d running",

@@ -10,6 +10,7 @@ The result is a :class:`coffea_hq.messages.TaskInfo`.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
@@ -115,6 +116,11 @@ class _Output:
         with contextlib.suppress(OSError):
             os.sendfile(self._stderr, self._fd, start, end - start)
 
+    def flush(self) -> None:
+        """Copy on what was printed since the last task (the subprocess is ending)."""
+        _flush()
+        self.start()
+
     def start(self) -> None:
         size = os.fstat(self._fd).st_size
         if size > self._end:  # printed between tasks (the subprocess itself)
@@ -159,10 +165,18 @@ class TaskCapture:
         root.addHandler(echo)
         self._rss = _PeakRss()
         self._output = _Output(stderr_fd)
+        # A task that crashes the subprocess never reaches the end of its capture: Python's
+        # traceback of a fatal signal goes straight to the worker's log instead.
+        self._fault_file = os.fdopen(os.dup(stderr_fd), "w")
+        faulthandler.enable(self._fault_file)
         self.info = TaskInfo()
         self._caught: Any = None
         self._log: list[warnings.WarningMessage] = []
         self._t0 = self._cpu0 = 0.0
+
+    def close(self) -> None:
+        """The subprocess is ending: pass on what it printed since its last task."""
+        self._output.flush()
 
     def __enter__(self) -> TaskCapture:
         self._records.records = []

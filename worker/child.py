@@ -80,6 +80,13 @@ def main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     capture = TaskCapture(os.dup(2))
+    try:
+        _serve(out, capture)
+    finally:
+        capture.close()
+
+
+def _serve(out: Any, capture: TaskCapture) -> None:
     inp = sys.stdin.buffer
     marker = mmap.mmap(int(sys.argv[1]), MARKER.size)
     functions: OrderedDict[str, Any] = OrderedDict()
