@@ -64,16 +64,15 @@ class _Records(logging.Handler):
 class _PeakRss:
     """The subprocess's peak RSS during one task.
 
-    Linux keeps a high-water mark (VmHWM) that writing ``5`` to /proc/self/clear_refs
-    resets: reset before the task, read after. Elsewhere (or where that is refused) the
-    lifetime peak (``ru_maxrss``) is all there is: an upper bound for tasks after the first.
+    Linux keeps a high-water mark that writing ``5`` to /proc/self/clear_refs resets, and
+    ``getrusage``'s ``ru_maxrss`` follows it: reset before the task, read after. Where that
+    is refused, ``ru_maxrss`` is the lifetime peak: an upper bound for tasks after the first.
     """
 
     def __init__(self) -> None:
-        self._clear = self._status = -1
+        self._clear = -1
         with contextlib.suppress(OSError):
             self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
-            self._status = os.open("/proc/self/status", os.O_RDONLY)
 
     def reset(self) -> None:
         if self._clear >= 0:
@@ -82,15 +81,6 @@ class _PeakRss:
             except OSError:
                 os.close(self._clear)
                 self._clear = -1
-
-    def read(self) -> int:
-        """Bytes."""
-        if self._clear >= 0 and self._status >= 0:
-            status = os.pread(self._status, 4096, 0)
-            at = status.find(b"VmHWM:")
-            if at >= 0:
-                return int(status[at + 6 : status.index(b"kB", at)]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Output:
@@ -192,13 +182,14 @@ class TaskCapture:
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self._t0
-        cpu = _cpu() - self._cpu0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime - self._cpu0
         self._caught.__exit__(None, None, None)
         output = self._output.stop()
         self.info = TaskInfo(
             wall=wall,
             cpu=max(cpu, 0.0),
-            max_rss=self._rss.read(),
+            max_rss=usage.ru_maxrss * 1024,  # kB on Linux
             warnings=_warnings(self._log),
             logs=self._records.records,
             output=output,
