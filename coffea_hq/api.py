@@ -70,6 +70,11 @@ class API:
         """``GET WORKERS``: each live worker's last heartbeat (slots, host, telemetry)."""
         return m.decode((await self.transport.call("GET", protocol.WORKERS)).body, m.Workers)
 
+    async def worker_logs(self, worker: str) -> m.LogsReply:
+        """``GET WORKER_LOGS``: the worker's log ring buffer (tasks' output, its own lines)."""
+        path = protocol.WORKER_LOGS.format(worker=worker)
+        return m.decode((await self.transport.call("GET", path)).body, m.LogsReply)
+
     # ------------------------------------------------------------------ blobs
 
     async def has_blob(self, sha: str) -> bool:
@@ -147,6 +152,11 @@ class API:
             params={"after": after, "ack": after, "wait": str(wait)},
         )
         return response.frames(m.ResultsHeader)
+
+    async def job_logs(self, job: str) -> m.LogsReply:
+        """``GET JOB_LOGS``: the job's log ring buffer (what its tasks printed)."""
+        path = protocol.JOB_LOGS.format(job=job)
+        return m.decode((await self.transport.call("GET", path)).body, m.LogsReply)
 
     # ------------------------------------------------------------------ tasks (worker)
 

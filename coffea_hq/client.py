@@ -37,6 +37,8 @@ from .errors import (
     TLSError,
 )
 from .protocol import Codec
+from .remote import TaskNotes
+from .shipping import with_env
 
 T = TypeVar("T")
 
@@ -224,6 +226,23 @@ class Client:
         (:class:`coffea_hq.messages.QueueStats`)."""
         return msgspec.to_builtins(self.run(self.api.queue()))
 
+    def workers(self) -> dict[str, Any]:
+        """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
+        return self.run(self.api.workers())
+
+    def worker_logs(
+        self, workers: Iterable[str] | None = None
+    ) -> dict[str, list[messages.LogLine]]:
+        """The log ring buffer of each worker (default: every live one), as Dask's
+        ``get_worker_logs``: its tasks' output and its own log lines, oldest first."""
+        names = list(self.workers()) if workers is None else list(workers)
+
+        async def fetch() -> dict[str, list[messages.LogLine]]:
+            replies = await asyncio.gather(*(self.api.worker_logs(w) for w in names))
+            return {w: r.lines for w, r in zip(names, replies, strict=True)}
+
+        return self.run(fetch())
+
     # ------------------------------------------------------------------ jobs
 
     def map(
@@ -236,6 +255,7 @@ class Client:
         reduce: Callable[[list[Any]], Any] | None = None,
         fanin: int = protocol.DEFAULT_FANIN,
         blob_codec: Codec | None = None,
+        env: dict[str, str] | Iterable[str] | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -249,9 +269,17 @@ class Client:
 
         ``blob_codec`` compresses the pickled function and reducer (default: the client's
         codec); ``Codec.NONE`` for functions whose bulk is compressed already.
+
+        ``env`` sets environment variables in each task's process, for this job only: a
+        dict, or names whose values are taken from this process's ``os.environ``.
+
+        Warnings and log records (WARNING and above) the tasks raise are raised again here
+        as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
+        if env is not None:
+            function = with_env(function, env)
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
         blobs = [
@@ -351,6 +379,8 @@ def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, api: API) -
         future.result(CLOSE_BUDGET)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
+    if not thread.is_alive():
+        loop.close()  # else "unclosed event loop" (a ResourceWarning) when it is collected
 
 
 def _retrieved(task: asyncio.Task[Any]) -> None:
@@ -377,7 +407,9 @@ class Job:
     """A handle on a submitted job: stream results, gather them, or cancel.
 
     ``merges`` and ``merges_open`` (merge tasks queued so far, and of those the ones not
-    finished) follow the job as its results arrive, for progress bars.
+    finished), ``requeued`` and ``crashed`` (attempts retried, attempts that crashed their
+    subprocess) follow the job as its results arrive, for progress bars. ``notes`` holds
+    the tasks' resources added up (:class:`coffea_hq.remote.TaskNotes`).
     """
 
     __slots__ = (
@@ -388,6 +420,8 @@ class Job:
         "fail_fast",
         "merges",
         "merges_open",
+        "requeued",
+        "crashed",
         "_values",
         "_reduced",
         "_received",
@@ -398,6 +432,8 @@ class Job:
         "_end_state",
         "_finished",
         "_cancel_sent",
+        "notes",
+        "_logs",
     )
 
     def __init__(
@@ -416,6 +452,8 @@ class Job:
         self.fail_fast = fail_fast
         self.merges = 0
         self.merges_open = 0
+        self.requeued = 0  # attempts retried after their worker crashed, died or hung
+        self.crashed = 0  # attempts that crashed their subprocess
         self._reduced: Any = None
         self._values: list[Any] = [None] * len(items)
         # A result may arrive twice (after a store restart lost its last writes): it counts once.
@@ -429,6 +467,9 @@ class Job:
         self._end_state: str | None = None
         self._finished = False
         self._cancel_sent = False
+        # The tasks' warnings and logs (re-raised here) and their resources, added up.
+        self.notes = TaskNotes()
+        self._logs: list[messages.LogLine] | None = None  # kept from before the job's deletion
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
@@ -441,9 +482,25 @@ class Job:
         (:class:`coffea_hq.messages.JobSummary`)."""
         return msgspec.to_builtins(self.client.run(self.client.api.get_job(self.id)))
 
+    def resources(self, index: int) -> dict[str, Any] | None:
+        """What task ``index`` cost, once its result arrived: ``wall`` and ``cpu`` seconds,
+        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``."""
+        got = self.notes.tasks.get(str(index))
+        if got is None:
+            return None
+        return dict(zip(("wall", "cpu", "max_rss", "worker"), got, strict=True))
+
+    def logs(self) -> list[messages.LogLine]:
+        """What the job's tasks printed (stdout and stderr), newest last: the server's ring
+        buffer of the job's last ``JOB_LOG_LINES`` outputs, each with its worker and task.
+        Kept here once the job has ended (the server deletes it)."""
+        if self._logs is not None:
+            return list(self._logs)
+        return self.client.run(self.client.api.job_logs(self.id)).lines
+
     def cancel(self, *, budget: float | None = None) -> None:
-        """Cancel the job: queued tasks are dropped; running ones are stopped by their
-        workers at the next heartbeat (within a third of the server's lease timeout).
+        """Cancel the job: queued tasks are dropped, and the workers stop the running ones
+        (killing their processes) and drop the ones they fetched, within moments.
         ``budget``: seconds to keep trying an unreachable server (default: the client's
         ``retry_for``)."""
         api = self.client.api
@@ -535,6 +592,7 @@ class Job:
         """The job has failed for good: free its keys on the server; later calls re-raise."""
         self._failures.append(failure)
         self._finished = True
+        self._keep_logs()
         self.client.run(self._stop_polling(delete=True))
         return failure
 
@@ -544,7 +602,11 @@ class Job:
         header, parts = self.client.run(self._next_batch(deadline))
         self.merges = header.merges
         self.merges_open = header.merges_open
+        self.requeued = header.requeued
+        self.crashed = header.crashed
         errors = header.errors
+        for task, note in (header.notes or {}).items():
+            self.notes.take(task, msgspec.to_builtins(note), protocol.is_merge(task))
         for item, part in zip(header.items, parts, strict=True):
             error = errors.get(item.task)
             described = msgspec.to_builtins(error) if error else {}
@@ -602,10 +664,21 @@ class Job:
             except Exception:  # the exception's class may not exist here
                 exception = None
         item = self.items[index] if index >= 0 else "(a merge of results on a worker)"
-        return TaskFailed(self.id, index, item, error, exception)
+        kind = TaskFailed.like(type(exception) if exception is not None else None)
+        try:
+            return kind(self.id, index, item, error, exception)
+        except Exception:  # the remote class's __init__ wants other arguments
+            return TaskFailed(self.id, index, item, error, exception)
+
+    def _keep_logs(self) -> None:
+        """Fetch the job's log buffer before the job is deleted (best effort)."""
+        if self._logs is None:
+            with contextlib.suppress(HQError):
+                self._logs = self.client.run(self.client.api.job_logs(self.id)).lines
 
     def _finish(self, state: str) -> None:
         self._finished = True
+        self._keep_logs()
         self.client.run(self.client.api.delete_job(self.id))
         if state == protocol.JobState.CANCELLED and not all(self._received):
             raise JobCancelled(

@@ -88,7 +88,47 @@ class TaskFailed(HQError):
         )
         if self.traceback:
             text += "\n\nRemote traceback:\n" + self.traceback
+        self._text = text
         super().__init__(text)
+
+    def __str__(self) -> str:
+        # Ours, not the remote class's (KeyError's would quote the whole text).
+        return self._text
+
+    @classmethod
+    def like(cls, remote: type[BaseException] | None) -> type[TaskFailed]:
+        """A subclass of both :class:`TaskFailed` and ``remote`` (made once per class), so
+        that ``except KeyError`` catches a task's ``KeyError`` as ``except TaskFailed``
+        does; :class:`TaskFailed` itself where no such class can be made."""
+        if remote is None or not issubclass(remote, Exception) or issubclass(remote, HQError):
+            return cls
+        made = _LIKE.get(remote)
+        if made is None:
+            try:
+                made = type(
+                    f"TaskFailed[{remote.__qualname__}]",
+                    (cls, remote),
+                    {"__module__": __name__, "__reduce__": _as_plain_task_failed},
+                )
+            except TypeError:  # incompatible layouts (some C exception types)
+                made = cls
+            _LIKE[remote] = made
+        return made
+
+
+_LIKE: dict[type[BaseException], type[TaskFailed]] = {}
+
+
+def _as_plain_task_failed(self: TaskFailed) -> tuple[Any, ...]:
+    # A class made at run time cannot be pickled by name: travel as a plain TaskFailed.
+    return (_rebuild, (self.__dict__,))
+
+
+def _rebuild(state: dict[str, Any]) -> TaskFailed:
+    failure = TaskFailed.__new__(TaskFailed)
+    failure.__dict__.update(state)
+    failure.args = (state.get("_text", ""),)
+    return failure
 
 
 class WorkerLost(HQError):

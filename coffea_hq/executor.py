@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from typing import Any
 import cloudpickle
 from coffea.processor import accumulate
 from coffea.processor.executor import ExecutorBase
-from coffea.util import rich_bar
+from coffea.util import coffea_console
 
 from . import protocol
 from .client import Client, Job, resolve_url
-from .errors import TaskFailed
-from .shipping import ship_code
+from .errors import HQError, TaskFailed
+from .progress import RunProgress, status_text
+from .remote import TaskNotes
+from .shipping import forwarded_env, ship_code
 
 __all__ = ["HQExecutor", "merge_outputs"]
 
@@ -42,6 +45,25 @@ NO_URL_HELP = (
 )
 
 PROGRESS_EVERY = 0.1  # seconds between progress-bar redraws
+WATCH_EVERY = 2.0  # seconds between looks at the queue for the status line
+
+
+def add_metrics(output: Any, notes: TaskNotes) -> None:
+    """Add the chunks' resources to coffea's metrics (``Runner(savemetrics=True)``), beside
+    its own ``bytesread``, ``columns`` and ``processtime``: totals and maxima over the
+    chunks of wall time and CPU time (seconds) and the largest peak RSS (bytes) of a
+    chunk's subprocess, and the same for the merges on workers."""
+    metrics = output.get("metrics") if isinstance(output, dict) else None
+    if not isinstance(metrics, dict):
+        return
+    for prefix, r in (("chunk", notes.chunks), ("merge", notes.merges)):
+        if not r.count:
+            continue
+        metrics[f"{prefix}_walltime"] = r.wall
+        metrics[f"{prefix}_cputime"] = r.cpu
+        metrics[f"{prefix}_walltime_max"] = r.wall_max
+        metrics[f"{prefix}_cputime_max"] = r.cpu_max
+        metrics[f"{prefix}_max_rss_bytes"] = r.max_rss
 
 
 def merge_outputs(outputs: list[Any]) -> Any:
@@ -102,6 +124,14 @@ class HQExecutor(ExecutorBase):
             (mutual TLS; default ``$HQ_TLS_CERT``, ``$HQ_TLS_KEY``).
         environment : optional
             Reserved for per-task software environments (a later release).
+        env : dict or list of str, optional
+            Environment variables to set for the chunks on the workers (this run only): a
+            dict, or names whose values are taken from this session's ``os.environ``.
+        savemetrics : bool, optional
+            With coffea's ``Runner(savemetrics=True)``, add each run's chunk resources to
+            its metrics: ``chunk_walltime``, ``chunk_cputime`` (totals, seconds), their
+            ``_max`` over chunks, ``chunk_max_rss_bytes`` (the largest peak memory of a
+            chunk's subprocess), and the same for ``merge_`` tasks.
         client : coffea_hq.Client, optional
             Reuse an open client instead of connecting for each run.
     """
@@ -119,6 +149,8 @@ class HQExecutor(ExecutorBase):
     tls_cert: str | None
     tls_key: str | None
     environment: Any
+    env: dict[str, str] | tuple[str, ...] | None
+    savemetrics: bool
     client: Client | None
 
     def __init__(
@@ -142,6 +174,8 @@ class HQExecutor(ExecutorBase):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         environment: Any = None,
+        env: dict[str, str] | Sequence[str] | None = None,
+        savemetrics: bool = False,
         client: Client | None = None,
     ) -> None:
         # Every attribute is an argument: coffea's copy() rebuilds us as
@@ -164,7 +198,11 @@ class HQExecutor(ExecutorBase):
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.environment = environment
+        self.env = env if env is None or isinstance(env, dict) else tuple(env)
+        self.savemetrics = savemetrics
         self.client = client
+        if env is not None:
+            forwarded_env(env)  # a name this session lacks fails now, not mid-analysis
         if treereduction is not None and treereduction < 2:
             raise ValueError(f"treereduction must be at least 2 or None, got {treereduction}")
         if retries < 0 or max_attempts < 1:
@@ -223,6 +261,7 @@ class HQExecutor(ExecutorBase):
                 fanin=self.treereduction or protocol.DEFAULT_FANIN,
                 # The processor inside is lz4 already (coffea's work function expects it so).
                 blob_codec=protocol.Codec.NONE,
+                env=self.env,
             )
         finally:
             for name in registered:
@@ -243,30 +282,73 @@ class HQExecutor(ExecutorBase):
         except BaseException:  # a timeout: stop the workers on this job
             _cancel_quietly(job)
             raise
+        if self.savemetrics:
+            add_metrics(output, job.notes)
         return accumulate([output, accumulator]), 0
 
     def _collect(self, job: Job, total: int, partial: list[Any]) -> Any:
         """Follow the job with coffea's progress bars; return the merged output."""
-        with rich_bar() as progress:
-            bar = progress.add_task(self.desc, total=total, unit=self.unit, visible=self.status)
+        with RunProgress(console=coffea_console, disable=not self.status) as progress:
+            bar = progress.add_task(self.desc, total=total, unit=self.unit)
             merging = None
-            if job.reducing and self.status:
+            if job.reducing:
                 merging = _MergeBar(progress, total, self.treereduction or 2)
+            watch = _Watch(job, progress) if self.status else None
             done, last_draw = 0, 0.0
-            for _, value in job.as_completed(timeout=self.timeout):
-                done += 1
-                if not job.reducing:
-                    partial[0] = accumulate([value], partial[0])
-                now = time.monotonic()
-                if now - last_draw > PROGRESS_EVERY or done == total:
-                    progress.update(bar, completed=done, refresh=True)
-                    last_draw = now
-                if merging is not None:
-                    merging.update(job.merges, job.merges_open)
+            try:
+                for _, value in job.as_completed(timeout=self.timeout):
+                    done += 1
+                    if not job.reducing:
+                        partial[0] = accumulate([value], partial[0])
+                    now = time.monotonic()
+                    if now - last_draw > PROGRESS_EVERY or done == total:
+                        if watch is not None:
+                            watch.show()
+                        progress.update(bar, completed=done, refresh=True)
+                        last_draw = now
+                    if merging is not None:
+                        merging.update(job.merges, job.merges_open)
+            finally:
+                if watch is not None:
+                    watch.stop()
             progress.update(bar, completed=done, refresh=True)
             if merging is not None:
                 merging.finish()
         return job.result() if job.reducing else partial[0]
+
+
+class _Watch:
+    """Keeps the status line current while results are slow to come: every
+    ``WATCH_EVERY`` seconds it asks the queue whether any worker is there, and shows the
+    job's retried and crashed attempts."""
+
+    def __init__(self, job: Job, progress: RunProgress) -> None:
+        self.job = job
+        self.progress = progress
+        self.waiting = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="coffea-hq-progress", daemon=True)
+        self._thread.start()
+
+    def show(self) -> None:
+        job = self.job
+        status = status_text(retried=job.requeued, crashed=job.crashed, waiting=self.waiting)
+        if status != self.progress.status:
+            self.progress.status = status
+            self.progress.refresh()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_EVERY):
+            try:
+                queue = self.job.client.queue()
+            except (HQError, RuntimeError):  # closed meanwhile, or the server is away
+                continue
+            self.waiting = queue.get("workers", 0) == 0 and queue.get("work", 0) > 0
+            self.show()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=WATCH_EVERY + 1)
 
 
 class _MergeBar:
@@ -279,8 +361,10 @@ class _MergeBar:
     def __init__(self, progress: Any, total: int, fanin: int) -> None:
         self.progress = progress
         self.total = -(-(total - 1) // (fanin - 1)) if total > 1 else 0
-        self.bar = progress.add_task("Merging (on workers)", total=self.total, unit="merges")
+        self.bar: Any = None  # drawn once there is a merge to count: never an empty 0/0
         self.shown = (0, 0)
+        if self.total:
+            self.bar = progress.add_task("Merging (on workers)", total=self.total, unit="merges")
 
     def update(self, merges: int, merges_open: int) -> None:
         """Redraw if the job's ``merges`` (queued so far) or ``merges_open`` changed."""
@@ -288,13 +372,16 @@ class _MergeBar:
             return
         self.shown = (merges, merges_open)
         self.total = max(self.total, merges)
+        if self.bar is None:
+            self.bar = self.progress.add_task("Merging (on workers)", total=0, unit="merges")
         self.progress.update(
             self.bar, completed=merges - merges_open, total=self.total, refresh=True
         )
 
     def finish(self) -> None:
         # The last batch carried the summary from before the final merge was counted.
-        self.progress.update(self.bar, completed=self.total, refresh=True)
+        if self.bar is not None:
+            self.progress.update(self.bar, completed=self.total, refresh=True)
 
 
 def _cancel_quietly(job: Job) -> None:

@@ -99,14 +99,60 @@ class ErrorInfo(msgspec.Struct):
     traceback: ErrorText = ""
 
 
+NoteText = Annotated[str, msgspec.Meta(max_length=protocol.TASK_NOTE_TEXT_MAX)]
+
+
+class TaskWarning(msgspec.Struct, array_like=True, frozen=True):
+    """A Python warning a task raised: ``[category, message, filename, lineno, module,
+    count]``; ``category`` is the class's ``module.qualname``, ``count`` how many times
+    the task raised it (reported once)."""
+
+    category: NoteText
+    message: NoteText
+    filename: NoteText = ""
+    lineno: Annotated[int, msgspec.Meta(ge=0)] = 0
+    module: NoteText = ""
+    count: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class TaskLog(msgspec.Struct, array_like=True, frozen=True):
+    """A log record a task emitted (``TASK_LOG_LEVEL`` and above): ``[logger, level,
+    message, pathname, lineno, created]``; ``message`` is formatted, with any traceback."""
+
+    logger: NoteText
+    level: Annotated[int, msgspec.Meta(ge=0, le=100)]
+    message: NoteText
+    pathname: NoteText = ""
+    lineno: Annotated[int, msgspec.Meta(ge=0)] = 0
+    created: float = 0.0
+
+
+class TaskInfo(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """What a task tells its session beside its result, measured in its slot subprocess.
+
+    ``wall`` and ``cpu`` are the task's seconds (CPU: user + system of the subprocess while
+    the task ran); ``max_rss`` the subprocess's peak resident set in bytes during the task
+    (the kernel's high-water mark, reset before each task where Linux allows, else the
+    subprocess's peak so far); ``output`` the tail of what it printed."""
+
+    wall: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cpu: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    max_rss: Annotated[int, msgspec.Meta(ge=0)] = 0
+    warnings: Annotated[list[TaskWarning], msgspec.Meta(max_length=protocol.TASK_WARNINGS_MAX)] = []
+    logs: Annotated[list[TaskLog], msgspec.Meta(max_length=protocol.TASK_LOGS_MAX)] = []
+    output: Annotated[str, msgspec.Meta(max_length=protocol.TASK_OUTPUT_MAX)] = ""
+
+
 class ReportItem(msgspec.Struct, array_like=True, frozen=True):
-    """One finished task: ``[job, task, attempt, outcome, error]`` (error null for ok)."""
+    """One finished task: ``[job, task, attempt, outcome, error, info]`` (error null for
+    ok; ``info`` may be left out)."""
 
     job: Id
     task: Id
     attempt: Attempt
     outcome: Outcome
     error: ErrorInfo | None
+    info: TaskInfo | None = None
 
 
 class Complete(Message):
@@ -135,6 +181,14 @@ class Heartbeat(Message):
     stats: dict[str, Any] = {}
     draining: bool = False
     exiting: bool = False
+    # Seconds the server may hold the reply: it answers at once if a lease is lost, else
+    # when a job ends (so the worker stops that job's tasks promptly) or ``wait`` passes.
+    wait: Annotated[float, msgspec.Meta(ge=0, le=protocol.LONG_POLL_MAX)] = 0.0
+    # The worker's own log lines since its last heartbeat (kept in its ring buffer).
+    logs: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=protocol.TASK_NOTE_TEXT_MAX)]],
+        msgspec.Meta(max_length=protocol.HEARTBEAT_LOG_LINES),
+    ] = []
 
 
 class Presence(Message):
@@ -183,6 +237,8 @@ class JobSummary(msgspec.Struct, omit_defaults=True):
     reducing: bool
     merges: int
     merges_open: int
+    requeued: int = 0  # attempts handed back to the queue (crashed, lost or expired)
+    crashed: int = 0  # attempts whose subprocess died
     reason: str | None = None
 
 
@@ -217,6 +273,7 @@ class ResultsHeader(JobSummary, kw_only=True):
     errors: dict[str, TaskError]
     end: bool
     sizes: list[int]  # the framing's: pack() fills it in (required: omit_defaults is on)
+    notes: dict[str, TaskNote] | None = None  # what tasks told their session, by task
 
 
 class BlobStored(msgspec.Struct):
@@ -313,6 +370,38 @@ class HeartbeatReply(msgspec.Struct):
     lost: list[LeaseRef]  # leases this worker no longer holds: stop them
     interval: float  # seconds until the next heartbeat
     max_request_size: int
+    # Jobs of lost leases that have ended (cancelled, failed, done or deleted): drop
+    # everything of them. Lost leases of other jobs expired.
+    ended: list[str] = []
+
+
+class TaskNote(msgspec.Struct, omit_defaults=True):
+    """What the server keeps of a task's :class:`TaskInfo` for its client (the results
+    reply's ``notes``, by task): the info without its output, and the worker."""
+
+    worker: str
+    wall: float = 0.0
+    cpu: float = 0.0
+    max_rss: int = 0
+    warnings: list[TaskWarning] = []
+    logs: list[TaskLog] = []
+
+
+class LogLine(msgspec.Struct, omit_defaults=True):
+    """One entry of a job's or a worker's log ring buffer: what a task printed (``task``
+    set) or a line of the worker's own log."""
+
+    time: float
+    worker: str
+    text: str
+    job: str = ""
+    task: str = ""
+
+
+class LogsReply(msgspec.Struct):
+    """``GET JOB_LOGS`` and ``GET WORKER_LOGS``: the buffer's lines, oldest first."""
+
+    lines: list[LogLine]
 
 
 def decode(body: bytes, kind: type[T]) -> T:

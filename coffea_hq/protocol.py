@@ -58,6 +58,8 @@ OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # PRESENCE_GRACE seconds rather than after the lease timeout.
 PRESENCE: Final = API + "/presence"
 PRESENCE_CONTENT_TYPE: Final = "application/x-ndjson"
+WORKER_LOGS: Final = API + "/workers/{worker}/logs"
+JOB_LOGS: Final = API + "/jobs/{job}/logs"
 
 # Defaults, overridable by command-line flags.
 DEFAULT_PORT: Final = 8786
@@ -96,6 +98,26 @@ ENV_TLS_CERT: Final = "HQ_TLS_CERT"
 ENV_TLS_KEY: Final = "HQ_TLS_KEY"
 # hq-server's password for the store (kept off the command line).
 ENV_STORE_PASSWORD: Final = "HQ_STORE_PASSWORD"
+
+# What a task tells its session beside its result (messages.TaskInfo), bounded per task so
+# that a task warning once per event cannot swell a report: at most TASK_WARNINGS_MAX
+# distinct warnings and TASK_LOGS_MAX log records (WARNING and above, TASK_LOG_LEVEL), each
+# text cut to TASK_NOTE_TEXT_MAX characters, and the last TASK_OUTPUT_MAX characters of
+# what it printed (stdout and stderr, C libraries included).
+TASK_WARNINGS_MAX: Final = 32
+TASK_LOGS_MAX: Final = 32
+TASK_LOG_LEVEL: Final = 30  # logging.WARNING (this module does not import logging)
+TASK_NOTE_TEXT_MAX: Final = 4096
+TASK_OUTPUT_MAX: Final = 16 * 1024
+# Ring buffers on the server (Redis lists cut with LTRIM): the last lines of a job's task
+# output and of each worker's (its tasks' output and its own log lines).
+JOB_LOG_LINES: Final = 2000
+WORKER_LOG_LINES: Final = 2000
+WORKER_LOG_TTL: Final = 24 * 3600  # seconds a silent worker's log lines are kept
+HEARTBEAT_LOG_LINES: Final = 200  # worker log lines one heartbeat carries
+# Environment variables forwarded to a job's tasks (HQExecutor(env=...)): bounded.
+ENV_MAX_VARS: Final = 256
+ENV_MAX_BYTES: Final = 64 * 1024
 
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64

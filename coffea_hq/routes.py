@@ -117,7 +117,7 @@ USERS_AND_WORKERS: Final = USERS | WORKERS
 ADMINS: Final[frozenset[Role]] = frozenset()
 
 # Path parameters, by name: every route that has one means the same thing by it.
-PATH_PARAMETERS: Final[dict[str, Any]] = {"job": m.Id, "sha": m.BlobName}
+PATH_PARAMETERS: Final[dict[str, Any]] = {"job": m.Id, "sha": m.BlobName, "worker": m.Id}
 
 Cursor = Annotated[
     str,
@@ -174,6 +174,14 @@ ROUTES: Final[tuple[Route, ...]] = (
         roles=ADMINS,
         summary="Each live worker's last heartbeat.",
         replies=(Reply(200, Json(m.Workers), "workers by id"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.WORKER_LOGS,
+        operation="worker_logs",
+        roles=ADMINS,
+        summary="A worker's own log lines and its tasks' output, a bounded ring buffer.",
+        replies=(Reply(200, Json(m.LogsReply), "the buffer's lines, oldest first"),),
     ),
     Route(
         method="PUT",
@@ -288,6 +296,15 @@ ROUTES: Final[tuple[Route, ...]] = (
             ),
             NO_JOB,
         ),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOB_LOGS,
+        operation="job_logs",
+        roles=USERS,
+        summary="What the job's tasks printed (stdout, stderr), a bounded ring buffer.",
+        tag="jobs",
+        replies=(Reply(200, Json(m.LogsReply), "the buffer's lines, oldest first"), NO_JOB),
     ),
     Route(
         method="POST",

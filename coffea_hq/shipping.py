@@ -32,7 +32,69 @@ import lz4.frame
 
 from . import protocol
 
-__all__ = ["is_local_module", "referenced_modules", "ship_code"]
+__all__ = ["EnvTask", "is_local_module", "referenced_modules", "ship_code", "with_env"]
+
+
+# ---------------------------------------------------------------------- environment variables
+
+
+class EnvTask:
+    """``function`` run with environment variables ``env`` set in the task's process, and
+    put back as they were afterwards: a slot subprocess serves other jobs too."""
+
+    def __init__(self, function: Callable[..., Any], env: dict[str, str]) -> None:
+        self.function = function
+        self.env = env
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        saved = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def forwarded_env(env: dict[str, str] | Iterable[str]) -> dict[str, str]:
+    """``env`` as a dict of variables to set: a dict as given, or names whose values come
+    from this process's ``os.environ``. Raises ``ValueError`` naming what is wrong."""
+    if isinstance(env, str):
+        raise ValueError(f"env= takes a dict or a list of variable names, not the string {env!r}")
+    if isinstance(env, dict):
+        pairs = dict(env)
+    else:
+        names = list(env)
+        missing = [n for n in names if isinstance(n, str) and n not in os.environ]
+        if missing:
+            raise ValueError(
+                f"env= names variables this session does not have: {', '.join(missing)} "
+                "(set them, or pass a dict of values)"
+            )
+        pairs = {n: os.environ[n] for n in names if isinstance(n, str)}
+        if len(pairs) != len(names):
+            raise ValueError("env= names must be strings")
+    for name, value in pairs.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise ValueError(f"env= variable name {name!r} is not a valid name")
+        if not isinstance(value, str) or "\0" in value:
+            raise ValueError(f"env= value of {name} must be a string, got {value!r:.60}")
+    if len(pairs) > protocol.ENV_MAX_VARS:
+        raise ValueError(f"env= forwards at most {protocol.ENV_MAX_VARS} variables")
+    if sum(len(k) + len(v) for k, v in pairs.items()) > protocol.ENV_MAX_BYTES:
+        raise ValueError(f"env= forwards at most {protocol.ENV_MAX_BYTES} bytes of variables")
+    return pairs
+
+
+def with_env(
+    function: Callable[..., Any], env: dict[str, str] | Iterable[str]
+) -> Callable[..., Any]:
+    """``function`` wrapped to run with ``env`` (see :func:`forwarded_env`) set."""
+    pairs = forwarded_env(env)
+    return EnvTask(function, pairs) if pairs else function
 
 
 def ship_code(

@@ -25,10 +25,11 @@ from coffea_hq.routes import ROUTES
 from . import validate as v
 from .auth import Principal, TokenCache, auth_middleware, principal
 from .config import ServerConfig
-from .dispatch import LeaseDispatcher
+from .dispatch import Beacon, LeaseDispatcher
 from .keys import Keys
 from .limits import LongPolls, MemoryGauge, QuotaExceeded, TooManyTasks
 from .presence import PresenceTracker
+from .scripts import JOB_ENDED_MESSAGE
 from .store import NO_JOB, Report, Store, StoreError, UnknownJob, UnsupportedStore
 
 log = logging.getLogger("coffea_hq.server")
@@ -40,6 +41,7 @@ GAUGE = web.AppKey("gauge", MemoryGauge)
 LONG_POLLS = web.AppKey("long_polls", LongPolls)
 TOKENS = web.AppKey("tokens", TokenCache)
 PRESENCE = web.AppKey("presence", PresenceTracker)
+ENDED = web.AppKey("ended", Beacon)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -312,9 +314,21 @@ async def job_results(request: web.Request) -> web.Response:
         items=batch.items,  # type: ignore[arg-type]
         errors={task: _stored(e, m.TaskError) for task, e in batch.errors.items()},
         end=batch.end,
+        notes=batch.notes,  # type: ignore[arg-type]  # Raw JSON of TaskNote, passed through
         sizes=[],
     )
     return _frames_response(header, batch.parts)
+
+
+async def job_logs(request: web.Request) -> web.Response:
+    lines = await request.app[STORE].job_logs(await _own_job(request))
+    return _json_reply(m.LogsReply(msgspec.convert(lines, list[m.LogLine])))
+
+
+async def worker_logs(request: web.Request) -> web.Response:
+    worker = v.ident(request.match_info["worker"], "worker id")
+    lines = await request.app[STORE].worker_logs(worker)
+    return _json_reply(m.LogsReply(msgspec.convert(lines, list[m.LogLine])))
 
 
 # ---------------------------------------------------------------------- tasks (worker)
@@ -375,9 +389,22 @@ async def lease(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _report(item: m.ReportItem, part: memoryview) -> Report:
+def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
     error = msgspec.structs.asdict(item.error) if item.error is not None else None
-    return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
+    info = item.info
+    if info is None:
+        return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
+    note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
+    return Report(
+        item.job,
+        item.task,
+        item.attempt,
+        item.outcome,
+        error,
+        bytes(part),
+        m.encode(note),
+        info.output,
+    )
 
 
 def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None) -> m.Rejected:
@@ -403,7 +430,7 @@ async def complete(request: web.Request) -> web.Response:
         checked = None
     for i, (item, part) in enumerate(zip(items, parts, strict=True)):
         try:
-            reports.append(_report(checked[i] if checked else m.report_item(item), part))
+            reports.append(_report(worker, checked[i] if checked else m.report_item(item), part))
             where.append(i)
         except msgspec.ValidationError as e:
             reasons[i] = f"'items'[{i}]: {e}"
@@ -446,13 +473,16 @@ async def heartbeat(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if body.draining:
         request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now
-    lost = await store.heartbeat(body.worker, info, refs)
+    lost = await store.heartbeat(body.worker, info, refs, body.logs)
     if body.exiting:
         await store.forget_worker(body.worker)
+    elif body.wait > 0 and refs and not lost and not body.draining:
+        lost = await _until_a_lease_is_lost(request, body, refs)
     reply = m.HeartbeatReply(
         lost=[m.LeaseRef(*x) for x in lost],
         interval=request.app[CONFIG].lease_timeout / 3,
         max_request_size=request.app[CONFIG].max_request_size,
+        ended=await store.ended_jobs(job for job, _, _ in lost) if lost else [],
     )
     return _json_reply(reply)
 
@@ -496,6 +526,23 @@ async def presence(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _until_a_lease_is_lost(
+    request: web.Request, body: m.Heartbeat, refs: list[tuple[str, str, int]]
+) -> list[tuple[str, str, int]]:
+    """Hold a heartbeat up to ``body.wait`` seconds; whenever a job ends, look again at the
+    worker's leases and answer at once if one is lost (its task should stop now)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body.wait
+    store, ended = request.app[STORE], request.app[ENDED]
+    while (left := deadline - loop.time()) > 0 and _connected(request):
+        if not await ended.wait(left):
+            break
+        lost = await store.lost_leases(body.worker, refs)
+        if lost:
+            return lost
+    return []
+
+
 # ---------------------------------------------------------------------- lifecycle
 
 
@@ -522,18 +569,23 @@ async def check_store(store: Store, config: ServerConfig) -> None:
         log.warning(message)
 
 
-async def _listen_for_wakeups(store: Store, dispatcher: LeaseDispatcher) -> None:
+async def _listen_for_wakeups(store: Store, dispatcher: LeaseDispatcher, ended: Beacon) -> None:
     """Follow the wake-up channel; reconnect with backoff when the store goes away."""
+    ended_message = JOB_ENDED_MESSAGE.encode()
     delay = 0.1
     while True:
         try:
             async with store.redis.pubsub() as pubsub:
                 await pubsub.subscribe(store.keys.wake)
                 dispatcher.notify()  # anything published while we were away
+                ended.ring()
                 delay = 0.1
                 async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        dispatcher.notify()
+                    if message["type"] != "message":
+                        continue
+                    if message["data"] == ended_message:
+                        ended.ring()
+                    dispatcher.notify()
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -599,6 +651,8 @@ HANDLERS: dict[str, Handler] = {
     "release": release,
     "heartbeat": heartbeat,
     "presence": presence,
+    "job_logs": job_logs,
+    "worker_logs": worker_logs,
 }
 
 
@@ -631,6 +685,7 @@ def make_app(config: ServerConfig) -> web.Application:
     app[LONG_POLLS] = LongPolls(config.limits.long_polls_per_client)
     if tokens is not None:
         app[TOKENS] = tokens
+    app[ENDED] = Beacon()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         redis = aioredis.Redis.from_url(
@@ -667,7 +722,7 @@ def make_app(config: ServerConfig) -> web.Application:
         [
             store,
             dispatcher,
-            _background(lambda app: _listen_for_wakeups(app[STORE], app[DISPATCHER])),
+            _background(lambda app: _listen_for_wakeups(app[STORE], app[DISPATCHER], app[ENDED])),
             _background(
                 lambda app: _reap_forever(app[STORE], app[DISPATCHER], config.reap_interval)
             ),
@@ -676,6 +731,7 @@ def make_app(config: ServerConfig) -> web.Application:
 
     async def release_parked(app: web.Application) -> None:
         # Shutdown waits for running handlers: end parked long polls now, not at their timeout.
+        app[ENDED].close()
         if DISPATCHER in app:
             await app[DISPATCHER].close()
         if PRESENCE in app:  # presence streams never end on their own

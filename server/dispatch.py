@@ -44,6 +44,33 @@ class _Waiter:
     )
 
 
+class Beacon:
+    """Rings when a job ends somewhere (any replica: the store's wake-up channel), so
+    that parked heartbeats look at their leases again at once."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.closed = False
+
+    def ring(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def close(self) -> None:
+        """The server is stopping: release every parked heartbeat now."""
+        self.closed = True
+        self.ring()
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether it rang within ``timeout`` seconds."""
+        if self.closed:
+            return False
+        event = self._event
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        return event.is_set() and not self.closed
+
+
 class LeaseDispatcher:
     """Serves lease requests, parking them until a wake-up when the queue is empty."""
 

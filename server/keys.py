@@ -34,6 +34,8 @@ class Meta(enum.StrEnum):
     FAILED = "failed"  # client tasks that failed for good
     MERGES = "merges"  # merge tasks queued so far
     MERGES_OPEN = "merges_open"  # merge tasks queued or running
+    REQUEUED = "requeued"  # attempts that crashed or expired and went back to the queue
+    CRASHED = "crashed"  # attempts whose subprocess died (segfault, out of memory, os._exit)
     FIRST_ERROR = "first_error"  # the first failed task
     FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
     REASON = "reason"  # why the server ended the job, when nobody asked it to
@@ -62,11 +64,13 @@ class JobKeys:
     errors: str  # hash   task -> JSON error description
     events: str  # stream see Event
     mergeable: str  # list   results of a reducing job waiting to be merged (task ids)
+    notes: str  # hash   task -> JSON messages.TaskNote (warnings, logs, resources), until acked
+    logs: str  # list   JSON messages.LogLine: the job's task output, a ring buffer (LTRIM)
     ready: str  # global zset: jobs with queued tasks, scored by creation time
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
 
-    OWNED = 9  # the first OWNED keys belong to the job alone
+    OWNED = 11  # the first OWNED keys belong to the job alone
 
     @classmethod
     def names(cls) -> list[str]:
@@ -146,6 +150,11 @@ class Keys:
         """Blobs a user uploaded: hash, sha -> size (the blob quota counts them)."""
         return f"{self.prefix}:user:{user}:blobs"
 
+    def worker_logs(self, worker: str) -> str:
+        """List of JSON messages.LogLine: a worker's tasks' output and its own log lines,
+        a ring buffer (LTRIM), expiring when the worker stays silent."""
+        return f"{self.prefix}:worker:{worker}:logs"
+
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"
 
@@ -161,6 +170,8 @@ class Keys:
             errors=f"{base}:errors",
             events=f"{base}:events",
             mergeable=f"{base}:mergeable",
+            notes=f"{base}:notes",
+            logs=f"{base}:logs",
             ready=self.ready,
             jobs=self.jobs,
             counters=self.counters,

@@ -32,6 +32,10 @@ T = TypeVar("T")
 # finished job's keys get.
 COMMON_ARGS = ("job", "channel", "ttl")
 
+# What a script publishes on the wake-up channel when a job ends (cancelled, failed or
+# done): parked heartbeats look again at their leases. Other messages count new work.
+JOB_ENDED_MESSAGE = "ended"
+
 # One letter per outcome in packed complete arguments.
 OUTCOME_CODES: dict[Outcome, str] = {Outcome.OK: "o", Outcome.ERROR: "e", Outcome.CRASHED: "c"}
 
@@ -176,6 +180,7 @@ def prelude(name: str) -> str:
         f"local MAX_FANIN = {protocol.MAX_FANIN}",
         f"local WORKER_LOST = {_lua_string(protocol.WORKER_LOST_TYPE)}",
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
+        f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
     ]
     for reply in (CreateReply, SubmitReply, SealReply):
         lines.append(_enum_table(reply.__name__.upper(), reply))

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from coffea_hq import protocol
-from coffea_hq.protocol import CompleteStatus, Counter, Outcome
+from coffea_hq.protocol import CompleteStatus, Counter, JobState, Outcome
 
 from .keys import Event, Keys, Meta
 from .scripts import Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
@@ -86,6 +87,8 @@ class Report:
     outcome: Outcome
     error: dict[str, Any] | None
     data: bytes
+    note: bytes | None = None  # JSON messages.TaskNote for the client, if the worker sent info
+    output: str = ""  # what the task printed (its tail), for the log ring buffers
 
 
 @dataclass(slots=True)
@@ -105,6 +108,8 @@ class ResultBatch:
     errors: dict[str, Any]
     summary: dict[str, Any]
     end: bool = False  # the batch reaches the job's last event: nothing more will come
+    # task -> messages.TaskNote, where one exists: its JSON as stored, passed on unparsed
+    notes: dict[str, msgspec.Raw] | None = None
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -271,6 +276,8 @@ class Store:
             "reducing": bool(m.get(Meta.REDUCER_BLOB)),
             "merges": number(Meta.MERGES),
             "merges_open": number(Meta.MERGES_OPEN),
+            "requeued": number(Meta.REQUEUED),
+            "crashed": number(Meta.CRASHED),
         }
         if m.get(Meta.REASON):
             summary["reason"] = m[Meta.REASON]
@@ -344,10 +351,17 @@ class Store:
         # Merged results stay on the server (the workers consumed them): nothing to fetch.
         ids = [task for _, items, _ in entries for task, outcome in items if outcome != "merged"]
         failed = [task for _, items, _ in entries for task, outcome in items if outcome == "error"]
+        every = [task for _, items, _ in entries for task, _ in items]
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
         pipe.hmget(keys.errors, failed) if failed else pipe.echo(b"")
-        values, errors = await pipe.execute()
+        pipe.hmget(keys.notes, every) if every else pipe.echo(b"")
+        values, errors, notes = await pipe.execute()
+        noted = {
+            task: msgspec.Raw(raw)
+            for task, raw in zip(every, notes if every else [], strict=True)
+            if raw
+        }
         fetched = dict(zip(ids, values or [], strict=False))
         size = 0
         for entry_id, items, end in entries:
@@ -358,6 +372,9 @@ class Store:
                 size += len(value)
                 batch.items.append((task, outcome))
                 batch.parts.append(value)
+                if task in noted:
+                    batch.notes = batch.notes or {}
+                    batch.notes[task] = noted[task]
             batch.cursor = entry_id
             batch.end = end
         for task, raw in zip(failed, errors if failed else [], strict=True):
@@ -448,10 +465,62 @@ class Store:
 
         statuses: list[CompleteStatus] = [CompleteStatus.UNKNOWN] * len(reports)
         indexed = [(r.job, (i, r)) for i, r in enumerate(reports)]
-        for _, batch, reply in await self._per_job(indexed, call):
+        pipe = self.redis.pipeline(transaction=False)
+        self._write_notes(pipe, worker, reports)
+        for _, batch, reply in await self._per_job(indexed, call, pipe):
             for (i, _), status in zip(batch, reply, strict=True):
                 statuses[i] = status
         return statuses
+
+    def _write_notes(self, pipe: Pipeline, worker: str, reports: Sequence[Report]) -> None:
+        """Queue the writes of the reports' task notes and output on ``pipe``, before their
+        results (so a client that sees a result finds its note). A late duplicate's note
+        replaces the first's; a job gone meanwhile leaves keys that expire with the TTL."""
+        now = time.time()
+        worker_lines: list[bytes] = []
+        for job, group in by_job((r.job, r) for r in reports).items():
+            keys = self.keys.job(job)
+            notes: dict[Any, Any] = {r.task: r.note for r in group if r.note}
+            if notes:
+                pipe.hset(keys.notes, mapping=notes)
+                pipe.expire(keys.notes, self.result_ttl)
+            lines = [
+                json.dumps(
+                    {"time": now, "worker": worker, "job": job, "task": r.task, "text": r.output}
+                ).encode()
+                for r in group
+                if r.output
+            ]
+            if lines:
+                pipe.rpush(keys.logs, *lines)
+                pipe.ltrim(keys.logs, -protocol.JOB_LOG_LINES, -1)
+                pipe.expire(keys.logs, self.result_ttl)
+                worker_lines += lines
+        if worker_lines:
+            self._push_worker_lines(pipe, worker, worker_lines)
+
+    def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
+        key = self.keys.worker_logs(worker)
+        pipe.rpush(key, *lines)
+        pipe.ltrim(key, -protocol.WORKER_LOG_LINES, -1)
+        pipe.expire(key, protocol.WORKER_LOG_TTL)
+
+    async def job_logs(self, job: str) -> list[dict[str, Any]]:
+        """The job's log ring buffer, oldest first."""
+        keys = self.keys.job(job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.meta)
+        pipe.lrange(keys.logs, 0, -1)
+        exists, lines = await pipe.execute()
+        if not exists:
+            raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
+        return [json.loads(line) for line in lines]
+
+    async def worker_logs(self, worker: str) -> list[dict[str, Any]]:
+        """The worker's log ring buffer, oldest first (empty for a worker never heard of)."""
+        return [
+            json.loads(x) for x in await self.redis.lrange(self.keys.worker_logs(worker), 0, -1)
+        ]
 
     async def release(self, worker: str, items: Sequence[tuple[str, str, int]]) -> int:
         def call(job: str, leases: list[tuple[str, int]]) -> Call[int]:
@@ -461,13 +530,23 @@ class Store:
         return sum(n for _, _, n in await self._per_job(pairs, call))
 
     async def heartbeat(
-        self, worker: str, info: dict[str, Any], leases: Sequence[tuple[str, str, int]]
+        self,
+        worker: str,
+        info: dict[str, Any],
+        leases: Sequence[tuple[str, str, int]],
+        logs: Sequence[str] = (),
     ) -> list[tuple[str, str, int]]:
-        """Extend the worker's leases and record its telemetry; returns the leases it lost."""
+        """Extend the worker's leases, record its telemetry and its log lines; returns the
+        leases it lost."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
+        if logs:
+            lines = [
+                json.dumps({"time": now, "worker": worker, "text": text}).encode() for text in logs
+            ]
+            self._push_worker_lines(pipe, worker, lines)
 
         def call(job: str, held: list[tuple[str, int]]) -> Call[list[tuple[str, int]]]:
             return self.scripts.heartbeat(
@@ -492,6 +571,25 @@ class Store:
         return await self.scripts.worker_gone(
             self.keys, worker=worker, session=session, lost=lost
         ).run()
+
+    async def ended_jobs(self, jobs: Iterable[str]) -> list[str]:
+        """Those of ``jobs`` that are no longer running (cancelled, failed, done, deleted)."""
+        names = list(dict.fromkeys(jobs))
+        pipe = self.redis.pipeline(transaction=False)
+        for job in names:
+            pipe.hget(self.keys.job(job).meta, Meta.STATE)
+        running = JobState.RUNNING.value.encode()
+        states = await pipe.execute() if names else []
+        return [job for job, state in zip(names, states, strict=True) if state != running]
+
+    async def lost_leases(
+        self, worker: str, leases: Sequence[tuple[str, str, int]]
+    ) -> list[tuple[str, str, int]]:
+        """The leases among ``leases`` whose job is no longer running (cancelled, failed,
+        done or deleted). A cheap look that extends nothing (a parked heartbeat's, when a
+        job ends); expired leases are the next heartbeat's to find."""
+        over = set(await self.ended_jobs(job for job, _, _ in leases))
+        return [lease for lease in leases if lease[0] in over]
 
     async def forget_worker(self, worker: str) -> None:
         await self.redis.hdel(self.keys.workers, worker)

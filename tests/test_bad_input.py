@@ -137,6 +137,16 @@ def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
         ),
         ("POST", "/api/v1/jobs/nope/seal", js({"total": 1}), "application/json", 404, "no job"),
         ("POST", "/api/v1/jobs/nope/cancel", None, "application/json", 404, "no job"),
+        ("GET", "/api/v1/jobs/nope/logs", None, "application/json", 404, "no job nope"),
+        ("GET", "/api/v1/workers/bad%20id/logs", None, "application/json", 400, "worker id"),
+        (
+            "POST",
+            "/api/v1/heartbeat",
+            js({"worker": "w", "logs": ["x" * 5000]}),
+            "application/json",
+            400,
+            "$.logs[0]",
+        ),
         (
             "PUT",
             "/api/v1/jobs/bad%20id",

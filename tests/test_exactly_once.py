@@ -151,6 +151,32 @@ def test_one_malformed_item_is_refused_and_the_rest_of_the_report_stands(
     assert (summary["done"], summary["failed"], summary["state"]) == (2, 0, "running")
 
 
+def test_an_oversized_task_info_is_refused_by_name_and_the_others_notes_stand(
+    server_url: str,
+) -> None:
+    make_job(server_url, "noted", 2)
+    status, (header, _) = http(
+        "POST", server_url + protocol.LEASE, js({"worker": "w", "max": 2, "wait": 0})
+    )
+    (j0, t0, a0, _), (j1, t1, a1, _) = header["tasks"]
+    good = {
+        "wall": 1.5,
+        "cpu": 1.0,
+        "max_rss": 1 << 20,
+        "warnings": [["builtins.UserWarning", "hm"]],
+    }
+    bad = {"output": "x" * (protocol.TASK_OUTPUT_MAX + 1)}
+    items = [[j0, t0, a0, "ok", None, good], [j1, t1, a1, "ok", None, bad]]
+    body = protocol.pack({"worker": "w", "items": items}, [b"r"] * 2)
+    status, doc = http("POST", server_url + protocol.COMPLETE, body, protocol.FRAMES_CONTENT_TYPE)
+    assert status == 409 and doc["items"] == ["accepted", "invalid"]
+    assert "$[5].output" in doc["rejected"][0]["reason"]
+    status, (results, _) = http("GET", server_url + protocol.JOB_RESULTS.format(job="noted"))
+    assert results["notes"] == {
+        t0: {"worker": "w", **good, "warnings": [["builtins.UserWarning", "hm", "", 0, "", 1]]}
+    }
+
+
 # ---------------------------------------------------------------------- abandoned jobs
 
 

@@ -23,8 +23,10 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+import msgspec
 
 from coffea_hq import messages as m
 from coffea_hq import protocol, tls
@@ -54,6 +56,49 @@ LOST_RECHECKS = 100
 # A slot keeps serving its job's tasks while the oldest pending task of another job has
 # waited less than this; then it switches (a new subprocess) to that job.
 JOB_SWITCH_WAIT = 1.0
+HEARTBEAT_MIN_GAP = 0.05  # seconds between a parked heartbeat answered early and the next
+ENDED_JOBS_KEPT = 256  # jobs known to have ended (cancelled, failed, deleted): recent ones
+# Report verdicts that mean the task's job is over here: it finished (cancelled or failed)
+# or is gone altogether.
+JOB_OVER = (protocol.CompleteStatus.JOB_FINISHED, protocol.CompleteStatus.UNKNOWN)
+
+
+class LogBuffer(logging.Handler):
+    """The worker's own log lines since the last heartbeat, which carries them to the
+    server's ring buffer for ``client.worker_logs()`` (bounded: the oldest go first)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=protocol.HEARTBEAT_LOG_LINES)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a bad record must not break the worker
+            return
+        self.lines.append(protocol.cut_text(text, protocol.TASK_NOTE_TEXT_MAX))
+
+    def take(self) -> list[str]:
+        lines = list(self.lines)
+        self.lines.clear()
+        return lines
+
+
+def _info_size(r: Result) -> int:
+    """Bytes ``r``'s info adds to a report's header."""
+    return 0 if r.info is None else len(msgspec.json.encode(r.info))
+
+
+def _rss_bytes(pid: int | None) -> int:
+    """Current resident set of process ``pid`` (0 if unknown)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +138,7 @@ class Leases:
         self._lost: set[LeaseKey] = set()  # held, but the server says no longer ours
         self.work = asyncio.Event()  # set when there is something pending
         self.ended = asyncio.Event()  # set when a lease ends: room to lease more
+        self.started = asyncio.Event()  # set when a slot takes leases to run
 
     def __len__(self) -> int:
         return len(self._held)
@@ -101,8 +147,15 @@ class Leases:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     def refs(self) -> list[m.LeaseRef]:
-        return [i.ref for i in self._held.values()]
+        """The leases to extend: held and not lost (the server said so once already)."""
+        if not self._lost:
+            return [i.ref for i in self._held.values()]
+        return [i.ref for k, i in self._held.items() if k not in self._lost]
 
     def wake(self) -> None:
         """Wake whoever waits for work or room (the worker is stopping)."""
@@ -143,6 +196,8 @@ class Leases:
                 return self.take(n, head.job)
             self._pending = rest
         self._running.update(item.key for item in batch)
+        if batch:
+            self.started.set()
         return batch
 
     def put_back(self, items: list[HeldTask]) -> None:
@@ -184,8 +239,14 @@ class Leases:
             self._pending = deque(i for i in self._pending if i.key not in keys)
             for item in gone:
                 self.end(item)
-        self._lost |= keys & self._held.keys()
-        return keys & self._running
+        new = keys - self._lost  # the running ones lost before are being stopped already
+        self._lost |= keys & self._held.keys()  # the pending ones have ended
+        return new & self._running
+
+    def end_job(self, job: str) -> set[LeaseKey]:
+        """The job is over (cancelled, failed, deleted): drop its pending leases, mark the
+        rest lost, and return its running ones (their slots should stop)."""
+        return self.lost({key for key in self._held if key[0] == job})
 
     def hand_back_pending(self) -> list[HeldTask]:
         """End every pending lease; the caller gives them back to the server."""
@@ -250,6 +311,10 @@ class Worker:
         self._goodbye = asyncio.Event()  # set once everything held was handed back
         self._lost_watch: asyncio.Task[None] | None = None
         self.error: BaseException | None = None  # what made the worker give up, if anything
+        self._ended: OrderedDict[str, None] = OrderedDict()  # jobs known to be over
+        self._log_buffer = LogBuffer()
+        # Peak RSS (bytes) of the last task each slot's subprocess ran.
+        self._slot_task_rss = [0] * len(self.slots)
 
     # ------------------------------------------------------------------ control
 
@@ -276,6 +341,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
+        logging.getLogger("coffea_hq").addHandler(self._log_buffer)
         await asyncio.gather(*(slot.start() for slot in self.slots))
         log.info("worker %s: %d slot(s), server %s", self.id, len(self.slots), self.config.url)
         background = [
@@ -318,6 +384,7 @@ class Worker:
                 self._lost_watch.cancel()
             await self._end_presence(presence)
             await self.api.close()
+            logging.getLogger("coffea_hq").removeHandler(self._log_buffer)
         log.info("worker %s stopped: %s", self.id, self.stats)
 
     async def _presence_loop(self) -> None:
@@ -507,7 +574,9 @@ class Worker:
             batch = self.leases.take(self._batch_size(), slot.job)
             self._busy += 1
             try:
-                leftover = await slot.run(batch, self._on_results)
+                leftover = await slot.run(
+                    batch, lambda results: self._on_results(results, slot.index)
+                )
             finally:
                 self._busy -= 1
             self.leases.put_back(leftover)
@@ -531,10 +600,12 @@ class Worker:
             "(raise hq-server --max-request-size, or return less)",
             "traceback": "",
         }
-        return Result(r.item, Outcome.ERROR, error, b"", r.seconds)
+        return Result(r.item, Outcome.ERROR, error, b"", r.seconds, r.info)
 
-    def _on_results(self, results: list[Result]) -> None:
+    def _on_results(self, results: list[Result], slot: int | None = None) -> None:
         for r in results:
+            if slot is not None and r.info is not None:
+                self._slot_task_rss[slot] = r.info.max_rss
             if not self.leases.finished(r.item):
                 continue
             if r.error is not None:
@@ -569,37 +640,91 @@ class Worker:
         while True:
             first = carried or await self.outbox.get()
             carried = None
-            batch, size = [first], len(first.data)
+            batch, size = [first], len(first.data) + _info_size(first)
             while len(batch) < REPORT_MAX_ITEMS and not self.outbox.empty():
                 r = self.outbox.get_nowait()
-                if size + len(r.data) > self._report_max_bytes:
+                more = len(r.data) + _info_size(r)
+                if size + more > self._report_max_bytes:
                     carried = r
                     break
                 batch.append(r)
-                size += len(r.data)
+                size += more
             await self._report(batch)
 
     async def _report(self, batch: list[Result]) -> None:
+        late = [r for r in batch if r.item.job in self._ended]
+        if late:  # finished before we heard their job ended: nobody wants them
+            for r in late:
+                self.leases.end(r.item)
+            batch = [r for r in batch if r.item.job not in self._ended]
+            if not batch:
+                return
         header = m.Complete(
             worker=self.id,
             items=[
-                [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error] for r in batch
+                [r.item.job, r.item.task, r.item.attempt, r.outcome.value, r.error, r.info]
+                for r in batch
             ],
         )
         try:
             reply = await self.api.complete(header, [r.data for r in batch])
-            if reply.error is not None:  # some items refused (HTTP 409), the others stand
-                log.warning("worker %s: %s", self.id, reply.message)
         except ServerError as e:
             log.error("worker %s: report refused, results dropped: %s", self.id, e)
+        else:
+            over = self._jobs_over(batch, reply.items)
+            unexplained = [
+                s
+                for r, s in zip(batch, reply.items, strict=False)
+                if s.refused and r.item.job not in over
+            ]
+            if reply.error is not None and (unexplained or reply.error != "not_leased"):
+                # Some items refused (HTTP 409) for another reason than their job's end.
+                log.warning("worker %s: %s", self.id, reply.message)
         for r in batch:
             self.leases.end(r.item)
+
+    def _jobs_over(self, batch: list[Result], statuses: list[protocol.CompleteStatus]) -> set[str]:
+        """Jobs the server says are over (cancelled, failed, deleted): stop their work here."""
+        over = {r.item.job for r, s in zip(batch, statuses, strict=False) if s in JOB_OVER}
+        for job in over:
+            self._end_job(job)
+        return over
+
+    def _end_job(self, job: str) -> None:
+        """Drop the job's queued tasks and kill the slots running its tasks, logging it once."""
+        self._ended[job] = None
+        while len(self._ended) > ENDED_JOBS_KEPT:
+            self._ended.popitem(last=False)
+        before = self.leases.pending
+        running = self.leases.end_job(job)
+        dropped = before - self.leases.pending
+        stopped = 0
+        for slot in self.slots:
+            if slot.executing() in running:
+                slot.kill()
+                stopped += 1
+        if dropped or stopped:
+            log.info(
+                "worker %s: job %s is over (cancelled, failed or deleted): dropped %d queued "
+                "task(s) and the results of finished ones, stopped %d running",
+                self.id,
+                job,
+                dropped,
+                stopped,
+            )
 
     # ------------------------------------------------------------------ heartbeats
 
     async def _heartbeat(
-        self, *, draining: bool = False, exiting: bool = False, retry_for: float | None = None
-    ) -> None:
+        self,
+        *,
+        draining: bool = False,
+        exiting: bool = False,
+        retry_for: float | None = None,
+        wait: float = 0.0,
+    ) -> int:
+        """One heartbeat (held by the server up to ``wait`` seconds, see the loop); returns
+        how many of our leases the server says are lost."""
         uptime = time.monotonic() - self._started
         stats = {
             **self.stats,
@@ -607,7 +732,10 @@ class Worker:
             "busy_slots": self._busy,
             "held": len(self.leases),
             "mean_runtime": self._mean_runtime,
-            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            # The agent's own peak; the tasks' memory is the slots' (their subprocesses).
+            "agent_max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "slot_rss_bytes": [_rss_bytes(s.pid) for s in self.slots],
+            "slot_task_max_rss_bytes": list(self._slot_task_rss),
             "restarts": sum(s.restarts for s in self.slots),
             "job_switches": sum(s.switches for s in self.slots),
         }
@@ -620,18 +748,23 @@ class Worker:
                 stats=stats,
                 draining=draining or self._stopping.is_set(),
                 exiting=exiting,
+                logs=self._log_buffer.take(),
+                wait=wait,
             ),
             retry_for=retry_for,
         )
         self._heartbeat_every = reply.interval
         self._max_request = reply.max_request_size
-        lost = {(r.job, r.task, r.attempt) for r in reply.lost}
+        for job in reply.ended:  # its queued and running tasks here go, logged once
+            self._end_job(job)
+        lost = {(r.job, r.task, r.attempt) for r in reply.lost if r.job not in reply.ended}
         # Cancelled jobs or expired leases: do not start what is no longer ours, and stop
         # what is running (its result would be refused anyway). Only that very attempt:
         # the same task may be running here again under a newer one.
         running = self.leases.lost(lost)
         if running:
             self._stop_lost(running)
+        return len(reply.lost)
 
     def _stop_lost(self, running: set[LeaseKey]) -> set[LeaseKey]:
         """Kill the slots running these lost leases; the ones no slot has begun yet
@@ -661,10 +794,24 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._heartbeat()
             asked = self._heartbeat_every
             started = time.monotonic()
-            await asyncio.sleep(asked)
+            if self.leases.running and not self._stopping.is_set():
+                # Held by the server until the interval passes, or answered at once when
+                # a job ends and takes one of our leases with it: its tasks stop now, not
+                # an interval later.
+                if await self._heartbeat(wait=asked):
+                    await asyncio.sleep(HEARTBEAT_MIN_GAP)
+                    continue
+                await asyncio.sleep(max(0.0, asked - (time.monotonic() - started)))
+            else:
+                await self._heartbeat()
+                asked = self._heartbeat_every  # the server's reply sets it
+                # Until the interval passes, or a task starts: then beat held at once.
+                self.leases.started.clear()
+                if not self.leases.running:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.leases.started.wait(), asked)
             if time.monotonic() - started > 2 * asked:
                 # The process was stopped or starved. A lease reply that waited meanwhile
                 # may hold leases close to their deadline: once it is taken in (a moment

@@ -24,6 +24,7 @@ from coffea_hq import protocol
 from coffea_hq.protocol import Outcome
 
 from . import pipe
+from .capture import TaskCapture
 
 MARKER = struct.Struct("!q")
 FUNCTION_CACHE = 16
@@ -78,6 +79,14 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    capture = TaskCapture(os.dup(2))
+    try:
+        _serve(out, capture)
+    finally:
+        capture.close()
+
+
+def _serve(out: Any, capture: TaskCapture) -> None:
     inp = sys.stdin.buffer
     marker = mmap.mmap(int(sys.argv[1]), MARKER.size)
     functions: OrderedDict[str, Any] = OrderedDict()
@@ -94,13 +103,14 @@ def main() -> None:
             while len(functions) > FUNCTION_CACHE:
                 functions.popitem(last=False)
             continue
-        done: list[tuple[int, str, Any, bytes, float]] = []
+        done: list[tuple[int, str, Any, bytes, float, Any]] = []
         last_flush = time.monotonic()
         for seq, sha, payload, merge in message[1]:
             MARKER.pack_into(marker, 0, seq)
-            start = time.perf_counter()
-            outcome, error, data = _run_one(functions[sha], payload, merge)
-            done.append((seq, outcome.value, error, data, time.perf_counter() - start))
+            with capture:
+                outcome, error, data = _run_one(functions[sha], payload, merge)
+            info = capture.info
+            done.append((seq, outcome.value, error, data, info.wall, info))
             now = time.monotonic()
             if now - last_flush > pipe.FLUSH_EVERY:
                 out.write(pipe.encode(("done", done)))

@@ -3,7 +3,8 @@
 Parent to child: ``("function", sha, bytes)`` installs a function;
 ``("run", [(seq, sha, payload, merge), ...])`` runs a batch in order (``merge``: the
 payload holds the inputs' results and the function takes their list).
-Child to parent: ``("done", [(seq, outcome, error, data, seconds), ...])``, flushed
+Child to parent: ``("done", [(seq, outcome, error, data, seconds, info), ...])`` (``info``
+a :class:`coffea_hq.messages.TaskInfo`), flushed
 every few milliseconds and at the end of each batch.
 """
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coffea_hq.lifeline import tie_to_parent
-from coffea_hq.messages import LeaseRef
+from coffea_hq.messages import LeaseRef, TaskInfo
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
@@ -64,6 +64,7 @@ class Result:
     error: dict[str, Any] | None
     data: bytes
     seconds: float
+    info: TaskInfo | None = None  # warnings, logs, output and resources of the task
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -182,9 +183,9 @@ class Slot:
                 (size,) = pipe.HEADER.unpack(head)
                 _, done = pipe.decode(await self._proc.stdout.readexactly(size))
                 results = []
-                for seq, outcome, error, data, seconds in done:
+                for seq, outcome, error, data, seconds, info in done:
                     item = by_seq.pop(seq)
-                    results.append(Result(item, Outcome(outcome), error, data, seconds))
+                    results.append(Result(item, Outcome(outcome), error, data, seconds, info))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
             return await self._after_crash(by_seq, report)

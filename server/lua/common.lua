@@ -84,6 +84,7 @@ local function finish(state, reason)
   redis.call('ZREM', READY, JOB)
   redis.call('ZREM', JOBS, JOB)
   redis.call('XADD', EVENTS, '*', EV.END, state)
+  redis.call('PUBLISH', CHANNEL, JOB_ENDED_MESSAGE)  -- workers running its tasks stop them
   for _, key in ipairs(owned_keys()) do redis.call('EXPIRE', key, TTL) end
 end
 
@@ -178,6 +179,7 @@ local function expire_leases(expired, max_attempts, reason)
     call_sliced('LPUSH', QUEUE, back)
     redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
     count(COUNT.REQUEUED, #back)
+    redis.call('HINCRBY', META, F.REQUEUED, #back)
     redis.call('PUBLISH', CHANNEL, #back)
   end
   if #failed > 0 then

@@ -20,7 +20,7 @@ local statuses = {}
 local unleased, requeued, holder_pairs, done_tasks, result_pairs = {}, {}, {}, {}, {}
 local ok, merged, mergeable, merges, failures = {}, {}, {}, {}, {}
 local touched = {}  -- task -> holder value after this batch (a task twice in one batch)
-local n_dup, n_refused = 0, 0
+local n_dup, n_refused, n_crashed = 0, 0, 0
 local next_error = REST
 for k, task in ipairs(tasks) do
   local attempt, outcome = tonumber(attempts[k]), OUTCOME[string.sub(codes, k, k)]
@@ -47,6 +47,7 @@ for k, task in ipairs(tasks) do
     else
       unleased[#unleased + 1] = task
       touched[task] = current
+      if outcome == 'crashed' then n_crashed = n_crashed + 1 end
       if outcome == 'crashed' and attempt < max_attempts then
         requeued[#requeued + 1] = task
         status = STATUS.REQUEUED
@@ -103,6 +104,8 @@ if #requeued > 0 then
   redis.call('PUBLISH', CHANNEL, #requeued)
 end
 if #merges > 0 then redis.call('HINCRBY', META, F.MERGES_OPEN, -#merges) end
+if #requeued > 0 then redis.call('HINCRBY', META, F.REQUEUED, #requeued) end
+if n_crashed > 0 then redis.call('HINCRBY', META, F.CRASHED, n_crashed) end
 local n_done = #ok + #merged
 if n_done > 0 then redis.call('HINCRBY', META, F.DONE, n_done) end
 local err = {}
