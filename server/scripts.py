@@ -79,7 +79,21 @@ SPECS: dict[str, Spec] = {
     "lease": Spec(("worker", "max", "lease_ms", "users")),
     # outcomes: one letter per task (OUTCOME_CODES); rest: the error JSON of each task
     # that is not ok, in order.
-    "complete": Spec(("worker", "tasks", "attempts", "outcomes", "sizes", "values"), "errors"),
+    "complete": Spec(
+        (
+            "worker",
+            "tasks",
+            "attempts",
+            "outcomes",
+            "sizes",
+            "values",
+            "note_sizes",
+            "notes",
+            "output_sizes",
+            "outputs",
+        ),
+        "errors",
+    ),
     # rest: task, attempt, task, attempt, ...
     "heartbeat": Spec(("worker", "lease_ms"), "leases"),
     "release": Spec(("worker",), "leases"),
@@ -178,6 +192,7 @@ def prelude(name: str) -> str:
         _lua_table("OUTCOME", ((code, o.value) for o, code in OUTCOME_CODES.items())),
         f"local MERGE_PREFIX = {_lua_string(protocol.MERGE_PREFIX)}",
         f"local MAX_FANIN = {protocol.MAX_FANIN}",
+        f"local JOB_LOG_LINES = {protocol.JOB_LOG_LINES}",
         f"local WORKER_LOST = {_lua_string(protocol.WORKER_LOST_TYPE)}",
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
         f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
@@ -353,6 +368,8 @@ class Scripts:
         outcomes: Sequence[Outcome],
         values: Sequence[bytes],
         errors: Sequence[str],
+        notes: Sequence[bytes],
+        outputs: Sequence[bytes],
     ) -> Call[list[CompleteStatus]]:
         # A constant number of script arguments whatever the batch size: packing thousands
         # of arguments one by one is most of redis-py's cost here.
@@ -367,6 +384,10 @@ class Scripts:
             outcomes="".join(OUTCOME_CODES[o] for o in outcomes),
             sizes=",".join(str(len(v)) for v in values),
             values=b"".join(values),
+            note_sizes=",".join(str(len(n)) for n in notes),
+            notes=b"".join(notes),
+            output_sizes=",".join(str(len(o)) for o in outputs),
+            outputs=b"".join(outputs),
             errors=errors,
         )
 

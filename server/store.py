@@ -91,6 +91,14 @@ class Report:
     output: str = ""  # what the task printed (its tail), for the log ring buffers
 
 
+def _log_line(now: float, worker: str, job: str, r: Report) -> bytes:
+    """The JSON messages.LogLine of what ``r``'s task printed (b"" if nothing)."""
+    if not r.output:
+        return b""
+    line = {"time": now, "worker": worker, "job": job, "task": r.task, "text": r.output}
+    return json.dumps(line).encode()
+
+
 @dataclass(slots=True)
 class Usage:
     """A user's share of the store."""
@@ -461,43 +469,22 @@ class Store:
                     for _, r in batch
                     if r.outcome is not Outcome.OK
                 ],
+                notes=[r.note or b"" for _, r in batch],
+                outputs=[_log_line(now, worker, job, r) for _, r in batch],
             )
+
+        now = time.time()
 
         statuses: list[CompleteStatus] = [CompleteStatus.UNKNOWN] * len(reports)
         indexed = [(r.job, (i, r)) for i, r in enumerate(reports)]
         pipe = self.redis.pipeline(transaction=False)
-        self._write_notes(pipe, worker, reports)
+        lines = [line for r in reports if (line := _log_line(now, worker, r.job, r))]
+        if lines:  # the worker's ring buffer (the job's is the script's, for accepted ones)
+            self._push_worker_lines(pipe, worker, lines)
         for _, batch, reply in await self._per_job(indexed, call, pipe):
             for (i, _), status in zip(batch, reply, strict=True):
                 statuses[i] = status
         return statuses
-
-    def _write_notes(self, pipe: Pipeline, worker: str, reports: Sequence[Report]) -> None:
-        """Queue the writes of the reports' task notes and output on ``pipe``, before their
-        results (so a client that sees a result finds its note). A late duplicate's note
-        replaces the first's; a job gone meanwhile leaves keys that expire with the TTL."""
-        now = time.time()
-        worker_lines: list[bytes] = []
-        for job, group in by_job((r.job, r) for r in reports).items():
-            keys = self.keys.job(job)
-            notes: dict[Any, Any] = {r.task: r.note for r in group if r.note}
-            if notes:
-                pipe.hset(keys.notes, mapping=notes)
-                pipe.expire(keys.notes, self.result_ttl)
-            lines = [
-                json.dumps(
-                    {"time": now, "worker": worker, "job": job, "task": r.task, "text": r.output}
-                ).encode()
-                for r in group
-                if r.output
-            ]
-            if lines:
-                pipe.rpush(keys.logs, *lines)
-                pipe.ltrim(keys.logs, -protocol.JOB_LOG_LINES, -1)
-                pipe.expire(keys.logs, self.result_ttl)
-                worker_lines += lines
-        if worker_lines:
-            self._push_worker_lines(pipe, worker, worker_lines)
 
     def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
         key = self.keys.worker_logs(worker)

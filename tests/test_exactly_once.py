@@ -7,6 +7,7 @@ the store, ``GET /api/v1/queue`` counters), never what a client deduplicated.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -175,6 +176,36 @@ def test_an_oversized_task_info_is_refused_by_name_and_the_others_notes_stand(
     assert results["notes"] == {
         t0: {"worker": "w", **good, "warnings": [["builtins.UserWarning", "hm", "", 0, "", 1]]}
     }
+
+
+def test_a_report_refused_keeps_no_note_and_a_deleted_job_gets_no_keys_back(
+    server_url: str, redis_client: Any, prefix: str
+) -> None:
+    """Notes and output are the complete script's to keep, for the reports it accepts: a
+    stale attempt's note does not replace the accepted one's, and a report for a job
+    deleted meanwhile recreates none of its keys."""
+    make_job(server_url, "gone", 2)
+    status, (header, _) = http(
+        "POST", server_url + protocol.LEASE, js({"worker": "w", "max": 2, "wait": 0})
+    )
+    (j0, t0, a0, _), (j1, t1, a1, _) = header["tasks"]
+
+    def report(items: list[Any]) -> Any:
+        body = protocol.pack({"worker": "w", "items": items}, [b"r"] * len(items))
+        return http("POST", server_url + protocol.COMPLETE, body, protocol.FRAMES_CONTENT_TYPE)
+
+    first = {"wall": 1.0, "output": "first\n"}
+    assert report([[j0, t0, a0, "ok", None, first]])[1]["items"] == ["accepted"]
+    stale = {"wall": 9.0, "output": "stale\n"}
+    assert report([[j0, t0, a0 + 1, "ok", None, stale]])[1]["items"] == ["not_leased"]
+    notes = redis_client.hgetall(f"{prefix}:job:{{gone}}:notes")
+    assert list(notes) == [t0.encode()] and json.loads(notes[t0.encode()])["wall"] == 1.0
+    logs = redis_client.lrange(f"{prefix}:job:{{gone}}:logs", 0, -1)
+    assert [json.loads(line)["text"] for line in logs] == ["first\n"]
+
+    assert http("DELETE", server_url + protocol.JOB.format(job="gone"))[0] == 200
+    assert report([[j1, t1, a1, "ok", None, first]])[1]["items"] == ["unknown"]
+    assert list(redis_client.scan_iter(match=f"{prefix}:job:{{gone}}*")) == []
 
 
 # ---------------------------------------------------------------------- abandoned jobs

@@ -1,6 +1,9 @@
 -- Report finished tasks of worker A.worker, packed: A.tasks (comma-joined), A.attempts
 -- (comma-joined), A.outcomes (one OUTCOME letter each), A.sizes (comma-joined) and A.values
--- (the results concatenated); ARGV[REST..]: the error JSON of each task not 'ok', in order.
+-- (the results concatenated), A.notes/A.note_sizes (each task's JSON TaskNote, '' for none)
+-- and A.outputs/A.output_sizes (each task's JSON LogLine of its output, '' for none), packed
+-- the same way; ARGV[REST..]: the error JSON of each task not 'ok', in order. Notes and
+-- output lines are kept only for the reports accepted (or requeued) here.
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB)
@@ -9,7 +12,9 @@ local max_attempts = tonumber(m[2] or 1)
 local reducing = (m[3] or '') ~= ''
 local tasks, attempts, codes = split_list(A.tasks), split_list(A.attempts), A.outcomes
 local values = cut(A.values, A.sizes)
-if not values or #attempts ~= #tasks or #codes ~= #tasks or #values ~= #tasks then
+local notes, outputs = cut(A.notes, A.note_sizes), cut(A.outputs, A.output_sizes)
+if not values or not notes or not outputs or #notes ~= #tasks or #outputs ~= #tasks
+  or #attempts ~= #tasks or #codes ~= #tasks or #values ~= #tasks then
   return redis.error_reply('complete: packed argument lengths differ')
 end
 local holders, leased = {}, {}
@@ -19,6 +24,7 @@ if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, t
 local statuses = {}
 local unleased, requeued, holder_pairs, done_tasks, result_pairs = {}, {}, {}, {}, {}
 local ok, merged, mergeable, merges, failures = {}, {}, {}, {}, {}
+local note_pairs, log_lines = {}, {}
 local touched = {}  -- task -> holder value after this batch (a task twice in one batch)
 local n_dup, n_refused, n_crashed = 0, 0, 0
 local next_error = REST
@@ -47,6 +53,11 @@ for k, task in ipairs(tasks) do
     else
       unleased[#unleased + 1] = task
       touched[task] = current
+      if notes[k] ~= '' then
+        note_pairs[#note_pairs + 1] = task
+        note_pairs[#note_pairs + 1] = notes[k]
+      end
+      if outputs[k] ~= '' then log_lines[#log_lines + 1] = outputs[k] end
       if outcome == 'crashed' then n_crashed = n_crashed + 1 end
       if outcome == 'crashed' and attempt < max_attempts then
         requeued[#requeued + 1] = task
@@ -98,6 +109,11 @@ call_sliced('HDEL', PAYLOAD, done_tasks)
 call_sliced('HSET', RESULTS, result_pairs)
 call_sliced('HDEL', RESULTS, consumed)
 call_sliced('RPUSH', MERGEABLE, mergeable)
+call_sliced('HSET', NOTES, note_pairs)  -- before the event: a client that sees it finds them
+if #log_lines > 0 then
+  call_sliced('RPUSH', LOGS, log_lines)
+  redis.call('LTRIM', LOGS, -JOB_LOG_LINES, -1)
+end
 if #requeued > 0 then
   call_sliced('LPUSH', QUEUE, requeued)  -- front: a retry should not wait behind the backlog
   redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
