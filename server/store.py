@@ -564,12 +564,14 @@ class Store:
         """``worker``'s presence is now ``session``: an older session's end changes nothing."""
         await self.redis.hset(self.keys.sessions, worker, session)
 
-    async def end_session(self, worker: str, session: str, *, lost: bool) -> tuple[bool, int, int]:
+    async def end_session(
+        self, worker: str, session: str, *, lost: bool, users: Sequence[str] = ()
+    ) -> tuple[bool, int, int]:
         """End ``worker``'s presence ``session`` if it is still the current one; if ``lost``,
-        forget the worker and requeue (or fail) its leases. Returns (current, requeued,
-        failed)."""
+        forget the worker and requeue (or fail) its leases (of ``users``' jobs only, if
+        given). Returns (current, requeued, failed)."""
         return await self.scripts.worker_gone(
-            self.keys, worker=worker, session=session, lost=lost
+            self.keys, worker=worker, session=session, lost=lost, users=users
         ).run()
 
     async def ended_jobs(self, jobs: Iterable[str]) -> list[str]:
