@@ -135,3 +135,32 @@ def test_presence_names_a_worker_its_token_may_not_be(
         assert r.hget(jk.meta, "requeued") in (None, b"0")
     finally:
         r.close()
+
+
+def test_alices_pool_cannot_heartbeat_bobs_lease(
+    embedded_store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    """A heartbeat naming bob's lease would keep it alive past its dead worker's end."""
+    url, bob, bobs_pool, alices_pool = _setup(embedded_store, processes, prefix)
+    keys = Keys(prefix)
+    r = redis.Redis.from_url(embedded_store.url)
+
+    async def attack() -> tuple[int, float | None, float | None]:
+        job, attempt = await _bobs_leased_task(url, bob, bobs_pool)
+        before = r.zscore(keys.job(job).leases, "t0")
+        await asyncio.sleep(0.05)  # a deadline moved by the beat would be later
+        api = API(url, token=alices_pool, retry_for=5)
+        try:
+            beat = m.Heartbeat(worker="wb", leases=[m.LeaseRef(job, "t0", attempt)])
+            await api.heartbeat(beat)
+        except ServerError as e:
+            return e.status, before, r.zscore(keys.job(job).leases, "t0")
+        finally:
+            await api.close()
+        return 200, before, r.zscore(keys.job(job).leases, "t0")
+
+    try:
+        status, before, after = asyncio.run(attack())
+        assert (status, after) == (403, before)
+    finally:
+        r.close()
