@@ -194,7 +194,9 @@ async def put_blob(request: web.Request) -> web.Response:
     await request.app[GAUGE].check()
     limit = request.app[CONFIG].limits.blob_bytes_per_user
     if limit and user:
-        held = (await store.usage(user)).blob_bytes
+        usage = await store.usage(user)
+        # A blob this user holds already adds nothing (a PUT retried after a lost reply).
+        held = usage.blob_bytes - usage.blobs.get(sha, 0)
         if held + len(data) > limit:
             raise QuotaExceeded(
                 f"user {user} holds {held:,} bytes of blobs; this one ({len(data):,}) would "

@@ -11,7 +11,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -98,6 +98,7 @@ class Usage:
     tasks: int = 0  # queued and running, over the user's unfinished jobs
     result_bytes: int = 0  # results stored and not yet collected
     blob_bytes: int = 0
+    blobs: dict[str, int] = field(default_factory=dict)  # sha -> bytes, of blobs still held
 
 
 @dataclass(slots=True)
@@ -239,9 +240,18 @@ class Store:
             pipe.llen(keys.queue)
             pipe.zcard(keys.leases)
             pipe.memory_usage(keys.results)
-        pipe.hvals(self.keys.user_blobs(user))
+        pipe.hgetall(self.keys.user_blobs(user))
         replies = await pipe.execute()
-        usage = Usage(blob_bytes=sum(int(v) for v in replies[-1]))
+        recorded = {str(_s(sha)): int(size) for sha, size in replies[-1].items()}
+        # Blobs expire on their own (BLOB_TTL): count only those still in the store.
+        pipe = self.redis.pipeline(transaction=False)
+        for sha in recorded:
+            pipe.exists(self.keys.blob(sha))
+        held = await pipe.execute() if recorded else []
+        blobs = {sha: n for (sha, n), there in zip(recorded.items(), held, strict=True) if there}
+        if len(blobs) < len(recorded):
+            await self.redis.hdel(self.keys.user_blobs(user), *(recorded.keys() - blobs.keys()))
+        usage = Usage(blob_bytes=sum(blobs.values()), blobs=blobs)
         gone = []
         for i, job in enumerate(jobs):
             exists, queued, running, results = replies[4 * i : 4 * i + 4]
