@@ -257,7 +257,7 @@ async def _check_submit_quotas(request: web.Request, job: str, n: int) -> None:
     user = principal(request).user
     if not user or not (limits.queued_tasks_per_user or limits.result_bytes_per_user):
         return
-    usage = await request.app[STORE].usage(user)
+    usage = await request.app[STORE].usage(user, filling=job)
     if limits.queued_tasks_per_user and usage.tasks + n > limits.queued_tasks_per_user:
         raise QuotaExceeded(
             f"user {user} has {usage.tasks:,} tasks queued or running; {n:,} more would pass "
@@ -265,7 +265,8 @@ async def _check_submit_quotas(request: web.Request, job: str, n: int) -> None:
         )
     if limits.result_bytes_per_user and usage.result_bytes >= limits.result_bytes_per_user:
         raise QuotaExceeded(
-            f"user {user}'s uncollected results take {usage.result_bytes:,} bytes, the quota "
+            f"user {user}'s uncollected results of other jobs take {usage.result_bytes:,} "
+            "bytes, the quota "
             f"is {limits.result_bytes_per_user:,} (hq-server --quota-result-bytes): collect "
             "or delete finished jobs' results first"
         )

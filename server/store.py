@@ -230,8 +230,10 @@ class Store:
         """The user who created ``job`` ('' in open mode), or None if there is no such job."""
         return _s(await self.redis.hget(self.keys.job(job).meta, Meta.USER.value))
 
-    async def usage(self, user: str) -> Usage:
-        """What ``user`` holds in the store now (what the quotas compare against)."""
+    async def usage(self, user: str, *, filling: str | None = None) -> Usage:
+        """What ``user`` holds in the store now (what the quotas compare against).
+        ``filling``: a job being submitted to, whose own results do not count (its
+        client collects them once it has sent every task)."""
         jobs = [_s(j) for j in await self.redis.zrange(self.keys.user_jobs(user), 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
@@ -259,7 +261,8 @@ class Store:
                 gone.append(job)
                 continue
             usage.tasks += int(queued) + int(running)
-            usage.result_bytes += int(results or 0)
+            if job != filling:
+                usage.result_bytes += int(results or 0)
         if gone:  # expired or deleted jobs leave the index here
             await self.redis.zrem(self.keys.user_jobs(user), *gone)
         return usage
