@@ -36,4 +36,4 @@ def test_a_too_large_result_names_the_limit_it_passed(
             job.result()
     message = str(failed.value)
     assert "ResultTooLarge" in message
-    assert "4464 bytes a result may take" in message, message  # 70000 - 65536
+    assert "limit for one result: 4464 bytes" in message, message  # 70000 - 65536
