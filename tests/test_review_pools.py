@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 from coffea_hq.server import tokens
 from coffea_hq.server.keys import Keys
@@ -107,6 +108,7 @@ def test_alices_pool_cannot_release_bobs_lease(
         r.close()
 
 
+@pytest.mark.slow
 def test_presence_names_a_worker_its_token_may_not_be(
     embedded_store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
