@@ -194,7 +194,9 @@ async def put_blob(request: web.Request) -> web.Response:
     await request.app[GAUGE].check()
     limit = request.app[CONFIG].limits.blob_bytes_per_user
     if limit and user:
-        held = (await store.usage(user)).blob_bytes
+        usage = await store.usage(user)
+        # A blob this user holds already adds nothing (a PUT retried after a lost reply).
+        held = usage.blob_bytes - usage.blobs.get(sha, 0)
         if held + len(data) > limit:
             raise QuotaExceeded(
                 f"user {user} holds {held:,} bytes of blobs; this one ({len(data):,}) would "
@@ -255,7 +257,7 @@ async def _check_submit_quotas(request: web.Request, job: str, n: int) -> None:
     user = principal(request).user
     if not user or not (limits.queued_tasks_per_user or limits.result_bytes_per_user):
         return
-    usage = await request.app[STORE].usage(user)
+    usage = await request.app[STORE].usage(user, filling=job)
     if limits.queued_tasks_per_user and usage.tasks + n > limits.queued_tasks_per_user:
         raise QuotaExceeded(
             f"user {user} has {usage.tasks:,} tasks queued or running; {n:,} more would pass "
@@ -263,7 +265,8 @@ async def _check_submit_quotas(request: web.Request, job: str, n: int) -> None:
         )
     if limits.result_bytes_per_user and usage.result_bytes >= limits.result_bytes_per_user:
         raise QuotaExceeded(
-            f"user {user}'s uncollected results take {usage.result_bytes:,} bytes, the quota "
+            f"user {user}'s uncollected results of other jobs take {usage.result_bytes:,} "
+            "bytes, the quota "
             f"is {limits.result_bytes_per_user:,} (hq-server --quota-result-bytes): collect "
             "or delete finished jobs' results first"
         )
@@ -354,6 +357,22 @@ def _lease_users(who: Principal, asked: list[str]) -> tuple[str, ...]:
     return kept
 
 
+async def _check_pool_jobs(request: web.Request, jobs: Any) -> None:
+    """A worker token limited to some users' jobs names only leases of their jobs: refused
+    before anything changes otherwise, as the lease route narrows what it may take (a
+    hostile task on one pool must not report into, or hand back, another user's work)."""
+    who = principal(request)
+    if who.role is not Role.WORKER or not who.users:
+        return
+    store = request.app[STORE]
+    for job in dict.fromkeys(jobs):
+        if await store.owner(job) not in who.users:
+            raise v.Forbidden(
+                f"this worker token serves only the jobs of {', '.join(who.users)}: "
+                f"job {job} is not one of theirs"
+            )
+
+
 async def lease(request: web.Request) -> web.StreamResponse:
     body = await _body(request, m.LeaseRequest)
     worker = body.worker
@@ -420,6 +439,7 @@ async def complete(request: web.Request) -> web.Response:
     worker, items = header.worker, header.items
     if len(items) != len(parts):
         raise v.BadRequest("'items' needs exactly one result part per item")
+    await _check_pool_jobs(request, (str(i[0]) for i in items if isinstance(i, list) and i))
     reports: list[Report] = []
     where: list[int] = []
     statuses = [CompleteStatus.INVALID] * len(items)
@@ -461,6 +481,7 @@ async def complete(request: web.Request) -> web.Response:
 async def release(request: web.Request) -> web.Response:
     body = await _body(request, m.Release)
     refs = [(r.job, r.task, r.attempt) for r in body.items]
+    await _check_pool_jobs(request, (job for job, _, _ in refs))
     released = await request.app[STORE].release(body.worker, refs)
     request.app[DISPATCHER].notify()
     return _json_reply(m.Released(released))
@@ -469,6 +490,7 @@ async def release(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     body = await _body(request, m.Heartbeat)
     refs = [(r.job, r.task, r.attempt) for r in body.leases]
+    await _check_pool_jobs(request, (job for job, _, _ in refs))
     info = {"slots": body.slots, "host": body.host, "stats": body.stats, "leases": len(refs)}
     store = request.app[STORE]
     if body.draining:
@@ -520,7 +542,10 @@ async def presence(request: web.Request) -> web.StreamResponse:
     finally:
         if pinger is not None:
             pinger.cancel()
-        tracker.ended(hello.worker, hello.session, clean=clean)
+        who = principal(request)
+        # A pool token's dropped presence ends only leases it could have taken itself.
+        users = who.users if who.role is Role.WORKER else ()
+        tracker.ended(hello.worker, hello.session, clean=clean, users=users)
     with contextlib.suppress(ConnectionError, RuntimeError):
         await response.write_eof()
     return response

@@ -34,23 +34,24 @@ class PresenceTracker:
         if task is not None:
             self._streams.add(task)
 
-    def ended(self, worker: str, session: str, *, clean: bool) -> None:
-        """The stream of ``worker``'s ``session`` ended, with a goodbye or without."""
+    def ended(self, worker: str, session: str, *, clean: bool, users: tuple[str, ...] = ()) -> None:
+        """The stream of ``worker``'s ``session`` ended, with a goodbye or without;
+        ``users``: its token reaches only these users' jobs (empty: any job)."""
         task = asyncio.current_task()
         if task is not None:
             self._streams.discard(task)
         if self.closing:
             return  # this replica is going away, not the worker: it reconnects elsewhere
-        timer = asyncio.create_task(self._end(worker, session, clean=clean))
+        timer = asyncio.create_task(self._end(worker, session, clean=clean, users=users))
         self._pending.add(timer)
         timer.add_done_callback(self._pending.discard)
 
-    async def _end(self, worker: str, session: str, *, clean: bool) -> None:
+    async def _end(self, worker: str, session: str, *, clean: bool, users: tuple[str, ...]) -> None:
         if not clean:
             await asyncio.sleep(self.grace)
         try:
             current, requeued, failed = await self.store.end_session(
-                worker, session, lost=not clean
+                worker, session, lost=not clean, users=users
             )
         except Exception as e:  # the store is down: the lease timeout covers it
             log.warning("worker %s: ending its presence failed (%s)", worker, e)

@@ -101,7 +101,7 @@ SPECS: dict[str, Spec] = {
     "cancel": Spec(("reason",)),
     "ack": Spec(("cursor",)),
     # Store-wide (KEYS: keys.STORE_KEY_NAMES); the job id ARGV is unused.
-    "worker_gone": Spec(("prefix", "worker", "session", "lost")),
+    "worker_gone": Spec(("prefix", "worker", "session", "lost", "users")),
 }
 STORE_SCRIPTS = frozenset({"worker_gone"})
 
@@ -437,9 +437,10 @@ class Scripts:
         return self._call("ack", keys, job, int, cursor=cursor)
 
     def worker_gone(
-        self, keys: Keys, *, worker: str, session: str, lost: bool
+        self, keys: Keys, *, worker: str, session: str, lost: bool, users: Sequence[str] = ()
     ) -> Call[tuple[bool, int, int]]:
-        """End ``worker``'s presence ``session`` (fenced); if ``lost``, requeue its leases.
+        """End ``worker``'s presence ``session`` (fenced); if ``lost``, requeue its leases
+        (only of ``users``' jobs if given: what the presence's token may reach).
         Returns (whether the session was current, requeued, failed)."""
         args = [
             "",
@@ -449,6 +450,7 @@ class Scripts:
             worker,
             session,
             "1" if lost else "0",
+            f",{','.join(users)}," if users else "",
         ]
         return Call(
             self._scripts["worker_gone"],

@@ -11,7 +11,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -106,6 +106,7 @@ class Usage:
     tasks: int = 0  # queued and running, over the user's unfinished jobs
     result_bytes: int = 0  # results stored and not yet collected
     blob_bytes: int = 0
+    blobs: dict[str, int] = field(default_factory=dict)  # sha -> bytes, of blobs still held
 
 
 @dataclass(slots=True)
@@ -237,8 +238,10 @@ class Store:
         """The user who created ``job`` ('' in open mode), or None if there is no such job."""
         return _s(await self.redis.hget(self.keys.job(job).meta, Meta.USER.value))
 
-    async def usage(self, user: str) -> Usage:
-        """What ``user`` holds in the store now (what the quotas compare against)."""
+    async def usage(self, user: str, *, filling: str | None = None) -> Usage:
+        """What ``user`` holds in the store now (what the quotas compare against).
+        ``filling``: a job being submitted to, whose own results do not count (its
+        client collects them once it has sent every task)."""
         jobs = [_s(j) for j in await self.redis.zrange(self.keys.user_jobs(user), 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
@@ -247,9 +250,18 @@ class Store:
             pipe.llen(keys.queue)
             pipe.zcard(keys.leases)
             pipe.memory_usage(keys.results)
-        pipe.hvals(self.keys.user_blobs(user))
+        pipe.hgetall(self.keys.user_blobs(user))
         replies = await pipe.execute()
-        usage = Usage(blob_bytes=sum(int(v) for v in replies[-1]))
+        recorded = {str(_s(sha)): int(size) for sha, size in replies[-1].items()}
+        # Blobs expire on their own (BLOB_TTL): count only those still in the store.
+        pipe = self.redis.pipeline(transaction=False)
+        for sha in recorded:
+            pipe.exists(self.keys.blob(sha))
+        held = await pipe.execute() if recorded else []
+        blobs = {sha: n for (sha, n), there in zip(recorded.items(), held, strict=True) if there}
+        if len(blobs) < len(recorded):
+            await self.redis.hdel(self.keys.user_blobs(user), *(recorded.keys() - blobs.keys()))
+        usage = Usage(blob_bytes=sum(blobs.values()), blobs=blobs)
         gone = []
         for i, job in enumerate(jobs):
             exists, queued, running, results = replies[4 * i : 4 * i + 4]
@@ -257,7 +269,8 @@ class Store:
                 gone.append(job)
                 continue
             usage.tasks += int(queued) + int(running)
-            usage.result_bytes += int(results or 0)
+            if job != filling:
+                usage.result_bytes += int(results or 0)
         if gone:  # expired or deleted jobs leave the index here
             await self.redis.zrem(self.keys.user_jobs(user), *gone)
         return usage
@@ -551,12 +564,14 @@ class Store:
         """``worker``'s presence is now ``session``: an older session's end changes nothing."""
         await self.redis.hset(self.keys.sessions, worker, session)
 
-    async def end_session(self, worker: str, session: str, *, lost: bool) -> tuple[bool, int, int]:
+    async def end_session(
+        self, worker: str, session: str, *, lost: bool, users: Sequence[str] = ()
+    ) -> tuple[bool, int, int]:
         """End ``worker``'s presence ``session`` if it is still the current one; if ``lost``,
-        forget the worker and requeue (or fail) its leases. Returns (current, requeued,
-        failed)."""
+        forget the worker and requeue (or fail) its leases (of ``users``' jobs only, if
+        given). Returns (current, requeued, failed)."""
         return await self.scripts.worker_gone(
-            self.keys, worker=worker, session=session, lost=lost
+            self.keys, worker=worker, session=session, lost=lost, users=users
         ).run()
 
     async def ended_jobs(self, jobs: Iterable[str]) -> list[str]:

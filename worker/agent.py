@@ -596,8 +596,9 @@ class Worker:
         error = {
             "type": "coffea_hq.errors.ResultTooLarge",
             "message": f"the task's result is {len(r.data)} bytes pickled and compressed, over "
-            f"the server's request limit of {self._max_request} bytes "
-            "(raise hq-server --max-request-size, or return less)",
+            f"the server's request limit for one result: {max(limit, 0)} bytes (hq-server "
+            f"--max-request-size {self._max_request} less {FRAME_OVERHEAD} for the report "
+            "around it); raise --max-request-size, or return less",
             "traceback": "",
         }
         return Result(r.item, Outcome.ERROR, error, b"", r.seconds, r.info)
