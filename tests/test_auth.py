@@ -200,12 +200,6 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
             j({"worker": "w1", "leases": [[JOB, "t0", 1]]}).encode(),
             "application/json",
         ),
-        ("GET", protocol.JOB_LOGS): (protocol.JOB_LOGS.format(job=JOB), None, "application/json"),
-        ("GET", protocol.WORKER_LOGS): (
-            protocol.WORKER_LOGS.format(worker="w1"),
-            None,
-            "application/json",
-        ),
         ("POST", protocol.PRESENCE): (
             protocol.PRESENCE,
             j({"worker": "w1", "session": "s1", "bye": True}).encode() + b"\n",
