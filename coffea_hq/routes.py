@@ -29,6 +29,7 @@ __all__ = [
     "Query",
     "Reply",
     "Route",
+    "Text",
     "ROUTES",
     "PATH_PARAMETERS",
 ]
@@ -66,7 +67,15 @@ class Lines:
     what: str
 
 
-Body = Json | Frames | Bytes | Lines
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A text body of media type ``media_type``: ``what`` it holds."""
+
+    media_type: str
+    what: str
+
+
+Body = Json | Frames | Bytes | Lines | Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +183,32 @@ ROUTES: Final[tuple[Route, ...]] = (
         roles=ADMINS,
         summary="Each live worker's last heartbeat.",
         replies=(Reply(200, Json(m.Workers), "workers by id"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.METRICS,
+        operation="metrics",
+        roles=ADMINS,
+        summary=(
+            "Prometheus metrics: task counters, queue, workers, the task duration histogram "
+            "(the same from every replica) and this replica's lease waits."
+        ),
+        replies=(
+            Reply(
+                200,
+                Text(protocol.METRICS_CONTENT_TYPE, "the Prometheus text exposition format"),
+                "the metrics",
+            ),
+        ),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOBS,
+        operation="list_jobs",
+        roles=ADMINS,
+        summary="The newest unfinished jobs' summaries (what coffea-hq status shows).",
+        tag="jobs",
+        replies=(Reply(200, Json(m.JobList), "the jobs, oldest first"),),
     ),
     Route(
         method="GET",

@@ -77,9 +77,11 @@ SPECS: dict[str, Spec] = {
     "submit": Spec(("tasks", "sizes", "payloads")),
     "seal": Spec(("total",)),
     "lease": Spec(("worker", "max", "lease_ms", "users")),
-    # outcomes: one letter per task (OUTCOME_CODES); rest: the error JSON of each task
-    # that is not ok, in order.
-    "complete": Spec(("worker", "tasks", "attempts", "outcomes", "sizes", "values"), "errors"),
+    # outcomes: one letter per task (OUTCOME_CODES); walls: comma-joined seconds each
+    # task ran ('' where unknown); rest: the error JSON of each task that is not ok.
+    "complete": Spec(
+        ("worker", "tasks", "attempts", "outcomes", "sizes", "values", "walls"), "errors"
+    ),
     # rest: task, attempt, task, attempt, ...
     "heartbeat": Spec(("worker", "lease_ms"), "leases"),
     "release": Spec(("worker",), "leases"),
@@ -178,6 +180,9 @@ def prelude(name: str) -> str:
         _lua_table("OUTCOME", ((code, o.value) for o, code in OUTCOME_CODES.items())),
         f"local MERGE_PREFIX = {_lua_string(protocol.MERGE_PREFIX)}",
         f"local MAX_FANIN = {protocol.MAX_FANIN}",
+        "local DURATION_BUCKETS = {"
+        + ", ".join(repr(float(b)) for b in protocol.TASK_DURATION_BUCKETS)
+        + "}",
         f"local WORKER_LOST = {_lua_string(protocol.WORKER_LOST_TYPE)}",
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
         f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
@@ -353,7 +358,9 @@ class Scripts:
         outcomes: Sequence[Outcome],
         values: Sequence[bytes],
         errors: Sequence[str],
+        walls: Sequence[float | None] = (),
     ) -> Call[list[CompleteStatus]]:
+        """``walls``: each task's seconds (None: unknown), for the duration histogram."""
         # A constant number of script arguments whatever the batch size: packing thousands
         # of arguments one by one is most of redis-py's cost here.
         return self._call(
@@ -367,6 +374,7 @@ class Scripts:
             outcomes="".join(OUTCOME_CODES[o] for o in outcomes),
             sizes=",".join(str(len(v)) for v in values),
             values=b"".join(values),
+            walls=",".join("" if w is None else f"{w:.6f}" for w in walls),
             errors=errors,
         )
 

@@ -1,6 +1,7 @@
 -- Report finished tasks of worker A.worker, packed: A.tasks (comma-joined), A.attempts
 -- (comma-joined), A.outcomes (one OUTCOME letter each), A.sizes (comma-joined) and A.values
--- (the results concatenated); ARGV[REST..]: the error JSON of each task not 'ok', in order.
+-- (the results concatenated), A.walls (comma-joined seconds each task ran, '' where unknown:
+-- the duration histogram counts every attempt it takes); ARGV[REST..]: the error JSON of each task not 'ok', in order.
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB)
@@ -15,6 +16,18 @@ end
 local holders, leased = {}, {}
 if state then holders = call_sliced_collect('HMGET', HOLDER, tasks) end
 if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, tasks) end
+
+local walls = {}
+for w in string.gmatch(A.walls .. ',', '([^,]*),') do walls[#walls + 1] = tonumber(w) end
+local buckets, n_timed, sum_us = {}, 0, 0
+local function time_attempt(wall)
+  if not wall then return end
+  local i = 1
+  while DURATION_BUCKETS[i] and wall > DURATION_BUCKETS[i] do i = i + 1 end
+  buckets[i] = (buckets[i] or 0) + 1
+  n_timed = n_timed + 1
+  sum_us = sum_us + math.floor(wall * 1000000 + 0.5)
+end
 
 local statuses = {}
 local unleased, requeued, holder_pairs, done_tasks, result_pairs = {}, {}, {}, {}, {}
@@ -77,6 +90,7 @@ for k, task in ipairs(tasks) do
       end
     end
   end
+  if status == STATUS.ACCEPTED or status == STATUS.REQUEUED then time_attempt(walls[k]) end
   if status == STATUS.DUPLICATE then n_dup = n_dup + 1 end
   if status == STATUS.UNKNOWN or status == STATUS.NOT_LEASED then n_refused = n_refused + 1 end
   statuses[#statuses + 1] = status
@@ -118,6 +132,11 @@ count(COUNT.MERGES_OK, #merges)
 count(COUNT.REQUEUED, #requeued)
 count(COUNT.DUPLICATES, n_dup)
 count(COUNT.REFUSED, n_refused)
+if n_timed > 0 then
+  for i, n in pairs(buckets) do redis.call('HINCRBY', DURATIONS, i, n) end
+  redis.call('HINCRBY', DURATIONS, 'count', n_timed)
+  redis.call('HINCRBY', DURATIONS, 'sum_us', sum_us)
+end
 if #ok > 0 or #err > 0 or #merged > 0 then
   redis.call('XADD', EVENTS, '*', EV.OK, table.concat(ok, ','), EV.ERROR, table.concat(err, ','),
     EV.MERGED, table.concat(merged, ','))
