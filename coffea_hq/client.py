@@ -230,6 +230,15 @@ class Client:
         """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
         return self.run(self.api.workers())
 
+    def jobs(self) -> list[dict[str, Any]]:
+        """The newest unfinished jobs' summaries, oldest first (every user's: an admin
+        route under ``hq-server --auth``)."""
+        return msgspec.to_builtins(self.run(self.api.list_jobs()).jobs)
+
+    def metrics(self) -> str:
+        """The server's Prometheus metrics, as text (``GET /metrics``)."""
+        return self.run(self.api.metrics())
+
     def worker_logs(
         self, workers: Iterable[str] | None = None
     ) -> dict[str, list[messages.LogLine]]:

@@ -5,6 +5,7 @@ Real hq-server replicas on one real store, a real hq-worker, real jobs."""
 from __future__ import annotations
 
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -50,10 +51,11 @@ def _store_wide(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_two_replicas_report_the_same_totals_and_histogram_after_a_real_job(
-    processes: Processes, store: EmbeddedRedis, prefix: str
+    store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
-    a, _ = processes.server(store.url, prefix=prefix)
-    b, _ = processes.server(store.url, prefix=prefix)
+    # (--lease-timeout 3: a heartbeat a second, so the worker's gauges show at once.)
+    a, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    b, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     processes.worker(a, "--slots", "2")
     naps = [0.02] * 6 + [0.3] * 2
     with Client(b) as client:
@@ -89,8 +91,11 @@ def test_two_replicas_report_the_same_totals_and_histogram_after_a_real_job(
     assert from_b["coffea_hq_lease_wait_seconds_count"][()] == 0
 
 
-def test_metrics_names_units_and_types_follow_prometheus_conventions(server_url: str) -> None:
-    found = families(server_url)
+def test_metrics_names_units_and_types_follow_prometheus_conventions(
+    embedded_store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    url, _ = processes.server(embedded_store.url, prefix=prefix)
+    found = families(url)
     expected = {
         "coffea_hq_tasks": "counter",
         "coffea_hq_merges": "counter",
@@ -114,3 +119,80 @@ def test_metrics_names_units_and_types_follow_prometheus_conventions(server_url:
         if s.name.endswith("_bucket")
     ]
     assert bounds == [repr(float(b)) for b in protocol.TASK_DURATION_BUCKETS] + ["+Inf"]
+
+
+# ---------------------------------------------------------------------- coffea-hq status
+
+
+def _running_job(processes: Processes, url: str, client: Client) -> Any:
+    """A job of 2-slot worker ``w-status`` caught running: some tasks done (and said so in
+    a heartbeat, one a second with the server's --lease-timeout 3), some not."""
+    processes.worker(url, "--slots", "2", "--name", "w-status")
+    job = client.map(nap, [0.25] * 24, label="naps")
+
+    def under_way() -> bool:
+        stats = client.workers().get("w-status")
+        return stats is not None and stats.stats["done"] >= 2 and stats.stats["busy_slots"] == 2
+
+    poll_until(under_way, 30, "the job under way")
+    return job
+
+
+def _row(text: str, first: str) -> list[str]:
+    """The cells of the one table row of ``text`` whose first cell is ``first``."""
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in text.splitlines()]
+    (row,) = [r for r in rows if r[0] == first]
+    return row
+
+
+def test_status_renders_queue_workers_and_a_running_jobs_progress_and_watches(
+    embedded_store: EmbeddedRedis,
+    processes: Processes,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rich.console import Console
+
+    from coffea_hq import cli
+    from coffea_hq.status import render, snapshot, watch
+
+    url, _ = processes.server(embedded_store.url, "--lease-timeout", "3", prefix=prefix)
+    with Client(url) as client:
+        job = _running_job(processes, url, client)
+        poll_until(lambda: client.workers()["w-status"].stats.get("busy_slots") == 2, 10, "busy")
+        first = snapshot(client)
+        console = Console(record=True, width=80)
+        console.print(render(first))
+        text = console.export_text()
+        assert job.id in text and "naps" in text and "/24" in text
+        worker, _, busy, rss, *_ = _row(text, "w-status")
+        assert busy == "2/2" and rss.endswith("MiB")  # slots busy, the slots' memory
+        assert "queued" in text and "running" in text
+        assert max(len(line) for line in text.splitlines()) <= 80
+        # A second look measures tasks per second between two heartbeats.
+        time.sleep(1.5)
+        console = Console(record=True, width=80)
+        console.print(render(snapshot(client), first))
+        rate = float(_row(console.export_text(), "w-status")[4])
+        assert 2 < rate < 20  # 2 slots of 0.25 s naps: about 8 per second
+        # --watch redraws (here three times); the command prints the same picture.
+        console = Console(record=True, width=80, force_terminal=True)
+        started = time.monotonic()
+        watch(client, console, every=0.2, refreshes=3)
+        assert 0.4 <= time.monotonic() - started < 10
+        assert "w-status" in console.export_text()
+        assert cli.main(["status", url]) == 0
+        out = capsys.readouterr().out
+        assert "w-status" in out and job.id in out
+        job.cancel()
+
+
+@pytest.mark.slow  # (the client gives an unreachable server a few seconds)
+def test_status_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from coffea_hq import cli
+
+    # No server there: a clear sentence and exit status 2, not a traceback.
+    assert cli.main(["status", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "no coffea-hq server answers at http://127.0.0.1:9" in err
+    assert "Traceback" not in err
