@@ -134,6 +134,11 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
+    def _repr_html_(self) -> str:
+        from .html import client_html
+
+        return client_html(self)
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` (a call of :attr:`api`, or built on them) on the client's event
         loop and wait for its result: the one place the caller's thread crosses over.
@@ -482,6 +487,16 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
+
+    def _repr_html_(self) -> str:
+        from .html import job_html
+
+        return job_html(self)
+
+    @property
+    def received(self) -> int:
+        """How many tasks' results (or errors) this client has received."""
+        return sum(self._received)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -170,6 +170,11 @@ class LocalCluster:
     def __repr__(self) -> str:
         return f"<LocalCluster {self.url}: {len(self.workers)} workers x {self.slots} slots>"
 
+    def _repr_html_(self) -> str:
+        from .html import cluster_html
+
+        return cluster_html(self)
+
     # ------------------------------------------------------------------ start
 
     def start(self) -> LocalCluster:

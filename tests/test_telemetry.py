@@ -196,3 +196,42 @@ def test_status_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> 
     err = capsys.readouterr().err
     assert "no coffea-hq server answers at http://127.0.0.1:9" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- _repr_html_
+
+
+def test_html_summaries_of_cluster_client_and_job() -> None:
+    from html.parser import HTMLParser
+
+    from coffea_hq import LocalCluster
+
+    def well_formed(html: str) -> str:
+        HTMLParser().feed(html)  # (raises on nothing, but runs the tokenizer over it)
+        assert html.startswith("<div>") and html.endswith("</div>")
+        return html
+
+    with LocalCluster(workers=1, slots=2) as cluster:
+        client = Client(cluster.url)
+        poll_until(lambda: client.workers(), 20, "the worker's first heartbeat")
+        html = well_formed(cluster._repr_html_())
+        assert f'href="{cluster.url}"' in html and "1 worker(s) × 2 slot(s)" in html
+        assert "0/2 slots busy" in html or "1/2 slots busy" in html
+        assert f'href="{cluster.url}/metrics"' in html
+        job = client.map(nap, [0.4] * 4, label="<naps & co>")
+        poll_until(lambda: job.status()["done"] >= 1, 20, "a task done")
+        html = well_formed(job._repr_html_())
+        assert job.id in html and "running" in html and 'max="4"' in html
+        assert "&lt;naps &amp; co&gt;" in html and "<naps" not in html  # escaped
+        html = well_formed(client._repr_html_())
+        assert "coffea-hq Client" in html and " running" in html and "1 (" in html
+        job.result(timeout=30)
+        html = well_formed(job._repr_html_())  # the server forgot it: what the client holds
+        assert "collected" in html and "4/4 (100%)" in html
+    # The server is gone: the summary says so, promptly, and raises nothing.
+    try:
+        started = time.monotonic()
+        html = well_formed(client._repr_html_())
+        assert "does not answer (within 2 s)" in html and time.monotonic() - started < 6
+    finally:
+        client.close()
