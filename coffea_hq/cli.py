@@ -234,7 +234,8 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         size = f"{args.workers}" if adaptive is None else f"{adaptive[0]}-{adaptive[1]}"
         print(
             f"coffea-hq running at {cluster.url} with {size} worker(s) x "
-            f"{args.slots} slot(s)\n  export {protocol.ENV_URL}={cluster.url}\n"
+            f"{args.slots} slot(s)\n  dashboard: {cluster.dashboard_link}\n"
+            f"  export {protocol.ENV_URL}={cluster.url}\n"
             "Ctrl-C stops it.",
             flush=True,
         )

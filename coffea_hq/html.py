@@ -64,7 +64,11 @@ def _ask(client: Client) -> tuple[dict[str, Any], dict[str, Any]] | str:
 
 
 def _server_rows(client: Client) -> list[tuple[str, str]]:
-    rows = [("server", _link(client.url)), ("metrics", _link(client.url + protocol.METRICS))]
+    rows = [
+        ("server", _link(client.url)),
+        ("dashboard", _link(client.url.rstrip("/") + protocol.DASHBOARD)),
+        ("metrics", _link(client.url + protocol.METRICS)),
+    ]
     got = _ask(client)
     if isinstance(got, str):
         return [*rows, ("state", escape(got))]

@@ -60,6 +60,7 @@ PRESENCE: Final = API + "/presence"
 PRESENCE_CONTENT_TYPE: Final = "application/x-ndjson"
 WORKER_LOGS: Final = API + "/workers/{worker}/logs"
 JOB_LOGS: Final = API + "/jobs/{job}/logs"
+DASHBOARD: Final = "/"  # a static page reading the JSON routes (server/dashboard.html)
 # Prometheus scrapes here (the conventional path, outside the versioned API).
 METRICS: Final = "/metrics"
 JOBS_LIST_MAX: Final = 200  # unfinished jobs GET JOBS lists (the newest)

@@ -162,6 +162,14 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         method="GET",
+        path=protocol.DASHBOARD,
+        operation="dashboard",
+        roles=ANYONE,  # (the routes it reads need an admin token under --auth: it asks)
+        summary="The dashboard: a page showing the queue, workers and jobs, live.",
+        replies=(Reply(200, Text("text/html", "the page"), "the page"),),
+    ),
+    Route(
+        method="GET",
         path=protocol.OPENAPI,
         operation="openapi",
         roles=ANYONE,
@@ -418,7 +426,9 @@ ROUTES: Final[tuple[Route, ...]] = (
 BAD_REQUEST: Final = _error(400, "a path or query parameter, or the body, is malformed")
 TOO_LARGE: Final = _error(413, "the body exceeds the server's --max-request-size")
 STORE_DOWN: Final = _error(503, "the store is unreachable or refuses writes: retry")
-NO_STORE: Final = frozenset({protocol.HEALTH, protocol.OPENAPI})  # these answer without one
+NO_STORE: Final = frozenset(
+    {protocol.HEALTH, protocol.OPENAPI, protocol.DASHBOARD}
+)  # these answer without one
 # With hq-server --auth (docs/security.md):
 NO_TOKEN: Final = _error(401, "no access token, or one the server does not know (revoked?)")
 WRONG_ROLE: Final = _error(403, "the token's role may not call this route")

@@ -8,6 +8,7 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from importlib import resources
 from typing import Any, TypeVar
 
 import msgspec
@@ -170,6 +171,13 @@ async def queue(request: web.Request) -> web.Response:
 async def workers(request: web.Request) -> web.Response:
     found = await request.app[STORE].workers()
     return _json_reply({w: _stored(info, m.WorkerInfo) for w, info in found.items()})
+
+
+DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(body=DASHBOARD_PAGE, content_type="text/html", charset="utf-8")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -654,6 +662,7 @@ def _background(
 HANDLERS: dict[str, Handler] = {
     "health": health,
     "openapi": openapi,
+    "dashboard": dashboard,
     "queue": queue,
     "workers": workers,
     "metrics": metrics,

@@ -235,3 +235,64 @@ def test_html_summaries_of_cluster_client_and_job() -> None:
         assert "does not answer (within 2 s)" in html and time.monotonic() - started < 6
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------- the dashboard
+
+
+@pytest.mark.slow  # (starts a browser)
+def test_dashboard_shows_a_running_jobs_progress_advancing_in_headless_chromium(
+    embedded_store: EmbeddedRedis, processes: Processes, prefix: str, tmp_path: Any
+) -> None:
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_path, "apt-get install chromium chromium-driver (see .ci/run)"
+    url, _ = processes.server(embedded_store.url, "--lease-timeout", "3", prefix=prefix)
+    with urllib.request.urlopen(url + protocol.DASHBOARD, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/html")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    with Client(url) as client:
+        job = _running_job(processes, url, client)
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.set_window_size(1000, 700)
+            driver.set_page_load_timeout(20)
+            driver.get(url + protocol.DASHBOARD)
+
+            def cells(table: str) -> list[list[str]]:
+                # Read in one script: the page replaces its rows every second.
+                return driver.execute_script(  # type: ignore[no-any-return]
+                    f"return [...document.querySelectorAll('#{table} tbody tr')]"
+                    ".map(r => [...r.cells].map(c => c.textContent))"
+                )
+
+            def done_cell() -> int:
+                for row in cells("jobs"):
+                    if row and row[0] == job.id:
+                        return int(row[3].split("/")[0])
+                return -1
+
+            poll_until(lambda: done_cell() >= 0, 15, "the job on the page")
+            first = done_cell()
+            driver.save_screenshot(str(tmp_path / "dashboard-1.png"))
+            poll_until(lambda: done_cell() > first, 15, "the job's progress advancing")
+            driver.save_screenshot(str(tmp_path / "dashboard-2.png"))
+            (worker,) = cells("workers")
+            assert worker[0] == "w-status" and worker[2].endswith("/2") and worker[3].endswith("MiB")
+            assert "queued" in driver.find_element(By.ID, "queue").text
+            assert driver.find_element(By.ID, "error").text == ""
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+            assert (tmp_path / "dashboard-2.png").stat().st_size > 1000
+        finally:
+            driver.quit()
+        job.cancel()
