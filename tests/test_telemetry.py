@@ -270,7 +270,7 @@ def test_dashboard_shows_a_running_jobs_progress_advancing_in_headless_chromium(
 
             def cells(table: str) -> list[list[str]]:
                 # Read in one script: the page replaces its rows every second.
-                return driver.execute_script(  # type: ignore[no-any-return]
+                return driver.execute_script(
                     f"return [...document.querySelectorAll('#{table} tbody tr')]"
                     ".map(r => [...r.cells].map(c => c.textContent))"
                 )
@@ -287,7 +287,8 @@ def test_dashboard_shows_a_running_jobs_progress_advancing_in_headless_chromium(
             poll_until(lambda: done_cell() > first, 15, "the job's progress advancing")
             driver.save_screenshot(str(tmp_path / "dashboard-2.png"))
             (worker,) = cells("workers")
-            assert worker[0] == "w-status" and worker[2].endswith("/2") and worker[3].endswith("MiB")
+            assert worker[0] == "w-status" and worker[2].endswith("/2")
+            assert worker[3].endswith("MiB")
             assert "queued" in driver.find_element(By.ID, "queue").text
             assert driver.find_element(By.ID, "error").text == ""
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
