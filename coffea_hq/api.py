@@ -70,6 +70,14 @@ class API:
         """``GET WORKERS``: each live worker's last heartbeat (slots, host, telemetry)."""
         return m.decode((await self.transport.call("GET", protocol.WORKERS)).body, m.Workers)
 
+    async def metrics(self) -> str:
+        """``GET METRICS``: the Prometheus text exposition."""
+        return bytes((await self.transport.call("GET", protocol.METRICS)).body).decode()
+
+    async def list_jobs(self) -> m.JobList:
+        """``GET JOBS``: the newest unfinished jobs' summaries, oldest first."""
+        return m.decode((await self.transport.call("GET", protocol.JOBS)).body, m.JobList)
+
     async def worker_logs(self, worker: str) -> m.LogsReply:
         """``GET WORKER_LOGS``: the worker's log ring buffer (tasks' output, its own lines)."""
         path = protocol.WORKER_LOGS.format(worker=worker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -51,6 +52,22 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument("--host", default="127.0.0.1", help="address to listen on")
     add_condor_parser(sub)
     _add_token_parser(sub)
+    status = sub.add_parser(
+        "status",
+        help="the queue, workers and jobs of a server, in the terminal",
+        description="Reads the server's queue, workers and jobs routes (an admin token "
+        f"under hq-server --auth: ${protocol.ENV_TOKEN} or ${protocol.ENV_TOKEN_FILE}).",
+    )
+    status.add_argument(
+        "url", nargs="?", default=None, help=f"the server (default: ${protocol.ENV_URL})"
+    )
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between refreshes with --watch (default: %(default)s)",
+    )
     return p
 
 
@@ -103,7 +120,31 @@ def main(argv: list[str] | None = None) -> int:
         return run_condor(args)
     if args.command == "token":
         return _token(p, args)
+    if args.command == "status":
+        return _status(p, args)
     return 2
+
+
+def _status(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .client import Client
+    from .errors import HQError
+    from .status import render, snapshot, watch
+
+    if args.interval <= 0:
+        p.error("--interval must be above 0 seconds")
+    try:
+        with Client(args.url, retry_for=5) as client:
+            if args.watch:
+                with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch
+                    watch(client, every=args.interval)
+            else:
+                Console().print(render(snapshot(client)))
+    except HQError as e:
+        print(f"coffea-hq status: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _token(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -193,7 +234,8 @@ def _local(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         size = f"{args.workers}" if adaptive is None else f"{adaptive[0]}-{adaptive[1]}"
         print(
             f"coffea-hq running at {cluster.url} with {size} worker(s) x "
-            f"{args.slots} slot(s)\n  export {protocol.ENV_URL}={cluster.url}\n"
+            f"{args.slots} slot(s)\n  dashboard: {cluster.dashboard_link}\n"
+            f"  export {protocol.ENV_URL}={cluster.url}\n"
             "Ctrl-C stops it.",
             flush=True,
         )

@@ -134,6 +134,11 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
+    def _repr_html_(self) -> str:
+        from .html import client_html
+
+        return client_html(self)
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` (a call of :attr:`api`, or built on them) on the client's event
         loop and wait for its result: the one place the caller's thread crosses over.
@@ -229,6 +234,15 @@ class Client:
     def workers(self) -> dict[str, Any]:
         """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
         return self.run(self.api.workers())
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The newest unfinished jobs' summaries, oldest first (every user's: an admin
+        route under ``hq-server --auth``)."""
+        return msgspec.to_builtins(self.run(self.api.list_jobs()).jobs)
+
+    def metrics(self) -> str:
+        """The server's Prometheus metrics, as text (``GET /metrics``)."""
+        return self.run(self.api.metrics())
 
     def worker_logs(
         self, workers: Iterable[str] | None = None
@@ -473,6 +487,16 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.id}: {len(self.items)} tasks>"
+
+    def _repr_html_(self) -> str:
+        from .html import job_html
+
+        return job_html(self)
+
+    @property
+    def received(self) -> int:
+        """How many tasks' results (or errors) this client has received."""
+        return sum(self._received)
 
     def __len__(self) -> int:
         return len(self.items)

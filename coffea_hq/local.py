@@ -168,7 +168,20 @@ class LocalCluster:
         return f"http://{host}:{self.port}"
 
     def __repr__(self) -> str:
-        return f"<LocalCluster {self.url}: {len(self.workers)} workers x {self.slots} slots>"
+        return (
+            f"<LocalCluster {self.url}: {len(self.workers)} workers x {self.slots} slots, "
+            f"dashboard {self.dashboard_link}>"
+        )
+
+    @property
+    def dashboard_link(self) -> str:
+        """The server's dashboard page (open it in a browser)."""
+        return self.url.rstrip("/") + protocol.DASHBOARD
+
+    def _repr_html_(self) -> str:
+        from .html import cluster_html
+
+        return cluster_html(self)
 
     # ------------------------------------------------------------------ start
 

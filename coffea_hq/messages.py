@@ -242,6 +242,13 @@ class JobSummary(msgspec.Struct, omit_defaults=True):
     reason: str | None = None
 
 
+class JobList(msgspec.Struct):
+    """``GET JOBS``: the newest unfinished jobs (at most ``protocol.JOBS_LIST_MAX``),
+    oldest first."""
+
+    jobs: list[JobSummary]
+
+
 class TaskError(msgspec.Struct, omit_defaults=True):
     """A failed task's error as the results route gives it: what the worker reported
     (:class:`ErrorInfo`), or, for a task whose workers were all lost, the server's

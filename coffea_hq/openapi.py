@@ -16,7 +16,18 @@ import msgspec
 
 from . import protocol
 from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PRESENCE_CONTENT_TYPE, Role
-from .routes import PATH_PARAMETERS, ROUTES, Bytes, Frames, Json, Lines, Reply, Route, replies
+from .routes import (
+    PATH_PARAMETERS,
+    ROUTES,
+    Bytes,
+    Frames,
+    Json,
+    Lines,
+    Reply,
+    Route,
+    Text,
+    replies,
+)
 
 __all__ = ["document", "FRAMES_DESCRIPTION"]
 
@@ -53,7 +64,7 @@ def _types() -> list[Any]:
     return list(seen)
 
 
-def _content(body: Json | Frames | Bytes | Lines, schema: dict[str, Any]) -> dict[str, Any]:
+def _content(body: Json | Frames | Bytes | Lines | Text, schema: dict[str, Any]) -> dict[str, Any]:
     if isinstance(body, Json):
         return {"application/json": {"schema": schema}}
     if isinstance(body, Frames):
@@ -64,6 +75,8 @@ def _content(body: Json | Frames | Bytes | Lines, schema: dict[str, Any]) -> dic
             "description": f"{FRAMES_DESCRIPTION} Header: {header}. Parts: {body.parts}.",
         }
         return {FRAMES_CONTENT_TYPE: {"schema": binary, "x-hq-frame-header": schema}}
+    if isinstance(body, Text):
+        return {body.media_type: {"schema": {"type": "string", "description": body.what}}}
     if isinstance(body, Lines):
         text = {"type": "string", "description": f"Newline-delimited JSON: {body.what}."}
         line = {"x-hq-line": schema} if schema else {}
@@ -131,7 +144,7 @@ def _operation(route: Route, schema_of: dict[Any, dict[str, Any]], auth: bool) -
 
 
 def _body(
-    body: Json | Frames | Bytes | Lines, schema_of: dict[Any, dict[str, Any]]
+    body: Json | Frames | Bytes | Lines | Text, schema_of: dict[Any, dict[str, Any]]
 ) -> dict[str, Any]:
     if isinstance(body, Json):
         return _content(body, schema_of[body.type])
@@ -211,7 +224,7 @@ def encoded(auth: bool = True) -> bytes:
     return _document(auth)
 
 
-def _body_name(body: Json | Frames | Bytes | Lines | None) -> str:
+def _body_name(body: Json | Frames | Bytes | Lines | Text | None) -> str:
     if body is None:
         return "-"
     if isinstance(body, Json):
@@ -221,6 +234,8 @@ def _body_name(body: Json | Frames | Bytes | Lines | None) -> str:
         return f"frames: `{body.header.__name__}` + parts"
     if isinstance(body, Lines):
         return f"lines: `{body.type.__name__}`" if body.type is not None else "lines"
+    if isinstance(body, Text):
+        return "text"
     return "bytes"
 
 

@@ -60,6 +60,30 @@ PRESENCE: Final = API + "/presence"
 PRESENCE_CONTENT_TYPE: Final = "application/x-ndjson"
 WORKER_LOGS: Final = API + "/workers/{worker}/logs"
 JOB_LOGS: Final = API + "/jobs/{job}/logs"
+DASHBOARD: Final = "/"  # a static page reading the JSON routes (server/dashboard.html)
+# Prometheus scrapes here (the conventional path, outside the versioned API).
+METRICS: Final = "/metrics"
+JOBS_LIST_MAX: Final = 200  # unfinished jobs GET JOBS lists (the newest)
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# Upper bounds (s) of the task duration histogram's buckets (GET METRICS). The complete
+# script counts into them in the store, so every replica reports the same histogram.
+TASK_DURATION_BUCKETS: Final = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+)
 
 # Defaults, overridable by command-line flags.
 DEFAULT_PORT: Final = 8786

@@ -29,6 +29,7 @@ __all__ = [
     "Query",
     "Reply",
     "Route",
+    "Text",
     "ROUTES",
     "PATH_PARAMETERS",
 ]
@@ -66,7 +67,15 @@ class Lines:
     what: str
 
 
-Body = Json | Frames | Bytes | Lines
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A text body of media type ``media_type``: ``what`` it holds."""
+
+    media_type: str
+    what: str
+
+
+Body = Json | Frames | Bytes | Lines | Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +162,14 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         method="GET",
+        path=protocol.DASHBOARD,
+        operation="dashboard",
+        roles=ANYONE,  # (the routes it reads need an admin token under --auth: it asks)
+        summary="The dashboard: a page showing the queue, workers and jobs, live.",
+        replies=(Reply(200, Text("text/html", "the page"), "the page"),),
+    ),
+    Route(
+        method="GET",
         path=protocol.OPENAPI,
         operation="openapi",
         roles=ANYONE,
@@ -174,6 +191,32 @@ ROUTES: Final[tuple[Route, ...]] = (
         roles=ADMINS,
         summary="Each live worker's last heartbeat.",
         replies=(Reply(200, Json(m.Workers), "workers by id"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.METRICS,
+        operation="metrics",
+        roles=ADMINS,
+        summary=(
+            "Prometheus metrics: task counters, queue, workers, the task duration histogram "
+            "(the same from every replica) and this replica's lease waits."
+        ),
+        replies=(
+            Reply(
+                200,
+                Text(protocol.METRICS_CONTENT_TYPE, "the Prometheus text exposition format"),
+                "the metrics",
+            ),
+        ),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOBS,
+        operation="list_jobs",
+        roles=ADMINS,
+        summary="The newest unfinished jobs' summaries (what coffea-hq status shows).",
+        tag="jobs",
+        replies=(Reply(200, Json(m.JobList), "the jobs, oldest first"),),
     ),
     Route(
         method="GET",
@@ -383,7 +426,9 @@ ROUTES: Final[tuple[Route, ...]] = (
 BAD_REQUEST: Final = _error(400, "a path or query parameter, or the body, is malformed")
 TOO_LARGE: Final = _error(413, "the body exceeds the server's --max-request-size")
 STORE_DOWN: Final = _error(503, "the store is unreachable or refuses writes: retry")
-NO_STORE: Final = frozenset({protocol.HEALTH, protocol.OPENAPI})  # these answer without one
+NO_STORE: Final = frozenset(
+    {protocol.HEALTH, protocol.OPENAPI, protocol.DASHBOARD}
+)  # these answer without one
 # With hq-server --auth (docs/security.md):
 NO_TOKEN: Final = _error(401, "no access token, or one the server does not know (revoked?)")
 WRONG_ROLE: Final = _error(403, "the token's role may not call this route")

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from importlib import resources
 from typing import Any, TypeVar
 
 import msgspec
@@ -28,6 +30,7 @@ from .config import ServerConfig
 from .dispatch import Beacon, LeaseDispatcher
 from .keys import Keys
 from .limits import LongPolls, MemoryGauge, QuotaExceeded, TooManyTasks
+from .metrics import LeaseWait, exposition, read_telemetry
 from .presence import PresenceTracker
 from .scripts import JOB_ENDED_MESSAGE
 from .store import NO_JOB, Report, Store, StoreError, UnknownJob, UnsupportedStore
@@ -42,6 +45,7 @@ LONG_POLLS = web.AppKey("long_polls", LongPolls)
 TOKENS = web.AppKey("tokens", TokenCache)
 PRESENCE = web.AppKey("presence", PresenceTracker)
 ENDED = web.AppKey("ended", Beacon)
+LEASE_WAIT = web.AppKey("lease_wait", LeaseWait)
 
 # Policies under which Redis never deletes a key on its own.
 SAFE_EVICTION_POLICIES = {"noeviction"}
@@ -167,6 +171,26 @@ async def queue(request: web.Request) -> web.Response:
 async def workers(request: web.Request) -> web.Response:
     found = await request.app[STORE].workers()
     return _json_reply({w: _stored(info, m.WorkerInfo) for w, info in found.items()})
+
+
+DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(body=DASHBOARD_PAGE, content_type="text/html", charset="utf-8")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    telemetry = await read_telemetry(request.app[STORE])
+    return web.Response(
+        body=exposition(telemetry, request.app[LEASE_WAIT]),
+        headers={"Content-Type": protocol.METRICS_CONTENT_TYPE},
+    )
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    jobs = await request.app[STORE].unfinished(protocol.JOBS_LIST_MAX)
+    return _json_reply(m.JobList([m.JobSummary(**j) for j in jobs]))
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -384,9 +408,12 @@ async def lease(request: web.Request) -> web.StreamResponse:
         if body.wait > 0
         else (contextlib.nullcontext())
     ):
+        started = time.monotonic()
         tasks = await request.app[DISPATCHER].lease(
             worker, body.max, body.wait, connected=lambda: _connected(request), users=users
         )
+    if tasks:
+        request.app[LEASE_WAIT].observe(time.monotonic() - started)
     # Tuples encode as LeasedTask does, at half the cost of building them: the hot path.
     header = m.LeaseReply([(t.job, t.task, t.attempt, t.function) for t in tasks])  # type: ignore[misc]
     if not tasks:
@@ -423,6 +450,7 @@ def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
         bytes(part),
         m.encode(note),
         info.output,
+        info.wall,
     )
 
 
@@ -659,8 +687,11 @@ def _background(
 HANDLERS: dict[str, Handler] = {
     "health": health,
     "openapi": openapi,
+    "dashboard": dashboard,
     "queue": queue,
     "workers": workers,
+    "metrics": metrics,
+    "list_jobs": list_jobs,
     "put_blob": put_blob,
     "head_blob": head_blob,
     "get_blob": get_blob,
@@ -711,6 +742,7 @@ def make_app(config: ServerConfig) -> web.Application:
     if tokens is not None:
         app[TOKENS] = tokens
     app[ENDED] = Beacon()
+    app[LEASE_WAIT] = LeaseWait()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
         redis = aioredis.Redis.from_url(

@@ -69,6 +69,7 @@ class JobKeys:
     ready: str  # global zset: jobs with queued tasks, scored by creation time
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
+    durations: str  # global hash: the task duration histogram (see Keys.durations)
 
     OWNED = 11  # the first OWNED keys belong to the job alone
 
@@ -90,7 +91,7 @@ class JobKeys:
 # The KEYS of scripts over the whole store rather than one job (worker_gone): the global
 # keys a job script also gets, then the worker registry. They reach a job's own keys
 # through the use_job() the prelude generates.
-STORE_KEY_NAMES = ("ready", "jobs", "counters", "workers", "workers_seen", "sessions")
+STORE_KEY_NAMES = ("ready", "jobs", "counters", "durations", "workers", "workers_seen", "sessions")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,13 @@ class Keys:
     def counters(self) -> str:
         """The server's task accounting (protocol.Counter -> count)."""
         return f"{self.prefix}:counters"
+
+    @property
+    def durations(self) -> str:
+        """The task duration histogram: hash, bucket index (1-based, into
+        protocol.TASK_DURATION_BUCKETS; one past the end: longer) -> attempts,
+        ``count`` -> attempts, ``sum_us`` -> their total in microseconds."""
+        return f"{self.prefix}:durations"
 
     @property
     def wake(self) -> str:
@@ -175,4 +183,5 @@ class Keys:
             ready=self.ready,
             jobs=self.jobs,
             counters=self.counters,
+            durations=self.durations,
         )

@@ -77,8 +77,9 @@ SPECS: dict[str, Spec] = {
     "submit": Spec(("tasks", "sizes", "payloads")),
     "seal": Spec(("total",)),
     "lease": Spec(("worker", "max", "lease_ms", "users")),
-    # outcomes: one letter per task (OUTCOME_CODES); rest: the error JSON of each task
-    # that is not ok, in order.
+    # outcomes: one letter per task (OUTCOME_CODES); walls: comma-joined seconds each
+    # task ran ('' where unknown); notes and outputs packed with their sizes; rest: the
+    # error JSON of each task that is not ok, in order.
     "complete": Spec(
         (
             "worker",
@@ -87,6 +88,7 @@ SPECS: dict[str, Spec] = {
             "outcomes",
             "sizes",
             "values",
+            "walls",
             "note_sizes",
             "notes",
             "output_sizes",
@@ -193,6 +195,9 @@ def prelude(name: str) -> str:
         f"local MERGE_PREFIX = {_lua_string(protocol.MERGE_PREFIX)}",
         f"local MAX_FANIN = {protocol.MAX_FANIN}",
         f"local JOB_LOG_LINES = {protocol.JOB_LOG_LINES}",
+        "local DURATION_BUCKETS = {"
+        + ", ".join(repr(float(b)) for b in protocol.TASK_DURATION_BUCKETS)
+        + "}",
         f"local WORKER_LOST = {_lua_string(protocol.WORKER_LOST_TYPE)}",
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
         f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
@@ -370,7 +375,9 @@ class Scripts:
         errors: Sequence[str],
         notes: Sequence[bytes],
         outputs: Sequence[bytes],
+        walls: Sequence[float | None] = (),
     ) -> Call[list[CompleteStatus]]:
+        """``walls``: each task's seconds (None: unknown), for the duration histogram."""
         # A constant number of script arguments whatever the batch size: packing thousands
         # of arguments one by one is most of redis-py's cost here.
         return self._call(
@@ -388,6 +395,7 @@ class Scripts:
             notes=b"".join(notes),
             output_sizes=",".join(str(len(o)) for o in outputs),
             outputs=b"".join(outputs),
+            walls=",".join("" if w is None else f"{w:.6f}" for w in walls),
             errors=errors,
         )
 

@@ -89,6 +89,7 @@ class Report:
     data: bytes
     note: bytes | None = None  # JSON messages.TaskNote for the client, if the worker sent info
     output: str = ""  # what the task printed (its tail), for the log ring buffers
+    wall: float | None = None  # seconds the attempt ran, if the worker said (the histogram)
 
 
 def _log_line(now: float, worker: str, job: str, r: Report) -> bytes:
@@ -279,30 +280,16 @@ class Store:
         meta = await self.redis.hgetall(self.keys.job(job).meta)
         if not meta:
             raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
-        m = {k.decode(): v.decode() for k, v in meta.items()}
+        return _summary(job, meta)
 
-        def number(field: Meta) -> int:
-            return int(m.get(field, 0))
-
-        summary: dict[str, Any] = {
-            "job": job,
-            "state": m[Meta.STATE],
-            "label": m.get(Meta.LABEL, ""),
-            "submitted": number(Meta.SUBMITTED),
-            "total": int(m[Meta.TOTAL]) if Meta.TOTAL in m else None,
-            "done": number(Meta.DONE),
-            "failed": number(Meta.FAILED),
-            "max_attempts": number(Meta.MAX_ATTEMPTS),
-            "fail_fast": m.get(Meta.FAIL_FAST) == "1",
-            "reducing": bool(m.get(Meta.REDUCER_BLOB)),
-            "merges": number(Meta.MERGES),
-            "merges_open": number(Meta.MERGES_OPEN),
-            "requeued": number(Meta.REQUEUED),
-            "crashed": number(Meta.CRASHED),
-        }
-        if m.get(Meta.REASON):
-            summary["reason"] = m[Meta.REASON]
-        return summary
+    async def unfinished(self, limit: int) -> list[dict[str, Any]]:
+        """Summaries of the newest ``limit`` unfinished jobs, oldest first (two round trips)."""
+        jobs = [j.decode() for j in await self.redis.zrange(self.keys.jobs, -limit, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hgetall(self.keys.job(job).meta)
+        metas = await pipe.execute() if jobs else []
+        return [_summary(job, meta) for job, meta in zip(jobs, metas, strict=True) if meta]
 
     async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
         status, added = await self.scripts.submit(
@@ -477,6 +464,7 @@ class Store:
                 attempts=[r.attempt for _, r in batch],
                 outcomes=[r.outcome for _, r in batch],
                 values=[r.data for _, r in batch],
+                walls=[r.wall for _, r in batch],
                 errors=[
                     json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
                     for _, r in batch
@@ -656,3 +644,31 @@ class Store:
     async def workers(self) -> dict[str, Any]:
         raw = await self.redis.hgetall(self.keys.workers)
         return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def _summary(job: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
+    """A job's summary (messages.JobSummary's fields) from its meta hash."""
+    m = {k.decode(): v.decode() for k, v in meta.items()}
+
+    def number(field: Meta) -> int:
+        return int(m.get(field, 0))
+
+    summary: dict[str, Any] = {
+        "job": job,
+        "state": m[Meta.STATE],
+        "label": m.get(Meta.LABEL, ""),
+        "submitted": number(Meta.SUBMITTED),
+        "total": int(m[Meta.TOTAL]) if Meta.TOTAL in m else None,
+        "done": number(Meta.DONE),
+        "failed": number(Meta.FAILED),
+        "max_attempts": number(Meta.MAX_ATTEMPTS),
+        "fail_fast": m.get(Meta.FAIL_FAST) == "1",
+        "reducing": bool(m.get(Meta.REDUCER_BLOB)),
+        "merges": number(Meta.MERGES),
+        "merges_open": number(Meta.MERGES_OPEN),
+        "requeued": number(Meta.REQUEUED),
+        "crashed": number(Meta.CRASHED),
+    }
+    if m.get(Meta.REASON):
+        summary["reason"] = m[Meta.REASON]
+    return summary

@@ -140,6 +140,14 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
     return {
         ("GET", protocol.QUEUE): (protocol.QUEUE, None, "application/json"),
         ("GET", protocol.WORKERS): (protocol.WORKERS, None, "application/json"),
+        ("GET", protocol.METRICS): (protocol.METRICS, None, "application/json"),
+        ("GET", protocol.JOBS): (protocol.JOBS, None, "application/json"),
+        ("GET", protocol.WORKER_LOGS): (
+            protocol.WORKER_LOGS.format(worker="w1"),
+            None,
+            "application/json",
+        ),
+        ("GET", protocol.JOB_LOGS): (protocol.JOB_LOGS.format(job=JOB), None, "application/json"),
         ("PUT", protocol.BLOB): (
             protocol.BLOB.format(sha=protocol.blob_name(NEW_BLOB)),
             NEW_BLOB,

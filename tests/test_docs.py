@@ -44,7 +44,7 @@ UNDOCUMENTED_OK = {
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # A command named in backticks: `hq-worker [URL]`, `coffea-hq condor`.
-NAMED = re.compile(r"`(hq-server|hq-worker|coffea-hq(?: local| condor| token)?)\b[^`]*`")
+NAMED = re.compile(r"`(hq-server|hq-worker|coffea-hq(?: local| condor| token| status)?)\b[^`]*`")
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
@@ -58,6 +58,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "coffea-hq local": subs.choices["local"],
         "coffea-hq condor": subs.choices["condor"],
         "coffea-hq token": subs.choices["token"],
+        "coffea-hq status": subs.choices["status"],
     }
 
 

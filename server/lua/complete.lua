@@ -2,8 +2,10 @@
 -- (comma-joined), A.outcomes (one OUTCOME letter each), A.sizes (comma-joined) and A.values
 -- (the results concatenated), A.notes/A.note_sizes (each task's JSON TaskNote, '' for none)
 -- and A.outputs/A.output_sizes (each task's JSON LogLine of its output, '' for none), packed
--- the same way; ARGV[REST..]: the error JSON of each task not 'ok', in order. Notes and
--- output lines are kept only for the reports accepted (or requeued) here.
+-- the same way, and A.walls (comma-joined seconds each task ran, '' where unknown: the
+-- duration histogram counts every attempt it takes); ARGV[REST..]: the error JSON of each
+-- task not 'ok', in order. Notes and output lines are kept only for the reports accepted
+-- (or requeued) here.
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB)
@@ -20,6 +22,22 @@ end
 local holders, leased = {}, {}
 if state then holders = call_sliced_collect('HMGET', HOLDER, tasks) end
 if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, tasks) end
+
+local walls = {}
+local n_walls = 0  -- (counted: an unknown wall is nil, which #walls would skip)
+for w in string.gmatch(A.walls .. ',', '([^,]*),') do
+  n_walls = n_walls + 1
+  walls[n_walls] = tonumber(w)
+end
+local buckets, n_timed, sum_us = {}, 0, 0
+local function time_attempt(wall)
+  if not wall then return end
+  local i = 1
+  while DURATION_BUCKETS[i] and wall > DURATION_BUCKETS[i] do i = i + 1 end
+  buckets[i] = (buckets[i] or 0) + 1
+  n_timed = n_timed + 1
+  sum_us = sum_us + math.floor(wall * 1000000 + 0.5)
+end
 
 local statuses = {}
 local unleased, requeued, holder_pairs, done_tasks, result_pairs = {}, {}, {}, {}, {}
@@ -88,6 +106,7 @@ for k, task in ipairs(tasks) do
       end
     end
   end
+  if status == STATUS.ACCEPTED or status == STATUS.REQUEUED then time_attempt(walls[k]) end
   if status == STATUS.DUPLICATE then n_dup = n_dup + 1 end
   if status == STATUS.UNKNOWN or status == STATUS.NOT_LEASED then n_refused = n_refused + 1 end
   statuses[#statuses + 1] = status
@@ -134,6 +153,11 @@ count(COUNT.MERGES_OK, #merges)
 count(COUNT.REQUEUED, #requeued)
 count(COUNT.DUPLICATES, n_dup)
 count(COUNT.REFUSED, n_refused)
+if n_timed > 0 then
+  for i, n in pairs(buckets) do redis.call('HINCRBY', DURATIONS, i, n) end
+  redis.call('HINCRBY', DURATIONS, 'count', n_timed)
+  redis.call('HINCRBY', DURATIONS, 'sum_us', sum_us)
+end
 if #ok > 0 or #err > 0 or #merged > 0 then
   redis.call('XADD', EVENTS, '*', EV.OK, table.concat(ok, ','), EV.ERROR, table.concat(err, ','),
     EV.MERGED, table.concat(merged, ','))
