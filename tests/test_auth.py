@@ -182,12 +182,6 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
             None,
             "application/json",
         ),
-        ("GET", protocol.JOB_LOGS): (protocol.JOB_LOGS.format(job=JOB), None, "application/json"),
-        ("GET", protocol.WORKER_LOGS): (
-            protocol.WORKER_LOGS.format(worker="w1"),
-            None,
-            "application/json",
-        ),
         ("POST", protocol.LEASE): (
             protocol.LEASE,
             j({"worker": "w1", "max": 2}).encode(),
