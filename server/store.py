@@ -455,6 +455,9 @@ class Store:
         ]
 
     async def complete(self, worker: str, reports: Sequence[Report]) -> list[CompleteStatus]:
+        now = time.time()
+        lines = [_log_line(now, worker, r.job, r) for r in reports]  # b"" where none printed
+
         def call(job: str, batch: list[tuple[int, Report]]) -> Call[list[CompleteStatus]]:
             return self.scripts.complete(
                 self.keys.job(job),
@@ -471,17 +474,15 @@ class Store:
                     if r.outcome is not Outcome.OK
                 ],
                 notes=[r.note or b"" for _, r in batch],
-                outputs=[_log_line(now, worker, job, r) for _, r in batch],
+                outputs=[lines[i] for i, _ in batch],
             )
-
-        now = time.time()
 
         statuses: list[CompleteStatus] = [CompleteStatus.UNKNOWN] * len(reports)
         indexed = [(r.job, (i, r)) for i, r in enumerate(reports)]
         pipe = self.redis.pipeline(transaction=False)
-        lines = [line for r in reports if (line := _log_line(now, worker, r.job, r))]
-        if lines:  # the worker's ring buffer (the job's is the script's, for accepted ones)
-            self._push_worker_lines(pipe, worker, lines)
+        printed = [line for line in lines if line]
+        if printed:  # the worker's ring buffer (the job's is the script's, for accepted ones)
+            self._push_worker_lines(pipe, worker, printed)
         for _, batch, reply in await self._per_job(indexed, call, pipe):
             for (i, _), status in zip(batch, reply, strict=True):
                 statuses[i] = status
