@@ -28,7 +28,25 @@ from coffea_hq.local import terminate, wait_healthy
 
 FUNCTION_BLOB = b"function"  # what store-level tests name as a job's function
 
-STORES = ["embedded"] + (["redis-server"] if shutil.which("redis-server") else [])
+
+def _stores() -> list[str]:
+    """The stores the shared ``store`` fixture runs on: ``$HQ_TEST_STORES`` (comma-separated,
+    ``embedded`` and/or ``redis-server``), by default the embedded Valkey alone; CI runs the
+    store-script tests a second time against the system redis-server (see .ci/run)."""
+    names = [
+        n.strip() for n in os.environ.get("HQ_TEST_STORES", "embedded").split(",") if n.strip()
+    ]
+    unknown = sorted(set(names) - {"embedded", "redis-server"})
+    if unknown or not names:
+        raise pytest.UsageError(
+            f"HQ_TEST_STORES={os.environ.get('HQ_TEST_STORES')!r}: use embedded and/or redis-server"
+        )
+    if "redis-server" in names and shutil.which("redis-server") is None:
+        raise pytest.UsageError("HQ_TEST_STORES names redis-server, which is not on PATH")
+    return names
+
+
+STORES = _stores()
 
 
 def pytest_report_header() -> str:
@@ -37,8 +55,8 @@ def pytest_report_header() -> str:
 
 @pytest.fixture(scope="session", params=STORES)
 def store(request: pytest.FixtureRequest) -> Iterator[EmbeddedRedis]:
-    """A Redis-protocol server for the session: the embedded Valkey, and a system
-    redis-server where one is installed."""
+    """A Redis-protocol server for the session: the embedded Valkey, or the system
+    redis-server (``HQ_TEST_STORES``)."""
     binary = None if request.param == "embedded" else shutil.which("redis-server")
     server = EmbeddedRedis(binary=binary).start()
     yield server
