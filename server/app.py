@@ -721,8 +721,16 @@ def add_routes(router: web.UrlDispatcher) -> None:
             f"routes without a handler: {sorted(named - HANDLERS.keys())}; "
             f"handlers without a route: {sorted(HANDLERS.keys() - named)}"
         )
+    own_head = {route.path for route in ROUTES if route.method == "HEAD"}
     for route in ROUTES:
-        router.add_route(route.method, route.path, HANDLERS[route.operation])
+        if route.method == "GET":
+            # HEAD too (unless the table gives the path its own): load balancers and `curl -I`
+            # probe with it.
+            router.add_get(
+                route.path, HANDLERS[route.operation], allow_head=route.path not in own_head
+            )
+        else:
+            router.add_route(route.method, route.path, HANDLERS[route.operation])
 
 
 def make_app(config: ServerConfig) -> web.Application:

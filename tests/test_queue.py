@@ -162,10 +162,14 @@ def test_result_timeout_raises_and_cancel_stops_the_running_task(
 def test_health_and_queue_endpoints_answer_json(cluster: LocalCluster) -> None:
     with urllib.request.urlopen(cluster.url + protocol.HEALTH) as r:
         assert r.status == 200 and json.load(r)["status"] == "ok"
-    with urllib.request.urlopen(cluster.url + protocol.QUEUE) as r:
-        doc = json.load(r)
+    # Load balancers probe with HEAD: it answers like GET, without a body.
+    head = urllib.request.Request(cluster.url + protocol.HEALTH, method="HEAD")
+    with urllib.request.urlopen(head) as r:
+        assert r.status == 200 and r.read() == b""
+    doc = get_json(cluster.url + protocol.QUEUE)
     assert set(doc) >= {"queued", "running", "work", "workers"}
-    assert doc["workers"] == 2
+    # Workers register with their first request, shortly after the cluster is up.
+    poll_until(lambda: get_json(cluster.url + protocol.QUEUE)["workers"] == 2, 20, "2 workers")
 
 
 def test_client_reads_hq_url(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
