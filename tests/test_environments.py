@@ -12,7 +12,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -111,7 +111,9 @@ def _pip_env(wheels: Path, *extra: str, strict: bool = False) -> Environment:
     )
 
 
-def _failure(cluster: Cluster, environment: Environment, function: object = None) -> TaskFailed:
+def _failure(
+    cluster: Cluster, environment: Environment, function: Callable[[int], int] | None = None
+) -> TaskFailed:
     def task(x: int) -> int:
         return x
 
@@ -133,7 +135,7 @@ def _check_isolated(cluster: Cluster, env: Environment, n: int) -> None:
         import importlib.util
         import sys
 
-        import hqenvprobe  # type: ignore[import-not-found]
+        import hqenvprobe
 
         leaked = importlib.util.find_spec("msgspec") is not None  # a worker's package
         return x * hqenvprobe.VALUE, sys.prefix, leaked, list(sys.path)
@@ -241,7 +243,7 @@ def venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("venvs")
     made = {}
     for name in ("bare", "pickle"):
-        argv = [find_uv_bin(), "venv", "-q", "--python", sys.executable, root / name]
+        argv = [find_uv_bin(), "venv", "-q", "--python", sys.executable, str(root / name)]
         subprocess.run(argv, check=True)
         made[name] = root / name / "bin" / "python"
     site = next((root / "pickle" / "lib").glob("python*/site-packages"))
