@@ -336,3 +336,30 @@ def test_full_disk_is_a_clear_failure(tmp_path: Path, wheels: Path) -> None:
         processes.stop_all()
         store.stop()
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+@pytest.mark.slow
+def test_coffea_run_in_an_interpreter_environment(cluster: Cluster, tmp_path: Path) -> None:
+    """A whole coffea run (pre-processing, chunks, merges on workers) through the task
+    runner for foreign interpreters: here this venv's own Python, run isolated (-I), so
+    coffea_hq itself is not importable there and must travel by value."""
+    from coffea_hq import HQExecutor
+    from tests.test_executor import (
+        MuonHistograms,
+        assert_same,
+        iterative,
+        nano_fileset,
+        run_with,
+        write_nanoaod,
+    )
+
+    data = {name: tmp_path / f"{name}.root" for name in ("dy0", "dy1", "tt0")}
+    for seed, (path, n) in enumerate(zip(data.values(), (600, 400, 500), strict=True)):
+        write_nanoaod(path, n, seed)
+    fileset = nano_fileset(data)
+    hq = HQExecutor(
+        cluster.url, status=False, environment=Environment.interpreter(sys.executable)
+    )
+    ours = run_with(hq, fileset, MuonHistograms())
+    assert_same(ours, run_with(iterative(), fileset, MuonHistograms()))
+    assert ours["events"] == 1500
