@@ -357,9 +357,7 @@ def test_coffea_run_in_an_interpreter_environment(cluster: Cluster, tmp_path: Pa
     for seed, (path, n) in enumerate(zip(data.values(), (600, 400, 500), strict=True)):
         write_nanoaod(path, n, seed)
     fileset = nano_fileset(data)
-    hq = HQExecutor(
-        cluster.url, status=False, environment=Environment.interpreter(sys.executable)
-    )
+    hq = HQExecutor(cluster.url, status=False, environment=Environment.interpreter(sys.executable))
     ours = run_with(hq, fileset, MuonHistograms())
     assert_same(ours, run_with(iterative(), fileset, MuonHistograms()))
     assert ours["events"] == 1500
