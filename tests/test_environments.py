@@ -3,15 +3,12 @@ installs from a local wheel directory (offline), failures named by environment a
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import importlib.util
 import shutil
 import subprocess
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from coffea_hq import Client, Environment, TaskFailed, protocol
 from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.remote import RemoteWarning
 from tests.conftest import Processes
-from tests.util import poll_until
+from tests.util import make_wheel, poll_until
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("uv") is None, reason="needs the uv wheel (coffea-hq[envs])"
@@ -31,39 +28,14 @@ pytestmark = pytest.mark.skipif(
 PROBE_PACKAGE = "hqenvprobe"  # exists only in the wheel directory, never in this venv
 
 
-def _wheel(directory: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
-    """A pure-Python wheel of ``files`` (path inside the wheel -> bytes), made by hand:
-    quick and offline."""
-    dist = f"{name}-{version}.dist-info"
-    files = dict(files)
-    files[f"{dist}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    )
-    files[f"{dist}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: coffea-hq-tests\n"
-        b"Root-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
-    out = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(out, "w") as z:
-        for path, data in files.items():
-            z.writestr(path, data)
-    return out
-
-
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cloudpickle (copied from this venv) and a probe package, as wheels."""
     directory = tmp_path_factory.mktemp("wheels")
     source = Path(cloudpickle.__file__).parent
     files = {f"cloudpickle/{p.relative_to(source)}": p.read_bytes() for p in source.rglob("*.py")}
-    _wheel(directory, "cloudpickle", cloudpickle.__version__, files)
-    _wheel(directory, PROBE_PACKAGE, "1.0", {f"{PROBE_PACKAGE}/__init__.py": b"VALUE = 42\n"})
+    make_wheel(directory, "cloudpickle", cloudpickle.__version__, files)
+    make_wheel(directory, PROBE_PACKAGE, "1.0", {f"{PROBE_PACKAGE}/__init__.py": b"VALUE = 42\n"})
     return directory
 
 
@@ -323,7 +295,7 @@ def test_full_disk_is_a_clear_failure(tmp_path: Path, wheels: Path) -> None:
         wheel_dir.mkdir()
         for w in wheels.iterdir():
             shutil.copy(w, wheel_dir)
-        _wheel(wheel_dir, "hqbig", "1.0", big)
+        make_wheel(wheel_dir, "hqbig", "1.0", big)
         env = Environment.pip(["cloudpickle", "hqbig"], find_links=str(wheel_dir), index=False)
         with Client(url) as client:
             job = client.map(abs, [1], environment=env)
