@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -333,3 +334,31 @@ def test_coffea_run_in_an_interpreter_environment(cluster: Cluster, tmp_path: Pa
     ours = run_with(hq, fileset, MuonHistograms())
     assert_same(ours, run_with(iterative(), fileset, MuonHistograms()))
     assert ours["events"] == 1500
+
+
+def test_cache_evicts_least_recently_used_but_never_one_in_use(tmp_path: Path) -> None:
+    """The LRU limit over environments some worker holds in use (flock) or not."""
+    import fcntl
+    import json
+    import time
+
+    from coffea_hq.worker.environments import EnvironmentCache
+
+    cache = EnvironmentCache(tmp_path, size_limit=2500)
+    (tmp_path / "locks").mkdir()
+    now = time.time()
+    for age, sha in enumerate(["c" * 64, "b" * 64, "a" * 64]):  # a: the oldest use
+        ready = tmp_path / "envs" / sha / ".hq-ready"
+        ready.parent.mkdir(parents=True)
+        ready.write_text(json.dumps({"interpreter": "/x", "bytes": 1000}))
+        os.utime(ready, (now - 100 * age, now - 100 * age))
+    held = os.open(tmp_path / "locks" / f"{'a' * 64}.use", os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH)  # another worker runs tasks in "a"
+        assert cache.evict() == ["b" * 64]  # the oldest not in use goes; 2000 bytes fit
+        assert (tmp_path / "envs" / ("a" * 64)).is_dir()
+    finally:
+        os.close(held)
+    cache.size_limit = 1000
+    assert cache.evict(keep="c" * 64) == ["a" * 64]
+    assert sorted(p.name for p in (tmp_path / "envs").iterdir()) == ["c" * 64]
