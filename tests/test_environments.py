@@ -263,7 +263,7 @@ def test_environment_api_checks_its_input(tmp_path: Path) -> None:
         Environment.interpreter("python3")
     with pytest.raises(ValueError, match="no requirements"):
         Environment.pip([])
-    with pytest.raises(ValueError, match="uv export"):
+    with pytest.raises(FileNotFoundError, match="uv.lock"):
         Environment.pip(tmp_path / "uv.lock")
     (tmp_path / "pixi.lock").write_text("version: 6\n")
     a = Environment.pixi(tmp_path / "pixi.toml")
@@ -274,6 +274,27 @@ def test_environment_api_checks_its_input(tmp_path: Path) -> None:
     req.write_text("# pinned\ncoffea==2025.3.0\n\nnumpy\n")
     assert Environment.pip(req).spec.requirements == ["coffea==2025.3.0", "numpy"]
     assert protocol.blob_name(a.spec_bytes) == a.sha
+    hashed = tmp_path / "hashed.txt"  # as pip-compile writes it
+    hashed.write_text("numpy==2.0.0 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n")
+    assert Environment.pip(hashed).spec.requirements == [
+        "numpy==2.0.0      --hash=sha256:aa      --hash=sha256:bb"
+    ]
+
+
+def test_uv_lock_is_exported_to_pinned_requirements(tmp_path: Path, wheels: Path) -> None:
+    from uv import find_uv_bin
+
+    project = tmp_path / "analysis"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "ana"\nversion = "0.1"\nrequires-python = ">=3.8"\n'
+        f'dependencies = ["{PROBE_PACKAGE}"]\n'
+    )
+    argv = [find_uv_bin(), "lock", "--offline", "--no-index", "--find-links", str(wheels)]
+    subprocess.run([*argv, "--quiet", "--project", str(project)], check=True, timeout=120)
+    env = Environment.pip(project / "uv.lock", find_links=str(wheels), index=False)
+    assert env.spec.requirements == [f"{PROBE_PACKAGE}==1.0"]
+    assert env.spec.name == "analysis/uv.lock"
 
 
 @pytest.mark.slow
