@@ -383,3 +383,22 @@ def test_cache_evicts_least_recently_used_but_never_one_in_use(tmp_path: Path) -
     cache.size_limit = 1000
     assert cache.evict(keep="c" * 64) == ["a" * 64]
     assert sorted(p.name for p in (tmp_path / "envs").iterdir()) == ["c" * 64]
+
+
+def test_env_variables_reach_a_task_in_an_environment(cluster: Cluster) -> None:
+    """``env=`` wraps the function in coffea_hq's own class, which the environment does
+    not have installed: it travels by value."""
+
+    def task(x: int) -> str:
+        import os
+
+        return os.environ.get("HQ_ENV_TEST", "unset") + str(x)
+
+    with Client(cluster.url) as client:
+        job = client.map(
+            task,
+            [1, 2],
+            env={"HQ_ENV_TEST": "set"},
+            environment=Environment.interpreter(sys.executable),
+        )
+        assert job.result(timeout=60) == ["set1", "set2"]
