@@ -34,7 +34,7 @@ __all__ = ["EnvironmentCache", "EnvironmentFailed", "Launch", "Plan", "Planner"]
 log = logging.getLogger("coffea_hq.worker.environments")
 
 FAILURE_KEPT = 30.0  # seconds a failed environment fails tasks at once before a new try
-PLANS_KEPT = 256
+PLANS_KEPT = 32  # bound functions kept ready (their function bytes with them)
 
 
 @dataclass(frozen=True)
