@@ -14,6 +14,7 @@ from typing import Any, Final
 __all__ = [
     "HQError",
     "JobCancelled",
+    "EnvironmentFailed",
     "ServerError",
     "ServerUnreachable",
     "SubmitFailed",
@@ -133,6 +134,26 @@ def _rebuild(state: dict[str, Any]) -> TaskFailed:
 
 class WorkerLost(HQError):
     """Type name the server gives tasks whose worker died or hung on every attempt."""
+
+
+class EnvironmentFailed(HQError):
+    """A task's software environment could not be made or used on a worker.
+
+    ``step`` names what failed (``'uv pip install'``, ``'rattler install'``, ``'unpack'``,
+    ``'check interpreter'``...), ``why`` says what it met (the tool's last lines of output),
+    ``environment`` names the environment (its name or short content hash; the worker fills
+    it in when the backend raising this does not know it).
+    """
+
+    def __init__(self, step: str, why: str, environment: str = "") -> None:
+        self.step = step
+        self.why = why
+        self.environment = environment
+        super().__init__(step, why, environment)
+
+    def __str__(self) -> str:
+        where = f"environment {self.environment}: " if self.environment else ""
+        return f"{where}step {self.step!r} failed: {self.why}"
 
 
 class SubmitFailed(HQError):
