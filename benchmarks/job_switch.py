@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 
+from coffea_hq.worker.environments import Plan
 from coffea_hq.worker.slots import HeldTask, Result, Slot
 from harness import add_run_options, print_table, run_benchmark
 
@@ -36,8 +37,8 @@ FUNCTION = protocol.dumps(abs)
 SHA = protocol.blob_name(FUNCTION)
 
 
-async def fetch(sha: str) -> bytes:
-    return FUNCTION
+async def fetch(sha: str) -> Plan:
+    return Plan(FUNCTION)
 
 
 async def timed_batches(jobs: list[str], pause: float = 0.0) -> list[float]:

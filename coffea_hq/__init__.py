@@ -24,10 +24,14 @@ _LAZY = {
     "WorkerLost": "coffea_hq.errors",
     "TLSError": "coffea_hq.errors",
     "HQExecutor": "coffea_hq.executor",
+    "Environment": "coffea_hq.environments",
+    "EnvironmentFailed": "coffea_hq.errors",
 }
 
 __all__ = [
     "Client",
+    "Environment",
+    "EnvironmentFailed",
     "HQError",
     "HQExecutor",
     "Job",
@@ -40,7 +44,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job
-    from coffea_hq.errors import HQError, JobCancelled, TaskFailed, TLSError, WorkerLost
+    from coffea_hq.environments import Environment
+    from coffea_hq.errors import (
+        EnvironmentFailed,
+        HQError,
+        JobCancelled,
+        TaskFailed,
+        TLSError,
+        WorkerLost,
+    )
     from coffea_hq.executor import HQExecutor
     from coffea_hq.local import LocalCluster
 

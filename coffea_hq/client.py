@@ -20,13 +20,14 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 
 from . import messages, protocol, tls
 from .api import API, Frames
+from .environments import Environment, binding, coffea_hq_by_value
 from .errors import (
     HQError,
     JobCancelled,
@@ -270,6 +271,8 @@ class Client:
         fanin: int = protocol.DEFAULT_FANIN,
         blob_codec: Codec | None = None,
         env: dict[str, str] | Iterable[str] | None = None,
+        environment: Environment | None = None,
+        files: Iterable[str | os.PathLike[str]] = (),
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -287,6 +290,10 @@ class Client:
         ``env`` sets environment variables in each task's process, for this job only: a
         dict, or names whose values are taken from this process's ``os.environ``.
 
+        ``environment`` (a :class:`coffea_hq.Environment`) runs the tasks and merges in
+        that software environment instead of the worker's own; ``files`` are paths of data
+        files that appear under their basename in each task's working directory.
+
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
         """
@@ -294,31 +301,44 @@ class Client:
             raise ValueError("fanin must be at least 2")
         if env is not None:
             function = with_env(function, env)
+        bound = binding(environment, files) if environment is not None or files else None
         items = list(zip(*iterables, strict=False))
         payloads = [protocol.dumps(args, self.codec) for args in items]
-        blobs = [
-            protocol.compress(
-                protocol.cloud_dumps(f), self.codec if blob_codec is None else blob_codec
-            )
-            for f in (function, reduce)
-            if f is not None
-        ]
+        with coffea_hq_by_value(environment is not None):
+            blobs = [
+                protocol.compress(
+                    protocol.cloud_dumps(f), self.codec if blob_codec is None else blob_codec
+                )
+                for f in (function, reduce)
+                if f is not None
+            ]
+        extra: list[bytes] = []
+        if bound is not None:  # the job names bound functions; their blobs go first
+            extra = bound.blobs + blobs
+            blobs = [bound.bind(b) for b in blobs]
         job = Job(
             self, uuid.uuid4().hex[:20], items, reducing=reduce is not None, fail_fast=fail_fast
         )
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
-        self.run(self._submit(job.id, blobs, payloads, spec))
+        self.run(self._submit(job.id, blobs, payloads, spec, extra))
         return job
 
     async def _submit(
-        self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
+        self,
+        job: str,
+        blobs: list[bytes],
+        payloads: list[bytes],
+        spec: dict[str, Any],
+        extra: Sequence[bytes] = (),
     ) -> None:
         """Create, fill and seal the job; whatever fails (Ctrl-C included), nothing of it
         is left to run."""
         created = False
         try:
+            for blob in extra:  # what the job's blobs refer to (environment, files)
+                await self.api.upload(blob)
             shas = [await self.api.upload(blob) for blob in blobs]
             created = True  # from here on the job may exist, even if the reply is lost
             reducer = shas[1] if len(shas) > 1 else None

@@ -14,6 +14,7 @@ imports coffea.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -122,8 +123,14 @@ class HQExecutor(ExecutorBase):
         tls_cert, tls_key : str, optional
             This session's client certificate and key, for a server that requires one
             (mutual TLS; default ``$HQ_TLS_CERT``, ``$HQ_TLS_KEY``).
-        environment : optional
-            Reserved for per-task software environments (a later release).
+        environment : coffea_hq.Environment, optional
+            The software environment the chunks run in on the workers, instead of the
+            workers' own: ``Environment.pixi("pixi.toml")``, ``.pixi_pack(...)``,
+            ``.pip([...])`` or ``.interpreter("/cvmfs/.../bin/python")`` (see
+            docs/environments.md).
+        files : list of str, optional
+            Data files the processor reads (correctionlib JSON, calibrations): each
+            appears under its basename in the chunk's working directory on the worker.
         env : dict or list of str, optional
             Environment variables to set for the chunks on the workers (this run only): a
             dict, or names whose values are taken from this session's ``os.environ``.
@@ -149,6 +156,7 @@ class HQExecutor(ExecutorBase):
     tls_cert: str | None
     tls_key: str | None
     environment: Any
+    files: tuple[str, ...]
     env: dict[str, str] | tuple[str, ...] | None
     savemetrics: bool
     client: Client | None
@@ -174,6 +182,7 @@ class HQExecutor(ExecutorBase):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         environment: Any = None,
+        files: Sequence[str | os.PathLike[str]] = (),
         env: dict[str, str] | Sequence[str] | None = None,
         savemetrics: bool = False,
         client: Client | None = None,
@@ -198,6 +207,7 @@ class HQExecutor(ExecutorBase):
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.environment = environment
+        self.files = tuple(os.fspath(f) for f in ([files] if isinstance(files, str) else files))
         self.env = env if env is None or isinstance(env, dict) else tuple(env)
         self.savemetrics = savemetrics
         self.client = client
@@ -225,11 +235,6 @@ class HQExecutor(ExecutorBase):
         items = list(items)
         if not items:
             return accumulator, 0
-        if self.environment is not None:
-            raise NotImplementedError(
-                "HQExecutor(environment=...) is reserved for per-task environments, which "
-                "this version of coffea-hq does not support yet; leave it unset"
-            )
         client = self.client or Client(
             self.server_url(),
             token=self.token,
@@ -262,6 +267,8 @@ class HQExecutor(ExecutorBase):
                 # The processor inside is lz4 already (coffea's work function expects it so).
                 blob_codec=protocol.Codec.NONE,
                 env=self.env,
+                environment=self.environment,
+                files=self.files,
             )
         finally:
             for name in registered:

@@ -77,6 +77,50 @@ class Seal(Message):
     total: Annotated[int, msgspec.Meta(ge=0, le=10**9)]
 
 
+class EnvironmentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A per-task software environment, content-addressed: its blob is this struct's JSON
+    (``coffea_hq.environments.Environment`` builds one). ``kind`` picks the fields used:
+
+    - ``pixi``: ``manifest`` and ``lock`` (pixi.toml and pixi.lock), ``environment``;
+    - ``pixi-pack``: ``archive`` (the blob of a pixi-pack tar);
+    - ``pip``: ``requirements`` (requirements.txt lines), ``find_links``/``index``, ``python``;
+    - ``interpreter``: ``path`` of an existing interpreter on the workers.
+    """
+
+    kind: Annotated[str, msgspec.Meta(pattern=r"^(pixi|pixi-pack|pip|interpreter)\Z")]
+    name: Annotated[str, msgspec.Meta(max_length=256)] = ""  # shown in errors and logs
+    manifest: str = ""
+    lock: str = ""
+    environment: Annotated[str, msgspec.Meta(max_length=256)] = "default"
+    archive: BlobName | None = None
+    requirements: list[str] = []
+    find_links: list[str] = []
+    index: bool = True
+    python: str = ""
+    path: str = ""
+
+
+class ShippedFile(msgspec.Struct, array_like=True, frozen=True):
+    """A data file for the task's working directory: ``[name, blob]`` (a basename)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[^/\x00]{1,255}\Z")]
+    blob: BlobName
+
+
+class BoundFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A job's function (or reducer) bound to an environment and files: the function blob
+    of such a job is ``protocol.BOUND_FUNCTION_MAGIC`` + this struct's JSON. ``versions``
+    are the session's (:data:`coffea_hq.protocol.VERSION_CHECKED`); with ``strict`` a
+    mismatch fails the tasks, else it warns once per job."""
+
+    function: BlobName
+    environment: BlobName | None = None
+    label: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    files: Annotated[list[ShippedFile], msgspec.Meta(max_length=protocol.FILES_MAX)] = []
+    strict: bool = False
+    versions: dict[str, str] = {}
+
+
 # ---------------------------------------------------------------------- worker -> server
 
 

@@ -143,6 +143,19 @@ HEARTBEAT_LOG_LINES: Final = 200  # worker log lines one heartbeat carries
 ENV_MAX_VARS: Final = 256
 ENV_MAX_BYTES: Final = 64 * 1024
 
+# Per-task software environments (issue 14). A job with an environment or files has as its
+# function blob a small "bound function" document (messages.BoundFunction) after this
+# prefix; it names the real function blob, the environment spec blob and the file blobs.
+BOUND_FUNCTION_MAGIC: Final = b"coffea-hq bound function 1\n"
+FILES_MAX: Final = 256  # files one job ships to its tasks' working directory
+# Worker-side settings for offline facilities: a wheel directory every pip environment may
+# install from, and "1" to never reach an index (uv --find-links / --no-index).
+ENV_PIP_FIND_LINKS: Final = "HQ_PIP_FIND_LINKS"
+ENV_PIP_NO_INDEX: Final = "HQ_PIP_NO_INDEX"
+ENV_STEP_TIMEOUT: Final = 1800.0  # seconds one materialisation step may take (never a hang)
+# Distributions whose versions the session and the environment must agree on.
+VERSION_CHECKED: Final = ("python", "cloudpickle", "coffea", "awkward", "uproot", "numpy")
+
 # Identifiers chosen by clients and workers end up inside Redis key names.
 ID_MAX_LENGTH: Final = 64
 

@@ -19,8 +19,10 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -34,7 +36,8 @@ from coffea_hq.api import API
 from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
 
-from .slots import FunctionUnavailable, HeldTask, LeaseKey, Result, Slot
+from .environments import EnvironmentCache, FunctionUnavailable, Planner
+from .slots import HeldTask, LeaseKey, Result, Slot
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -114,6 +117,16 @@ class WorkerConfig:
     tls_ca: str | None = None  # PEM files; None: $HQ_TLS_CA, $HQ_TLS_CERT, $HQ_TLS_KEY
     tls_cert: str | None = None
     tls_key: str | None = None
+    env_cache: str | None = None  # None: default_env_cache()
+    env_cache_size: int | None = None  # bytes; None: unbounded
+
+
+def default_env_cache() -> str:
+    """Where environments are built by default: the batch system's scratch directory
+    (HTCondor's $_CONDOR_SCRATCH_DIR) or the temporary directory, one per user, shared
+    by the workers of a node."""
+    scratch = os.environ.get("_CONDOR_SCRATCH_DIR") or tempfile.gettempdir()
+    return os.path.join(scratch, f"coffea-hq-envs-{os.getuid()}")
 
 
 def default_name() -> str:
@@ -287,7 +300,15 @@ class Worker:
             else None
         )
         self.api = API(config.url, retry_for=config.retry_for, token=config.token, tls=context)
-        self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
+        self.env_cache = EnvironmentCache(
+            config.env_cache or default_env_cache(), config.env_cache_size
+        )
+        self._planner = Planner(self.env_cache, self._function_bytes, self._blob_bytes, self.id)
+        self._workdirs = os.path.join(self.env_cache.root, "work", self.id)
+        self.slots = [
+            Slot(i, self._planner.plan, os.path.join(self._workdirs, f"slot{i}"))
+            for i in range(config.slots)
+        ]
         self.leases = Leases()
         # Finished tasks waiting to be reported: slots put, the report loop alone takes.
         self.outbox: asyncio.Queue[Result] = asyncio.Queue()
@@ -384,6 +405,8 @@ class Worker:
                 self._lost_watch.cancel()
             await self._end_presence(presence)
             await self.api.close()
+            self.env_cache.close()
+            shutil.rmtree(self._workdirs, ignore_errors=True)
             logging.getLogger("coffea_hq").removeHandler(self._log_buffer)
         log.info("worker %s stopped: %s", self.id, self.stats)
 
@@ -548,6 +571,17 @@ class Worker:
             )
         self._functions[sha] = data
         self.stats["functions_fetched"] += 1
+        return data
+
+    async def _blob_bytes(self, sha: str) -> bytes:
+        """A blob an environment or a job's files need, fetched each time it is asked for
+        (the environment cache keeps what it makes of it)."""
+        try:
+            data = await self.api.get_blob(sha)
+        except ServerError as e:
+            raise FunctionUnavailable(f"blob {sha} could not be fetched: {e.message}") from e
+        if protocol.blob_name(data) != sha:
+            raise FunctionUnavailable(f"blob {sha} arrived corrupted (its hash differs)")
         return data
 
     @staticmethod

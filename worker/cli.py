@@ -27,6 +27,20 @@ def _drain_timeout(text: str) -> float | None:
     return value
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size in bytes (e.g. 500M, 20G), not {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hq-worker",
@@ -88,6 +102,22 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get(protocol.ENV_TLS_KEY),
         help=f"the key of --tls-cert (default: ${protocol.ENV_TLS_KEY})",
     )
+    p.add_argument(
+        "--env-cache",
+        default=None,
+        metavar="DIR",
+        help="directory where per-task environments are built and cached, shared by the "
+        "workers of a node (default: $_CONDOR_SCRATCH_DIR or the temporary directory, "
+        "/coffea-hq-envs-UID)",
+    )
+    p.add_argument(
+        "--env-cache-size",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="evict least recently used environments beyond this total size (e.g. 20G; "
+        "default: no limit)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -122,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        env_cache=args.env_cache,
+        env_cache_size=args.env_cache_size,
     )
     try:
         worker = Worker(config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -15,21 +16,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coffea_hq import protocol
+from coffea_hq.errors import EnvironmentFailed
 from coffea_hq.lifeline import tie_to_parent
-from coffea_hq.messages import LeaseRef, TaskInfo
+from coffea_hq.messages import LeaseRef, TaskInfo, TaskWarning
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
 from .child import MARKER
+from .environments import DEFAULT_LAUNCH, FunctionUnavailable, Launch, Plan
+
+FOREIGN_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foreign.py")
 
 LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
 
 
 FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
-
-
-class FunctionUnavailable(Exception):
-    """A job's function could not be had from the server: its tasks fail with this text."""
+ENVIRONMENT_FAILED = "coffea_hq.errors.EnvironmentFailed"
 
 
 @dataclass(slots=True)
@@ -84,9 +87,18 @@ class Slot:
     """Runs batches of one job's tasks in its subprocess; reports a crash as the crashed
     task's result. ``job`` is the job the subprocess serves (None: a fresh one)."""
 
-    def __init__(self, index: int, fetch_function: Callable[[str], Awaitable[bytes]]) -> None:
+    def __init__(
+        self,
+        index: int,
+        plan: Callable[[str], Awaitable[Plan]],
+        workdir: str | None = None,
+    ) -> None:
         self.index = index
-        self._fetch = fetch_function
+        self._plan = plan
+        # Where the subprocess of a job that ships files runs (made afresh for each).
+        self._workdir = workdir
+        self.launch = DEFAULT_LAUNCH  # how the current subprocess was started
+        self._notes: list[TaskWarning] = []  # for the first result of the subprocess
         self._proc: asyncio.subprocess.Process | None = None
         self._loaded: set[str] = set()  # function blobs (shas) the subprocess holds
         self._seq = 0
@@ -98,28 +110,51 @@ class Slot:
         self._exiting: set[asyncio.Task[None]] = set()  # replaced subprocesses being reaped
         self.switches = 0  # subprocesses replaced because the next batch was another job's
 
-    async def start(self) -> None:
+    async def start(self, launch: Launch = DEFAULT_LAUNCH) -> None:
         self._close_marker()
-        self._proc, self._marker = await self._spawn()
+        self._proc, self._marker = await self._spawn(launch)
+        self.launch = launch
         self._loaded = set()
         self.job = None
 
-    async def _spawn(self) -> tuple[asyncio.subprocess.Process, int]:
+    def _prepare_workdir(self, launch: Launch) -> str | None:
+        """A fresh working directory holding the launch's files (links into the cache)."""
+        if not launch.files or self._workdir is None:
+            return None
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        os.makedirs(self._workdir)
+        for name, path in launch.files:
+            os.symlink(path, os.path.join(self._workdir, name))
+        return self._workdir
+
+    async def _spawn(
+        self, launch: Launch = DEFAULT_LAUNCH
+    ) -> tuple[asyncio.subprocess.Process, int]:
         """A fresh task subprocess and the fd of its marker file."""
         # Unlinked at once, shared by file descriptor: nothing is left in the temp
         # directory, however this worker ends.
         fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
         os.unlink(path)
         os.write(fd, bytes(MARKER.size))
+        env = None
+        if launch.interpreter is None:
+            argv = [sys.executable, "-m", "coffea_hq.worker.child", str(fd)]
+        else:
+            # -I: none of the worker's packages (nor PYTHONPATH) on the task's sys.path.
+            argv = [launch.interpreter, "-I", FOREIGN_RUNNER, str(fd), launch.label]
+            env = dict(os.environ)
+            env.pop("VIRTUAL_ENV", None)
+            bindir = os.path.dirname(launch.interpreter)
+            env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
         try:
+            cwd = self._prepare_workdir(launch)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "coffea_hq.worker.child",
-                str(fd),
+                *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(fd,),
+                cwd=cwd,
+                env=env,
                 preexec_fn=tie_to_parent(),  # a SIGKILLed worker leaves no task running
             )
         except BaseException:
@@ -150,27 +185,50 @@ class Slot:
             return []
         job = batch[0].job
         assert all(item.job == job for item in batch), "a batch holds one job's tasks"
-        if self.job is not None and self.job != job:
-            await self._replace()
-        self.job = job
-        assert self._proc is not None and self._proc.stdin and self._proc.stdout
-        functions: dict[str, bytes] = {}
-        for sha in {item.function_blob for item in batch} - self._loaded:
+        plans: dict[str, Plan] = {}
+        for sha in {item.function_blob for item in batch}:
+            error = None
             try:
-                functions[sha] = await self._fetch(sha)
+                plans[sha] = await self._plan(sha)
             except FunctionUnavailable as e:
+                error = {"type": FUNCTION_UNAVAILABLE, "message": str(e), "traceback": ""}
+            except EnvironmentFailed as e:  # never a fallback to the worker's environment
+                error = {"type": ENVIRONMENT_FAILED, "message": str(e), "traceback": ""}
+            if error is not None:
                 # Fail this function's tasks now: a slot that died here would leave them
                 # held and heartbeated for ever.
-                error = {"type": FUNCTION_UNAVAILABLE, "message": str(e), "traceback": ""}
                 failed = [i for i in batch if i.function_blob == sha]
                 report([Result(i, Outcome.ERROR, error, b"", 0.0) for i in failed])
                 batch = [i for i in batch if i.function_blob != sha]
+        if not batch:
+            return []
+        launch = plans[batch[0].function_blob].launch
+        # One launch per subprocess (a job's function and reducer share theirs).
+        later = [i for i in batch if plans[i.function_blob].launch != launch]
+        batch = [i for i in batch if plans[i.function_blob].launch == launch]
+        if (self.job is not None and self.job != job) or launch != self.launch:
+            await self._replace(launch)
+        if self.job != job:
+            self._notes = [n for sha in {i.function_blob for i in batch} for n in plans[sha].notes]
+        self.job = job
+        assert self._proc is not None and self._proc.stdin and self._proc.stdout
+        functions = {
+            sha: plans[sha].data for sha in {i.function_blob for i in batch} - self._loaded
+        }
+        foreign = self.launch.foreign
         by_seq = self._unreported = {}
         order = []
         for item in batch:
             self._seq += 1
             by_seq[self._seq] = item
-            order.append((self._seq, item.function_blob, item.payload, item.merge))
+            payload: object = item.payload
+            if foreign:  # the foreign runner has no lz4: it gets plain pickles
+                payload = (
+                    [protocol.decompress(p) for p in protocol.split_merge_payload(item.payload)]
+                    if item.merge
+                    else protocol.decompress(item.payload)
+                )
+            order.append((self._seq, item.function_blob, payload, item.merge))
         try:
             for sha, data in functions.items():
                 self._proc.stdin.write(pipe.encode(("function", sha, data)))
@@ -185,34 +243,43 @@ class Slot:
                 results = []
                 for seq, outcome, error, data, seconds, info in done:
                     item = by_seq.pop(seq)
+                    if foreign:
+                        data, info = _from_foreign(outcome, data, info)
+                    if self._notes:
+                        info = _with_notes(info, self._notes)
+                        self._notes = []
                     results.append(Result(item, Outcome(outcome), error, data, seconds, info))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-            return await self._after_crash(by_seq, report)
+            return await self._after_crash(by_seq, report) + later
         finally:
             self._unreported = {}
-        return []
+        return later
 
-    async def _replace(self) -> None:
+    async def _replace(self, launch: Launch = DEFAULT_LAUNCH) -> None:
         """A fresh subprocess for the next job. A slot that has switched once keeps a
-        spare one started ahead, so later switches do not wait for an interpreter to
-        start; the old one exits on its own (its stdin closed)."""
+        spare one (of the worker's own interpreter) started ahead, so later switches do
+        not wait for an interpreter to start; the old one exits on its own (its stdin
+        closed). A job with its own environment or files gets one started for it."""
         old, marker = self._proc, self._marker
         if old is not None and old.stdin:
             old.stdin.close()
-        spare, self._spare = self._spare, None
         fresh = None
-        if spare is not None:
-            with contextlib.suppress(Exception):
-                fresh = await spare
+        if launch == DEFAULT_LAUNCH:
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                with contextlib.suppress(Exception):
+                    fresh = await spare
         if fresh is None or fresh[0].returncode is not None:
             if fresh is not None:
                 os.close(fresh[1])
-            fresh = await self._spawn()
+            fresh = await self._spawn(launch)
         self._proc, self._marker = fresh
+        self.launch = launch
         self._loaded = set()
         self.switches += 1
-        self._spare = asyncio.create_task(self._spawn(), name=f"slot{self.index}-spare")
+        if self._spare is None:
+            self._spare = asyncio.create_task(self._spawn(), name=f"slot{self.index}-spare")
         if old is not None:  # reaped meanwhile, not waited for here
             reap = asyncio.create_task(_end(old, 5.0, marker))
             self._exiting.add(reap)
@@ -238,7 +305,7 @@ class Slot:
             error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
             report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
         self.restarts += 1
-        await self.start()
+        await self.start(self.launch)  # the same environment: the rest of the batch is its
         return leftover
 
     def _close_marker(self) -> None:
@@ -264,6 +331,8 @@ class Slot:
         await _end(proc, timeout)
         self._close_marker()
         self._proc = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 async def _end(proc: asyncio.subprocess.Process, timeout: float, marker: int = -1) -> None:
@@ -278,3 +347,45 @@ async def _end(proc: asyncio.subprocess.Process, timeout: float, marker: int = -
     finally:
         if marker >= 0:
             os.close(marker)
+
+
+def _from_foreign(outcome: str, data: bytes, info: object) -> tuple[bytes, TaskInfo | None]:
+    """A foreign runner's plain pickle and note tuple as child.py would have sent them."""
+    if outcome != Outcome.OK and len(data) > protocol.ERROR_PICKLE_MAX:
+        data = b""  # too heavy to ship in a report: the error's text says what happened
+    packed = protocol.compress(data) if data else b""
+    try:
+        wall, cpu, max_rss, caught = info  # type: ignore[misc]
+        warnings = [
+            TaskWarning(
+                protocol.cut_text(str(c), protocol.TASK_NOTE_TEXT_MAX),
+                protocol.cut_text(str(m), protocol.TASK_NOTE_TEXT_MAX),
+                protocol.cut_text(str(f), protocol.TASK_NOTE_TEXT_MAX),
+                max(int(line), 0),
+                "",
+                max(int(n), 1),
+            )
+            for c, m, f, line, n in list(caught)[: protocol.TASK_WARNINGS_MAX]
+        ]
+        return packed, TaskInfo(
+            wall=max(float(wall), 0.0),
+            cpu=max(float(cpu), 0.0),
+            max_rss=max(int(max_rss), 0),
+            warnings=warnings,
+        )
+    except (TypeError, ValueError):
+        return packed, None
+
+
+def _with_notes(info: TaskInfo | None, notes: list[TaskWarning]) -> TaskInfo:
+    """``info`` with the launch's warnings (a version mismatch) added."""
+    info = info or TaskInfo()
+    room = protocol.TASK_WARNINGS_MAX - len(info.warnings)
+    return TaskInfo(
+        wall=info.wall,
+        cpu=info.cpu,
+        max_rss=info.max_rss,
+        warnings=[*notes[: max(room, 0)], *info.warnings],
+        logs=info.logs,
+        output=info.output,
+    )

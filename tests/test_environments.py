@@ -1,0 +1,309 @@
+"""Per-task environments (issue 14): real hq-server and hq-worker processes, real uv
+installs from a local wheel directory (offline), failures named by environment and step."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from coffea_hq import Client, Environment, TaskFailed, protocol
+from coffea_hq.embedded import EmbeddedRedis
+from coffea_hq.remote import RemoteWarning
+from tests.conftest import Processes
+from tests.util import poll_until
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("uv") is None, reason="needs the uv wheel (coffea-hq[envs])"
+)
+
+PROBE_PACKAGE = "hqenvprobe"  # exists only in the wheel directory, never in this venv
+
+
+def _wheel(directory: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+    """A pure-Python wheel of ``files`` (path inside the wheel -> bytes), made by hand:
+    quick and offline."""
+    dist = f"{name}-{version}.dist-info"
+    files = dict(files)
+    files[f"{dist}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    )
+    files[f"{dist}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: coffea-hq-tests\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    out = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cloudpickle (copied from this venv) and a probe package, as wheels."""
+    directory = tmp_path_factory.mktemp("wheels")
+    source = Path(cloudpickle.__file__).parent
+    files = {f"cloudpickle/{p.relative_to(source)}": p.read_bytes() for p in source.rglob("*.py")}
+    _wheel(directory, "cloudpickle", cloudpickle.__version__, files)
+    _wheel(directory, PROBE_PACKAGE, "1.0", {f"{PROBE_PACKAGE}/__init__.py": b"VALUE = 42\n"})
+    return directory
+
+
+class Cluster:
+    def __init__(self, url: str, cache: Path, processes: Processes) -> None:
+        self.url = url
+        self.cache = cache
+        self.processes = processes
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text() for p in self.processes.log_dir.glob("worker-*.log"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One server and two workers sharing one environment cache (as on one node)."""
+    store = EmbeddedRedis().start()
+    processes = Processes(tmp_path_factory.mktemp("logs"))
+    cache = tmp_path_factory.mktemp("envcache")
+    try:
+        url, _ = processes.server(store.url, prefix="envs")
+        for _ in range(2):
+            processes.worker(url, "--slots", "2", "--env-cache", str(cache), "--lease-wait", "1")
+        with Client(url) as client:
+            poll_until(lambda: len(client.workers()) == 2, 30, "two workers registered")
+        yield Cluster(url, cache, processes)
+    finally:
+        processes.stop_all()
+        store.stop()
+
+
+def _pip_env(wheels: Path, *extra: str, strict: bool = False) -> Environment:
+    return Environment.pip(
+        ["cloudpickle", f"{PROBE_PACKAGE}==1.0", *extra],
+        find_links=str(wheels),
+        index=False,
+        strict=strict,
+    )
+
+
+def _failure(cluster: Cluster, environment: Environment, function: object = None) -> TaskFailed:
+    def task(x: int) -> int:
+        return x
+
+    with Client(cluster.url) as client:
+        job = client.map(function or task, [1], environment=environment)
+        with pytest.raises(TaskFailed) as failed:
+            job.result(timeout=120)
+    return failed.value
+
+
+def test_pip_environment_is_built_once_and_isolated(cluster: Cluster, wheels: Path) -> None:
+    assert importlib.util.find_spec(PROBE_PACKAGE) is None  # only the environment has it
+    env = _pip_env(wheels)
+
+    def task(x: int) -> tuple[int, str, bool, list[str]]:
+        import importlib.util
+        import sys
+
+        import hqenvprobe
+
+        leaked = importlib.util.find_spec("msgspec") is not None  # the worker's packages
+        return x * hqenvprobe.VALUE, sys.prefix, leaked, list(sys.path)
+
+    with Client(cluster.url) as client:
+        before = client.queue()["counters"]
+        out = client.map(task, range(8), environment=env).result(timeout=120)
+        again = client.map(task, range(2), environment=env).result(timeout=60)
+        after = client.queue()["counters"]
+    assert [o[0] for o in out] == [x * 42 for x in range(8)]
+    prefix = str(cluster.cache / "envs" / env.sha)
+    assert {o[1] for o in out + again} == {prefix}
+    assert not any(o[2] for o in out)
+    site = str(Path(sys.prefix) / "lib")
+    assert not any(p.startswith(site) for o in out for p in o[3]), "worker venv on sys.path"
+    assert after["done"] - before["done"] == 10  # the server counted every task
+    # Four slots on two workers asked for it at once; the node built it once.
+    assert len(list((cluster.cache / "envs").glob("*/.hq-ready"))) == 1
+    assert cluster.worker_logs().count(f"environment {env.label}: built in") == 1
+
+
+def test_files_reach_the_working_directory(cluster: Cluster, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.json"
+
+    def task(x: int) -> str:
+        with open("calib.json") as f:
+            return f.read()
+
+    with Client(cluster.url) as client:
+        calib.write_text('{"v": 1}')
+        first = client.map(task, range(3), files=[calib]).result(timeout=60)
+        calib.write_text('{"v": 2}')  # changed: a new blob, a new hash
+        second = client.map(task, range(3), files=[str(calib)]).result(timeout=60)
+    assert first == ['{"v": 1}'] * 3
+    assert second == ['{"v": 2}'] * 3
+
+
+def test_files_bad_input_is_refused_before_submitting(tmp_path: Path, cluster: Cluster) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.json").write_text("1")
+    (tmp_path / "b" / "x.json").write_text("2")
+    with Client(cluster.url) as client:
+        jobs = len(client.queue().get("jobs", []) or [])
+        with pytest.raises(ValueError, match="same name"):
+            client.map(abs, [1], files=[tmp_path / "a" / "x.json", tmp_path / "b" / "x.json"])
+        with pytest.raises(FileNotFoundError, match="no file"):
+            client.map(abs, [1], files=[tmp_path / "missing.json"])
+        with pytest.raises(TypeError, match="Environment"):
+            client.map(abs, [1], environment="pixi.toml")  # type: ignore[arg-type]
+        assert len(client.queue().get("jobs", []) or []) == jobs
+
+
+def test_missing_package_names_environment_and_step(cluster: Cluster, wheels: Path) -> None:
+    env = Environment.pip(["cloudpickle", "no-such-package"], find_links=str(wheels), index=False)
+    failure = _failure(cluster, env)
+    assert failure.exc_type == "coffea_hq.errors.EnvironmentFailed"
+    assert f"environment {env.label}: step 'uv pip install' failed" in failure.message
+    assert "no-such-package" in failure.message
+
+
+def test_bad_hash_fails_the_install(cluster: Cluster, wheels: Path) -> None:
+    env = Environment.pip(
+        [f"{PROBE_PACKAGE}==1.0 --hash=sha256:{'0' * 64}", "cloudpickle"],
+        find_links=str(wheels),
+        index=False,
+    )
+    failure = _failure(cluster, env)
+    assert "step 'uv pip install' failed" in failure.message
+    assert not (cluster.cache / "envs" / env.sha).exists()  # nothing half-built is kept
+
+
+def test_nonexistent_interpreter(cluster: Cluster) -> None:
+    env = Environment.interpreter("/nonexistent/bin/python3")
+    failure = _failure(cluster, env)
+    assert f"environment {env.label}: step 'find interpreter' failed" in failure.message
+    assert "/nonexistent/bin/python3 does not exist" in failure.message
+
+
+def test_interpreter_without_cloudpickle_says_what_to_add(cluster: Cluster) -> None:
+    bare = getattr(sys, "_base_executable", "")
+    probe = subprocess.run([bare, "-I", "-c", "import cloudpickle"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{bare} has cloudpickle")
+    failure = _failure(cluster, Environment.interpreter(bare))
+    assert "step 'check requirements' failed" in failure.message
+    assert "add cloudpickle" in failure.message
+
+
+def _built_venv(cluster: Cluster, wheels: Path) -> str:
+    """The interpreter of the pip environment the first test built (built here if not)."""
+    env = _pip_env(wheels)
+    python = cluster.cache / "envs" / env.sha / "bin" / "python"
+    if not python.exists():
+        with Client(cluster.url) as client:
+            client.map(abs, [1], environment=env).result(timeout=120)
+    return str(python)
+
+
+def test_missing_module_at_run_time_names_what_to_add(cluster: Cluster, wheels: Path) -> None:
+    env = Environment.interpreter(_built_venv(cluster, wheels))
+
+    def task(x: int) -> int:
+        import not_in_the_environment  # noqa: F401
+
+        return x
+
+    failure = _failure(cluster, env, task)
+    assert "has no module 'not_in_the_environment'" in failure.message
+    assert env.label in failure.message
+
+
+def test_version_mismatch_warns_or_fails_with_strict(cluster: Cluster, wheels: Path) -> None:
+    python = _built_venv(cluster, wheels)  # no coffea, awkward, ... in it
+
+    def task(x: int) -> int:
+        return x + 1
+
+    with Client(cluster.url) as client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job = client.map(task, range(4), environment=Environment.interpreter(python))
+        assert job.result(timeout=60) == [1, 2, 3, 4]
+    texts = [str(w.message) for w in caught if issubclass(w.category, RemoteWarning)]
+    if not any(name in sys.modules or importlib.util.find_spec(name) for name in ("numpy",)):
+        pytest.skip("this session has none of the checked packages")
+    assert texts and "versions differ" in texts[0] and "absent in the environment" in texts[0]
+    failure = _failure(cluster, Environment.interpreter(python, strict=True), task)
+    assert "step 'version check' failed" in failure.message
+
+
+def test_environment_api_checks_its_input(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pixi.lock"):
+        (tmp_path / "pixi.toml").write_text("[workspace]\n")
+        Environment.pixi(tmp_path / "pixi.toml")
+    with pytest.raises(ValueError, match="absolute"):
+        Environment.interpreter("python3")
+    with pytest.raises(ValueError, match="no requirements"):
+        Environment.pip([])
+    with pytest.raises(ValueError, match="uv export"):
+        Environment.pip(tmp_path / "uv.lock")
+    (tmp_path / "pixi.lock").write_text("version: 6\n")
+    a = Environment.pixi(tmp_path / "pixi.toml")
+    assert a.sha == Environment.pixi(tmp_path / "pixi.toml").sha  # content-addressed
+    (tmp_path / "pixi.lock").write_text("version: 6\n# changed\n")
+    assert Environment.pixi(tmp_path / "pixi.toml").sha != a.sha
+    req = tmp_path / "requirements.txt"
+    req.write_text("# pinned\ncoffea==2025.3.0\n\nnumpy\n")
+    assert Environment.pip(req).spec.requirements == ["coffea==2025.3.0", "numpy"]
+    assert protocol.blob_name(a.spec_bytes) == a.sha
+
+
+@pytest.mark.slow
+def test_full_disk_is_a_clear_failure(tmp_path: Path, wheels: Path) -> None:
+    """An environment cache on a 256 KiB tmpfs: the install fails naming its step."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    store = EmbeddedRedis().start()
+    processes = Processes(tmp_path)
+    try:
+        url, _ = processes.server(store.url, prefix="full")
+        processes.worker(url, "--env-cache", str(tiny), "--lease-wait", "1")
+        big = {f"{PROBE_PACKAGE}/data.py": b"X = '" + b"x" * 600_000 + b"'\n"}
+        wheel_dir = tmp_path / "bigwheels"
+        wheel_dir.mkdir()
+        for w in wheels.iterdir():
+            shutil.copy(w, wheel_dir)
+        _wheel(wheel_dir, "hqbig", "1.0", big)
+        env = Environment.pip(["cloudpickle", "hqbig"], find_links=str(wheel_dir), index=False)
+        with Client(url) as client:
+            job = client.map(abs, [1], environment=env)
+            with pytest.raises(TaskFailed) as failed:
+                job.result(timeout=120)
+        message = failed.value.message
+        assert f"environment {env.label}: step " in message
+        assert any(s in message.lower() for s in ("no space", "space left", "quota")), message
+    finally:
+        processes.stop_all()
+        store.stop()
+        subprocess.run(["umount", "-l", str(tiny)], check=False)
