@@ -125,7 +125,10 @@ def _python_package(directory: Path, platform: str) -> Path:
     pyver = sysconfig.get_python_version()
     # A venv-style prefix: the host interpreter finds pyvenv.cfg beside bin/ and takes the
     # prefix's lib/pythonX.Y/site-packages as its only site directory.
-    cfg = f"home = {os.path.dirname(base)}\ninclude-system-site-packages = false\nversion = {version}\n"
+    cfg = (
+        f"home = {os.path.dirname(base)}\n"
+        f"include-system-site-packages = false\nversion = {version}\n"
+    )
     return build_package(
         directory,
         "python",
@@ -204,7 +207,11 @@ def write_lock(
 
 
 def write_lock_v6(
-    channel: LocalChannel, path: Path, *, environment: str = "default", names: list[str] | None = None
+    channel: LocalChannel,
+    path: Path,
+    *,
+    environment: str = "default",
+    names: list[str] | None = None,
 ) -> Path:
     """Write a pixi.lock in format version 6 (what pixi 0.40 and later write): the record's
     name, version and build are read from its URL, the rest listed beside it."""

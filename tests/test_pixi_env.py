@@ -46,9 +46,11 @@ def _probe(python: Path) -> list[str]:
 
 def _installed(prefix: Path) -> set[str]:
     """Package names in the prefix's own record of what is linked into it."""
-    return {
-        json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")
-    } if (prefix / "conda-meta").is_dir() else set()
+    return (
+        {json.loads(p.read_text())["name"] for p in (prefix / "conda-meta").glob("*.json")}
+        if (prefix / "conda-meta").is_dir()
+        else set()
+    )
 
 
 @pytest.mark.parametrize("writer", ["v6", "rattler"])
