@@ -4,14 +4,22 @@ each failure an EnvironmentFailed naming its step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from coffea_hq import Client, Environment, TaskFailed, protocol
+from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.errors import EnvironmentFailed
+from tests.conftest import Processes
+from tests.util import poll_until
 
 pytest.importorskip("rattler", reason="py-rattler is not installed (pip install 'coffea-hq[envs]')")
 
@@ -177,3 +185,95 @@ def test_pixi_pack_failures(channel: LocalChannel, tmp_path: Path) -> None:
         unpack_pixi_pack(archive, tmp_path / "b", print)
     assert caught.value.step == "select platform" and other in str(caught.value)
     assert _installed(tmp_path / "b") == set()
+
+
+# --- end to end: real hq-server and hq-worker, the task imports what only the env has -------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """One server and one worker with an environment cache; (url, cache)."""
+    store = EmbeddedRedis().start()
+    processes = Processes(tmp_path_factory.mktemp("logs"))
+    cache = tmp_path_factory.mktemp("envcache")
+    try:
+        url, _ = processes.server(store.url, prefix="pixi")
+        processes.worker(url, "--slots", "2", "--env-cache", str(cache), "--lease-wait", "1")
+        with Client(url) as client:
+            poll_until(lambda: len(client.workers()) == 1, 30, "the worker registered")
+        yield url, cache
+    finally:
+        processes.stop_all()
+        store.stop()
+
+
+def _marker_task() -> Callable[[int], tuple[int, str, bool]]:
+    """The task, made here so that cloudpickle sends it by value (the environment has no
+    ``tests`` package to import it from)."""
+
+    def task(x: int) -> tuple[int, str, bool]:
+        import importlib.util
+        import sys
+
+        import hqmarker
+
+        return x * hqmarker.VALUE, sys.prefix, importlib.util.find_spec("aiohttp") is not None
+
+    return task
+
+
+def _run_in(url: str, environment: Environment, n: int) -> tuple[list[Any], int]:
+    with Client(url) as client:
+        before = client.queue()["counters"].get(protocol.Counter.TASKS_OK, 0)
+        out = client.map(_marker_task(), range(n), environment=environment).result(timeout=120)
+        done = client.queue()["counters"].get(protocol.Counter.TASKS_OK, 0) - before
+    return out, done
+
+
+def test_client_map_in_a_pixi_environment(
+    channel: LocalChannel, cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, cache = cluster
+    assert importlib.util.find_spec("hqmarker") is None  # only the environment has it
+    (tmp_path / "pixi.toml").write_bytes(channel.manifest())
+    pixi_channel.write_lock_v6(channel, tmp_path / "pixi.lock")
+    environment = Environment.pixi(tmp_path / "pixi.toml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coffea, numpy... are absent in the test environment
+        out, done = _run_in(url, environment, 4)
+    assert [o[0] for o in out] == [0, 42, 84, 126]
+    assert {o[1] for o in out} == {str(cache / "envs" / environment.sha)}
+    assert not any(o[2] for o in out), "the worker's aiohttp is importable in the environment"
+    assert done == 4  # the server counted every task
+
+
+def test_client_map_in_a_pixi_pack_archive(
+    channel: LocalChannel, cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, cache = cluster
+    archive = pixi_channel.build_pixi_pack(channel, tmp_path / "environment.tar")
+    environment = Environment.pixi_pack(archive)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, done = _run_in(url, environment, 3)
+    assert [o[0] for o in out] == [0, 42, 84] and done == 3
+    assert {o[1] for o in out} == {str(cache / "envs" / environment.sha)}
+
+
+def test_broken_pixi_lock_fails_the_task_naming_the_step(
+    channel: LocalChannel, cluster: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, cache = cluster
+    (tmp_path / "pixi.toml").write_bytes(channel.manifest())
+    pixi_channel.write_lock(channel, tmp_path / "pixi.lock", environment="analysis")
+    environment = Environment.pixi(tmp_path / "pixi.toml")  # "default": not in the lock
+    failed_count = protocol.Counter.TASKS_FAILED
+    with Client(url) as client:
+        before = client.queue()["counters"].get(failed_count, 0)
+        job = client.map(_marker_task(), [1], environment=environment)
+        with pytest.raises(TaskFailed) as failed:
+            job.result(timeout=120)
+        assert client.queue()["counters"].get(failed_count, 0) - before == 1
+    assert failed.value.exc_type == "coffea_hq.errors.EnvironmentFailed"
+    assert f"environment {environment.label}: step 'select environment'" in failed.value.message
+    assert not (cache / "envs" / environment.sha).exists()  # nothing half-made is kept
