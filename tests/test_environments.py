@@ -4,6 +4,7 @@ installs from a local wheel directory (offline), failures named by environment a
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -76,22 +77,29 @@ class Cluster:
         return "\n".join(p.read_text() for p in self.processes.log_dir.glob("worker-*.log"))
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One server and two workers sharing one environment cache (as on one node)."""
+@contextlib.contextmanager
+def _cluster(logs: Path, cache: Path, workers: int) -> Iterator[Cluster]:
+    """A server and ``workers`` two-slot workers sharing one environment cache (as the
+    workers of one node do)."""
+    logs.mkdir(parents=True, exist_ok=True)
     store = EmbeddedRedis().start()
-    processes = Processes(tmp_path_factory.mktemp("logs"))
-    cache = tmp_path_factory.mktemp("envcache")
+    processes = Processes(logs)
     try:
         url, _ = processes.server(store.url, prefix="envs")
-        for _ in range(2):
+        for _ in range(workers):
             processes.worker(url, "--slots", "2", "--env-cache", str(cache), "--lease-wait", "1")
         with Client(url) as client:
-            poll_until(lambda: len(client.workers()) == 2, 30, "two workers registered")
+            poll_until(lambda: len(client.workers()) == workers, 30, "workers registered")
         yield Cluster(url, cache, processes)
     finally:
         processes.stop_all()
         store.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with _cluster(tmp_path_factory.mktemp("logs"), tmp_path_factory.mktemp("cache"), 1) as c:
+        yield c
 
 
 def _pip_env(wheels: Path, *extra: str, strict: bool = False) -> Environment:
@@ -103,47 +111,63 @@ def _pip_env(wheels: Path, *extra: str, strict: bool = False) -> Environment:
     )
 
 
-def _failure(cluster: Cluster, environment: Environment, function: object = None) -> TaskFailed:
+def _failure(
+    cluster: Cluster, environment: Environment, function: Callable[[int], int] | None = None
+) -> TaskFailed:
     def task(x: int) -> int:
         return x
 
     with Client(cluster.url) as client:
+        before = client.queue()["counters"].get("tasks_failed", 0)
         job = client.map(function or task, [1], environment=environment)
         with pytest.raises(TaskFailed) as failed:
             job.result(timeout=120)
+        # The server failed the task for good (not retried, not run elsewhere).
+        assert client.queue()["counters"]["tasks_failed"] - before == 1
     return failed.value
 
 
-def test_pip_environment_is_built_once_and_isolated(cluster: Cluster, wheels: Path) -> None:
+def _check_isolated(cluster: Cluster, env: Environment, n: int) -> None:
+    """``n`` tasks then 2 more of ``env`` ran in it, and only in it; built once."""
     assert importlib.util.find_spec(PROBE_PACKAGE) is None  # only the environment has it
-    env = _pip_env(wheels)
 
-    def task(x: int) -> tuple[int, str, bool, list[str]]:
+    def task(x: int) -> tuple[int, str, bool, list[str]]:  # by value: the env lacks tests/
         import importlib.util
         import sys
 
         import hqenvprobe
 
-        leaked = importlib.util.find_spec("msgspec") is not None  # the worker's packages
+        leaked = importlib.util.find_spec("msgspec") is not None  # a worker's package
         return x * hqenvprobe.VALUE, sys.prefix, leaked, list(sys.path)
 
     with Client(cluster.url) as client:
         before = client.queue()["counters"]
-        out = client.map(task, range(8), environment=env).result(timeout=120)
+        out = client.map(task, range(n), environment=env).result(timeout=120)
         again = client.map(task, range(2), environment=env).result(timeout=60)
         after = client.queue()["counters"]
-    assert [o[0] for o in out] == [x * 42 for x in range(8)]
+    assert [o[0] for o in out] == [x * 42 for x in range(n)]
     prefix = str(cluster.cache / "envs" / env.sha)
     assert {o[1] for o in out + again} == {prefix}
     assert not any(o[2] for o in out)
     site = str(Path(sys.prefix) / "lib")
     assert not any(p.startswith(site) for o in out for p in o[3]), "worker venv on sys.path"
-    assert after["done"] - before["done"] == 10  # the server counted every task
-    # Four slots on two workers asked for it at once; the node built it once.
+    assert after["tasks_ok"] - before["tasks_ok"] == n + 2  # the server counted every task
     assert len(list((cluster.cache / "envs").glob("*/.hq-ready"))) == 1
     assert cluster.worker_logs().count(f"environment {env.label}: built in") == 1
 
 
+@pytest.mark.slow  # ~6 s on a loaded machine: a venv built, two jobs started in it
+def test_pip_environment_is_built_once_and_isolated(cluster: Cluster, wheels: Path) -> None:
+    _check_isolated(cluster, _pip_env(wheels), 4)  # two slots ask for it at once
+
+
+@pytest.mark.slow
+def test_two_workers_of_a_node_build_once(tmp_path: Path, wheels: Path) -> None:
+    with _cluster(tmp_path / "logs", tmp_path / "cache", 2) as cluster:
+        _check_isolated(cluster, _pip_env(wheels), 12)
+
+
+@pytest.mark.slow  # ~4 s: two jobs, each a fresh subprocess in a fresh working directory
 def test_files_reach_the_working_directory(cluster: Cluster, tmp_path: Path) -> None:
     calib = tmp_path / "calib.json"
 
@@ -202,28 +226,33 @@ def test_nonexistent_interpreter(cluster: Cluster) -> None:
     assert "/nonexistent/bin/python3 does not exist" in failure.message
 
 
-def test_interpreter_without_cloudpickle_says_what_to_add(cluster: Cluster) -> None:
-    bare = getattr(sys, "_base_executable", "")
-    probe = subprocess.run([bare, "-I", "-c", "import cloudpickle"], capture_output=True)
-    if probe.returncode == 0:
-        pytest.skip(f"{bare} has cloudpickle")
-    failure = _failure(cluster, Environment.interpreter(bare))
+def test_interpreter_without_cloudpickle_says_what_to_add(
+    cluster: Cluster, venvs: dict[str, Path]
+) -> None:
+    failure = _failure(cluster, Environment.interpreter(venvs["bare"]))
     assert "step 'check requirements' failed" in failure.message
     assert "add cloudpickle" in failure.message
 
 
-def _built_venv(cluster: Cluster, wheels: Path) -> str:
-    """The interpreter of the pip environment the first test built (built here if not)."""
-    env = _pip_env(wheels)
-    python = cluster.cache / "envs" / env.sha / "bin" / "python"
-    if not python.exists():
-        with Client(cluster.url) as client:
-            client.map(abs, [1], environment=env).result(timeout=120)
-    return str(python)
+@pytest.fixture(scope="module")
+def venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Interpreters of two venvs made here: ``bare`` (nothing installed) and ``pickle``
+    (this session's cloudpickle, none of its coffea stack)."""
+    from uv import find_uv_bin
+
+    root = tmp_path_factory.mktemp("venvs")
+    made = {}
+    for name in ("bare", "pickle"):
+        argv = [find_uv_bin(), "venv", "-q", "--python", sys.executable, str(root / name)]
+        subprocess.run(argv, check=True)
+        made[name] = root / name / "bin" / "python"
+    site = next((root / "pickle" / "lib").glob("python*/site-packages"))
+    (site / "cloudpickle").symlink_to(Path(cloudpickle.__file__).parent)
+    return made
 
 
-def test_missing_module_at_run_time_names_what_to_add(cluster: Cluster, wheels: Path) -> None:
-    env = Environment.interpreter(_built_venv(cluster, wheels))
+def test_missing_module_at_run_time_names_what_to_add(cluster: Cluster) -> None:
+    env = Environment.interpreter(sys.executable)
 
     def task(x: int) -> int:
         import not_in_the_environment  # noqa: F401
@@ -235,8 +264,10 @@ def test_missing_module_at_run_time_names_what_to_add(cluster: Cluster, wheels: 
     assert env.label in failure.message
 
 
-def test_version_mismatch_warns_or_fails_with_strict(cluster: Cluster, wheels: Path) -> None:
-    python = _built_venv(cluster, wheels)  # no coffea, awkward, ... in it
+def test_version_mismatch_warns_or_fails_with_strict(
+    cluster: Cluster, venvs: dict[str, Path]
+) -> None:
+    python = venvs["pickle"]  # no coffea, awkward, ... in it
 
     def task(x: int) -> int:
         return x + 1
@@ -246,8 +277,6 @@ def test_version_mismatch_warns_or_fails_with_strict(cluster: Cluster, wheels: P
         job = client.map(task, range(4), environment=Environment.interpreter(python))
         assert job.result(timeout=60) == [1, 2, 3, 4]
     texts = [str(w.message) for w in caught if issubclass(w.category, RemoteWarning)]
-    if not any(name in sys.modules or importlib.util.find_spec(name) for name in ("numpy",)):
-        pytest.skip("this session has none of the checked packages")
     assert texts and "versions differ" in texts[0] and "absent in the environment" in texts[0]
     failure = _failure(cluster, Environment.interpreter(python, strict=True), task)
     assert "step 'version check' failed" in failure.message

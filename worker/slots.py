@@ -349,13 +349,14 @@ async def _end(proc: asyncio.subprocess.Process, timeout: float, marker: int = -
             os.close(marker)
 
 
-def _from_foreign(outcome: str, data: bytes, info: object) -> tuple[bytes, TaskInfo | None]:
+def _from_foreign(outcome: str, data: bytes, info: Any) -> tuple[bytes, TaskInfo | None]:
     """A foreign runner's plain pickle and note tuple as child.py would have sent them."""
     if outcome != Outcome.OK and len(data) > protocol.ERROR_PICKLE_MAX:
         data = b""  # too heavy to ship in a report: the error's text says what happened
     packed = protocol.compress(data) if data else b""
     try:
-        wall, cpu, max_rss, caught = info  # type: ignore[misc]
+        wall, cpu, max_rss, caught = info
+        caught = list(caught)
         warnings = [
             TaskWarning(
                 protocol.cut_text(str(c), protocol.TASK_NOTE_TEXT_MAX),
@@ -365,7 +366,7 @@ def _from_foreign(outcome: str, data: bytes, info: object) -> tuple[bytes, TaskI
                 "",
                 max(int(n), 1),
             )
-            for c, m, f, line, n in list(caught)[: protocol.TASK_WARNINGS_MAX]
+            for c, m, f, line, n in caught[: protocol.TASK_WARNINGS_MAX]
         ]
         return packed, TaskInfo(
             wall=max(float(wall), 0.0),

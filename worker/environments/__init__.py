@@ -110,7 +110,8 @@ class Planner:
         if bound is None:
             return Plan(data)  # not kept: the worker caches the blob itself
         function = await self._fetch(bound.function)
-        interpreter, notes = None, ()
+        interpreter: str | None = None
+        notes: tuple[TaskWarning, ...] = ()
         if bound.environment is not None:
             interpreter, versions = await self._environment(bound)
             notes = self._check_versions(bound, versions)

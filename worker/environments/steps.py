@@ -29,7 +29,7 @@ def run_step(
 ) -> str:
     """Run ``argv``; its output, or :class:`EnvironmentFailed` naming ``step`` with the
     tail of that output (or the time limit it ran past: a step never hangs a worker)."""
-    log(f"step {step!r}: {' '.join(argv)}")
+    log(f"step {step!r}: {' '.join(argv)[:300]}")
     try:
         done = subprocess.run(
             list(argv),
