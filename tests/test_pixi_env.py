@@ -8,12 +8,14 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from coffea_hq import Client, Environment, TaskFailed, protocol
 from coffea_hq.embedded import EmbeddedRedis
@@ -104,8 +106,23 @@ def test_install_with_pixi_cli(channel: LocalChannel, tmp_path: Path) -> None:
     assert _probe(python)[0] == "42"
 
 
-def test_unpack_pixi_pack(channel: LocalChannel, tmp_path: Path) -> None:
+def test_cli_forced_without_a_pixi_binary(
+    channel: LocalChannel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    lock = pixi_channel.write_lock_v6(channel, tmp_path / "pixi.lock")
+    with pytest.raises(EnvironmentFailed) as caught:
+        install_pixi(b"", lock.read_bytes(), "default", tmp_path / "env", print, use_cli=True)
+    assert caught.value.step == "pixi install" and "no pixi binary" in str(caught.value)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_unpack_pixi_pack(channel: LocalChannel, tmp_path: Path, compression: str) -> None:
     archive = pixi_channel.build_pixi_pack(channel, tmp_path / "environment.tar")
+    if compression == "zstd":  # what older pixi-pack versions wrote
+        packed = tmp_path / "environment.tar.zstd"
+        packed.write_bytes(zstandard.ZstdCompressor().compress(archive.read_bytes()))
+        archive = packed
     prefix = tmp_path / "env"
     python = unpack_pixi_pack(archive, prefix, print)
     assert _installed(prefix) == {"python", "cloudpickle", "hqmarker"}
@@ -176,6 +193,7 @@ def test_lock_without_python(channel: LocalChannel, tmp_path: Path) -> None:
 def test_pixi_pack_failures(channel: LocalChannel, tmp_path: Path) -> None:
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"this is not a tar archive")
+    (tmp_path / "x").write_text("x")
     with pytest.raises(EnvironmentFailed) as caught:
         unpack_pixi_pack(junk, tmp_path / "a", print)
     assert caught.value.step == "unpack"
@@ -185,6 +203,22 @@ def test_pixi_pack_failures(channel: LocalChannel, tmp_path: Path) -> None:
         unpack_pixi_pack(archive, tmp_path / "b", print)
     assert caught.value.step == "select platform" and other in str(caught.value)
     assert _installed(tmp_path / "b") == set()
+    # A member that would land outside the prefix is refused, not written.
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        tar.add(tmp_path / "x", "../outside")
+    with pytest.raises(EnvironmentFailed) as caught:
+        unpack_pixi_pack(evil, tmp_path / "c" / "env", print)
+    assert caught.value.step == "unpack"
+    assert not (tmp_path / "c" / "outside").exists()
+    no_meta = tmp_path / "no-meta.tar"
+    with tarfile.open(no_meta, "w") as tar:
+        tar.add(tmp_path / "x", "environment.yml")
+    with pytest.raises(EnvironmentFailed) as caught:
+        unpack_pixi_pack(no_meta, tmp_path / "d", print)
+    assert caught.value.step == "read pixi-pack.json" and "not a pixi-pack archive" in str(
+        caught.value
+    )
 
 
 # --- end to end: real hq-server and hq-worker, the task imports what only the env has -------
@@ -247,6 +281,7 @@ def test_client_map_in_a_pixi_environment(
     assert done == 4  # the server counted every task
 
 
+@pytest.mark.slow  # the unpacking itself is in the default run (test_unpack_pixi_pack)
 def test_client_map_in_a_pixi_pack_archive(
     channel: LocalChannel, cluster: tuple[str, Path], tmp_path: Path
 ) -> None:

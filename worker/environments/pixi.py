@@ -25,6 +25,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import zstandard
+
 from coffea_hq import protocol
 from coffea_hq.errors import EnvironmentFailed
 
@@ -269,12 +271,24 @@ def install_pixi(
     return _interpreter(prefix)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # older pixi-pack versions wrote environment.tar.zstd
+
+
 def _read_archive(archive: Path, into: Path) -> None:
     try:
-        with tarfile.open(archive) as tar:
+        with archive.open("rb") as f:
+            if f.read(4) == ZSTD_MAGIC:
+                f.seek(0)
+                with (
+                    zstandard.ZstdDecompressor().stream_reader(f) as stream,
+                    tarfile.open(fileobj=stream, mode="r|") as tar,
+                ):
+                    tar.extractall(into, filter="data")
+                return
+        with tarfile.open(archive) as tar:  # plain, gzip, bzip2 or xz
             # "data": no absolute paths, no links out of the tree, no device files.
             tar.extractall(into, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError) as e:
         raise EnvironmentFailed("unpack", f"{archive.name} is not a readable tar: {_say(e)}") from e
 
 
@@ -301,11 +315,13 @@ def _packed_records(unpacked: Path, log: Log) -> list[Any]:
             f"the archive was packed for {packed_for or '(no platform)'}, this worker is {here}: "
             f"run `pixi-pack --platform {here}`",
         )
-    if (unpacked / "pypi").is_dir() and any((unpacked / "pypi").iterdir()):
-        raise EnvironmentFailed(
-            "select packages",
-            "the archive holds PyPI wheels (pypi/); this worker installs its conda packages only",
-        )
+    for wheels in ("pypi", "simple"):  # the directory's name differs between versions
+        if (unpacked / wheels).is_dir() and any((unpacked / wheels).iterdir()):
+            raise EnvironmentFailed(
+                "select packages",
+                f"the archive holds PyPI packages ({wheels}/); this worker installs the conda "
+                "packages of pixi-pack archives only",
+            )
     channel_dir = unpacked / "channel"
     channel = rattler.Channel(channel_dir.resolve().as_uri())
     records: list[Any] = []
