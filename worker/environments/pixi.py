@@ -207,6 +207,9 @@ def _install_with_cli(
     manifest_path = workspace / _manifest_name(manifest)
     manifest_path.write_bytes(manifest)
     (workspace / "pixi.lock").write_bytes(lock)
+    # The workspace's own config outranks the worker's global one: keep the env in the prefix.
+    (workspace / ".pixi").mkdir(exist_ok=True)
+    (workspace / ".pixi" / "config.toml").write_text("detached-environments = false\n")
     argv = [
         pixi,
         "install",
@@ -216,31 +219,52 @@ def _install_with_cli(
         "--environment",
         environment,
     ]
-    log(f"step 'pixi install': {' '.join(argv)}")
     env = dict(os.environ)
     env.pop("PIXI_PROJECT_MANIFEST", None)  # a worker started from a pixi shell
     env["PIXI_NO_PROGRESS"] = "1"
+    _pixi(argv, "pixi install", workspace, env, log)
+    return _interpreter(_cli_prefix(pixi, manifest_path, environment, workspace, env, log))
+
+
+def _pixi(argv: list[str], step: str, cwd: Path, env: dict[str, str], log: Log) -> str:
+    log(f"step {step!r}: {' '.join(argv)}")
     try:
         done = subprocess.run(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            capture_output=True,  # stdout apart: `pixi info --json` is parsed
             env=env,
-            cwd=workspace,
+            cwd=cwd,
             timeout=protocol.ENV_STEP_TIMEOUT,
             check=False,
         )
     except subprocess.TimeoutExpired as e:
         raise EnvironmentFailed(
-            "pixi install", f"still running after {protocol.ENV_STEP_TIMEOUT:.0f} s, stopped"
+            step, f"still running after {protocol.ENV_STEP_TIMEOUT:.0f} s, stopped"
         ) from e
     except OSError as e:
-        raise EnvironmentFailed("pixi install", f"{pixi} cannot be run ({e})") from e
+        raise EnvironmentFailed(step, f"{argv[0]} cannot be run ({e})") from e
     if done.returncode != 0:
-        out = done.stdout.decode("utf-8", "replace")
-        raise EnvironmentFailed("pixi install", f"exit code {done.returncode}:\n{_tail(out)}")
-    return _interpreter(workspace / ".pixi" / "envs" / environment)
+        out = (done.stdout + done.stderr).decode("utf-8", "replace")
+        raise EnvironmentFailed(step, f"exit code {done.returncode}:\n{_tail(out)}")
+    return done.stdout.decode("utf-8", "replace")
+
+
+def _cli_prefix(
+    pixi: str, manifest_path: Path, environment: str, workspace: Path, env: dict[str, str], log: Log
+) -> Path:
+    """Where pixi put the environment: ``pixi info --json`` says (a worker's pixi config can
+    detach environments from the workspace); ``.pixi/envs/<name>`` if it does not."""
+    fallback = workspace / ".pixi" / "envs" / environment
+    argv = [pixi, "info", "--json", "--manifest-path", str(manifest_path)]
+    try:
+        info = json.loads(_pixi(argv, "pixi info", workspace, env, log))
+        for entry in info.get("environments_info", []):
+            if entry.get("name") == environment and entry.get("prefix"):
+                return Path(entry["prefix"])
+    except (EnvironmentFailed, ValueError, AttributeError) as e:
+        log(f"pixi info gave no prefix ({e}); using {fallback}")
+    return fallback
 
 
 def install_pixi(
