@@ -312,3 +312,17 @@ def test_broken_pixi_lock_fails_the_task_naming_the_step(
     assert failed.value.exc_type == "coffea_hq.errors.EnvironmentFailed"
     assert f"environment {environment.label}: step 'select environment'" in failed.value.message
     assert not (cache / "envs" / environment.sha).exists()  # nothing half-made is kept
+
+
+def test_lock_with_pypi_packages_needs_the_cli(channel: LocalChannel, tmp_path: Path) -> None:
+    from rattler import LockChannel, LockFile, LockPlatform
+
+    platform = LockPlatform(channel.platform)
+    lock = LockFile([platform])
+    lock.set_channels("default", [LockChannel(channel.url)])
+    for record in pixi_channel.records(channel):
+        lock.add_conda_package("default", platform, record)  # type: ignore[arg-type]
+    lock.add_pypi_package("default", platform, "hqwheel", "1.0", "https://example.invalid/x.whl")
+    lock.to_path(tmp_path / "pixi.lock")
+    why = _fails("select packages", (tmp_path / "pixi.lock").read_bytes(), tmp_path)
+    assert "hqwheel" in why and "pixi" in why

@@ -52,14 +52,19 @@ def _rattler() -> Any:
     return rattler
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a rattler coroutine from synchronous code, also when this thread has a loop."""
+def _run(coro: Coroutine[Any, Any, T], timeout: float = protocol.ENV_STEP_TIMEOUT) -> T:
+    """Run a rattler coroutine from synchronous code (also when this thread has a loop),
+    for at most ``timeout`` seconds (a download that stalls must not hang the worker)."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
+        return asyncio.run(bounded())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(asyncio.run, bounded()).result()
 
 
 def _say(e: BaseException) -> str:
@@ -114,7 +119,7 @@ def _verify_local(records: list[Any], log: Log) -> None:
             raise EnvironmentFailed(
                 "verify packages",
                 f"{record.file_name}: {algorithm} of {path} is {got.hex()[:16]}..., "
-                f"the lock says {bytes(want).hex()[:16]}...: the file changed since it was locked",
+                f"its record says {bytes(want).hex()[:16]}...: the file is not the one locked",
             )
         checked += 1
     if checked:
@@ -136,6 +141,10 @@ def _install_records(records: list[Any], prefix: Path, log: Log) -> None:
                 execute_link_scripts=False,
             )
         )
+    except TimeoutError as e:
+        raise EnvironmentFailed(
+            "rattler install", f"still running after {protocol.ENV_STEP_TIMEOUT:.0f} s, stopped"
+        ) from e
     except Exception as e:  # rattler raises its own exception types, one per cause
         raise EnvironmentFailed("rattler install", _say(e)) from e
     finally:
