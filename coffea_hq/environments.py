@@ -108,8 +108,10 @@ class Environment:
         strict: bool = False,
     ) -> Environment:
         """A virtual environment the workers make with uv: ``requirements`` is a list of
-        requirement strings (``"coffea==2025.3.0"``) or a requirements.txt file (hashes,
-        ``--hash=sha256:...``, are enforced where given). ``find_links`` are wheel
+        requirement strings (``"coffea==2025.3.0"``), a requirements.txt file (hashes,
+        ``--hash=sha256:...``, are enforced where given), or a ``uv.lock`` (exported here
+        with ``uv export --frozen``, hashes included: uv must be installed in this
+        session, ``coffea-hq[envs]``). ``find_links`` are wheel
         directories on the workers, ``index=False`` installs from those only (offline
         facilities; the worker's $HQ_PIP_FIND_LINKS and $HQ_PIP_NO_INDEX do the same for
         every environment). ``python`` asks uv for that interpreter version (default:
@@ -117,18 +119,21 @@ class Environment:
         if isinstance(requirements, (str, os.PathLike)):
             path = Path(requirements)
             if path.name == "uv.lock":
-                raise ValueError(
-                    "Environment.pip: a uv.lock needs its project; export it first: "
-                    "`uv export --frozen --format requirements-txt > requirements.txt`"
-                )
-            lines = _read_text(path, "requirements file").splitlines()
-            name = path.name
+                text = _export_uv_lock(path)
+            else:
+                text = _read_text(path, "requirements file")
+            # One requirement per logical line: pip-compile and uv export continue a
+            # requirement's --hash options on the next lines with a backslash.
+            lines = text.replace("\\\n", " ").splitlines()
+            name = f"{path.parent.name}/{path.name}" if path.name == "uv.lock" else path.name
         else:
             lines = list(requirements)
             if not all(isinstance(r, str) for r in lines):
                 raise TypeError("Environment.pip: requirements must be strings")
             name = f"pip[{len(lines)}]"
-        lines = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        lines = [
+            line.strip() for line in lines if line.strip() and not line.strip().startswith("#")
+        ]
         if not lines:
             raise ValueError("Environment.pip: no requirements given")
         links = [find_links] if isinstance(find_links, (str, os.PathLike)) else list(find_links)
@@ -151,6 +156,37 @@ class Environment:
             raise ValueError(f"Environment.interpreter: {text!r} must be an absolute path")
         spec = EnvironmentSpec(kind="interpreter", name=os.path.basename(text), path=text)
         return cls(spec, strict)
+
+
+def _export_uv_lock(lock: Path) -> str:
+    """The pinned, hashed requirements of a uv project's lock (``uv export --frozen``)."""
+    import shutil
+    import subprocess
+
+    try:
+        from uv import find_uv_bin
+
+        uv: str | None = str(find_uv_bin())
+    except ImportError:
+        uv = shutil.which("uv")
+    if uv is None:
+        raise ValueError(
+            "Environment.pip: a uv.lock is exported with uv, which this session lacks "
+            "(pip install coffea-hq[envs]); or pass `uv export --frozen > requirements.txt`"
+        )
+    if not lock.is_file():
+        raise FileNotFoundError(f"Environment.pip: no file {lock}")
+    argv = [uv, "export", "--frozen", "--no-emit-project", "--format", "requirements-txt"]
+    done = subprocess.run(
+        [*argv, "--quiet", "--project", str(lock.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ValueError(f"Environment.pip: `uv export` of {lock} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _read_text(path: Path, what: str) -> str:

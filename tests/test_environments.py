@@ -3,15 +3,13 @@ installs from a local wheel directory (offline), failures named by environment a
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from coffea_hq import Client, Environment, TaskFailed, protocol
 from coffea_hq.embedded import EmbeddedRedis
 from coffea_hq.remote import RemoteWarning
 from tests.conftest import Processes
-from tests.util import poll_until
+from tests.util import make_wheel, poll_until
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("uv") is None, reason="needs the uv wheel (coffea-hq[envs])"
@@ -31,39 +29,14 @@ pytestmark = pytest.mark.skipif(
 PROBE_PACKAGE = "hqenvprobe"  # exists only in the wheel directory, never in this venv
 
 
-def _wheel(directory: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
-    """A pure-Python wheel of ``files`` (path inside the wheel -> bytes), made by hand:
-    quick and offline."""
-    dist = f"{name}-{version}.dist-info"
-    files = dict(files)
-    files[f"{dist}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    )
-    files[f"{dist}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: coffea-hq-tests\n"
-        b"Root-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
-    out = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(out, "w") as z:
-        for path, data in files.items():
-            z.writestr(path, data)
-    return out
-
-
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cloudpickle (copied from this venv) and a probe package, as wheels."""
     directory = tmp_path_factory.mktemp("wheels")
     source = Path(cloudpickle.__file__).parent
     files = {f"cloudpickle/{p.relative_to(source)}": p.read_bytes() for p in source.rglob("*.py")}
-    _wheel(directory, "cloudpickle", cloudpickle.__version__, files)
-    _wheel(directory, PROBE_PACKAGE, "1.0", {f"{PROBE_PACKAGE}/__init__.py": b"VALUE = 42\n"})
+    make_wheel(directory, "cloudpickle", cloudpickle.__version__, files)
+    make_wheel(directory, PROBE_PACKAGE, "1.0", {f"{PROBE_PACKAGE}/__init__.py": b"VALUE = 42\n"})
     return directory
 
 
@@ -290,7 +263,7 @@ def test_environment_api_checks_its_input(tmp_path: Path) -> None:
         Environment.interpreter("python3")
     with pytest.raises(ValueError, match="no requirements"):
         Environment.pip([])
-    with pytest.raises(ValueError, match="uv export"):
+    with pytest.raises(FileNotFoundError, match="uv.lock"):
         Environment.pip(tmp_path / "uv.lock")
     (tmp_path / "pixi.lock").write_text("version: 6\n")
     a = Environment.pixi(tmp_path / "pixi.toml")
@@ -301,6 +274,27 @@ def test_environment_api_checks_its_input(tmp_path: Path) -> None:
     req.write_text("# pinned\ncoffea==2025.3.0\n\nnumpy\n")
     assert Environment.pip(req).spec.requirements == ["coffea==2025.3.0", "numpy"]
     assert protocol.blob_name(a.spec_bytes) == a.sha
+    hashed = tmp_path / "hashed.txt"  # as pip-compile writes it
+    hashed.write_text("numpy==2.0.0 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n")
+    assert Environment.pip(hashed).spec.requirements == [
+        "numpy==2.0.0      --hash=sha256:aa      --hash=sha256:bb"
+    ]
+
+
+def test_uv_lock_is_exported_to_pinned_requirements(tmp_path: Path, wheels: Path) -> None:
+    from uv import find_uv_bin
+
+    project = tmp_path / "analysis"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "ana"\nversion = "0.1"\nrequires-python = ">=3.8"\n'
+        f'dependencies = ["{PROBE_PACKAGE}"]\n'
+    )
+    argv = [find_uv_bin(), "lock", "--offline", "--no-index", "--find-links", str(wheels)]
+    subprocess.run([*argv, "--quiet", "--project", str(project)], check=True, timeout=120)
+    env = Environment.pip(project / "uv.lock", find_links=str(wheels), index=False)
+    assert env.spec.requirements == [f"{PROBE_PACKAGE}==1.0"]
+    assert env.spec.name == "analysis/uv.lock"
 
 
 @pytest.mark.slow
@@ -323,7 +317,7 @@ def test_full_disk_is_a_clear_failure(tmp_path: Path, wheels: Path) -> None:
         wheel_dir.mkdir()
         for w in wheels.iterdir():
             shutil.copy(w, wheel_dir)
-        _wheel(wheel_dir, "hqbig", "1.0", big)
+        make_wheel(wheel_dir, "hqbig", "1.0", big)
         env = Environment.pip(["cloudpickle", "hqbig"], find_links=str(wheel_dir), index=False)
         with Client(url) as client:
             job = client.map(abs, [1], environment=env)
@@ -336,3 +330,56 @@ def test_full_disk_is_a_clear_failure(tmp_path: Path, wheels: Path) -> None:
         processes.stop_all()
         store.stop()
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+@pytest.mark.slow
+def test_coffea_run_in_an_interpreter_environment(cluster: Cluster, tmp_path: Path) -> None:
+    """A whole coffea run (pre-processing, chunks, merges on workers) through the task
+    runner for foreign interpreters: here this venv's own Python, run isolated (-I), so
+    coffea_hq itself is not importable there and must travel by value."""
+    from coffea_hq import HQExecutor
+    from tests.test_executor import (
+        MuonHistograms,
+        assert_same,
+        iterative,
+        nano_fileset,
+        run_with,
+        write_nanoaod,
+    )
+
+    data = {name: tmp_path / f"{name}.root" for name in ("dy0", "dy1", "tt0")}
+    for seed, (path, n) in enumerate(zip(data.values(), (600, 400, 500), strict=True)):
+        write_nanoaod(path, n, seed)
+    fileset = nano_fileset(data)
+    hq = HQExecutor(cluster.url, status=False, environment=Environment.interpreter(sys.executable))
+    ours = run_with(hq, fileset, MuonHistograms())
+    assert_same(ours, run_with(iterative(), fileset, MuonHistograms()))
+    assert ours["events"] == 1500
+
+
+def test_cache_evicts_least_recently_used_but_never_one_in_use(tmp_path: Path) -> None:
+    """The LRU limit over environments some worker holds in use (flock) or not."""
+    import fcntl
+    import json
+    import time
+
+    from coffea_hq.worker.environments import EnvironmentCache
+
+    cache = EnvironmentCache(tmp_path, size_limit=2500)
+    (tmp_path / "locks").mkdir()
+    now = time.time()
+    for age, sha in enumerate(["c" * 64, "b" * 64, "a" * 64]):  # a: the oldest use
+        ready = tmp_path / "envs" / sha / ".hq-ready"
+        ready.parent.mkdir(parents=True)
+        ready.write_text(json.dumps({"interpreter": "/x", "bytes": 1000}))
+        os.utime(ready, (now - 100 * age, now - 100 * age))
+    held = os.open(tmp_path / "locks" / f"{'a' * 64}.use", os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH)  # another worker runs tasks in "a"
+        assert cache.evict() == ["b" * 64]  # the oldest not in use goes; 2000 bytes fit
+        assert (tmp_path / "envs" / ("a" * 64)).is_dir()
+    finally:
+        os.close(held)
+    cache.size_limit = 1000
+    assert cache.evict(keep="c" * 64) == ["a" * 64]
+    assert sorted(p.name for p in (tmp_path / "envs").iterdir()) == ["c" * 64]

@@ -207,7 +207,13 @@ class Slot:
         later = [i for i in batch if plans[i.function_blob].launch != launch]
         batch = [i for i in batch if plans[i.function_blob].launch == launch]
         if (self.job is not None and self.job != job) or launch != self.launch:
-            await self._replace(launch)
+            try:
+                await self._replace(launch)
+            except OSError as e:  # an interpreter gone since it was checked, a full disk
+                why = EnvironmentFailed("start interpreter", str(e), launch.label)
+                error = {"type": ENVIRONMENT_FAILED, "message": str(why), "traceback": ""}
+                report([Result(i, Outcome.ERROR, error, b"", 0.0) for i in batch])
+                return later
         if self.job != job:
             self._notes = [n for sha in {i.function_blob for i in batch} for n in plans[sha].notes]
         self.job = job
@@ -260,10 +266,9 @@ class Slot:
         """A fresh subprocess for the next job. A slot that has switched once keeps a
         spare one (of the worker's own interpreter) started ahead, so later switches do
         not wait for an interpreter to start; the old one exits on its own (its stdin
-        closed). A job with its own environment or files gets one started for it."""
+        closed). A job with its own environment or files gets one started for it.
+        Raises OSError, changing nothing, if the subprocess cannot be started."""
         old, marker = self._proc, self._marker
-        if old is not None and old.stdin:
-            old.stdin.close()
         fresh = None
         if launch == DEFAULT_LAUNCH:
             spare, self._spare = self._spare, None
@@ -274,6 +279,8 @@ class Slot:
             if fresh is not None:
                 os.close(fresh[1])
             fresh = await self._spawn(launch)
+        if old is not None and old.stdin:
+            old.stdin.close()
         self._proc, self._marker = fresh
         self.launch = launch
         self._loaded = set()

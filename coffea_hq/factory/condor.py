@@ -88,6 +88,11 @@ class WorkerSpec:
     factory: str = "coffea-hq"
     log_dir: str = "coffea-hq-condor"
     extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Where the worker builds per-task environments: None is hq-worker's default, the
+    # job's own scratch ($_CONDOR_SCRATCH_DIR); a node-local shared directory lets the
+    # worker jobs of one node build each environment once.
+    env_cache: str | None = None
+    env_cache_size: str | None = None
 
 
 def submit_description(spec: WorkerSpec) -> dict[str, str]:
@@ -102,6 +107,10 @@ def submit_description(spec: WorkerSpec) -> dict[str, str]:
         "--drain-timeout",
         str(drain_timeout),
     ]
+    if spec.env_cache:
+        arguments += ["--env-cache", spec.env_cache]
+    if spec.env_cache_size:
+        arguments += ["--env-cache-size", spec.env_cache_size]
     desc = {
         "universe": "vanilla",
         "executable": spec.worker_command,
@@ -376,6 +385,20 @@ def add_condor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=None, help="request_cpus (default: --slots)")
     p.add_argument("--memory", default="2GB", help="request_memory (default: %(default)s)")
     p.add_argument("--disk", default="4GB", help="request_disk (default: %(default)s)")
+    p.add_argument(
+        "--env-cache",
+        default=None,
+        metavar="DIR",
+        help="hq-worker --env-cache: where workers build per-task environments (default: "
+        "each job's scratch directory; a node-local shared directory builds once per node; "
+        "count the environments in --disk otherwise)",
+    )
+    p.add_argument(
+        "--env-cache-size",
+        default=None,
+        metavar="BYTES",
+        help="hq-worker --env-cache-size: evict least recently used environments beyond it",
+    )
     p.add_argument("--requirements", default=None, help="a ClassAd requirements expression")
     p.add_argument(
         "--submit-key",
@@ -450,6 +473,8 @@ def spec_from_args(args: argparse.Namespace) -> WorkerSpec:
         factory=args.name,
         log_dir=args.log_dir,
         extra=parse_submit_keys(args.submit_key),
+        env_cache=args.env_cache,
+        env_cache_size=args.env_cache_size,
     )
 
 

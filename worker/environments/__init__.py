@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -104,7 +105,13 @@ class Planner:
         EnvironmentFailed (the task fails with it)."""
         found = self._plans.get(sha)
         if found is not None:
-            return found
+            used = found.launch.interpreter
+            if used is None or os.path.exists(used):
+                return found
+            # Evicted by another worker of the node since (past what this one holds in
+            # use): build it again.
+            self._plans.pop(sha, None)
+            self._envs = {k: v for k, v in self._envs.items() if v[0] != used}
         data = await self._fetch(sha)
         bound = decode_bound(data)
         if bound is None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -218,11 +219,16 @@ class EnvironmentCache:
         """A shipped data file's path in the cache (written once, atomically)."""
         path = self._dir("files") / sha
         if not path.is_file():
-            tmp = path.with_name(f"{sha}.{os.getpid()}.tmp")
-            try:
-                tmp.write_bytes(data)
-                tmp.rename(path)
+            tmp = ""
+            try:  # a name of its own: slots and workers of the node may store it at once
+                fd, tmp = tempfile.mkstemp(prefix=f"{sha}.", suffix=".tmp", dir=path.parent)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
+                if tmp:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
                 raise EnvironmentFailed("store files", f"{e} (under {path.parent})") from e
         return path

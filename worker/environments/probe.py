@@ -11,6 +11,7 @@ from coffea_hq.errors import EnvironmentFailed
 
 from .steps import run_step
 
+MIN_PYTHON = (3, 8)  # what worker/foreign.py is written for
 PROBE_TIMEOUT = 120.0  # a first start on a cold CVMFS cache can be slow
 
 # Runs under the environment's interpreter with -I: standard library only.
@@ -50,6 +51,13 @@ def probe(interpreter: str, log: Callable[[str], None]) -> dict[str, str]:
             "cloudpickle cannot be imported there "
             f"({found['cloudpickle-error']}): add cloudpickle to the environment "
             "(coffea-hq's task runner needs it, with the standard library)",
+        )
+    major, _, minor = str(found.get("python", "0.0")).partition(".")
+    if (int(major), int(minor or 0)) < MIN_PYTHON:
+        raise EnvironmentFailed(
+            "check requirements",
+            f"its Python is {found.get('python')}: the task runner needs "
+            f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
         )
     return {str(k): str(v) for k, v in found.items()}
 
