@@ -146,7 +146,7 @@ class EnvironmentCache:
 
             return install_pip(spec, prefix, self._dir("uv-cache"), say)
         try:
-            from . import pixi  # type: ignore[attr-defined]
+            from . import pixi
         except ImportError as e:
             raise EnvironmentFailed(
                 "load pixi backend", f"this worker cannot install pixi environments: {e}"
