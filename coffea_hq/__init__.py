@@ -24,6 +24,8 @@ _LAZY = {
     "WorkerLost": "coffea_hq.errors",
     "TLSError": "coffea_hq.errors",
     "HQExecutor": "coffea_hq.executor",
+    "Scheduler": "coffea_hq.dask",
+    "get": "coffea_hq.dask",
 }
 
 __all__ = [
@@ -33,13 +35,16 @@ __all__ = [
     "Job",
     "JobCancelled",
     "LocalCluster",
+    "Scheduler",
     "TLSError",
     "TaskFailed",
     "WorkerLost",
+    "get",
 ]
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job
+    from coffea_hq.dask import Scheduler, get
     from coffea_hq.errors import HQError, JobCancelled, TaskFailed, TLSError, WorkerLost
     from coffea_hq.executor import HQExecutor
     from coffea_hq.local import LocalCluster
