@@ -59,22 +59,30 @@ class Group:
 def partition(
     graph: Mapping[Key, GraphNode], wanted: Iterable[Key]
 ) -> tuple[list[Group], dict[Key, Any]]:
-    """Cut ``graph`` into groups of linear chains; also return its data nodes' values
-    (literals the session holds anyway: no task needs to be run for them).
+    """Cut ``graph`` into groups; also return its data nodes' values (literals the
+    session holds anyway: no task needs to run for them).
 
-    A task joins the task after it when it is the only input of that task and that task
-    is its only user; so a fan-out or fan-in always stays a group boundary and the
-    parallelism of the graph is kept.
+    Every task that descends from one source task only (one input partition: its read,
+    the analysis on it, the partial histograms filled from it) joins that source's
+    group, so a partition's arrays never leave the worker that made them. Of the other
+    tasks (those that combine several partitions: the steps of tree reductions) a task
+    joins the task after it when it is that task's only input and that task is its only
+    user (a linear chain); fan-ins stay group boundaries, so the reductions keep their
+    parallelism.
     """
     wanted = set(wanted)
-    deps = {key: set(node.dependencies) for key, node in graph.items()}
-    users = reverse_dict(deps)
     data = {
         key: node.value
         for key, node in graph.items()
         if isinstance(node, DataNode) and not node.dependencies
     }
-    parent: dict[Key, Key] = {key: key for key in graph if key not in data}
+    deps = {
+        key: {d for d in node.dependencies if d not in data}
+        for key, node in graph.items()
+        if key not in data
+    }
+    users = reverse_dict(deps)
+    parent: dict[Key, Key] = {key: key for key in deps}
 
     def root(key: Key) -> Key:
         while parent[key] != key:
@@ -82,25 +90,35 @@ def partition(
             key = parent[key]
         return key
 
-    for key in parent:
+    # The one source each task descends from (None: several), in dependency order.
+    order = _toposort(list(deps), deps, set(deps))
+    source: dict[Key, Key | None] = {}
+    for key in order:
+        if not deps[key]:
+            source[key] = key
+            continue
+        sources = {source[d] for d in deps[key]}
+        source[key] = sources.pop() if len(sources) == 1 else None
+        if source[key] is not None:
+            parent[root(key)] = root(source[key])
+    for key in order:
         after = users.get(key, set())
-        if key in wanted or len(after) != 1:
+        if source[key] is not None or key in wanted or len(after) != 1:
             continue
         (user,) = after
-        if user in parent and len(deps[user]) == 1:
+        if len(deps[user]) == 1:
             parent[root(key)] = root(user)
     members: dict[Key, list[Key]] = {}
-    for key in parent:
+    for key in order:  # each group's members stay in dependency order
         members.setdefault(root(key), []).append(key)
     groups = []
     for keys in members.values():
         inside = set(keys)
-        ordered = _toposort(keys, deps, inside)
-        needs = frozenset(d for k in keys for d in deps[k] if d not in inside)
+        needs = frozenset(d for k in keys for d in graph[k].dependencies if d not in inside)
         outputs = tuple(
-            k for k in ordered if k in wanted or any(u not in inside for u in users.get(k, ()))
+            k for k in keys if k in wanted or any(u not in inside for u in users.get(k, ()))
         )
-        groups.append(Group(tuple(graph[k] for k in ordered), needs, outputs))
+        groups.append(Group(tuple(graph[k] for k in keys), needs, outputs))
     return groups, data
 
 
