@@ -23,3 +23,7 @@ def slow_cube(x: int) -> int:
 
 def odd(x: int) -> bool:
     return x % 2 == 1
+
+
+def cube(x: int) -> int:
+    return x**3
