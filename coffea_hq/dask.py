@@ -32,7 +32,7 @@ from dask._task_spec import DataNode, GraphNode, convert_legacy_graph
 from dask.core import flatten, reverse_dict
 
 from . import messages, protocol
-from .client import Client, Job, batch_spans
+from .client import Client, Job, batch_spans, resolve_url
 from .errors import JobCancelled, TaskFailed
 from .progress import RunProgress, status_text
 
@@ -186,18 +186,12 @@ _clients_lock = threading.Lock()
 
 def _client(url: str | None) -> Client:
     """One client per server for the process (``get`` has no object to keep it in)."""
-    url = protocol_url(url)
+    url = resolve_url(url)
     with _clients_lock:
         client = _clients.get(url)
         if client is None or client._closed:
             client = _clients[url] = Client(url)
         return client
-
-
-def protocol_url(url: str | None) -> str:
-    from .client import resolve_url
-
-    return resolve_url(url or os.environ.get("HQ_URL"))
 
 
 class Scheduler:
