@@ -221,7 +221,9 @@ class Scheduler:
         self.max_attempts = max_attempts
         self.progress = progress
         self.label = label
-        self.stats: dict[str, float] = {}  # of the last run: groups, tasks, submissions, wall
+        # Of the last compute: the graph's tasks, the groups they were cut into (one
+        # coffea-hq task each), how many submissions added them, and its wall time.
+        self.stats: dict[str, float] = {}
 
     @property
     def client(self) -> Client:
@@ -288,11 +290,11 @@ class _Run:
         done = 0
         job = self.job
         progress = RunProgress(disable=not self.scheduler.progress)
-        self.client.run(self._create())
         # The job's results are streamed by one thread (a Job is read by one thread only),
         # handed to this one, which submits what they make ready.
         reader = threading.Thread(target=self._stream, name="coffea-hq-dask", daemon=True)
         try:
+            self.client.run(self._create())
             self._add(ready)
             reader.start()
             with progress:
