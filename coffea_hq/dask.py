@@ -163,7 +163,7 @@ class GroupCall:
 
 
 class RunGroups:
-    """The function of one submission (uploaded once, as its blob): runs a group."""
+    """The function of one compute's job (uploaded once, as its blob): runs a group."""
 
     def __init__(self, groups: Sequence[Group]) -> None:
         self.groups = list(groups)
@@ -232,7 +232,7 @@ class Scheduler:
         return self._client
 
     def __repr__(self) -> str:
-        return f"Scheduler({self.url or os.environ.get('HQ_URL')!r})"
+        return f"Scheduler({self.url or os.environ.get(protocol.ENV_URL)!r})"
 
     def __call__(self, dsk: Mapping[Key, Any], keys: Any, **kwargs: Any) -> Any:
         """The dask ``get`` protocol: compute ``keys`` (a key or nested lists of keys)."""
