@@ -26,6 +26,8 @@ _LAZY = {
     "HQExecutor": "coffea_hq.executor",
     "Environment": "coffea_hq.environments",
     "EnvironmentFailed": "coffea_hq.errors",
+    "Scheduler": "coffea_hq.dask",
+    "get": "coffea_hq.dask",
 }
 
 __all__ = [
@@ -37,13 +39,16 @@ __all__ = [
     "Job",
     "JobCancelled",
     "LocalCluster",
+    "Scheduler",
     "TLSError",
     "TaskFailed",
     "WorkerLost",
+    "get",
 ]
 
 if TYPE_CHECKING:
     from coffea_hq.client import Client, Job
+    from coffea_hq.dask import Scheduler, get
     from coffea_hq.environments import Environment
     from coffea_hq.errors import (
         EnvironmentFailed,
