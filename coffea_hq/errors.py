@@ -14,11 +14,13 @@ from typing import Any, Final
 __all__ = [
     "HQError",
     "JobCancelled",
+    "MemoryExceeded",
     "ServerError",
     "ServerUnreachable",
     "SubmitFailed",
     "TLSError",
     "TaskFailed",
+    "WalltimeExceeded",
     "WorkerLost",
 ]
 
@@ -133,6 +135,16 @@ def _rebuild(state: dict[str, Any]) -> TaskFailed:
 
 class WorkerLost(HQError):
     """Type name the server gives tasks whose worker died or hung on every attempt."""
+
+
+class MemoryExceeded(HQError, MemoryError):
+    """A task went over its memory limit (``HQExecutor(memory=...)`` or ``hq-worker
+    --task-memory``); for a coffea chunk, even once split down to the smallest size."""
+
+
+class WalltimeExceeded(HQError, TimeoutError):
+    """A task ran longer than its wall-time limit (``HQExecutor(walltime=...)`` or
+    ``hq-worker --task-walltime``)."""
 
 
 class SubmitFailed(HQError):

@@ -34,7 +34,7 @@ from coffea_hq.api import API
 from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
 
-from .slots import FunctionUnavailable, HeldTask, LeaseKey, Result, Slot
+from .slots import FunctionUnavailable, HeldTask, LeaseKey, Result, Slot, SlotLimits
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -114,6 +114,8 @@ class WorkerConfig:
     tls_ca: str | None = None  # PEM files; None: $HQ_TLS_CA, $HQ_TLS_CERT, $HQ_TLS_KEY
     tls_cert: str | None = None
     tls_key: str | None = None
+    task_memory: int = 0  # bytes of resident memory a task's subprocess may use (0: any)
+    task_walltime: float = 0.0  # seconds a task may run (0: any)
 
 
 def default_name() -> str:
@@ -287,7 +289,8 @@ class Worker:
             else None
         )
         self.api = API(config.url, retry_for=config.retry_for, token=config.token, tls=context)
-        self.slots = [Slot(i, self._function_bytes) for i in range(config.slots)]
+        limits = SlotLimits(config.task_memory, config.task_walltime)
+        self.slots = [Slot(i, self._function_bytes, limits) for i in range(config.slots)]
         self.leases = Leases()
         # Finished tasks waiting to be reported: slots put, the report loop alone takes.
         self.outbox: asyncio.Queue[Result] = asyncio.Queue()

@@ -11,6 +11,7 @@ import sys
 from coffea_hq import protocol
 from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
+from coffea_hq.sizes import parse_memory
 
 from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
 
@@ -88,8 +89,32 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get(protocol.ENV_TLS_KEY),
         help=f"the key of --tls-cert (default: ${protocol.ENV_TLS_KEY})",
     )
+    p.add_argument(
+        "--task-memory",
+        type=_memory,
+        default=0,
+        metavar="SIZE",
+        help="memory (resident set) one task may use, e.g. 2GiB; a task over it is stopped "
+        "and fails as memory_exceeded, which HQExecutor answers by splitting the chunk "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--task-walltime",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds one task may run; a task over it is stopped and fails as "
+        "walltime_exceeded (default: no limit)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_memory(text) or 0
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"server URL must start with http:// or https://, got {args.url!r}")
     if not 1 <= args.slots <= 1024:
         p.error("--slots must be between 1 and 1024")
+    if args.task_walltime < 0:
+        p.error("--task-walltime must be positive (or 0: no limit)")
     if args.lease_wait <= 0 or args.retry_for <= 0:
         p.error("--lease-wait and --retry-for must be positive")
     if args.name is not None and not protocol.valid_id(args.name):
@@ -122,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        task_memory=args.task_memory,
+        task_walltime=args.task_walltime,
     )
     try:
         worker = Worker(config)

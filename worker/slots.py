@@ -15,17 +15,45 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from coffea_hq import protocol
 from coffea_hq.lifeline import tie_to_parent
 from coffea_hq.messages import LeaseRef, TaskInfo
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
-from .child import MARKER
+from .child import LIMITS, MARKER, MARKER_SIZE
 
 LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
 
 
 FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
+# How often a slot looks at its running task's memory and wall time, when a limit is set.
+LIMITS_WATCH_EVERY = 0.05
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLimits:
+    """The worker's own per-task limits (0: none): bytes of resident memory, seconds of
+    wall time. A task's own (tighter) limits, from HQExecutor, apply too."""
+
+    memory: int = 0
+    walltime: float = 0.0
+
+
+def rss_bytes(pid: int | None) -> int:
+    """Current resident set of process ``pid`` (0 if unknown)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _tighter(a: float, b: float) -> float:
+    return min(x for x in (a, b) if x) if a or b else 0
 
 
 class FunctionUnavailable(Exception):
@@ -84,8 +112,16 @@ class Slot:
     """Runs batches of one job's tasks in its subprocess; reports a crash as the crashed
     task's result. ``job`` is the job the subprocess serves (None: a fresh one)."""
 
-    def __init__(self, index: int, fetch_function: Callable[[str], Awaitable[bytes]]) -> None:
+    def __init__(
+        self,
+        index: int,
+        fetch_function: Callable[[str], Awaitable[bytes]],
+        limits: SlotLimits | None = None,
+    ) -> None:
         self.index = index
+        self.limits = limits or SlotLimits()
+        # (sequence number, error type, message) of the task the limit watch killed
+        self._exceeded: tuple[int, str, str] | None = None
         self._fetch = fetch_function
         self._proc: asyncio.subprocess.Process | None = None
         self._loaded: set[str] = set()  # function blobs (shas) the subprocess holds
@@ -110,7 +146,7 @@ class Slot:
         # directory, however this worker ends.
         fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
         os.unlink(path)
-        os.write(fd, bytes(MARKER.size))
+        os.write(fd, bytes(MARKER_SIZE))
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -171,6 +207,7 @@ class Slot:
             self._seq += 1
             by_seq[self._seq] = item
             order.append((self._seq, item.function_blob, item.payload, item.merge))
+        watch = asyncio.create_task(self._watch_limits(), name=f"slot{self.index}-limits")
         try:
             for sha, data in functions.items():
                 self._proc.stdin.write(pipe.encode(("function", sha, data)))
@@ -188,10 +225,51 @@ class Slot:
                     results.append(Result(item, Outcome(outcome), error, data, seconds, info))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            watch.cancel()
             return await self._after_crash(by_seq, report)
         finally:
+            watch.cancel()
             self._unreported = {}
         return []
+
+    async def _watch_limits(self) -> None:
+        """Kill the subprocess when the task it runs goes over its memory (resident set)
+        or wall-time limit, noting which task and why for :meth:`_after_crash`. RSS is
+        read from /proc, not enforced with RLIMIT_AS: numpy and uproot map far more
+        address space than they touch."""
+        seq, started = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(LIMITS_WATCH_EVERY)
+            proc = self._proc
+            if proc is None or proc.returncode is not None or self._marker < 0:
+                continue
+            now, running = time.monotonic(), self._marker_seq()
+            if running != seq:
+                seq, started = running, now
+            if not running or running not in self._unreported:
+                continue
+            task_memory, task_walltime = LIMITS.unpack(
+                os.pread(self._marker, LIMITS.size, MARKER.size)
+            )
+            memory = int(_tighter(self.limits.memory, task_memory))
+            walltime = _tighter(self.limits.walltime, task_walltime)
+            exceeded = None
+            if memory and (rss := rss_bytes(proc.pid)) > memory:
+                exceeded = (
+                    protocol.MEMORY_EXCEEDED_TYPE,
+                    f"the task's subprocess used {rss / MiB:,.0f} MiB, over its memory limit "
+                    f"of {memory / MiB:,.0f} MiB (resident set), and was stopped",
+                )
+            elif walltime and now - started > walltime:
+                exceeded = (
+                    protocol.WALLTIME_EXCEEDED_TYPE,
+                    f"the task ran for over {walltime:g} s, its wall-time limit, and was stopped",
+                )
+            if exceeded is not None:
+                self._exceeded = (running, *exceeded)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
 
     async def _replace(self) -> None:
         """A fresh subprocess for the next job. A slot that has switched once keeps a
@@ -234,7 +312,12 @@ class Slot:
         crashed = self._marker_seq()
         reason = describe_exit(returncode)
         leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
-        if crashed in unreported:
+        exceeded, self._exceeded = self._exceeded, None
+        if exceeded is not None and exceeded[0] == crashed and crashed in unreported:
+            # Not retried as it is: the same task would go over its limit again.
+            error = {"type": exceeded[1], "message": exceeded[2], "traceback": ""}
+            report([Result(unreported[crashed], Outcome.ERROR, error, b"", 0.0)])
+        elif crashed in unreported:
             error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
             report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
         self.restarts += 1
