@@ -158,3 +158,18 @@ def test_worker_refuses_bad_task_memory(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit):
         parser().parse_args(["http://x:1", "--task-memory", "lots"])
+
+
+@pytest.mark.slow
+def test_worker_memory_limit_applies_to_tasks_without_one(fileset: dict[str, Any]) -> None:
+    """hq-worker --task-memory: a chunk over it fails as memory_exceeded (not split
+    without HQExecutor(memory=...)); with a looser HQExecutor limit the worker's tighter
+    one still applies, and the chunk is split."""
+    reference = run(fileset, processor.IterativeExecutor(status=False), Grows())
+    with LocalCluster(workers=1, slots=1, worker_args=("--task-memory", LIMIT)) as cluster:
+        with pytest.raises(TaskFailed) as caught:
+            run(fileset, HQExecutor(cluster.url, status=False, timeout=120), Grows(PER_EVENT))
+        assert caught.value.exc_type == protocol.MEMORY_EXCEEDED_TYPE
+        assert "memory limit" in caught.value.message
+        executor = HQExecutor(cluster.url, status=False, memory="64GiB", timeout=120)
+        assert run(fileset, executor, Grows(PER_EVENT)) == reference
