@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         _, metrics = runner(fileset, processor_instance=analysis.TtbarAnalysis())
         wall = time.perf_counter() - start
         inside, task = float(metrics["processtime"]), float(metrics["chunk_walltime"])
+        cpu = float(metrics["chunk_cputime"])
         print(
             f"{metrics['chunks']} chunks in {wall:.1f} s on {args.workers} workers "
             f"(keep_files_open={args.keep_files_open}): chunks ran {task:.1f} s in their "
             f"slots, {inside:.1f} s of it inside process() ({inside / task:.0%}); outside: "
             f"{task - inside:.1f} s ({1 - inside / task:.0%}); "
-            f"busy {task / wall / args.workers:.0%}"
+            f"busy {task / wall / args.workers:.0%}; CPU {cpu:.1f} s, "
+            f"{cpu / int(metrics['chunks']) * 1e3:.0f} ms per chunk"
         )
         real_ship = hq_executor.ship_code
 
