@@ -235,6 +235,8 @@ class HQExecutor(ExecutorBase):
         parse_memory(memory)  # a size that cannot be read fails now
         if walltime is not None and walltime <= 0:
             raise ValueError(f"walltime must be positive seconds, got {walltime!r}")
+        if keep_files_open < 0:
+            raise ValueError(f"keep_files_open must be 0 or more, got {keep_files_open}")
         if split_min_entries < 1:
             raise ValueError(f"split_min_entries must be at least 1, got {split_min_entries}")
         if env is not None:
