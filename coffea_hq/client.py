@@ -700,6 +700,11 @@ class Job:
         """For a finished reducing job that had failures: the merge of what succeeded."""
         return self._reduced
 
+    @property
+    def failures(self) -> list[TaskFailed]:
+        """The tasks that failed so far (with ``fail_fast=False``, every one of them)."""
+        return list(self._failures)
+
     def _failure(self, index: int, error: dict[str, Any], part: memoryview) -> TaskFailed:
         exception = None
         if len(part):

@@ -15,11 +15,13 @@ __all__ = [
     "HQError",
     "JobCancelled",
     "EnvironmentFailed",
+    "MemoryExceeded",
     "ServerError",
     "ServerUnreachable",
     "SubmitFailed",
     "TLSError",
     "TaskFailed",
+    "WalltimeExceeded",
     "WorkerLost",
 ]
 
@@ -154,6 +156,14 @@ class EnvironmentFailed(HQError):
     def __str__(self) -> str:
         where = f"environment {self.environment}: " if self.environment else ""
         return f"{where}step {self.step!r} failed: {self.why}"
+class MemoryExceeded(HQError, MemoryError):
+    """A task went over its memory limit (``HQExecutor(memory=...)`` or ``hq-worker
+    --task-memory``); for a coffea chunk, even once split down to the smallest size."""
+
+
+class WalltimeExceeded(HQError, TimeoutError):
+    """A task ran longer than its wall-time limit (``HQExecutor(walltime=...)`` or
+    ``hq-worker --task-walltime``)."""
 
 
 class SubmitFailed(HQError):

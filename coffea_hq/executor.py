@@ -28,11 +28,14 @@ from coffea.processor.executor import ExecutorBase
 from coffea.util import coffea_console
 
 from . import protocol
+from .chunks import LimitedTask, entries, halves, is_memory_exceeded, restore_processed
 from .client import Client, Job, resolve_url
-from .errors import HQError, TaskFailed
+from .errors import HQError, MemoryExceeded, TaskFailed
+from .filecache import FILES_KEPT, KeepFilesOpen
 from .progress import RunProgress, status_text
 from .remote import TaskNotes
 from .shipping import forwarded_env, ship_code
+from .sizes import format_size, parse_memory
 
 __all__ = ["HQExecutor", "merge_outputs"]
 
@@ -139,6 +142,22 @@ class HQExecutor(ExecutorBase):
             its metrics: ``chunk_walltime``, ``chunk_cputime`` (totals, seconds), their
             ``_max`` over chunks, ``chunk_max_rss_bytes`` (the largest peak memory of a
             chunk's subprocess), and the same for ``merge_`` tasks.
+        keep_files_open : int, optional
+            How many ROOT files each worker slot keeps open between the chunks it runs
+            (default 8), so that a file's header and tree metadata are read once per slot,
+            not once per chunk. 0 opens and closes the file for every chunk, as coffea does.
+        memory : int or str, optional
+            Memory (resident set) one chunk may use on a worker, e.g. ``"2GiB"``. A chunk
+            over it is stopped and run again as two halves by entry range, as often as
+            needed down to ``split_min_entries`` entries; the output is the same as
+            unsplit. Default: no limit (but see ``hq-worker --task-memory``).
+        split_min_entries : int, optional
+            The smallest chunk a chunk over its ``memory`` is split into (default 100);
+            a chunk this small that still goes over fails with ``MemoryExceeded``, naming
+            its file and entry range.
+        walltime : float, optional
+            Seconds one chunk may run on a worker. A chunk over it is stopped and fails
+            with ``walltime_exceeded`` (it is neither retried nor split). Default: none.
         client : coffea_hq.Client, optional
             Reuse an open client instead of connecting for each run.
     """
@@ -159,6 +178,10 @@ class HQExecutor(ExecutorBase):
     files: tuple[str, ...]
     env: dict[str, str] | tuple[str, ...] | None
     savemetrics: bool
+    keep_files_open: int
+    memory: int | str | None
+    split_min_entries: int
+    walltime: float | None
     client: Client | None
 
     def __init__(
@@ -185,6 +208,10 @@ class HQExecutor(ExecutorBase):
         files: Sequence[str | os.PathLike[str]] = (),
         env: dict[str, str] | Sequence[str] | None = None,
         savemetrics: bool = False,
+        keep_files_open: int = FILES_KEPT,
+        memory: int | str | None = None,
+        split_min_entries: int = 100,
+        walltime: float | None = None,
         client: Client | None = None,
     ) -> None:
         # Every attribute is an argument: coffea's copy() rebuilds us as
@@ -210,7 +237,18 @@ class HQExecutor(ExecutorBase):
         self.files = tuple(os.fspath(f) for f in ([files] if isinstance(files, str) else files))
         self.env = env if env is None or isinstance(env, dict) else tuple(env)
         self.savemetrics = savemetrics
+        self.keep_files_open = keep_files_open
+        self.memory = memory
+        self.split_min_entries = split_min_entries
+        self.walltime = walltime
         self.client = client
+        parse_memory(memory)  # a size that cannot be read fails now
+        if walltime is not None and walltime <= 0:
+            raise ValueError(f"walltime must be positive seconds, got {walltime!r}")
+        if keep_files_open < 0:
+            raise ValueError(f"keep_files_open must be 0 or more, got {keep_files_open}")
+        if split_min_entries < 1:
+            raise ValueError(f"split_min_entries must be at least 1, got {split_min_entries}")
         if env is not None:
             forwarded_env(env)  # a name this session lacks fails now, not mid-analysis
         if treereduction is not None and treereduction < 2:
@@ -254,13 +292,20 @@ class HQExecutor(ExecutorBase):
         self, client: Client, items: list[Any], function: Callable[..., Any], accumulator: Any
     ) -> tuple[Any, int | BaseException]:
         reducing = self.treereduction is not None
+        unwrapped = function
+        memory = parse_memory(self.memory) or 0
         function, registered = ship_code(function, self.pickle_by_value, self.ship_local_modules)
+        if self.keep_files_open:
+            function = KeepFilesOpen(function, self.keep_files_open)
+        if memory or self.walltime:
+            function = LimitedTask(function, memory, self.walltime or 0.0)
         try:
             job = client.map(
                 function,
                 items,
                 max_attempts=self.max_attempts,
-                fail_fast=not self.recoverable,
+                # With a memory limit, a chunk over it must not end the job: it is split.
+                fail_fast=not self.recoverable and not memory,
                 label=f"coffea {self.desc}: {self.function_name or ''}".strip(),
                 reduce=merge_outputs if reducing else None,
                 fanin=self.treereduction or protocol.DEFAULT_FANIN,
@@ -277,6 +322,10 @@ class HQExecutor(ExecutorBase):
         try:
             output = self._collect(job, len(items), partial)
         except TaskFailed as failure:
+            failures = job.failures
+            if memory and failures and all(is_memory_exceeded(f) for f in failures):
+                recovered = job.partial() if reducing else partial[0]
+                return self._split(client, failures, unwrapped, [recovered, accumulator])
             exception = surface(failure)
             if not self.recoverable:
                 _cancel_quietly(job)
@@ -292,6 +341,37 @@ class HQExecutor(ExecutorBase):
         if self.savemetrics:
             add_metrics(output, job.notes)
         return accumulate([output, accumulator]), 0
+
+    def _split(
+        self,
+        client: Client,
+        failures: list[TaskFailed],
+        function: Callable[..., Any],
+        done: list[Any],
+    ) -> tuple[Any, int | BaseException]:
+        """Run the chunks that went over the memory limit again as halves, in a follow-up
+        job (the first job's tasks were sealed when it was submitted); add their outputs
+        to ``done``, the outputs of everything else."""
+        split: dict[Any, list[Any]] = {}
+        for failure in failures:
+            item = failure.item[0] if isinstance(failure.item, tuple) else failure.item
+            size = entries(item)
+            if size is None or size < 2 * self.split_min_entries:
+                too_large = MemoryExceeded(
+                    f"coffea-hq: work item {describe(item)} went over the memory limit of "
+                    f"{format_size(parse_memory(self.memory) or 0)} on worker "
+                    f"{failure.worker}, and is not split below {self.split_min_entries} "
+                    "entries per chunk (HQExecutor(split_min_entries=...)): raise "
+                    f"HQExecutor(memory=...) or find what in the processor grows so large. "
+                    f"The worker said: {failure.message}"
+                )
+                if not self.recoverable:
+                    raise too_large
+                return accumulate(done), too_large
+            split[item] = halves(item)
+        more = [half for parts in split.values() for half in parts]
+        output, exception = self._run(client, more, function, None)
+        return accumulate([restore_processed(output, split), *done]), exception
 
     def _collect(self, job: Job, total: int, partial: list[Any]) -> Any:
         """Follow the job with coffea's progress bars; return the merged output."""

@@ -98,6 +98,11 @@ MAX_FANIN: Final = 1024
 MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
 DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
+# A task over its memory or wall-time limit (HQExecutor(memory=, walltime=) or hq-worker
+# --task-memory/--task-walltime) fails with its own error type: it is not retried as is
+# (it would exceed again); HQExecutor splits a chunk over its memory limit.
+MEMORY_EXCEEDED_TYPE: Final = "coffea_hq.errors.MemoryExceeded"
+WALLTIME_EXCEEDED_TYPE: Final = "coffea_hq.errors.WalltimeExceeded"
 LONG_POLL_MAX: Final = 60.0
 # A task's error travels as text (type, message, traceback) beside its pickled exception.
 # Workers cut each text field to ERROR_TEXT_MAX characters and drop a pickled exception

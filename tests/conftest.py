@@ -195,3 +195,13 @@ def server_url(store: EmbeddedRedis, processes: Processes, prefix: str) -> str:
     """A real hq-server on the shared store (short lease timeout for fast fault tests)."""
     url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     return url
+
+
+@pytest.fixture(scope="session")
+def chunk_cluster() -> Iterator[Any]:
+    """One LocalCluster (one worker, one slot) for the chunk tests (test_slot_cache,
+    test_splitting), started once."""
+    from coffea_hq import LocalCluster
+
+    with LocalCluster(workers=1, slots=1) as cluster:
+        yield cluster

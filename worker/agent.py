@@ -37,7 +37,7 @@ from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
 
 from .environments import EnvironmentCache, FunctionUnavailable, Planner
-from .slots import HeldTask, LeaseKey, Result, Slot
+from .slots import HeldTask, LeaseKey, Result, Slot, SlotLimits
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -119,6 +119,8 @@ class WorkerConfig:
     tls_key: str | None = None
     env_cache: str | None = None  # None: default_env_cache()
     env_cache_size: int | None = None  # bytes; None: unbounded
+    task_memory: int = 0  # bytes of resident memory a task's subprocess may use (0: any)
+    task_walltime: float = 0.0  # seconds a task may run (0: any)
 
 
 def default_env_cache() -> str:
@@ -305,8 +307,9 @@ class Worker:
         )
         self._planner = Planner(self.env_cache, self._function_bytes, self._blob_bytes, self.id)
         self._workdirs = os.path.join(self.env_cache.root, "work", self.id)
+        limits = SlotLimits(config.task_memory, config.task_walltime)
         self.slots = [
-            Slot(i, self._planner.plan, os.path.join(self._workdirs, f"slot{i}"))
+            Slot(i, self._planner.plan, os.path.join(self._workdirs, f"slot{i}"), limits)
             for i in range(config.slots)
         ]
         self.leases = Leases()

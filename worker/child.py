@@ -27,6 +27,10 @@ from . import pipe
 from .capture import TaskCapture
 
 MARKER = struct.Struct("!q")
+# After the sequence number: the running task's own limits (memory bytes, wall seconds; 0
+# for none), which the worker's slot watches the subprocess against.
+LIMITS = struct.Struct("!qd")
+MARKER_SIZE = MARKER.size + LIMITS.size
 FUNCTION_CACHE = 16
 
 
@@ -39,6 +43,20 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
     if len(pickled) > protocol.ERROR_PICKLE_MAX:
         pickled = b""  # too heavy to ship in a report: the text says what happened
     return protocol.error_info(exc, text), pickled
+
+
+def task_limits(function: Any) -> tuple[int, float]:
+    """The limits a job's function asks for (``task_limits``, set by HQExecutor's
+    wrapper, possibly under other wrappers that keep the wrapped one as ``function``)."""
+    for _ in range(8):
+        limits = getattr(function, "task_limits", None)
+        if limits is not None:
+            memory, walltime = limits
+            return int(memory or 0), float(walltime or 0.0)
+        function = getattr(function, "function", None)
+        if function is None:
+            break
+    return 0, 0.0
 
 
 class _Unloadable:
@@ -88,8 +106,9 @@ def main() -> None:
 
 def _serve(out: Any, capture: TaskCapture) -> None:
     inp = sys.stdin.buffer
-    marker = mmap.mmap(int(sys.argv[1]), MARKER.size)
+    marker = mmap.mmap(int(sys.argv[1]), MARKER_SIZE)
     functions: OrderedDict[str, Any] = OrderedDict()
+    limits: dict[str, tuple[int, float]] = {}
     while True:
         message = pipe.read_blocking(inp)
         if message is None:
@@ -100,12 +119,14 @@ def _serve(out: Any, capture: TaskCapture) -> None:
                 functions[sha] = protocol.loads(data)
             except Exception as exc:  # a module missing on this worker, say
                 functions[sha] = _Unloadable(exc)
+            limits[sha] = task_limits(functions[sha])
             while len(functions) > FUNCTION_CACHE:
-                functions.popitem(last=False)
+                limits.pop(functions.popitem(last=False)[0], None)
             continue
         done: list[tuple[int, str, Any, bytes, float, Any]] = []
         last_flush = time.monotonic()
         for seq, sha, payload, merge in message[1]:
+            LIMITS.pack_into(marker, MARKER.size, *limits.get(sha, (0, 0.0)))
             MARKER.pack_into(marker, 0, seq)
             with capture:
                 outcome, error, data = _run_one(functions[sha], payload, merge)

@@ -11,6 +11,7 @@ import sys
 from coffea_hq import protocol
 from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
+from coffea_hq.sizes import parse_memory
 
 from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
 
@@ -24,20 +25,6 @@ def _drain_timeout(text: str) -> float | None:
         value = -1.0
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"a number of seconds >= 0, or 'none', not {text!r}")
-    return value
-
-
-def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    number, unit = text.strip().upper().rstrip("B"), ""
-    if number and number[-1] in units:
-        number, unit = number[:-1], number[-1]
-    try:
-        value = int(float(number) * units[unit])
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size in bytes (e.g. 500M, 20G), not {text!r}")
     return value
 
 
@@ -112,14 +99,37 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--env-cache-size",
-        type=_size,
+        type=_memory,
         default=None,
         metavar="BYTES",
         help="evict least recently used environments beyond this total size (e.g. 20G; "
         "default: no limit)",
+        "--task-memory",
+        type=_memory,
+        default=0,
+        metavar="SIZE",
+        help="memory (resident set) one task may use, e.g. 2GiB; a task over it is stopped "
+        "and fails as memory_exceeded, which HQExecutor answers by splitting the chunk "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--task-walltime",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds one task may run; a task over it is stopped and fails as "
+        "walltime_exceeded (default: no limit)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def _memory(text: str) -> int:
+    """A size flag (``2GiB``, ``500M``, ``20G``), as coffea_hq.sizes reads it."""
+    try:
+        return parse_memory(text) or 0
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"server URL must start with http:// or https://, got {args.url!r}")
     if not 1 <= args.slots <= 1024:
         p.error("--slots must be between 1 and 1024")
+    if args.task_walltime < 0:
+        p.error("--task-walltime must be positive (or 0: no limit)")
     if args.lease_wait <= 0 or args.retry_for <= 0:
         p.error("--lease-wait and --retry-for must be positive")
     if args.name is not None and not protocol.valid_id(args.name):
@@ -154,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_key=args.tls_key,
         env_cache=args.env_cache,
         env_cache_size=args.env_cache_size,
+        task_memory=args.task_memory,
+        task_walltime=args.task_walltime,
     )
     try:
         worker = Worker(config)

@@ -23,7 +23,7 @@ from coffea_hq.messages import LeaseRef, TaskInfo, TaskWarning
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
-from .child import MARKER
+from .child import LIMITS, MARKER, MARKER_SIZE
 from .environments import DEFAULT_LAUNCH, FunctionUnavailable, Launch, Plan
 
 FOREIGN_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foreign.py")
@@ -33,6 +33,34 @@ LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names on
 
 FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
 ENVIRONMENT_FAILED = "coffea_hq.errors.EnvironmentFailed"
+# How often a slot looks at its running task's memory and wall time, when a limit is set.
+LIMITS_WATCH_EVERY = 0.05
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLimits:
+    """The worker's own per-task limits (0: none): bytes of resident memory, seconds of
+    wall time. A task's own (tighter) limits, from HQExecutor, apply too."""
+
+    memory: int = 0
+    walltime: float = 0.0
+
+
+def rss_bytes(pid: int | None) -> int:
+    """Current resident set of process ``pid`` (0 if unknown)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _tighter(a: float, b: float) -> float:
+    return min(x for x in (a, b) if x) if a or b else 0
+
 
 
 @dataclass(slots=True)
@@ -92,9 +120,13 @@ class Slot:
         index: int,
         plan: Callable[[str], Awaitable[Plan]],
         workdir: str | None = None,
+        limits: SlotLimits | None = None,
     ) -> None:
         self.index = index
         self._plan = plan
+        self.limits = limits or SlotLimits()
+        # (sequence number, error type, message) of the task the limit watch killed
+        self._exceeded: tuple[int, str, str] | None = None
         # Where the subprocess of a job that ships files runs (made afresh for each).
         self._workdir = workdir
         self.launch = DEFAULT_LAUNCH  # how the current subprocess was started
@@ -135,7 +167,7 @@ class Slot:
         # directory, however this worker ends.
         fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
         os.unlink(path)
-        os.write(fd, bytes(MARKER.size))
+        os.write(fd, bytes(MARKER_SIZE))
         env = None
         if launch.interpreter is None:
             argv = [sys.executable, "-m", "coffea_hq.worker.child", str(fd)]
@@ -235,6 +267,7 @@ class Slot:
                     else protocol.decompress(item.payload)
                 )
             order.append((self._seq, item.function_blob, payload, item.merge))
+        watch = asyncio.create_task(self._watch_limits(), name=f"slot{self.index}-limits")
         try:
             for sha, data in functions.items():
                 self._proc.stdin.write(pipe.encode(("function", sha, data)))
@@ -257,10 +290,51 @@ class Slot:
                     results.append(Result(item, Outcome(outcome), error, data, seconds, info))
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            watch.cancel()
             return await self._after_crash(by_seq, report) + later
         finally:
+            watch.cancel()
             self._unreported = {}
         return later
+
+    async def _watch_limits(self) -> None:
+        """Kill the subprocess when the task it runs goes over its memory (resident set)
+        or wall-time limit, noting which task and why for :meth:`_after_crash`. RSS is
+        read from /proc, not enforced with RLIMIT_AS: numpy and uproot map far more
+        address space than they touch."""
+        seq, started = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(LIMITS_WATCH_EVERY)
+            proc = self._proc
+            if proc is None or proc.returncode is not None or self._marker < 0:
+                continue
+            now, running = time.monotonic(), self._marker_seq()
+            if running != seq:
+                seq, started = running, now
+            if not running or running not in self._unreported:
+                continue
+            task_memory, task_walltime = LIMITS.unpack(
+                os.pread(self._marker, LIMITS.size, MARKER.size)
+            )
+            memory = int(_tighter(self.limits.memory, task_memory))
+            walltime = _tighter(self.limits.walltime, task_walltime)
+            exceeded = None
+            if memory and (rss := rss_bytes(proc.pid)) > memory:
+                exceeded = (
+                    protocol.MEMORY_EXCEEDED_TYPE,
+                    f"the task's subprocess used {rss / MiB:,.0f} MiB, over its memory limit "
+                    f"of {memory / MiB:,.0f} MiB (resident set), and was stopped",
+                )
+            elif walltime and now - started > walltime:
+                exceeded = (
+                    protocol.WALLTIME_EXCEEDED_TYPE,
+                    f"the task ran for over {walltime:g} s, its wall-time limit, and was stopped",
+                )
+            if exceeded is not None:
+                self._exceeded = (running, *exceeded)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
 
     async def _replace(self, launch: Launch = DEFAULT_LAUNCH) -> None:
         """A fresh subprocess for the next job. A slot that has switched once keeps a
@@ -308,7 +382,12 @@ class Slot:
         crashed = self._marker_seq()
         reason = describe_exit(returncode)
         leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
-        if crashed in unreported:
+        exceeded, self._exceeded = self._exceeded, None
+        if exceeded is not None and exceeded[0] == crashed and crashed in unreported:
+            # Not retried as it is: the same task would go over its limit again.
+            error = {"type": exceeded[1], "message": exceeded[2], "traceback": ""}
+            report([Result(unreported[crashed], Outcome.ERROR, error, b"", 0.0)])
+        elif crashed in unreported:
             error = {"type": "coffea_hq.errors.WorkerLost", "message": reason, "traceback": ""}
             report([Result(unreported[crashed], Outcome.CRASHED, error, b"", 0.0)])
         self.restarts += 1

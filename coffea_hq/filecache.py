@@ -1,0 +1,155 @@
+"""ROOT files kept open across the chunks a slot subprocess runs.
+
+coffea's work function opens each chunk's file with ``uproot.open`` and closes it when
+the chunk is done, so every chunk pays again for the file's header, directory,
+streamers and the ``TTree`` metadata (uproot keeps those in the open file's object
+cache). A slot subprocess runs many chunks of one job, mostly of the same few files:
+:class:`KeepFilesOpen`, the wrapper ``HQExecutor`` puts around coffea's work function,
+routes those opens through a small per-process :class:`FileCache` instead. The chunk
+still reads exactly its own entry range, so the outputs are the same.
+
+The cache lives only in the slot subprocess (the analysis session's own ``uproot`` is
+never touched): it is keyed by the file name(s) and every open option, holds at most
+:data:`FILES_KEPT` files (the least recently used one is closed first), and its files
+are closed when the subprocess ends, which it does before it serves another job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["FILES_KEPT", "FileCache", "KeepFilesOpen"]
+
+FILES_KEPT = 8  # open files per slot subprocess: each holds a descriptor and some metadata
+
+
+class _Kept:
+    """What the cached ``uproot.open`` returns: ``with`` gives the open directory and
+    leaves it open for the next chunk."""
+
+    __slots__ = ("directory",)
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+
+    def __enter__(self) -> Any:
+        # coffea reports a chunk's bytesread from the source's counter: count this chunk's.
+        source = getattr(getattr(self.directory, "file", None), "source", None)
+        if source is not None and hasattr(source, "_num_requested_bytes"):
+            source._num_requested_bytes = 0
+        return self.directory
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class FileCache:
+    """Open uproot directories by (files, options), at most ``size`` of them."""
+
+    def __init__(self, open_function: Callable[..., Any], size: int = FILES_KEPT) -> None:
+        self._open_function = open_function
+        self.size = size
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self.opened = 0  # files really opened (misses), for tests and profiles
+        self.reused = 0
+
+    def open(self, files: Any, **options: Any) -> Any:
+        key = _key(files, options)
+        if key is None:  # a file object or something else without a stable name
+            return self._open_function(files, **options)
+        directory = self._open.get(key)
+        if directory is not None and not _closed(directory):
+            self._open.move_to_end(key)
+            self.reused += 1
+            return _Kept(directory)
+        directory = self._open_function(files, **options)
+        self.opened += 1
+        self._open[key] = directory
+        while len(self._open) > self.size:
+            _, oldest = self._open.popitem(last=False)
+            _close(oldest)
+        return _Kept(directory)
+
+    def close(self) -> None:
+        """Close every file held."""
+        while self._open:
+            _close(self._open.popitem()[1])
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def _key(files: Any, options: dict[str, Any]) -> str | None:
+    if isinstance(files, dict):
+        if not all(isinstance(f, str) for f in files):
+            return None
+        names = repr(sorted((f, repr(t)) for f, t in files.items()))
+    elif isinstance(files, str):
+        names = files
+    else:
+        return None
+    return names + "\0" + repr(sorted(options.items()))
+
+
+def _closed(directory: Any) -> bool:
+    file = getattr(directory, "file", None)
+    return bool(getattr(file, "closed", False))
+
+
+def _close(directory: Any) -> None:
+    with contextlib.suppress(Exception):  # a file already gone: nothing left to free
+        directory.close()
+
+
+class _UprootWithCache(types.ModuleType):
+    """Stands for ``uproot`` inside coffea's executor module: ``open`` goes through the
+    cache, every other name is uproot's own."""
+
+    def __init__(self, uproot: types.ModuleType, cache: FileCache) -> None:
+        super().__init__(uproot.__name__)
+        self._uproot = uproot
+        self.open = cache.open
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._uproot, name)
+
+
+_CACHE: FileCache | None = None
+
+
+def install(size: int = FILES_KEPT) -> FileCache:
+    """Route coffea's per-chunk ``uproot.open`` through this process's cache (once)."""
+    global _CACHE
+    if _CACHE is not None:
+        return _CACHE
+    import uproot
+    from coffea.processor import executor as coffea_executor
+
+    cache = FileCache(uproot.open, size)
+    coffea_executor.uproot = _UprootWithCache(uproot, cache)
+    atexit.register(cache.close)
+    _CACHE = cache
+    return cache
+
+
+def cache() -> FileCache | None:
+    """This process's cache, if :func:`install` ran here."""
+    return _CACHE
+
+
+class KeepFilesOpen:
+    """``function`` (coffea's work function), run with the file cache installed in the
+    process that calls it. Picklable: it travels to the workers as the job's function."""
+
+    def __init__(self, function: Callable[..., Any], size: int = FILES_KEPT) -> None:
+        self.function = function
+        self.size = size
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        install(self.size)
+        return self.function(*args, **kwargs)
