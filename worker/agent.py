@@ -738,9 +738,16 @@ class Worker:
         dropped = before - self.leases.pending
         stopped = 0
         for slot in self.slots:
-            if slot.executing() in running:
+            key = slot.executing()
+            if key in running:
                 slot.kill()
                 stopped += 1
+                running = running - {key}
+        # A task a slot has taken but not begun (its subprocess still loading the function)
+        # is looked for again shortly, as for lost leases: else it would run to the end.
+        left = self.leases.still_running(running)
+        if left and self._lost_watch is None:
+            self._lost_watch = asyncio.create_task(self._stop_lost_later(left))
         if dropped or stopped:
             log.info(
                 "worker %s: job %s is over (cancelled, failed or deleted): dropped %d queued "
