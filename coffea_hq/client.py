@@ -270,6 +270,7 @@ class Client:
         fanin: int = protocol.DEFAULT_FANIN,
         blob_codec: Codec | None = None,
         env: dict[str, str] | Iterable[str] | None = None,
+        resources: bool = False,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -289,6 +290,10 @@ class Client:
 
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
+
+        With ``resources``, each task's wall and CPU time and peak memory come back with its
+        result (:meth:`Job.resources`, :attr:`Job.notes`); without, the server only adds
+        them up per job (:meth:`Job.status`), which costs less per task.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
@@ -309,6 +314,8 @@ class Client:
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
+        if resources:
+            spec["resources"] = True
         self.run(self._submit(job.id, blobs, payloads, spec))
         return job
 
@@ -508,7 +515,9 @@ class Job:
 
     def resources(self, index: int) -> dict[str, Any] | None:
         """What task ``index`` cost, once its result arrived: ``wall`` and ``cpu`` seconds,
-        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``."""
+        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``.
+        None for a job submitted without ``map(..., resources=True)``, unless that task
+        raised a warning or logged."""
         got = self.notes.tasks.get(str(index))
         if got is None:
             return None

@@ -262,6 +262,7 @@ class HQExecutor(ExecutorBase):
                 # The processor inside is lz4 already (coffea's work function expects it so).
                 blob_codec=protocol.Codec.NONE,
                 env=self.env,
+                resources=self.savemetrics,
             )
         finally:
             for name in registered:

@@ -62,6 +62,10 @@ class CreateJob(Message):
     label: Annotated[str, msgspec.Meta(max_length=256)] = ""
     reducer: BlobName | None = None
     fanin: Annotated[int, msgspec.Meta(ge=2, le=protocol.MAX_FANIN)] = protocol.DEFAULT_FANIN
+    # Keep each task's wall/CPU/peak memory for the client (``Job.resources``, coffea's
+    # savemetrics). Off, the server adds them up per job only: a note per task is kept
+    # only when the task raised warnings or logged.
+    resources: bool = False
 
 
 class SubmitTasks(Message):
@@ -240,6 +244,11 @@ class JobSummary(msgspec.Struct, omit_defaults=True):
     requeued: int = 0  # attempts handed back to the queue (crashed, lost or expired)
     crashed: int = 0  # attempts whose subprocess died
     reason: str | None = None
+    # What the job's attempts cost so far, added up by the server (where workers said):
+    # seconds of wall and CPU time, and the largest peak resident set of one (bytes).
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    max_rss: int = 0
 
 
 class JobList(msgspec.Struct):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-import importlib.metadata
 import io
 import ipaddress
 import pickle
@@ -219,6 +218,8 @@ _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASC
 
 def package_version() -> str:
     """The installed coffea-hq distribution's version (what every command's --version says)."""
+    import importlib.metadata  # here: slow to import, and a slot subprocess never asks
+
     try:
         return importlib.metadata.version("coffea-hq")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree

@@ -256,6 +256,7 @@ async def create_job(request: web.Request) -> web.Response:
         user=principal(request).user,
         reducer=body.reducer or "",
         fanin=body.fanin,
+        resources=body.resources,
     )
     return _json_reply(m.JobSummary(**summary))
 
@@ -440,7 +441,9 @@ def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
     info = item.info
     if info is None:
         return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
-    note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
+    note = None  # the common case: the script writes the note if the job keeps resources
+    if info.warnings or info.logs:
+        note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
     return Report(
         item.job,
         item.task,
@@ -448,9 +451,11 @@ def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
         item.outcome,
         error,
         bytes(part),
-        m.encode(note),
+        None if note is None else m.encode(note),
         info.output,
         info.wall,
+        info.cpu,
+        info.max_rss,
     )
 
 

@@ -40,6 +40,10 @@ class Meta(enum.StrEnum):
     FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
     REASON = "reason"  # why the server ended the job, when nobody asked it to
     FINISHED = "finished"  # ms
+    RESOURCES = "resources"  # '1': keep every task's wall/CPU/peak RSS note for the client
+    WALL_US = "wall_us"  # microseconds the job's attempts ran, added up (where known)
+    CPU_US = "cpu_us"  # CPU microseconds of the job's attempts, added up
+    RSS_MAX = "rss_max"  # the largest peak resident set of one attempt, bytes
 
 
 class Event(enum.StrEnum):

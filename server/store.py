@@ -90,6 +90,8 @@ class Report:
     note: bytes | None = None  # JSON messages.TaskNote for the client, if the worker sent info
     output: str = ""  # what the task printed (its tail), for the log ring buffers
     wall: float | None = None  # seconds the attempt ran, if the worker said (the histogram)
+    cpu: float = 0.0  # CPU seconds of the attempt (with ``wall``)
+    max_rss: int = 0  # peak resident bytes of its subprocess (with ``wall``)
 
 
 def _log_line(now: float, worker: str, job: str, r: Report) -> bytes:
@@ -208,6 +210,7 @@ class Store:
         user: str,
         reducer: str = "",
         fanin: int = 0,
+        resources: bool = False,
     ) -> dict[str, Any]:
         for sha in filter(None, (function, reducer)):
             if not await self.redis.expire(self.keys.blob(sha), BLOB_TTL):
@@ -227,6 +230,8 @@ class Store:
             raise Conflict(f"job {job} exists already with another function")
         if reply is CreateReply.NOT_YOURS:
             raise UnknownJob(NO_JOB.format(job=job))
+        if resources and reply is CreateReply.CREATED:  # before any task is submitted
+            await self.redis.hset(self.keys.job(job).meta, Meta.RESOURCES.value, "1")
         if user and reply is CreateReply.CREATED:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zadd(self.keys.user_jobs(user), {job: time.time()})
@@ -467,7 +472,7 @@ class Store:
                 attempts=[r.attempt for _, r in batch],
                 outcomes=[r.outcome for _, r in batch],
                 values=[r.data for _, r in batch],
-                walls=[r.wall for _, r in batch],
+                spent=[None if r.wall is None else (r.wall, r.cpu, r.max_rss) for _, r in batch],
                 errors=[
                     json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
                     for _, r in batch
@@ -669,6 +674,9 @@ def _summary(job: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
         "merges_open": number(Meta.MERGES_OPEN),
         "requeued": number(Meta.REQUEUED),
         "crashed": number(Meta.CRASHED),
+        "wall_seconds": number(Meta.WALL_US) / 1e6,
+        "cpu_seconds": number(Meta.CPU_US) / 1e6,
+        "max_rss": number(Meta.RSS_MAX),
     }
     if m.get(Meta.REASON):
         summary["reason"] = m[Meta.REASON]

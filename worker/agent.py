@@ -85,9 +85,17 @@ class LogBuffer(logging.Handler):
         return lines
 
 
+_PLAIN_INFO_BYTES = 96  # the JSON of a TaskInfo holding only wall, CPU and RSS, at most
+
+
 def _info_size(r: Result) -> int:
-    """Bytes ``r``'s info adds to a report's header."""
-    return 0 if r.info is None else len(msgspec.json.encode(r.info))
+    """Bytes ``r``'s info adds to a report's header (encoded only when it holds text)."""
+    info = r.info
+    if info is None:
+        return 0
+    if not (info.output or info.warnings or info.logs):
+        return _PLAIN_INFO_BYTES
+    return len(msgspec.json.encode(info))
 
 
 def _rss_bytes(pid: int | None) -> int:
