@@ -235,6 +235,11 @@ class Client:
         """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
         return self.run(self.api.workers())
 
+    def telemetry(self) -> dict[str, Any]:
+        """The heartbeats' rolling windows (:class:`coffea_hq.messages.Telemetry`): each
+        live worker's last samples and each unfinished job's share of them, oldest first."""
+        return msgspec.to_builtins(self.run(self.api.telemetry()))
+
     def jobs(self) -> list[dict[str, Any]]:
         """The newest unfinished jobs' summaries, oldest first (every user's: an admin
         route under ``hq-server --auth``)."""

@@ -175,6 +175,40 @@ class Release(Message):
     items: Annotated[list[LeaseRef], msgspec.Meta(max_length=MAX_ITEMS)] = []
 
 
+class WorkerSample(msgspec.Struct):
+    """One heartbeat's telemetry, over the span since the worker's previous heartbeat:
+    tasks finished per second, CPU use of the agent and its slot subprocesses (percent of
+    one core), slots busy now, each slot subprocess's resident set, the environment cache
+    (``env_cache``: e.g. entries and bytes; empty where the worker keeps none), and the
+    tasks finished per job. ``time`` is when the server received it (Unix time)."""
+
+    time: float = 0.0
+    slots: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    busy_slots: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    tasks_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    slot_rss_bytes: Annotated[list[int], msgspec.Meta(max_length=100_000)] = []
+    env_cache: Annotated[dict[str, int], msgspec.Meta(max_length=64)] = {}
+    jobs: Annotated[dict[Id, int], msgspec.Meta(max_length=1024)] = {}
+
+
+class JobSample(msgspec.Struct):
+    """One heartbeat's share of a job: ``done`` tasks of it finished on ``worker`` since
+    that worker's previous heartbeat, received at ``time``."""
+
+    time: float
+    worker: str
+    done: int
+
+
+class Telemetry(msgspec.Struct):
+    """``GET TELEMETRY``: the rolling windows (the last ``protocol.TELEMETRY_SAMPLES``
+    heartbeats, oldest first) of each live worker and each unfinished job."""
+
+    workers: dict[str, list[WorkerSample]]
+    jobs: dict[str, list[JobSample]]
+
+
 class Heartbeat(Message):
     """``POST HEARTBEAT``: extends ``leases`` and carries telemetry."""
 
@@ -193,6 +227,7 @@ class Heartbeat(Message):
         list[Annotated[str, msgspec.Meta(max_length=protocol.TASK_NOTE_TEXT_MAX)]],
         msgspec.Meta(max_length=protocol.HEARTBEAT_LOG_LINES),
     ] = []
+    sample: WorkerSample | None = None  # this heartbeat's entry of the worker's window
 
 
 class Presence(Message):

@@ -51,6 +51,7 @@ COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
+TELEMETRY: Final = API + "/telemetry"  # the heartbeats' rolling windows, per worker and job
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # A worker holds one request open here for its whole life (its presence): when the
 # connection drops without a goodbye, the server requeues the worker's tasks after
@@ -138,6 +139,8 @@ JOB_LOG_LINES: Final = 2000
 WORKER_LOG_LINES: Final = 2000
 WORKER_LOG_TTL: Final = 24 * 3600  # seconds a silent worker's log lines are kept
 HEARTBEAT_LOG_LINES: Final = 200  # worker log lines one heartbeat carries
+TELEMETRY_SAMPLES: Final = 120  # heartbeat samples kept per worker and per job (a window)
+TELEMETRY_TTL: Final = 3600  # seconds a window outlives its last sample
 # Environment variables forwarded to a job's tasks (HQExecutor(env=...)): bounded.
 ENV_MAX_VARS: Final = 256
 ENV_MAX_BYTES: Final = 64 * 1024

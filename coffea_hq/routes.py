@@ -194,6 +194,17 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         method="GET",
+        path=protocol.TELEMETRY,
+        operation="telemetry",
+        roles=ADMINS,
+        summary=(
+            "The heartbeats' rolling windows: each live worker's last samples (throughput, "
+            "CPU, busy slots, memory) and each unfinished job's share of them."
+        ),
+        replies=(Reply(200, Json(m.Telemetry), "windows by worker and by job"),),
+    ),
+    Route(
+        method="GET",
         path=protocol.METRICS,
         operation="metrics",
         roles=ADMINS,

@@ -173,6 +173,11 @@ async def workers(request: web.Request) -> web.Response:
     return _json_reply({w: _stored(info, m.WorkerInfo) for w, info in found.items()})
 
 
+async def telemetry(request: web.Request) -> web.Response:
+    found = await request.app[STORE].telemetry(protocol.JOBS_LIST_MAX)
+    return _json_reply(msgspec.convert(found, m.Telemetry))
+
+
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
@@ -528,7 +533,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if body.draining:
         request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now
-    lost = await store.heartbeat(body.worker, info, refs, body.logs)
+    sample = None if body.sample is None else msgspec.structs.asdict(body.sample)
+    lost = await store.heartbeat(body.worker, info, refs, body.logs, sample)
     if body.exiting:
         await store.forget_worker(body.worker)
     elif body.wait > 0 and refs and not lost and not body.draining:
@@ -695,6 +701,7 @@ HANDLERS: dict[str, Handler] = {
     "dashboard": dashboard,
     "queue": queue,
     "workers": workers,
+    "telemetry": telemetry,
     "metrics": metrics,
     "list_jobs": list_jobs,
     "put_blob": put_blob,

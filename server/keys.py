@@ -167,6 +167,15 @@ class Keys:
         a ring buffer (LTRIM), expiring when the worker stays silent."""
         return f"{self.prefix}:worker:{worker}:logs"
 
+    def worker_telemetry(self, worker: str) -> str:
+        """List of JSON messages.WorkerSample: a worker's heartbeats, a capped window."""
+        return f"{self.prefix}:worker:{worker}:telemetry"
+
+    def job_telemetry(self, job: str) -> str:
+        """List of JSON messages.JobSample: the job's share of heartbeats, a capped window
+        (outside the job's keys: it expires rather than being deleted with the job)."""
+        return f"{self.prefix}:telemetry:job:{job}"
+
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"
 

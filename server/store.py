@@ -493,6 +493,48 @@ class Store:
                 statuses[i] = status
         return statuses
 
+    def _push_samples(self, pipe: Pipeline, worker: str, sample: dict[str, Any]) -> None:
+        windows = [(self.keys.worker_telemetry(worker), json.dumps(sample))]
+        for job, done in sample.get("jobs", {}).items():
+            entry = {"time": sample["time"], "worker": worker, "done": done}
+            windows.append((self.keys.job_telemetry(job), json.dumps(entry)))
+        for key, value in windows:
+            pipe.rpush(key, value)
+            pipe.ltrim(key, -protocol.TELEMETRY_SAMPLES, -1)
+            pipe.expire(key, protocol.TELEMETRY_TTL)
+
+    async def telemetry(self, jobs_limit: int) -> dict[str, dict[str, list[Any]]]:
+        """The windows of the live workers, and of the newest ``jobs_limit`` unfinished
+        jobs and the jobs those windows name, oldest sample first (three round trips)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hkeys(self.keys.workers)
+        pipe.zrange(self.keys.jobs, -jobs_limit, -1)
+        workers, jobs = await pipe.execute()
+        names = sorted(w.decode() for w in workers)
+        for w in names:
+            pipe.lrange(self.keys.worker_telemetry(w), 0, -1)
+        found = {
+            w: [json.loads(x) for x in window]
+            for w, window in zip(names, await pipe.execute() if names else [], strict=True)
+        }
+        # The unfinished jobs, and the jobs the workers' windows name (finished lately).
+        job_names = list(dict.fromkeys(j.decode() for j in jobs))
+        for window in found.values():
+            for sample in window:
+                job_names.extend(j for j in sample.get("jobs", {}) if j not in job_names)
+        job_names = job_names[: 2 * jobs_limit]
+        for j in job_names:
+            pipe.lrange(self.keys.job_telemetry(j), 0, -1)
+        job_windows = await pipe.execute() if job_names else []
+        return {
+            "workers": found,
+            "jobs": {
+                j: [json.loads(x) for x in window]
+                for j, window in zip(job_names, job_windows, strict=True)
+                if window
+            },
+        }
+
     def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
         key = self.keys.worker_logs(worker)
         pipe.rpush(key, *lines)
@@ -529,13 +571,17 @@ class Store:
         info: dict[str, Any],
         leases: Sequence[tuple[str, str, int]],
         logs: Sequence[str] = (),
+        sample: dict[str, Any] | None = None,
     ) -> list[tuple[str, str, int]]:
         """Extend the worker's leases, record its telemetry and its log lines; returns the
-        leases it lost."""
+        leases it lost. ``sample`` (a messages.WorkerSample) joins the worker's window and
+        its per-job counts the jobs' windows, in the same round trip."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
+        if sample is not None:
+            self._push_samples(pipe, worker, {**sample, "time": now})
         if logs:
             lines = [
                 json.dumps({"time": now, "worker": worker, "text": text}).encode() for text in logs

@@ -91,6 +91,38 @@ def test_two_replicas_report_the_same_totals_and_histogram_after_a_real_job(
     assert from_b["coffea_hq_lease_wait_seconds_count"][()] == 0
 
 
+def test_two_replicas_report_the_same_heartbeat_windows_after_a_real_job(
+    store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    # (--lease-timeout 3: a heartbeat a second.)
+    a, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    b, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    processes.worker(a, "--slots", "2", "--name", "w-window")
+    naps = [0.3] * 8
+    with Client(b) as client:
+        job = client.map(nap, naps)
+        assert job.result(timeout=60) == naps
+
+    def windows(url: str) -> dict[str, Any]:
+        return get_json(url + protocol.TELEMETRY)
+
+    def job_done(url: str) -> int:
+        return sum(s["done"] for s in windows(url)["jobs"].get(job.id, []))
+
+    # The heartbeats after the last result carry its count: every task once, on both.
+    poll_until(lambda: job_done(a) == len(naps) and job_done(b) == len(naps), 20, "counts")
+    poll_until(lambda: windows(a) == windows(b), 10, "the same windows from both replicas")
+    got = windows(b)
+    samples = got["workers"]["w-window"]
+    assert 1 <= len(samples) <= protocol.TELEMETRY_SAMPLES
+    assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
+    assert all(s["slots"] == 2 and 0 <= s["busy_slots"] <= 2 for s in samples)
+    assert all(len(s["slot_rss_bytes"]) == 2 for s in samples)
+    assert any(s["tasks_per_second"] > 0 and s["cpu_percent"] > 0 for s in samples)
+    assert sum(s.get("jobs", {}).get(job.id, 0) for s in samples) == len(naps)
+    assert {s["worker"] for s in got["jobs"][job.id]} == {"w-window"}
+
+
 def test_metrics_names_units_and_types_follow_prometheus_conventions(
     embedded_store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
