@@ -209,6 +209,28 @@ class Telemetry(msgspec.Struct):
     jobs: dict[str, list[JobSample]]
 
 
+class FailureNote(msgspec.Struct):
+    """One failed task of a job as the dashboard shows it: the error the store keeps."""
+
+    task: str
+    type: str = ""
+    message: str = ""
+    traceback: str = ""
+    worker: str = ""
+
+
+class DashboardState(msgspec.Struct):
+    """One ``GET EVENTS`` event: the queue, the live workers, the unfinished jobs with
+    their first failures (``failures``: job -> up to ``protocol.EVENTS_FAILURES_MAX``),
+    and the heartbeat windows."""
+
+    queue: QueueStats
+    workers: dict[str, WorkerInfo]
+    jobs: list[JobSummary]
+    failures: dict[str, list[FailureNote]]
+    telemetry: Telemetry
+
+
 class Heartbeat(Message):
     """``POST HEARTBEAT``: extends ``leases`` and carries telemetry."""
 

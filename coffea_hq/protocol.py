@@ -52,6 +52,11 @@ RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
 TELEMETRY: Final = API + "/telemetry"  # the heartbeats' rolling windows, per worker and job
+EVENTS: Final = API + "/events"  # Server-Sent Events: a DashboardState each EVENTS_EVERY s
+EVENTS_CONTENT_TYPE: Final = "text/event-stream"
+EVENTS_EVERY: Final = 1.0
+EVENTS_MAX: Final = 600  # events one stream sends at most (``count``); the page reconnects
+EVENTS_FAILURES_MAX: Final = 5  # failed tasks (with their tracebacks) shown per job
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # A worker holds one request open here for its whole life (its presence): when the
 # connection drops without a goodbye, the server requeues the worker's tasks after

@@ -178,6 +178,50 @@ async def telemetry(request: web.Request) -> web.Response:
     return _json_reply(msgspec.convert(found, m.Telemetry))
 
 
+async def _dashboard_state(store: Any) -> bytes:
+    jobs = await store.unfinished(protocol.JOBS_LIST_MAX)
+    failing = [j["job"] for j in jobs if j["failed"]]
+    state = m.DashboardState(
+        queue=m.QueueStats(**await store.queue_stats()),
+        workers={w: _stored(info, m.WorkerInfo) for w, info in (await store.workers()).items()},
+        jobs=[m.JobSummary(**j) for j in jobs],
+        failures=msgspec.convert(
+            await store.failures(failing, protocol.EVENTS_FAILURES_MAX),
+            dict[str, list[m.FailureNote]],
+        ),
+        telemetry=msgspec.convert(await store.telemetry(protocol.JOBS_LIST_MAX), m.Telemetry),
+    )
+    return m.encode(state)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events for the dashboard: a :class:`~coffea_hq.messages.DashboardState`
+    every ``EVENTS_EVERY`` seconds until the browser goes away."""
+    raw = request.query.get("count", "1")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= protocol.EVENTS_MAX):
+        raise v.BadRequest(
+            f"query parameter 'count' must be an integer from 1 to {protocol.EVENTS_MAX}"
+        )
+    count = int(raw)
+    response = web.StreamResponse(
+        headers={"Content-Type": protocol.EVENTS_CONTENT_TYPE, "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    store = request.app[STORE]
+    try:
+        await response.write(b"retry: 1000\n\n")  # reconnect after a second when it ends
+        for i in range(count):
+            if i:
+                await asyncio.sleep(protocol.EVENTS_EVERY)
+            if not _connected(request):
+                break
+            await response.write(b"data: " + await _dashboard_state(store) + b"\n\n")
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the page was closed or reloaded
+        pass
+    return response
+
+
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
@@ -702,6 +746,7 @@ HANDLERS: dict[str, Handler] = {
     "queue": queue,
     "workers": workers,
     "telemetry": telemetry,
+    "events": events,
     "metrics": metrics,
     "list_jobs": list_jobs,
     "put_blob": put_blob,

@@ -124,6 +124,9 @@ class ResultBatch:
     notes: dict[str, msgspec.Raw] | None = None
 
 
+_FAILURE_KEYS = ("type", "message", "traceback", "worker")
+
+
 def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -534,6 +537,27 @@ class Store:
                 if window
             },
         }
+
+    async def failures(self, jobs: Sequence[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+        """Up to ``limit`` failed tasks of each of ``jobs`` (those with any) with the
+        errors the store keeps (one round trip)."""
+        if not jobs:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hscan(self.keys.job(job).errors, 0, count=limit)
+        found: dict[str, list[dict[str, Any]]] = {}
+        for job, (_, errors) in zip(jobs, await pipe.execute(), strict=True):
+            for task, raw in list(errors.items())[:limit]:
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    doc = {}
+                doc = doc if isinstance(doc, dict) else {}
+                found.setdefault(job, []).append(
+                    {"task": task.decode(), **{k: str(doc.get(k, "")) for k in _FAILURE_KEYS}}
+                )
+        return found
 
     def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
         key = self.keys.worker_logs(worker)
