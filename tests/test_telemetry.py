@@ -92,9 +92,10 @@ def test_two_replicas_report_the_same_totals_and_histogram_after_a_real_job(
 
 
 def test_two_replicas_report_the_same_heartbeat_windows_after_a_real_job(
-    store: EmbeddedRedis, processes: Processes, prefix: str
+    embedded_store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
-    # (--lease-timeout 3: a heartbeat a second.)
+    # (--lease-timeout 3: a heartbeat a second. One store kind: the windows are plain lists.)
+    store = embedded_store
     a, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     b, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     processes.worker(a, "--slots", "2", "--name", "w-window")
