@@ -17,7 +17,8 @@ checked against the inputs. The target: coffea-hq >= 10x the faster of Dask and 
     python benchmarks/end_to_end.py                          # 20,000 tasks x 3
     python benchmarks/end_to_end.py --tasks 2000 --repeat 1  # a quick check
 
-``benchmarks/control_plane.py`` measures the queue alone. Everything started is stopped
+``benchmarks/control_plane.py`` measures the queue alone; ``benchmarks/README.md`` holds
+the figures measured for the cost of telemetry (issue 13). Everything started is stopped
 in ``finally`` blocks; a watchdog (``--time-limit``) interrupts a run that hangs, cleans
 up, and as a last resort kills this process's children by pid and exits.
 """

@@ -70,6 +70,10 @@ class API:
         """``GET WORKERS``: each live worker's last heartbeat (slots, host, telemetry)."""
         return m.decode((await self.transport.call("GET", protocol.WORKERS)).body, m.Workers)
 
+    async def telemetry(self) -> m.Telemetry:
+        """``GET TELEMETRY``: the rolling windows of heartbeat samples, per worker and job."""
+        return m.decode((await self.transport.call("GET", protocol.TELEMETRY)).body, m.Telemetry)
+
     async def metrics(self) -> str:
         """``GET METRICS``: the Prometheus text exposition."""
         return bytes((await self.transport.call("GET", protocol.METRICS)).body).decode()

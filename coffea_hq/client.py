@@ -236,6 +236,11 @@ class Client:
         """Each live worker's last heartbeat: slots, host, telemetry (``stats``)."""
         return self.run(self.api.workers())
 
+    def telemetry(self) -> dict[str, Any]:
+        """The heartbeats' rolling windows (:class:`coffea_hq.messages.Telemetry`): each
+        live worker's last samples and each unfinished job's share of them, oldest first."""
+        return msgspec.to_builtins(self.run(self.api.telemetry()))
+
     def jobs(self) -> list[dict[str, Any]]:
         """The newest unfinished jobs' summaries, oldest first (every user's: an admin
         route under ``hq-server --auth``)."""
@@ -273,6 +278,7 @@ class Client:
         env: dict[str, str] | Iterable[str] | None = None,
         environment: Environment | None = None,
         files: Iterable[str | os.PathLike[str]] = (),
+        resources: bool = False,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -296,6 +302,10 @@ class Client:
 
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
+
+        With ``resources``, each task's wall and CPU time and peak memory come back with its
+        result (:meth:`Job.resources`, :attr:`Job.notes`); without, the server only adds
+        them up per job (:meth:`Job.status`), which costs less per task.
         """
         if reduce is not None and fanin < 2:
             raise ValueError("fanin must be at least 2")
@@ -322,6 +332,8 @@ class Client:
         spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
         if reduce is not None:
             spec["fanin"] = fanin
+        if resources:
+            spec["resources"] = True
         self.run(self._submit(job.id, blobs, payloads, spec, extra))
         return job
 
@@ -528,7 +540,9 @@ class Job:
 
     def resources(self, index: int) -> dict[str, Any] | None:
         """What task ``index`` cost, once its result arrived: ``wall`` and ``cpu`` seconds,
-        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``."""
+        ``max_rss`` (peak resident bytes of its subprocess during the task) and ``worker``.
+        None for a job submitted without ``map(..., resources=True)``, unless that task
+        raised a warning or logged."""
         got = self.notes.tasks.get(str(index))
         if got is None:
             return None

@@ -314,6 +314,7 @@ class HQExecutor(ExecutorBase):
                 env=self.env,
                 environment=self.environment,
                 files=self.files,
+                resources=self.savemetrics,
             )
         finally:
             for name in registered:

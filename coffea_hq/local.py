@@ -32,6 +32,12 @@ from .errors import HQError
 
 log = logging.getLogger(__name__)
 
+
+def _interactive() -> bool:
+    """Whether a person is watching this session (a Python prompt, IPython, Jupyter)."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "IPython" in sys.modules
+
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 INTERRUPTED_STOP_TIMEOUT = 3.0  # after Ctrl-C: the job was cancelled, nothing to wait for
@@ -210,6 +216,9 @@ class LocalCluster:
         except BaseException:
             self.close()
             raise
+        log.info("coffea-hq LocalCluster at %s: dashboard %s", self.url, self.dashboard_link)
+        if _interactive():  # a notebook or a prompt: say where to look, as Dask does
+            print(f"coffea-hq dashboard: {self.dashboard_link}", file=sys.stderr, flush=True)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:

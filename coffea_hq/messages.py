@@ -62,6 +62,10 @@ class CreateJob(Message):
     label: Annotated[str, msgspec.Meta(max_length=256)] = ""
     reducer: BlobName | None = None
     fanin: Annotated[int, msgspec.Meta(ge=2, le=protocol.MAX_FANIN)] = protocol.DEFAULT_FANIN
+    # Keep each task's wall/CPU/peak memory for the client (``Job.resources``, coffea's
+    # savemetrics). Off, the server adds them up per job only: a note per task is kept
+    # only when the task raised warnings or logged.
+    resources: bool = False
 
 
 class SubmitTasks(Message):
@@ -215,6 +219,62 @@ class Release(Message):
     items: Annotated[list[LeaseRef], msgspec.Meta(max_length=MAX_ITEMS)] = []
 
 
+class WorkerSample(msgspec.Struct):
+    """One heartbeat's telemetry, over the span since the worker's previous heartbeat:
+    tasks finished per second, CPU use of the agent and its slot subprocesses (percent of
+    one core), slots busy now, each slot subprocess's resident set, the environment cache
+    (``env_cache``: e.g. entries and bytes; empty where the worker keeps none), and the
+    tasks finished per job. ``time`` is when the server received it (Unix time)."""
+
+    time: float = 0.0
+    slots: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    busy_slots: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    tasks_per_second: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cpu_percent: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    slot_rss_bytes: Annotated[list[int], msgspec.Meta(max_length=100_000)] = []
+    env_cache: Annotated[dict[str, int], msgspec.Meta(max_length=64)] = {}
+    jobs: Annotated[dict[Id, int], msgspec.Meta(max_length=1024)] = {}
+
+
+class JobSample(msgspec.Struct):
+    """One heartbeat's share of a job: ``done`` tasks of it finished on ``worker`` since
+    that worker's previous heartbeat, received at ``time``."""
+
+    time: float
+    worker: str
+    done: int
+
+
+class Telemetry(msgspec.Struct):
+    """``GET TELEMETRY``: the rolling windows (the last ``protocol.TELEMETRY_SAMPLES``
+    heartbeats, oldest first) of each live worker and each unfinished job."""
+
+    workers: dict[str, list[WorkerSample]]
+    jobs: dict[str, list[JobSample]]
+
+
+class FailureNote(msgspec.Struct):
+    """One failed task of a job as the dashboard shows it: the error the store keeps."""
+
+    task: str
+    type: str = ""
+    message: str = ""
+    traceback: str = ""
+    worker: str = ""
+
+
+class DashboardState(msgspec.Struct):
+    """One ``GET EVENTS`` event: the queue, the live workers, the unfinished jobs with
+    their first failures (``failures``: job -> up to ``protocol.EVENTS_FAILURES_MAX``),
+    and the heartbeat windows."""
+
+    queue: QueueStats
+    workers: dict[str, WorkerInfo]
+    jobs: list[JobSummary]
+    failures: dict[str, list[FailureNote]]
+    telemetry: Telemetry
+
+
 class Heartbeat(Message):
     """``POST HEARTBEAT``: extends ``leases`` and carries telemetry."""
 
@@ -233,6 +293,7 @@ class Heartbeat(Message):
         list[Annotated[str, msgspec.Meta(max_length=protocol.TASK_NOTE_TEXT_MAX)]],
         msgspec.Meta(max_length=protocol.HEARTBEAT_LOG_LINES),
     ] = []
+    sample: WorkerSample | None = None  # this heartbeat's entry of the worker's window
 
 
 class Presence(Message):
@@ -284,6 +345,11 @@ class JobSummary(msgspec.Struct, omit_defaults=True):
     requeued: int = 0  # attempts handed back to the queue (crashed, lost or expired)
     crashed: int = 0  # attempts whose subprocess died
     reason: str | None = None
+    # What the job's attempts cost so far, added up by the server (where workers said):
+    # seconds of wall and CPU time, and the largest peak resident set of one (bytes).
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    max_rss: int = 0
 
 
 class JobList(msgspec.Struct):

@@ -15,7 +15,13 @@ from typing import Any, Final
 import msgspec
 
 from . import protocol
-from .protocol import BLOB_CONTENT_TYPE, FRAMES_CONTENT_TYPE, PRESENCE_CONTENT_TYPE, Role
+from .protocol import (
+    BLOB_CONTENT_TYPE,
+    EVENTS_CONTENT_TYPE,
+    FRAMES_CONTENT_TYPE,
+    PRESENCE_CONTENT_TYPE,
+    Role,
+)
 from .routes import (
     PATH_PARAMETERS,
     ROUTES,
@@ -75,6 +81,20 @@ def _content(body: Json | Frames | Bytes | Lines | Text, schema: dict[str, Any])
             "description": f"{FRAMES_DESCRIPTION} Header: {header}. Parts: {body.parts}.",
         }
         return {FRAMES_CONTENT_TYPE: {"schema": binary, "x-hq-frame-header": schema}}
+    if isinstance(body, Text) and body.media_type == EVENTS_CONTENT_TYPE:
+        # A stream's schema describes each of its events (as OpenAPI 3.2 has it).
+        field = {"type": "string"}
+        event = {
+            "type": "object",
+            "description": body.what,
+            "properties": {
+                "data": field,
+                "event": field,
+                "id": field,
+                "retry": {"type": "integer"},
+            },
+        }
+        return {body.media_type: {"schema": event}}
     if isinstance(body, Text):
         return {body.media_type: {"schema": {"type": "string", "description": body.what}}}
     if isinstance(body, Lines):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-import importlib.metadata
 import io
 import ipaddress
 import pickle
@@ -52,6 +51,12 @@ COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
+TELEMETRY: Final = API + "/telemetry"  # the heartbeats' rolling windows, per worker and job
+EVENTS: Final = API + "/events"  # Server-Sent Events: a DashboardState each EVENTS_EVERY s
+EVENTS_CONTENT_TYPE: Final = "text/event-stream"
+EVENTS_EVERY: Final = 1.0
+EVENTS_MAX: Final = 600  # events one stream sends at most (``count``); the page reconnects
+EVENTS_FAILURES_MAX: Final = 5  # failed tasks (with their tracebacks) shown per job
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # A worker holds one request open here for its whole life (its presence): when the
 # connection drops without a goodbye, the server requeues the worker's tasks after
@@ -144,6 +149,8 @@ JOB_LOG_LINES: Final = 2000
 WORKER_LOG_LINES: Final = 2000
 WORKER_LOG_TTL: Final = 24 * 3600  # seconds a silent worker's log lines are kept
 HEARTBEAT_LOG_LINES: Final = 200  # worker log lines one heartbeat carries
+TELEMETRY_SAMPLES: Final = 120  # heartbeat samples kept per worker and per job (a window)
+TELEMETRY_TTL: Final = 3600  # seconds a window outlives its last sample
 # Environment variables forwarded to a job's tasks (HQExecutor(env=...)): bounded.
 ENV_MAX_VARS: Final = 256
 ENV_MAX_BYTES: Final = 64 * 1024
@@ -237,6 +244,8 @@ _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASC
 
 def package_version() -> str:
     """The installed coffea-hq distribution's version (what every command's --version says)."""
+    import importlib.metadata  # here: slow to import, and a slot subprocess never asks
+
     try:
         return importlib.metadata.version("coffea-hq")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree

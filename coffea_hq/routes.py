@@ -194,6 +194,42 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         method="GET",
+        path=protocol.TELEMETRY,
+        operation="telemetry",
+        roles=ADMINS,
+        summary=(
+            "The heartbeats' rolling windows: each live worker's last samples (throughput, "
+            "CPU, busy slots, memory) and each unfinished job's share of them."
+        ),
+        replies=(Reply(200, Json(m.Telemetry), "windows by worker and by job"),),
+    ),
+    Route(
+        method="GET",
+        path=protocol.EVENTS,
+        operation="events",
+        roles=ADMINS,
+        summary=(
+            "Server-Sent Events for the dashboard, held open: each event's data is a "
+            "DashboardState (queue, workers, jobs with their failures, heartbeat windows), "
+            "one a second."
+        ),
+        query=(
+            Query(
+                "count",
+                Annotated[int, msgspec.Meta(ge=1, le=protocol.EVENTS_MAX)],
+                "events to send before the stream ends (default 1)",
+            ),
+        ),
+        replies=(
+            Reply(
+                200,
+                Text(protocol.EVENTS_CONTENT_TYPE, "'data: <DashboardState JSON>' events"),
+                "the stream",
+            ),
+        ),
+    ),
+    Route(
+        method="GET",
         path=protocol.METRICS,
         operation="metrics",
         roles=ADMINS,

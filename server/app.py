@@ -173,6 +173,55 @@ async def workers(request: web.Request) -> web.Response:
     return _json_reply({w: _stored(info, m.WorkerInfo) for w, info in found.items()})
 
 
+async def telemetry(request: web.Request) -> web.Response:
+    found = await request.app[STORE].telemetry(protocol.JOBS_LIST_MAX)
+    return _json_reply(msgspec.convert(found, m.Telemetry))
+
+
+async def _dashboard_state(store: Any) -> bytes:
+    jobs = await store.unfinished(protocol.JOBS_LIST_MAX)
+    failing = [j["job"] for j in jobs if j["failed"]]
+    state = m.DashboardState(
+        queue=m.QueueStats(**await store.queue_stats()),
+        workers={w: _stored(info, m.WorkerInfo) for w, info in (await store.workers()).items()},
+        jobs=[m.JobSummary(**j) for j in jobs],
+        failures=msgspec.convert(
+            await store.failures(failing, protocol.EVENTS_FAILURES_MAX),
+            dict[str, list[m.FailureNote]],
+        ),
+        telemetry=msgspec.convert(await store.telemetry(protocol.JOBS_LIST_MAX), m.Telemetry),
+    )
+    return m.encode(state)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events for the dashboard: a :class:`~coffea_hq.messages.DashboardState`
+    every ``EVENTS_EVERY`` seconds until the browser goes away."""
+    raw = request.query.get("count", "1")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= protocol.EVENTS_MAX):
+        raise v.BadRequest(
+            f"query parameter 'count' must be an integer from 1 to {protocol.EVENTS_MAX}"
+        )
+    count = int(raw)
+    response = web.StreamResponse(
+        headers={"Content-Type": protocol.EVENTS_CONTENT_TYPE, "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    store = request.app[STORE]
+    try:
+        await response.write(b"retry: 1000\n\n")  # reconnect after a second when it ends
+        for i in range(count):
+            if i:
+                await asyncio.sleep(protocol.EVENTS_EVERY)
+            if not _connected(request):
+                break
+            await response.write(b"data: " + await _dashboard_state(store) + b"\n\n")
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):  # the page was closed or reloaded
+        pass
+    return response
+
+
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
@@ -256,6 +305,7 @@ async def create_job(request: web.Request) -> web.Response:
         user=principal(request).user,
         reducer=body.reducer or "",
         fanin=body.fanin,
+        resources=body.resources,
     )
     return _json_reply(m.JobSummary(**summary))
 
@@ -440,7 +490,9 @@ def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
     info = item.info
     if info is None:
         return Report(item.job, item.task, item.attempt, item.outcome, error, bytes(part))
-    note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
+    note = None  # the common case: the script writes the note if the job keeps resources
+    if info.warnings or info.logs:
+        note = m.TaskNote(worker, info.wall, info.cpu, info.max_rss, info.warnings, info.logs)
     return Report(
         item.job,
         item.task,
@@ -448,9 +500,11 @@ def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
         item.outcome,
         error,
         bytes(part),
-        m.encode(note),
+        None if note is None else m.encode(note),
         info.output,
         info.wall,
+        info.cpu,
+        info.max_rss,
     )
 
 
@@ -523,7 +577,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if body.draining:
         request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now
-    lost = await store.heartbeat(body.worker, info, refs, body.logs)
+    sample = None if body.sample is None else msgspec.structs.asdict(body.sample)
+    lost = await store.heartbeat(body.worker, info, refs, body.logs, sample)
     if body.exiting:
         await store.forget_worker(body.worker)
     elif body.wait > 0 and refs and not lost and not body.draining:
@@ -690,6 +745,8 @@ HANDLERS: dict[str, Handler] = {
     "dashboard": dashboard,
     "queue": queue,
     "workers": workers,
+    "telemetry": telemetry,
+    "events": events,
     "metrics": metrics,
     "list_jobs": list_jobs,
     "put_blob": put_blob,

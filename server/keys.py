@@ -40,6 +40,10 @@ class Meta(enum.StrEnum):
     FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
     REASON = "reason"  # why the server ended the job, when nobody asked it to
     FINISHED = "finished"  # ms
+    RESOURCES = "resources"  # '1': keep every task's wall/CPU/peak RSS note for the client
+    WALL_US = "wall_us"  # microseconds the job's attempts ran, added up (where known)
+    CPU_US = "cpu_us"  # CPU microseconds of the job's attempts, added up
+    RSS_MAX = "rss_max"  # the largest peak resident set of one attempt, bytes
 
 
 class Event(enum.StrEnum):
@@ -162,6 +166,15 @@ class Keys:
         """List of JSON messages.LogLine: a worker's tasks' output and its own log lines,
         a ring buffer (LTRIM), expiring when the worker stays silent."""
         return f"{self.prefix}:worker:{worker}:logs"
+
+    def worker_telemetry(self, worker: str) -> str:
+        """List of JSON messages.WorkerSample: a worker's heartbeats, a capped window."""
+        return f"{self.prefix}:worker:{worker}:telemetry"
+
+    def job_telemetry(self, job: str) -> str:
+        """List of JSON messages.JobSample: the job's share of heartbeats, a capped window
+        (outside the job's keys: it expires rather than being deleted with the job)."""
+        return f"{self.prefix}:telemetry:job:{job}"
 
     def blob(self, sha: str) -> str:
         return f"{self.prefix}:blob:{sha}"

@@ -77,9 +77,9 @@ SPECS: dict[str, Spec] = {
     "submit": Spec(("tasks", "sizes", "payloads")),
     "seal": Spec(("total",)),
     "lease": Spec(("worker", "max", "lease_ms", "users")),
-    # outcomes: one letter per task (OUTCOME_CODES); walls: comma-joined seconds each
-    # task ran ('' where unknown); notes and outputs packed with their sizes; rest: the
-    # error JSON of each task that is not ok, in order.
+    # outcomes: one letter per task (OUTCOME_CODES); spent: comma-joined 'wall:cpu:rss'
+    # of each task (seconds, seconds, bytes; '' where unknown); notes and outputs packed
+    # with their sizes; rest: the error JSON of each task that is not ok, in order.
     "complete": Spec(
         (
             "worker",
@@ -88,7 +88,7 @@ SPECS: dict[str, Spec] = {
             "outcomes",
             "sizes",
             "values",
-            "walls",
+            "spent",
             "note_sizes",
             "notes",
             "output_sizes",
@@ -375,9 +375,10 @@ class Scripts:
         errors: Sequence[str],
         notes: Sequence[bytes],
         outputs: Sequence[bytes],
-        walls: Sequence[float | None] = (),
+        spent: Sequence[tuple[float, float, int] | None] = (),
     ) -> Call[list[CompleteStatus]]:
-        """``walls``: each task's seconds (None: unknown), for the duration histogram."""
+        """``spent``: each task's (wall s, CPU s, peak RSS bytes), None where unknown: the
+        duration histogram, the job's totals, and notes of jobs that keep resources."""
         # A constant number of script arguments whatever the batch size: packing thousands
         # of arguments one by one is most of redis-py's cost here.
         return self._call(
@@ -395,7 +396,7 @@ class Scripts:
             notes=b"".join(notes),
             output_sizes=",".join(str(len(o)) for o in outputs),
             outputs=b"".join(outputs),
-            walls=",".join("" if w is None else f"{w:.6f}" for w in walls),
+            spent=",".join("" if s is None else f"{s[0]:.6f}:{s[1]:.6f}:{s[2]}" for s in spent),
             errors=errors,
         )
 

@@ -90,6 +90,8 @@ class Report:
     note: bytes | None = None  # JSON messages.TaskNote for the client, if the worker sent info
     output: str = ""  # what the task printed (its tail), for the log ring buffers
     wall: float | None = None  # seconds the attempt ran, if the worker said (the histogram)
+    cpu: float = 0.0  # CPU seconds of the attempt (with ``wall``)
+    max_rss: int = 0  # peak resident bytes of its subprocess (with ``wall``)
 
 
 def _log_line(now: float, worker: str, job: str, r: Report) -> bytes:
@@ -120,6 +122,9 @@ class ResultBatch:
     end: bool = False  # the batch reaches the job's last event: nothing more will come
     # task -> messages.TaskNote, where one exists: its JSON as stored, passed on unparsed
     notes: dict[str, msgspec.Raw] | None = None
+
+
+_FAILURE_KEYS = ("type", "message", "traceback", "worker")
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -208,6 +213,7 @@ class Store:
         user: str,
         reducer: str = "",
         fanin: int = 0,
+        resources: bool = False,
     ) -> dict[str, Any]:
         for sha in filter(None, (function, reducer)):
             if not await self.redis.expire(self.keys.blob(sha), BLOB_TTL):
@@ -227,6 +233,8 @@ class Store:
             raise Conflict(f"job {job} exists already with another function")
         if reply is CreateReply.NOT_YOURS:
             raise UnknownJob(NO_JOB.format(job=job))
+        if resources and reply is CreateReply.CREATED:  # before any task is submitted
+            await self.redis.hset(self.keys.job(job).meta, Meta.RESOURCES.value, "1")
         if user and reply is CreateReply.CREATED:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zadd(self.keys.user_jobs(user), {job: time.time()})
@@ -467,7 +475,7 @@ class Store:
                 attempts=[r.attempt for _, r in batch],
                 outcomes=[r.outcome for _, r in batch],
                 values=[r.data for _, r in batch],
-                walls=[r.wall for _, r in batch],
+                spent=[None if r.wall is None else (r.wall, r.cpu, r.max_rss) for _, r in batch],
                 errors=[
                     json.dumps({**(r.error or {}), "worker": worker, "attempt": r.attempt})
                     for _, r in batch
@@ -487,6 +495,69 @@ class Store:
             for (i, _), status in zip(batch, reply, strict=True):
                 statuses[i] = status
         return statuses
+
+    def _push_samples(self, pipe: Pipeline, worker: str, sample: dict[str, Any]) -> None:
+        windows = [(self.keys.worker_telemetry(worker), json.dumps(sample))]
+        for job, done in sample.get("jobs", {}).items():
+            entry = {"time": sample["time"], "worker": worker, "done": done}
+            windows.append((self.keys.job_telemetry(job), json.dumps(entry)))
+        for key, value in windows:
+            pipe.rpush(key, value)
+            pipe.ltrim(key, -protocol.TELEMETRY_SAMPLES, -1)
+            pipe.expire(key, protocol.TELEMETRY_TTL)
+
+    async def telemetry(self, jobs_limit: int) -> dict[str, dict[str, list[Any]]]:
+        """The windows of the live workers, and of the newest ``jobs_limit`` unfinished
+        jobs and the jobs those windows name, oldest sample first (three round trips)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hkeys(self.keys.workers)
+        pipe.zrange(self.keys.jobs, -jobs_limit, -1)
+        workers, jobs = await pipe.execute()
+        names = sorted(w.decode() for w in workers)
+        for w in names:
+            pipe.lrange(self.keys.worker_telemetry(w), 0, -1)
+        found = {
+            w: [json.loads(x) for x in window]
+            for w, window in zip(names, await pipe.execute() if names else [], strict=True)
+        }
+        # The unfinished jobs, and the jobs the workers' windows name (finished lately).
+        job_names = list(dict.fromkeys(j.decode() for j in jobs))
+        for window in found.values():
+            for sample in window:
+                job_names.extend(j for j in sample.get("jobs", {}) if j not in job_names)
+        job_names = job_names[: 2 * jobs_limit]
+        for j in job_names:
+            pipe.lrange(self.keys.job_telemetry(j), 0, -1)
+        job_windows = await pipe.execute() if job_names else []
+        return {
+            "workers": found,
+            "jobs": {
+                j: [json.loads(x) for x in window]
+                for j, window in zip(job_names, job_windows, strict=True)
+                if window
+            },
+        }
+
+    async def failures(self, jobs: Sequence[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+        """Up to ``limit`` failed tasks of each of ``jobs`` (those with any) with the
+        errors the store keeps (one round trip)."""
+        if not jobs:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hscan(self.keys.job(job).errors, 0, count=limit)
+        found: dict[str, list[dict[str, Any]]] = {}
+        for job, (_, errors) in zip(jobs, await pipe.execute(), strict=True):
+            for task, raw in list(errors.items())[:limit]:
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    doc = {}
+                doc = doc if isinstance(doc, dict) else {}
+                found.setdefault(job, []).append(
+                    {"task": task.decode(), **{k: str(doc.get(k, "")) for k in _FAILURE_KEYS}}
+                )
+        return found
 
     def _push_worker_lines(self, pipe: Pipeline, worker: str, lines: list[bytes]) -> None:
         key = self.keys.worker_logs(worker)
@@ -524,13 +595,17 @@ class Store:
         info: dict[str, Any],
         leases: Sequence[tuple[str, str, int]],
         logs: Sequence[str] = (),
+        sample: dict[str, Any] | None = None,
     ) -> list[tuple[str, str, int]]:
         """Extend the worker's leases, record its telemetry and its log lines; returns the
-        leases it lost."""
+        leases it lost. ``sample`` (a messages.WorkerSample) joins the worker's window and
+        its per-job counts the jobs' windows, in the same round trip."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.workers, worker, json.dumps({**info, "seen": now}))
         pipe.zadd(self.keys.workers_seen, {worker: now})
+        if sample is not None:
+            self._push_samples(pipe, worker, {**sample, "time": now})
         if logs:
             lines = [
                 json.dumps({"time": now, "worker": worker, "text": text}).encode() for text in logs
@@ -669,6 +744,9 @@ def _summary(job: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
         "merges_open": number(Meta.MERGES_OPEN),
         "requeued": number(Meta.REQUEUED),
         "crashed": number(Meta.CRASHED),
+        "wall_seconds": number(Meta.WALL_US) / 1e6,
+        "cpu_seconds": number(Meta.CPU_US) / 1e6,
+        "max_rss": number(Meta.RSS_MAX),
     }
     if m.get(Meta.REASON):
         summary["reason"] = m[Meta.REASON]

@@ -188,6 +188,9 @@ def _steer(case: schemathesis.Case) -> None:
             number = isinstance(wait, int | float) and not isinstance(wait, bool)
             if number and LONG_POLL_CAP < float(wait) <= protocol.LONG_POLL_MAX:  # type: ignore[arg-type]
                 holder["wait"] = LONG_POLL_CAP
+    count = case.query.get("count") if isinstance(case.query, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool) and 1 < count <= protocol.EVENTS_MAX:
+        case.query["count"] = 1  # (one event at once, not a stream of minutes)
     job = (case.path_parameters or {}).get("job")
     if isinstance(job, str) and protocol.valid_id(job) and (len(job) % 4 or job in WITNESS_JOBS):
         # (DELETE gets jobs of its own, or it would leave the later operations none.)

@@ -140,6 +140,8 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
     return {
         ("GET", protocol.QUEUE): (protocol.QUEUE, None, "application/json"),
         ("GET", protocol.WORKERS): (protocol.WORKERS, None, "application/json"),
+        ("GET", protocol.TELEMETRY): (protocol.TELEMETRY, None, "application/json"),
+        ("GET", protocol.EVENTS): (protocol.EVENTS + "?count=1", None, "application/json"),
         ("GET", protocol.METRICS): (protocol.METRICS, None, "application/json"),
         ("GET", protocol.JOBS): (protocol.JOBS, None, "application/json"),
         ("GET", protocol.WORKER_LOGS): (

@@ -194,9 +194,11 @@ def test_a_report_refused_keeps_no_note_and_a_deleted_job_gets_no_keys_back(
         body = protocol.pack({"worker": "w", "items": items}, [b"r"] * len(items))
         return http("POST", server_url + protocol.COMPLETE, body, protocol.FRAMES_CONTENT_TYPE)
 
-    first = {"wall": 1.0, "output": "first\n"}
+    # (A warning each: a note is kept for a task that raised one, or a job keeping resources.)
+    warned = [["builtins.UserWarning", "careful", "t.py", 1, "", 1]]
+    first = {"wall": 1.0, "output": "first\n", "warnings": warned}
     assert report([[j0, t0, a0, "ok", None, first]])[1]["items"] == ["accepted"]
-    stale = {"wall": 9.0, "output": "stale\n"}
+    stale = {"wall": 9.0, "output": "stale\n", "warnings": warned}
     assert report([[j0, t0, a0 + 1, "ok", None, stale]])[1]["items"] == ["not_leased"]
     notes = redis_client.hgetall(f"{prefix}:job:{{gone}}:notes")
     assert list(notes) == [t0.encode()] and json.loads(notes[t0.encode()])["wall"] == 1.0

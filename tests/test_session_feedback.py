@@ -151,12 +151,12 @@ def test_each_task_reports_its_wall_cpu_and_peak_memory(
 ) -> None:
     # Two tasks on one worker (2 workers x 1 slot: run them in one job, then a small one
     # after): the small task's peak is its own, not the big one's before it.
-    big = client.map(hog, [200], [0.3])
+    big = client.map(hog, [200], [0.3], resources=True)
     big.result(timeout=30)
     used = big.resources(0)
     assert used is not None and used["max_rss"] > 200 * 1024 * 1024
     assert 0.25 < used["cpu"] <= used["wall"] + 0.05
-    small = client.map(hog, [1] * 4, [0.0] * 4)
+    small = client.map(hog, [1] * 4, [0.0] * 4, resources=True)
     small.result(timeout=30)
     peaks = [small.resources(i)["max_rss"] for i in range(4)]  # type: ignore[index]
     assert max(peaks) < 150 * 1024 * 1024, peaks
@@ -164,6 +164,18 @@ def test_each_task_reports_its_wall_cpu_and_peak_memory(
     stats = workers[used["worker"]]["stats"]
     assert len(stats["slot_rss_bytes"]) == 1 and stats["slot_rss_bytes"][0] > 0
     assert "agent_max_rss_kb" in stats and "max_rss_kb" not in stats
+
+
+def test_a_job_without_resources_gets_no_per_task_note_but_its_totals(client: Client) -> None:
+    # The cheap default: the store keeps no note per task, only the job's totals.
+    job = client.map(hog, [50, 1], [0.3, 0.0])
+    deadline = time.monotonic() + 60  # read before the results are collected (then deleted)
+    while (summary := job.status())["done"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.result(timeout=30)
+    assert job.resources(0) is None and job.resources(1) is None
+    assert summary["max_rss"] > 50 * 1024 * 1024
+    assert 0.25 < summary["cpu_seconds"] <= summary["wall_seconds"] + 0.05
 
 
 def nap(seconds: float) -> float:

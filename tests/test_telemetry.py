@@ -91,6 +91,39 @@ def test_two_replicas_report_the_same_totals_and_histogram_after_a_real_job(
     assert from_b["coffea_hq_lease_wait_seconds_count"][()] == 0
 
 
+def test_two_replicas_report_the_same_heartbeat_windows_after_a_real_job(
+    embedded_store: EmbeddedRedis, processes: Processes, prefix: str
+) -> None:
+    # (--lease-timeout 3: a heartbeat a second. One store kind: the windows are plain lists.)
+    store = embedded_store
+    a, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    b, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
+    processes.worker(a, "--slots", "2", "--name", "w-window")
+    naps = [0.3] * 8
+    with Client(b) as client:
+        job = client.map(nap, naps)
+        assert job.result(timeout=60) == naps
+
+    def windows(url: str) -> dict[str, Any]:
+        return get_json(url + protocol.TELEMETRY)
+
+    def job_done(url: str) -> int:
+        return sum(s["done"] for s in windows(url)["jobs"].get(job.id, []))
+
+    # The heartbeats after the last result carry its count: every task once, on both.
+    poll_until(lambda: job_done(a) == len(naps) and job_done(b) == len(naps), 20, "counts")
+    poll_until(lambda: windows(a) == windows(b), 10, "the same windows from both replicas")
+    got = windows(b)
+    samples = got["workers"]["w-window"]
+    assert 1 <= len(samples) <= protocol.TELEMETRY_SAMPLES
+    assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
+    assert all(s["slots"] == 2 and 0 <= s["busy_slots"] <= 2 for s in samples)
+    assert all(len(s["slot_rss_bytes"]) == 2 for s in samples)
+    assert any(s["tasks_per_second"] > 0 and s["cpu_percent"] > 0 for s in samples)
+    assert sum(s.get("jobs", {}).get(job.id, 0) for s in samples) == len(naps)
+    assert {s["worker"] for s in got["jobs"][job.id]} == {"w-window"}
+
+
 def test_metrics_names_units_and_types_follow_prometheus_conventions(
     embedded_store: EmbeddedRedis, processes: Processes, prefix: str
 ) -> None:
@@ -122,6 +155,14 @@ def test_metrics_names_units_and_types_follow_prometheus_conventions(
 
 
 # ---------------------------------------------------------------------- coffea-hq status
+
+
+def fail_first(i: int) -> int:
+    """Task 0 fails at once; the others take a while."""
+    if i == 0:
+        raise ValueError("the first one fails")
+    time.sleep(0.25)
+    return i
 
 
 def _running_job(processes: Processes, url: str, client: Client) -> Any:
@@ -201,7 +242,9 @@ def test_status_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> 
 # ---------------------------------------------------------------------- _repr_html_
 
 
-def test_html_summaries_of_cluster_client_and_job() -> None:
+def test_html_summaries_of_cluster_client_and_job(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from html.parser import HTMLParser
 
     from coffea_hq import LocalCluster
@@ -211,7 +254,9 @@ def test_html_summaries_of_cluster_client_and_job() -> None:
         assert html.startswith("<div>") and html.endswith("</div>")
         return html
 
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # as at a prompt: it says the link
     with LocalCluster(workers=1, slots=2) as cluster:
+        assert f"coffea-hq dashboard: {cluster.url}/" in capsys.readouterr().err
         client = Client(cluster.url)
         poll_until(lambda: client.workers(), 20, "the worker's first heartbeat")
         html = well_formed(cluster._repr_html_())
@@ -261,12 +306,24 @@ def test_dashboard_shows_a_running_jobs_progress_advancing_in_headless_chromium(
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     with Client(url) as client:
-        job = _running_job(processes, url, client)
+        processes.worker(url, "--slots", "2", "--name", "w-status")
+        # Long enough to be caught running on a loaded machine (about 25 s on 2 slots), and
+        # a job whose first task fails while the rest go on (fail_fast off: it stays listed).
+        job = client.map(nap, [0.25] * 160, label="naps")
+        failing = client.map(fail_first, range(40), fail_fast=False, label="failing")
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
-            driver.set_window_size(1000, 700)
-            driver.set_page_load_timeout(20)
+            driver.set_window_size(1000, 900)
+            driver.set_page_load_timeout(30)
             driver.get(url + protocol.DASHBOARD)
+            poll_until(
+                lambda: (
+                    int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
+                    >= 1
+                ),
+                30,
+                "the page's first data",
+            )
 
             def cells(table: str) -> list[list[str]]:
                 # Read in one script: the page replaces its rows every second.
@@ -281,19 +338,35 @@ def test_dashboard_shows_a_running_jobs_progress_advancing_in_headless_chromium(
                         return int(row[3].split("/")[0])
                 return -1
 
-            poll_until(lambda: done_cell() >= 0, 15, "the job on the page")
+            poll_until(lambda: done_cell() >= 0, 30, "the job on the page")
             first = done_cell()
             driver.save_screenshot(str(tmp_path / "dashboard-1.png"))
-            poll_until(lambda: done_cell() > first, 15, "the job's progress advancing")
+            poll_until(lambda: done_cell() > first, 60, "the job's progress advancing")
             driver.save_screenshot(str(tmp_path / "dashboard-2.png"))
+
+            def failure_text() -> str:
+                return driver.execute_script(
+                    "return [...document.querySelectorAll('#failures details')]"
+                    ".map(d => d.textContent).join('\\n')"
+                )
+
+            poll_until(lambda: failing.id in failure_text(), 60, "the failure on the page")
+            shown = failure_text()
+            assert "ValueError: the first one fails" in shown and "Traceback" in shown
+            assert "in fail_first" in shown  # the task's own frame, from the worker
+            poll_until(lambda: cells("stream"), 30, "the task stream")
+            assert any(row[1] == "w-status" for row in cells("stream"))
+            poll_until(lambda: driver.find_element(By.ID, "live").text == "(live)", 30, "the SSE")
+            driver.save_screenshot(str(tmp_path / "dashboard-3.png"))
             (worker,) = cells("workers")
             assert worker[0] == "w-status" and worker[2].endswith("/2")
-            assert worker[3].endswith("MiB")
+            assert worker[4].endswith("MiB")
             assert "queued" in driver.find_element(By.ID, "queue").text
             assert driver.find_element(By.ID, "error").text == ""
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
-            assert (tmp_path / "dashboard-2.png").stat().st_size > 1000
+            assert (tmp_path / "dashboard-3.png").stat().st_size > 1000
         finally:
             driver.quit()
         job.cancel()
+        failing.cancel()

@@ -25,8 +25,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -88,9 +88,62 @@ class LogBuffer(logging.Handler):
         return lines
 
 
+_PLAIN_INFO_BYTES = 96  # the JSON of a TaskInfo holding only wall, CPU and RSS, at most
+
+
 def _info_size(r: Result) -> int:
-    """Bytes ``r``'s info adds to a report's header."""
-    return 0 if r.info is None else len(msgspec.json.encode(r.info))
+    """Bytes ``r``'s info adds to a report's header (encoded only when it holds text)."""
+    info = r.info
+    if info is None:
+        return 0
+    if not (info.output or info.warnings or info.logs):
+        return _PLAIN_INFO_BYTES
+    return len(msgspec.json.encode(info))
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds process ``pid`` has used (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command's name
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class _Sampler:
+    """What a heartbeat's :class:`~coffea_hq.messages.WorkerSample` measures: the span
+    since the previous one."""
+
+    at: float = field(default_factory=time.monotonic)
+    cpu: dict[int, float] = field(default_factory=dict)  # pid (0: the agent) -> CPU s then
+    finished: Counter[str] = field(default_factory=Counter)  # job -> tasks since then
+
+    def take(self, slots: list[Slot], busy: int) -> m.WorkerSample:
+        now = time.monotonic()
+        span = max(now - self.at, 1e-3)
+        pids = [s.pid for s in slots]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = {0: usage.ru_utime + usage.ru_stime} | {p: _cpu_seconds(p) for p in pids if p}
+        # A subprocess new since the last sample counts from its start.
+        used = sum(c - self.cpu.get(p, 0.0) for p, c in cpu.items())
+        jobs = dict(self.finished.most_common(1024))
+        sample = m.WorkerSample(
+            slots=len(slots),
+            busy_slots=busy,
+            tasks_per_second=sum(self.finished.values()) / span,
+            cpu_percent=max(used, 0.0) / span * 100,
+            slot_rss_bytes=[_rss_bytes(p) for p in pids],
+            jobs=jobs,
+        )
+        self.at, self.cpu, self.finished = now, cpu, Counter()
+        return sample
 
 
 def _rss_bytes(pid: int | None) -> int:
@@ -339,6 +392,7 @@ class Worker:
         self._log_buffer = LogBuffer()
         # Peak RSS (bytes) of the last task each slot's subprocess ran.
         self._slot_task_rss = [0] * len(self.slots)
+        self._sampler = _Sampler()
 
     # ------------------------------------------------------------------ control
 
@@ -650,6 +704,7 @@ class Worker:
                 r.error = protocol.cut_error(r.error)  # one huge error must not sink a report
             r = self._fits(r)
             self.stats["busy_seconds"] += r.seconds
+            self._sampler.finished[r.item.job] += 1
             if r.outcome is Outcome.OK:
                 self.stats["done"] += 1
             elif r.outcome is Outcome.ERROR:
@@ -795,6 +850,7 @@ class Worker:
                 exiting=exiting,
                 logs=self._log_buffer.take(),
                 wait=wait,
+                sample=self._sampler.take(self.slots, self._busy),
             ),
             retry_for=retry_for,
         )

@@ -67,20 +67,32 @@ class _PeakRss:
     Linux keeps a high-water mark that writing ``5`` to /proc/self/clear_refs resets, and
     ``getrusage``'s ``ru_maxrss`` follows it: reset before the task, read after. Where that
     is refused, ``ru_maxrss`` is the lifetime peak: an upper bound for tasks after the first.
+    A reset is needed only once a task has raised the mark: until then the mark is still
+    what the last reset left (the resident set then), as a reset now would leave it.
     """
 
     def __init__(self) -> None:
         self._clear = -1
         with contextlib.suppress(OSError):
             self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        self._mark = -1  # ru_maxrss (kB) right after the last reset; -1: reset next time
 
     def reset(self) -> None:
-        if self._clear >= 0:
+        if self._clear >= 0 and self._mark < 0:
             try:
                 os.write(self._clear, b"5")
             except OSError:
                 os.close(self._clear)
                 self._clear = -1
+                return
+            self._mark = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak(self) -> int:
+        """The peak (bytes) since the task began."""
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        if kb > self._mark:
+            self._mark = -1
+        return kb * 1024
 
 
 class _Output:
@@ -109,13 +121,15 @@ class _Output:
     def flush(self) -> None:
         """Copy on what was printed since the last task (the subprocess is ending)."""
         _flush()
-        self.start()
-
-    def start(self) -> None:
         size = os.fstat(self._fd).st_size
-        if size > self._end:  # printed between tasks (the subprocess itself)
+        if size > self._end:
             self._copy(self._end, size)
         self._start = self._end = size
+
+    def start(self) -> None:
+        # (No fstat here: what the subprocess prints between tasks, rare, counts as the
+        # next task's output.)
+        self._start = self._end
 
     def stop(self) -> str:
         _flush()
@@ -136,9 +150,11 @@ class _Output:
 
 
 def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    if sys.stderr is not sys.stdout:  # the slot subprocess makes them one
         with contextlib.suppress(Exception):
-            stream.flush()
+            sys.stderr.flush()
 
 
 class TaskCapture:
@@ -177,28 +193,23 @@ class TaskCapture:
         self._caught = warnings.catch_warnings(record=True)
         self._log = self._caught.__enter__()
         self._t0 = time.perf_counter()
-        self._cpu0 = _cpu()
+        self._cpu0 = time.process_time()  # cheaper than getrusage; one of those at the end
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self._t0
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = usage.ru_utime + usage.ru_stime - self._cpu0
+        cpu = time.process_time() - self._cpu0
+        max_rss = self._rss.peak()
         self._caught.__exit__(None, None, None)
         output = self._output.stop()
         self.info = TaskInfo(
             wall=wall,
             cpu=max(cpu, 0.0),
-            max_rss=usage.ru_maxrss * 1024,  # kB on Linux
-            warnings=_warnings(self._log),
+            max_rss=max_rss,
+            warnings=_warnings(self._log) if self._log else [],
             logs=self._records.records,
             output=output,
         )
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _warnings(caught: list[warnings.WarningMessage]) -> list[TaskWarning]:

@@ -2,16 +2,20 @@
 -- (comma-joined), A.outcomes (one OUTCOME letter each), A.sizes (comma-joined) and A.values
 -- (the results concatenated), A.notes/A.note_sizes (each task's JSON TaskNote, '' for none)
 -- and A.outputs/A.output_sizes (each task's JSON LogLine of its output, '' for none), packed
--- the same way, and A.walls (comma-joined seconds each task ran, '' where unknown: the
--- duration histogram counts every attempt it takes); ARGV[REST..]: the error JSON of each
--- task not 'ok', in order. Notes and output lines are kept only for the reports accepted
--- (or requeued) here.
+-- the same way, and A.spent (comma-joined 'wall:cpu:rss' of each task, '' where unknown:
+-- the duration histogram and the job's totals count every attempt they take; a job that
+-- keeps resources gets a note of them for each task sent without one); ARGV[REST..]: the
+-- error JSON of each task not 'ok', in order. Notes and output lines are kept only for the
+-- reports accepted (or requeued) here.
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
-local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB)
+local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB, F.RESOURCES,
+  F.RSS_MAX)
 local state = m[1]
 local max_attempts = tonumber(m[2] or 1)
 local reducing = (m[3] or '') ~= ''
+local keep_resources = m[4] == '1'
+local rss_max = tonumber(m[5] or 0)
 local tasks, attempts, codes = split_list(A.tasks), split_list(A.attempts), A.outcomes
 local values = cut(A.values, A.sizes)
 local notes, outputs = cut(A.notes, A.note_sizes), cut(A.outputs, A.output_sizes)
@@ -23,20 +27,24 @@ local holders, leased = {}, {}
 if state then holders = call_sliced_collect('HMGET', HOLDER, tasks) end
 if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, tasks) end
 
-local walls = {}
-local n_walls = 0  -- (counted: an unknown wall is nil, which #walls would skip)
-for w in string.gmatch(A.walls .. ',', '([^,]*),') do
-  n_walls = n_walls + 1
-  walls[n_walls] = tonumber(w)
+local spent = {}  -- k -> {wall, cpu, rss} as sent (strings: valid JSON numbers)
+local n_spent = 0  -- (counted: an unknown one is nil, which #spent would skip)
+for s in string.gmatch(A.spent .. ',', '([^,]*),') do
+  n_spent = n_spent + 1
+  local w, c, r = string.match(s, '^([^:]+):([^:]+):([^:]+)$')
+  if w and tonumber(w) and tonumber(c) and tonumber(r) then spent[n_spent] = {w, c, r} end
 end
-local buckets, n_timed, sum_us = {}, 0, 0
-local function time_attempt(wall)
-  if not wall then return end
+local buckets, n_timed, sum_us, cpu_us, new_rss_max = {}, 0, 0, 0, rss_max
+local function time_attempt(s)
+  if not s then return end
+  local wall = tonumber(s[1])
   local i = 1
   while DURATION_BUCKETS[i] and wall > DURATION_BUCKETS[i] do i = i + 1 end
   buckets[i] = (buckets[i] or 0) + 1
   n_timed = n_timed + 1
   sum_us = sum_us + math.floor(wall * 1000000 + 0.5)
+  cpu_us = cpu_us + math.floor(tonumber(s[2]) * 1000000 + 0.5)
+  new_rss_max = math.max(new_rss_max, tonumber(s[3]))
 end
 
 local statuses = {}
@@ -71,9 +79,15 @@ for k, task in ipairs(tasks) do
     else
       unleased[#unleased + 1] = task
       touched[task] = current
-      if notes[k] ~= '' then
+      local note = notes[k]
+      if note == '' and keep_resources and spent[k] then
+        local s = spent[k]
+        note = '{"worker":"' .. worker .. '","wall":' .. s[1] .. ',"cpu":' .. s[2]
+          .. ',"max_rss":' .. s[3] .. '}'
+      end
+      if note ~= '' then
         note_pairs[#note_pairs + 1] = task
-        note_pairs[#note_pairs + 1] = notes[k]
+        note_pairs[#note_pairs + 1] = note
       end
       if outputs[k] ~= '' then log_lines[#log_lines + 1] = outputs[k] end
       if outcome == 'crashed' then n_crashed = n_crashed + 1 end
@@ -106,7 +120,7 @@ for k, task in ipairs(tasks) do
       end
     end
   end
-  if status == STATUS.ACCEPTED or status == STATUS.REQUEUED then time_attempt(walls[k]) end
+  if status == STATUS.ACCEPTED or status == STATUS.REQUEUED then time_attempt(spent[k]) end
   if status == STATUS.DUPLICATE then n_dup = n_dup + 1 end
   if status == STATUS.UNKNOWN or status == STATUS.NOT_LEASED then n_refused = n_refused + 1 end
   statuses[#statuses + 1] = status
@@ -157,6 +171,9 @@ if n_timed > 0 then
   for i, n in pairs(buckets) do redis.call('HINCRBY', DURATIONS, i, n) end
   redis.call('HINCRBY', DURATIONS, 'count', n_timed)
   redis.call('HINCRBY', DURATIONS, 'sum_us', sum_us)
+  redis.call('HINCRBY', META, F.WALL_US, sum_us)
+  redis.call('HINCRBY', META, F.CPU_US, cpu_us)
+  if new_rss_max > rss_max then redis.call('HSET', META, F.RSS_MAX, new_rss_max) end
 end
 if #ok > 0 or #err > 0 or #merged > 0 then
   redis.call('XADD', EVENTS, '*', EV.OK, table.concat(ok, ','), EV.ERROR, table.concat(err, ','),
