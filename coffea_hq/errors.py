@@ -156,6 +156,8 @@ class EnvironmentFailed(HQError):
     def __str__(self) -> str:
         where = f"environment {self.environment}: " if self.environment else ""
         return f"{where}step {self.step!r} failed: {self.why}"
+
+
 class MemoryExceeded(HQError, MemoryError):
     """A task went over its memory limit (``HQExecutor(memory=...)`` or ``hq-worker
     --task-memory``); for a coffea chunk, even once split down to the smallest size."""

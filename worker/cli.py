@@ -104,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="evict least recently used environments beyond this total size (e.g. 20G; "
         "default: no limit)",
+    )
+    p.add_argument(
         "--task-memory",
         type=_memory,
         default=0,

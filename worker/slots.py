@@ -62,7 +62,6 @@ def _tighter(a: float, b: float) -> float:
     return min(x for x in (a, b) if x) if a or b else 0
 
 
-
 @dataclass(slots=True)
 class HeldTask:
     """A leased task inside the worker (not coffea's ``WorkItem``, a chunk of a file)."""
