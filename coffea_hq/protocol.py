@@ -99,6 +99,10 @@ MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use 
 DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
 LONG_POLL_MAX: Final = 60.0
+# Store connections one hq-server replica opens at most, and how long a request waits for
+# one when all are busy before it fails (503, which clients retry).
+STORE_CONNECTIONS: Final = 1024
+STORE_CONNECTION_WAIT: Final = 20.0
 # A task's error travels as text (type, message, traceback) beside its pickled exception.
 # Workers cut each text field to ERROR_TEXT_MAX characters and drop a pickled exception
 # over ERROR_PICKLE_MAX bytes, so one huge error never makes a whole report too large; the
