@@ -313,8 +313,8 @@ def measure(
 
 def body(args: argparse.Namespace) -> bool:
     if args.quick:
-        workers, tasks, replicas = [20, 100], [300, 1_000], [1, 2]
-        n_workers, n_replicas, w_tasks = 300, 600, 50
+        workers, tasks, replicas = [10, 40], [100, 300], [1, 2]
+        n_workers, n_replicas, w_tasks = 120, 200, 20
     else:
         workers, tasks, replicas = [100, 500, 2_000], [1_000, 10_000, 100_000], [1, 2, 4]
         if args.million:

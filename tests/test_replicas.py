@@ -18,7 +18,9 @@ import pytest
 import redis
 
 from coffea_hq import Client, HQError
+from coffea_hq.api import API
 from coffea_hq.embedded import EmbeddedRedis, free_port
+from coffea_hq.errors import ServerUnreachable
 from coffea_hq.transport import parse_urls
 from tests.conftest import Processes
 from tests.tasks import nap
@@ -231,6 +233,21 @@ def test_a_worker_that_moves_its_presence_keeps_its_leases(
     print(f"presence moved to B within {moved:.2f}s")
     assert counters["tasks_ok"] == 2 and counters["requeued"] == 0, counters
     assert counters["refused"] == 0, counters
+
+
+def test_every_replica_down_names_them_all() -> None:
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+
+    async def ask() -> None:
+        api = API(dead, retry_for=0.5)
+        try:
+            await api.queue()
+        finally:
+            await api.close()
+
+    with pytest.raises(ServerUnreachable) as e:
+        asyncio.run(ask())
+    assert f"any of {dead[0]}, {dead[1]}" in str(e.value), e.value
 
 
 def test_a_dead_first_url_fails_over_at_once(server_url: str) -> None:
