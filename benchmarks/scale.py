@@ -252,8 +252,9 @@ async def _workers_run(
         run.problem = await collect()
     finally:
         done.set()
-        # Parked long polls end within lease_wait; don't wait for them beyond that.
-        _, pending = await asyncio.wait(sims, timeout=lease_wait + 10)
+        # Every result is in: what is left are parked long polls, which a dropped
+        # connection ends on the server as well.
+        _, pending = await asyncio.wait(sims, timeout=0.5)
         for task in pending:
             task.cancel()
         await asyncio.gather(*sims, return_exceptions=True)
@@ -320,6 +321,13 @@ def body(args: argparse.Namespace) -> bool:
         if args.million:
             tasks.append(1_000_000)
         n_workers, n_replicas, w_tasks = 20_000, 100_000, 200
+    # Sizes given on the command line replace the defaults (a loaded or small machine).
+    workers = args.workers or workers
+    tasks = args.tasks or tasks
+    replicas = args.replicas or replicas
+    n_workers = args.worker_tasks or n_workers
+    n_replicas = args.replica_tasks or n_replicas
+    w_tasks = args.sweep_workers or w_tasks
     met = True
     print(f"\nworkers sweep: {args.task_seconds:g} s per task, 1 replica")
     print_table(HEAD, [])
@@ -370,6 +378,16 @@ def body(args: argparse.Namespace) -> bool:
     return met
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers above 0, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small version (< 60 s)")
@@ -385,8 +403,19 @@ def main(argv: list[str] | None = None) -> int:
         "--lease-wait", type=float, default=2.0, help="long-poll seconds (default: %(default)s)"
     )
     p.add_argument("--profile", metavar="DIR", help="cProfile every server into DIR")
+    sizes = p.add_argument_group("sweep sizes (default: as --quick or the full run says)")
+    sizes.add_argument("--workers", type=_ints, help="the workers sweep, e.g. 100,500,2000")
+    sizes.add_argument("--tasks", type=_ints, help="the tasks sweep, e.g. 1000,10000,100000")
+    sizes.add_argument("--replicas", type=_ints, help="the replicas sweep, e.g. 1,2,4")
+    sizes.add_argument(
+        "--worker-tasks", type=int, help="tasks per workers-sweep run (at least 3 per worker)"
+    )
+    sizes.add_argument("--replica-tasks", type=int, help="tasks per replicas-sweep run")
+    sizes.add_argument("--sweep-workers", type=int, help="workers in the tasks and replicas sweeps")
     add_run_options(p)
     args = p.parse_args(argv)
+    if len(args.replicas or [1, 2]) < 2 or (args.replicas or [1])[0] != 1:
+        p.error("--replicas must start at 1 and list at least two counts (1,2,...)")
     if args.quick:
         args.task_seconds = min(args.task_seconds, 0.1)
         args.wait_quiet = 0.0  # the load is reported either way

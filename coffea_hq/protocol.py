@@ -100,8 +100,10 @@ DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this l
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
 LONG_POLL_MAX: Final = 60.0
 # Store connections one hq-server replica opens at most, and how long a request waits for
-# one when all are busy before it fails (503, which clients retry).
-STORE_CONNECTIONS: Final = 1024
+# one when all are busy before it fails (503, which clients retry). Parked leases hold
+# none; results long polls hold one each. More buys nothing from a single-threaded store
+# and, under hundreds of workers, starts a storm of connects that time out.
+STORE_CONNECTIONS: Final = 256
 STORE_CONNECTION_WAIT: Final = 20.0
 # A task's error travels as text (type, message, traceback) beside its pickled exception.
 # Workers cut each text field to ERROR_TEXT_MAX characters and drop a pickled exception
