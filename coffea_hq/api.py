@@ -33,13 +33,15 @@ Frames = tuple[m.ResultsHeader, list[memoryview]]
 
 
 class API:
-    """The routes of one hq-server. ``token`` authenticates; ``retry_for`` is how long
-    each call retries an unreachable server (a call may lower it with its own); ``tls``
-    verifies an ``https://`` server (default: :func:`coffea_hq.tls.client_context`)."""
+    """The routes of one hq-server, at ``url``: one URL, or several of its replicas (a list
+    or a comma-separated string, failed over in turn). ``token`` authenticates;
+    ``retry_for`` is how long each call retries an unreachable server (a call may lower
+    it with its own); ``tls`` verifies an ``https://`` server (default:
+    :func:`coffea_hq.tls.client_context`)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         retry_for: float = 300.0,
         token: str | None = None,
@@ -49,6 +51,7 @@ class API:
 
     @property
     def url(self) -> str:
+        """The server URL requests go to now (of several: the one that last answered)."""
         return self.transport.url
 
     async def close(self) -> None:

@@ -59,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
         f"under hq-server --auth: ${protocol.ENV_TOKEN} or ${protocol.ENV_TOKEN_FILE}).",
     )
     status.add_argument(
-        "url", nargs="?", default=None, help=f"the server (default: ${protocol.ENV_URL})"
+        "url",
+        nargs="?",
+        default=None,
+        help=f"the server, or its replicas' URLs comma-separated (default: ${protocol.ENV_URL})",
     )
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument(

@@ -40,6 +40,7 @@ from .errors import (
 from .protocol import Codec
 from .remote import TaskNotes
 from .shipping import with_env
+from .transport import parse_urls
 
 T = TypeVar("T")
 
@@ -61,14 +62,13 @@ NO_URL_HELP = (
 )
 
 
-def resolve_url(url: str | None, help: str = NO_URL_HELP) -> str:
-    """``url``, else $HQ_URL, else :class:`HQError` with ``help``."""
+def resolve_url(url: str | Sequence[str] | None, help: str = NO_URL_HELP) -> str:
+    """``url``, else $HQ_URL, else :class:`HQError` with ``help``: one server URL, or
+    several replicas' (a list, or comma-separated), returned comma-separated."""
     url = url or os.environ.get(protocol.ENV_URL)
     if not url:
         raise HQError(help)
-    if not url.startswith(("http://", "https://")):
-        raise HQError(f"coffea-hq server URL must start with http:// or https://, got {url!r}")
-    return url
+    return ",".join(parse_urls(url))
 
 
 def no_server(url: str, reason: str) -> str:
@@ -82,7 +82,9 @@ def no_server(url: str, reason: str) -> str:
 class Client:
     """A connection to a coffea-hq server.
 
-    ``url`` defaults to ``$HQ_URL``. The first call checks, within a few seconds, that a
+    ``url`` defaults to ``$HQ_URL``. Several URLs (a list, or one comma-separated string)
+    name replicas of one server: a request whose connection fails moves to the next.
+    The first call checks, within a few seconds, that a
     server answers there, and raises :class:`~coffea_hq.errors.ServerUnreachable` saying
     so if none does (:class:`~coffea_hq.errors.TLSError` if TLS is what failed). Later,
     ``retry_for`` is how long requests ride out an unreachable server (restarts, network
@@ -102,7 +104,7 @@ class Client:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         token: str | None = None,
         retry_for: float = 120.0,
@@ -111,12 +113,12 @@ class Client:
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        self.url = resolve_url(url)
+        self.urls = parse_urls(resolve_url(url))
         self.codec = codec
         # Built (and its files read) now: a missing file fails here, not in the first call.
         context = (
             tls.client_context(tls_ca, tls_cert, tls_key)
-            if self.url.startswith("https://")
+            if any(u.startswith("https://") for u in self.urls)
             else None
         )
         self._loop = asyncio.new_event_loop()
@@ -124,7 +126,7 @@ class Client:
             target=self._loop.run_forever, name="coffea-hq-client", daemon=True
         )
         self._thread.start()
-        self.api = API(self.url, retry_for=retry_for, token=token, tls=context)
+        self.api = API(self.urls, retry_for=retry_for, token=token, tls=context)
         self._closed = False
         self._request_limit: int | None = None  # the server's, read from /health once
         self._checking = threading.Lock()
@@ -132,8 +134,13 @@ class Client:
         # whichever comes first; it holds no reference to the client.
         self._finalizer = weakref.finalize(self, _stop, self._loop, self._thread, self.api)
 
+    @property
+    def url(self) -> str:
+        """The server URL requests go to now (of several replicas: the one in use)."""
+        return self.api.url
+
     def __repr__(self) -> str:
-        return f"Client({self.url!r})"
+        return f"Client({','.join(self.urls)!r})"
 
     def _repr_html_(self) -> str:
         from .html import client_html
@@ -190,7 +197,7 @@ class Client:
             except ServerUnreachable as e:
                 # Raised here, in the caller's thread: the loop's frames add nothing.
                 raise ServerUnreachable(
-                    no_server(self.url, e.reason), url=self.url, reason=e.reason
+                    no_server(", ".join(self.urls), e.reason), url=self.url, reason=e.reason
                 ) from None
             except (ServerError, ValueError) as e:  # ValueError: msgspec's, a reply not a Health
                 raise HQError(

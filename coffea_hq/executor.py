@@ -88,8 +88,10 @@ class HQExecutor(ExecutorBase):
 
     Parameters
     ----------
-        url : str, optional
+        url : str or list of str, optional
             The hq-server, e.g. ``http://hq.facility:8786``. ``None`` reads ``$HQ_URL``.
+            Several URLs (a list, or comma-separated) name replicas of one server: the
+            run fails over to the next when one stops answering.
         status, unit, desc : optional
             Progress bars, as in coffea's executors.
         compression : int, optional
@@ -162,7 +164,7 @@ class HQExecutor(ExecutorBase):
             Reuse an open client instead of connecting for each run.
     """
 
-    url: str | None
+    url: str | Sequence[str] | None
     retries: int
     recoverable: bool
     treereduction: int | None
@@ -186,7 +188,7 @@ class HQExecutor(ExecutorBase):
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         status: bool = True,
         unit: str = "items",
@@ -262,7 +264,8 @@ class HQExecutor(ExecutorBase):
         return dict(self.__dict__, client=None)  # an open connection does not travel
 
     def server_url(self) -> str:
-        """The server this executor submits to: ``url``, else ``$HQ_URL``."""
+        """The server this executor submits to: ``url``, else ``$HQ_URL`` (several
+        replicas' URLs comma-separated)."""
         if self.client is not None:
             return self.client.url
         return resolve_url(self.url, NO_URL_HELP)

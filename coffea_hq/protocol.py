@@ -109,6 +109,12 @@ WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"
 MEMORY_EXCEEDED_TYPE: Final = "coffea_hq.errors.MemoryExceeded"
 WALLTIME_EXCEEDED_TYPE: Final = "coffea_hq.errors.WalltimeExceeded"
 LONG_POLL_MAX: Final = 60.0
+# Store connections one hq-server replica opens at most, and how long a request waits for
+# one when all are busy before it fails (503, which clients retry). Parked leases hold
+# none; results long polls hold one each. More buys nothing from a single-threaded store
+# and, under hundreds of workers, starts a storm of connects that time out.
+STORE_CONNECTIONS: Final = 256
+STORE_CONNECTION_WAIT: Final = 20.0
 # A task's error travels as text (type, message, traceback) beside its pickled exception.
 # Workers cut each text field to ERROR_TEXT_MAX characters and drop a pickled exception
 # over ERROR_PICKLE_MAX bytes, so one huge error never makes a whole report too large; the

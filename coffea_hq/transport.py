@@ -1,5 +1,10 @@
 """HTTP to the queue server with retries: the one place client and worker talk HTTP.
 
+A transport may be given several server URLs (replicas of one server on one store:
+any of them serves any request). A request whose connection fails (refused, reset,
+timed out; not an HTTP error answer) moves to the next URL at once, and stays there
+for the requests after it; once every URL has failed, the retries below back off.
+
 Connection failures and 502/503/504 answers are retried with exponential backoff
 for up to ``retry_for`` seconds, so a server restart or a network blip is ridden
 out (the first retry of an outage logs a warning); every request the protocol defines
@@ -25,7 +30,8 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,7 +42,14 @@ from . import protocol
 from .errors import HQError, ServerError, ServerUnreachable, TLSError
 from .tls import client_context, describe_failure, refusal, speaks_tls
 
-__all__ = ["Response", "ServerError", "ServerUnreachable", "TLSError", "Transport"]
+__all__ = [
+    "Response",
+    "ServerError",
+    "ServerUnreachable",
+    "TLSError",
+    "Transport",
+    "parse_urls",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +81,36 @@ def resolve_token(token: str | None = None) -> str | None:
     if not text:
         raise HQError(f"the access token file {protocol.ENV_TOKEN_FILE}={path} is empty")
     return text.splitlines()[0].strip()
+
+
+def parse_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """The server URLs in ``urls``: a list, or one string of comma-separated URLs (what
+    ``$HQ_URL`` and the command lines take), each ``http://host[:port]`` or
+    ``https://...``, trailing slashes dropped. Raises :class:`HQError` saying what is
+    wrong with an empty list or an entry that is not such a URL."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    found: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise HQError(f"a coffea-hq server URL must be a string, got {item!r}")
+        url = item.strip().rstrip("/")
+        if not url:
+            continue  # "a,,b" or a trailing comma
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise HQError(f"coffea-hq server URL {url!r} has a bad port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise HQError(
+                f"coffea-hq server URL must look like http://host:port or https://host:port, "
+                f"got {url!r}"
+            )
+        if url not in found:
+            found.append(url)
+    if not found:
+        raise HQError(f"no coffea-hq server URL in {urls!r}")
+    return tuple(found)
 
 
 def _retry_after(value: str | None) -> float:
@@ -133,7 +176,8 @@ def _ssl_failure(e: BaseException) -> BaseException | None:
 
 
 class Transport:
-    """A retrying aiohttp session bound to one server URL. Use within one event loop.
+    """A retrying aiohttp session bound to one server, at one URL or several (replicas,
+    failed over in turn; see :func:`parse_urls`). Use within one event loop.
 
     An ``https://`` URL is verified with ``tls`` (default: ``coffea_hq.tls.client_context()``,
     which reads ``$HQ_TLS_CA``, ``$HQ_TLS_CERT`` and ``$HQ_TLS_KEY``).
@@ -141,21 +185,40 @@ class Transport:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         retry_for: float = 300.0,
         token: str | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = parse_urls(url)
+        self._at = 0  # index in urls of the replica requests go to
         self.retry_for = retry_for
         token = resolve_token(token)
-        self.https = self.url.startswith("https://")
+        self.https = any(u.startswith("https://") for u in self.urls)
         self._tls = tls if tls is not None or not self.https else client_context()
-        self._probed = False  # a plaintext URL's port has been asked whether it speaks TLS
+        self._probed: set[str] = set()  # plaintext URLs asked whether their port speaks TLS
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
         self._warned = False  # an outage has been logged and the server not heard since
+
+    @property
+    def url(self) -> str:
+        """The URL requests go to now (the first, until a connection to it fails)."""
+        return self.urls[self._at]
+
+    def _fail_over(self, used: str) -> bool:
+        """A connection to ``used`` failed: move on to the next URL, unless a concurrent
+        request already did. False when there is no other URL."""
+        if len(self.urls) == 1:
+            return False
+        if self.urls[self._at] == used:
+            self._at = (self._at + 1) % len(self.urls)
+            log.warning("coffea-hq server at %s unreachable: trying %s", used, self.url)
+        return True
+
+    def _where(self) -> str:
+        return self.urls[0] if len(self.urls) == 1 else "any of " + ", ".join(self.urls)
 
     def _answered(self) -> None:
         if self._warned:
@@ -183,17 +246,23 @@ class Transport:
         self, path: str, body: AsyncIterator[bytes], *, content_type: str, idle: float
     ) -> None:
         """One long-lived ``POST``: stream ``body`` while reading the reply until either
-        ends. No retries (the caller reconnects); raises if the connection fails or the
-        server stays silent for ``idle`` seconds."""
+        ends. No retries (the caller reconnects, to the next URL if the connection
+        failed); raises if the connection fails or the server stays silent for ``idle``
+        seconds."""
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=idle)
         headers = {"Content-Type": content_type}
-        async with self._client().post(
-            self.url + path, data=body, headers=headers, timeout=timeout
-        ) as resp:
-            if resp.status != 200:
-                raise _error_from(resp.status, await resp.read())
-            async for _ in resp.content:  # keep-alive lines
-                pass
+        used = self.url
+        try:
+            async with self._client().post(
+                used + path, data=body, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise _error_from(resp.status, await resp.read())
+                async for _ in resp.content:  # keep-alive lines
+                    pass
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            self._fail_over(used)
+            raise
 
     async def call(
         self,
@@ -221,18 +290,24 @@ class Transport:
         data = body if json_body is None else msgspec.json.encode(json_body)
         if json_body is not None:
             headers = {"Content-Type": "application/json"}
+        hops = 0  # URLs failed over to since the last pause
         while True:
+            used = self.url
             try:
                 async with self._client().request(
-                    method, self.url + path, data=data, headers=headers, params=params
+                    method, used + path, data=data, headers=headers, params=params
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status
                     ctype = resp.content_type
                     wait_hint = resp.headers.get("Retry-After")
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                await self._fail_if_tls_mismatch(e)
-                failure: str = _describe(e)
+                await self._fail_if_tls_mismatch(e, used)
+                failure: str = f"{used}: {_describe(e)}" if len(self.urls) > 1 else _describe(e)
+                if self._fail_over(used) and hops < len(self.urls) - 1:
+                    hops += 1  # another replica may answer: no pause before asking it
+                    if time.monotonic() < deadline:
+                        continue
             else:
                 if status in accept:
                     self._answered()
@@ -259,7 +334,7 @@ class Transport:
                 failure = f"HTTP {status}: {payload[:200]!r}"
             if time.monotonic() + delay > deadline:
                 raise ServerUnreachable(
-                    f"coffea-hq server at {self.url} unreachable for {budget:.0f}s "
+                    f"coffea-hq server at {self._where()} unreachable for {budget:.0f}s "
                     f"({method} {path}): {failure}",
                     url=self.url,
                     reason=failure,
@@ -270,35 +345,36 @@ class Transport:
                 self._warned = True
                 log.warning(
                     "coffea-hq server at %s unreachable (%s), retrying for %.0f s ...",
-                    self.url,
+                    self._where(),
                     failure,
                     budget,
                 )
             log.debug("%s %s failed (%s); retrying in %.2fs", method, path, failure, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+            hops = 0
 
-    async def _fail_if_tls_mismatch(self, e: BaseException) -> None:
-        """Raise :class:`TLSError` if ``e`` is a TLS failure, or if this plaintext URL's
-        port turns out to speak TLS: no retry would change either."""
+    async def _fail_if_tls_mismatch(self, e: BaseException, url: str) -> None:
+        """Raise :class:`TLSError` if ``e`` (met at ``url``) is a TLS failure, or if this
+        plaintext URL's port turns out to speak TLS: no retry would change either."""
         cause = _ssl_failure(e)
-        if cause is not None and self.https:
-            raise TLSError(describe_failure(self.url, cause), url=self.url) from None
-        if self._probed or not isinstance(
+        if cause is not None and url.startswith("https://"):
+            raise TLSError(describe_failure(url, cause), url=url) from None
+        if url in self._probed or not isinstance(
             e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
         ):
             return
-        self._probed = True  # once: a restarting server disconnects too
-        if self.https:
+        self._probed.add(url)  # once: a restarting server disconnects too
+        if url.startswith("https://"):
             assert self._tls is not None
-            why = await refusal(self.url, self._tls)
+            why = await refusal(url, self._tls)
             if why is not None:
-                raise TLSError(why, url=self.url) from None
+                raise TLSError(why, url=url) from None
             return
-        if await speaks_tls(self.url):
-            secure = "https://" + self.url.removeprefix("http://")
+        if await speaks_tls(url):
+            secure = "https://" + url.removeprefix("http://")
             raise TLSError(
-                f"the server at {self.url} speaks TLS, not plain HTTP: use {secure} "
+                f"the server at {url} speaks TLS, not plain HTTP: use {secure} "
                 "(and tls_ca=, --tls-ca or HQ_TLS_CA if a private CA signed its certificate)",
-                url=self.url,
+                url=url,
             ) from None

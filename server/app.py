@@ -810,8 +810,12 @@ def make_app(config: ServerConfig) -> web.Application:
     app[LEASE_WAIT] = LeaseWait()
 
     async def store(app: web.Application) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(
+        # A blocking pool: a request beyond STORE_CONNECTIONS in flight waits for a
+        # connection (redis-py's default pool refuses past 100: 503s under many workers).
+        pool = aioredis.BlockingConnectionPool.from_url(
             config.redis_url,
+            max_connections=protocol.STORE_CONNECTIONS,
+            timeout=protocol.STORE_CONNECTION_WAIT,
             decode_responses=False,
             socket_connect_timeout=5,
             # Results long polls block in XREAD for up to LONG_POLL_MAX: never time them out.
@@ -820,6 +824,7 @@ def make_app(config: ServerConfig) -> web.Application:
             retry_on_timeout=False,
             **config.store_options(),
         )
+        redis = aioredis.Redis.from_pool(pool)
         try:
             app[STORE] = Store(
                 redis,

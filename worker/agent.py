@@ -159,7 +159,7 @@ def _rss_bytes(pid: int | None) -> int:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    url: str
+    url: str  # one server URL, or several replicas' comma-separated
     slots: int = 1
     name: str | None = None
     lease_wait: float = 10.0
@@ -351,7 +351,7 @@ class Worker:
         self.id = config.name or default_name()
         context = (
             tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
-            if config.url.startswith("https://")
+            if "https://" in config.url
             else None
         )
         self.api = API(config.url, retry_for=config.retry_for, token=config.token, tls=context)

@@ -9,9 +9,10 @@ import os
 import sys
 
 from coffea_hq import protocol
-from coffea_hq.errors import TLSError
+from coffea_hq.errors import HQError, TLSError
 from coffea_hq.lifeline import watch_stdin
 from coffea_hq.sizes import parse_memory
+from coffea_hq.transport import parse_urls
 
 from .agent import DEFAULT_DRAIN_TIMEOUT, Worker, WorkerConfig
 
@@ -40,8 +41,8 @@ def parser() -> argparse.ArgumentParser:
         "url",
         nargs="?",
         default=os.environ.get(protocol.ENV_URL),
-        help=f"server URL, e.g. http://server:{protocol.DEFAULT_PORT} "
-        f"(default: ${protocol.ENV_URL})",
+        help=f"server URL, e.g. http://server:{protocol.DEFAULT_PORT}, or several replicas' "
+        f"URLs comma-separated, failed over in turn (default: ${protocol.ENV_URL})",
     )
     p.add_argument("--slots", type=int, default=1, help="tasks run at once (default: %(default)s)")
     p.add_argument("--name", default=None, help="worker name (default: host-pid-random)")
@@ -139,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url:
         p.error(f"give the server URL or set {protocol.ENV_URL}, e.g. http://localhost:8786")
-    if not args.url.startswith(("http://", "https://")):
-        p.error(f"server URL must start with http:// or https://, got {args.url!r}")
+    try:
+        urls = parse_urls(args.url)
+    except HQError as e:
+        p.error(str(e))
     if not 1 <= args.slots <= 1024:
         p.error("--slots must be between 1 and 1024")
     if args.task_walltime < 0:
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s"
     )
     config = WorkerConfig(
-        url=args.url,
+        url=",".join(urls),
         slots=args.slots,
         name=args.name,
         lease_wait=args.lease_wait,
