@@ -38,6 +38,7 @@ from .errors import (
 )
 from .protocol import Codec
 from .remote import TaskNotes
+from .shares import share_name
 from .shipping import with_env
 
 T = TypeVar("T")
@@ -270,6 +271,8 @@ class Client:
         fanin: int = protocol.DEFAULT_FANIN,
         blob_codec: Codec | None = None,
         env: dict[str, str] | Iterable[str] | None = None,
+        priority: int = 0,
+        share: str | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -286,6 +289,11 @@ class Client:
 
         ``env`` sets environment variables in each task's process, for this job only: a
         dict, or names whose values are taken from this process's ``os.environ``.
+
+        Workers are shared fairly between users (under ``hq-server --auth``: the token's
+        user; otherwise ``share``, default ``$HQ_USER`` or the login name), in proportion
+        to the weights an admin set (``coffea-hq shares``); among one user's jobs, higher
+        ``priority`` runs first, then the older job.
 
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
@@ -306,7 +314,13 @@ class Client:
         job = Job(
             self, uuid.uuid4().hex[:20], items, reducing=reduce is not None, fail_fast=fail_fast
         )
-        spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
+        spec = {
+            "max_attempts": max_attempts,
+            "fail_fast": fail_fast,
+            "label": label,
+            "priority": priority,
+            "share": share_name(share),
+        }
         if reduce is not None:
             spec["fanin"] = fanin
         self.run(self._submit(job.id, blobs, payloads, spec))

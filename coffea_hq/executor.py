@@ -134,6 +134,12 @@ class HQExecutor(ExecutorBase):
             chunk's subprocess), and the same for ``merge_`` tasks.
         client : coffea_hq.Client, optional
             Reuse an open client instead of connecting for each run.
+        priority : int, optional
+            Among your own jobs, higher runs first (default 0); workers are shared fairly
+            between users whatever the priorities.
+        share : str, optional
+            The fair-share group in open mode (default ``$HQ_USER`` or the login name);
+            under ``hq-server --auth`` your token's user is used.
     """
 
     url: str | None
@@ -152,6 +158,8 @@ class HQExecutor(ExecutorBase):
     env: dict[str, str] | tuple[str, ...] | None
     savemetrics: bool
     client: Client | None
+    priority: int
+    share: str | None
 
     def __init__(
         self,
@@ -177,6 +185,8 @@ class HQExecutor(ExecutorBase):
         env: dict[str, str] | Sequence[str] | None = None,
         savemetrics: bool = False,
         client: Client | None = None,
+        priority: int = 0,
+        share: str | None = None,
     ) -> None:
         # Every attribute is an argument: coffea's copy() rebuilds us as
         # type(self)(**self.__dict__).
@@ -201,6 +211,8 @@ class HQExecutor(ExecutorBase):
         self.env = env if env is None or isinstance(env, dict) else tuple(env)
         self.savemetrics = savemetrics
         self.client = client
+        self.priority = priority
+        self.share = share
         if env is not None:
             forwarded_env(env)  # a name this session lacks fails now, not mid-analysis
         if treereduction is not None and treereduction < 2:
@@ -262,6 +274,8 @@ class HQExecutor(ExecutorBase):
                 # The processor inside is lz4 already (coffea's work function expects it so).
                 blob_codec=protocol.Codec.NONE,
                 env=self.env,
+                priority=self.priority,
+                share=self.share,
             )
         finally:
             for name in registered:

@@ -52,6 +52,7 @@ COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
 HEARTBEAT: Final = API + "/heartbeat"
 WORKERS: Final = API + "/workers"
+SHARES: Final = API + "/shares"
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # A worker holds one request open here for its whole life (its presence): when the
 # connection drops without a goodbye, the server requeues the worker's tasks after
@@ -95,6 +96,8 @@ LEASE_MAX_TASKS: Final = 4096
 DEFAULT_FANIN: Final = 20  # results per merge task, as coffea's treereduction
 # A merge's inputs cross one Lua call at once (Lua's unpack() stops near 8,000): bounded.
 MAX_FANIN: Final = 1024
+PRIORITY_MAX: Final = 10**6  # a job's priority is within +-PRIORITY_MAX
+SHARE_WEIGHT_MAX: Final = 10**6  # a fair-share weight is in (0, SHARE_WEIGHT_MAX]
 MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
 DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"

@@ -173,6 +173,21 @@ async def workers(request: web.Request) -> web.Response:
     return _json_reply({w: _stored(info, m.WorkerInfo) for w, info in found.items()})
 
 
+async def _shares(request: web.Request) -> web.Response:
+    found = await request.app[STORE].shares()
+    return _json_reply(m.Shares({n: m.ShareInfo(w, u) for n, (w, u) in found.items()}))
+
+
+async def shares(request: web.Request) -> web.Response:
+    return await _shares(request)
+
+
+async def set_shares(request: web.Request) -> web.Response:
+    body = await _body(request, m.SetShares)
+    await request.app[STORE].set_shares(body.weights)
+    return await _shares(request)
+
+
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
@@ -256,6 +271,8 @@ async def create_job(request: web.Request) -> web.Response:
         user=principal(request).user,
         reducer=body.reducer or "",
         fanin=body.fanin,
+        share=body.share,
+        priority=body.priority,
     )
     return _json_reply(m.JobSummary(**summary))
 
@@ -691,6 +708,8 @@ HANDLERS: dict[str, Handler] = {
     "queue": queue,
     "workers": workers,
     "metrics": metrics,
+    "shares": shares,
+    "set_shares": set_shares,
     "list_jobs": list_jobs,
     "put_blob": put_blob,
     "head_blob": head_blob,

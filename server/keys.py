@@ -40,6 +40,10 @@ class Meta(enum.StrEnum):
     FATAL = "fatal"  # a failed merge (its inputs are gone: the job cannot finish)
     REASON = "reason"  # why the server ended the job, when nobody asked it to
     FINISHED = "finished"  # ms
+    SHARE = "share"  # the fair-share group in open mode (the user under --auth)
+    PRIORITY = "priority"  # higher first among one fair-share group's jobs
+    WALL_US = "wall_us"  # total wall time of the attempts reported with one (fair share)
+    TIMED = "timed"  # ... and how many they were
 
 
 class Event(enum.StrEnum):
@@ -70,6 +74,8 @@ class JobKeys:
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
     durations: str  # global hash: the task duration histogram (see Keys.durations)
+    shares: str  # global hash: fair-share group -> weight (see Keys.shares)
+    passes: str  # global hash: fair-share group -> worker time served / weight
 
     OWNED = 11  # the first OWNED keys belong to the job alone
 
@@ -91,7 +97,17 @@ class JobKeys:
 # The KEYS of scripts over the whole store rather than one job (worker_gone): the global
 # keys a job script also gets, then the worker registry. They reach a job's own keys
 # through the use_job() the prelude generates.
-STORE_KEY_NAMES = ("ready", "jobs", "counters", "durations", "workers", "workers_seen", "sessions")
+STORE_KEY_NAMES = (
+    "ready",
+    "jobs",
+    "counters",
+    "durations",
+    "shares",
+    "passes",
+    "workers",
+    "workers_seen",
+    "sessions",
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,19 @@ class Keys:
         protocol.TASK_DURATION_BUCKETS; one past the end: longer) -> attempts,
         ``count`` -> attempts, ``sum_us`` -> their total in microseconds."""
         return f"{self.prefix}:durations"
+
+    @property
+    def shares(self) -> str:
+        """Fair-share weights: hash, group (the user, or in open mode the job's share
+        label) -> weight (a float > 0; absent: 1). Set by an admin."""
+        return f"{self.prefix}:shares"
+
+    @property
+    def passes(self) -> str:
+        """Fair-share progress: hash, group -> seconds of worker time leased to it divided
+        by its weight (the lease script serves the lowest first); field ``PASS_FLOOR``
+        holds the lowest pass of the groups that had work at the last lease."""
+        return f"{self.prefix}:passes"
 
     @property
     def wake(self) -> str:
@@ -184,4 +213,6 @@ class Keys:
             jobs=self.jobs,
             counters=self.counters,
             durations=self.durations,
+            shares=self.shares,
+            passes=self.passes,
         )

@@ -157,6 +157,8 @@ if n_timed > 0 then
   for i, n in pairs(buckets) do redis.call('HINCRBY', DURATIONS, i, n) end
   redis.call('HINCRBY', DURATIONS, 'count', n_timed)
   redis.call('HINCRBY', DURATIONS, 'sum_us', sum_us)
+  redis.call('HINCRBY', META, F.TIMED, n_timed)  -- the job's mean: fair share's cost
+  redis.call('HINCRBY', META, F.WALL_US, sum_us)
 end
 if #ok > 0 or #err > 0 or #merged > 0 then
   redis.call('XADD', EVENTS, '*', EV.OK, table.concat(ok, ','), EV.ERROR, table.concat(err, ','),
