@@ -20,7 +20,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -38,7 +38,7 @@ from .errors import (
 )
 from .protocol import Codec
 from .remote import TaskNotes
-from .shares import share_name
+from .shares import locality_key, share_name
 from .shipping import with_env
 
 T = TypeVar("T")
@@ -273,6 +273,7 @@ class Client:
         env: dict[str, str] | Iterable[str] | None = None,
         priority: int = 0,
         share: str | None = None,
+        locality: Sequence[str | None] | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -294,6 +295,10 @@ class Client:
         user; otherwise ``share``, default ``$HQ_USER`` or the login name), in proportion
         to the weights an admin set (``coffea-hq shares``); among one user's jobs, higher
         ``priority`` runs first, then the older job.
+
+        ``locality``: one key per task (e.g. the file it reads; None for none): a worker
+        that ran tasks of a key is given that key's tasks first, and workers spread over
+        the keys, so each opens fewer files.
 
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
@@ -323,11 +328,19 @@ class Client:
         }
         if reduce is not None:
             spec["fanin"] = fanin
-        self.run(self._submit(job.id, blobs, payloads, spec))
+        keys = [] if locality is None else [locality_key(k) for k in locality]
+        if keys and len(keys) != len(items):
+            raise ValueError(f"locality needs one key per task: {len(keys)} for {len(items)}")
+        self.run(self._submit(job.id, blobs, payloads, spec, keys))
         return job
 
     async def _submit(
-        self, job: str, blobs: list[bytes], payloads: list[bytes], spec: dict[str, Any]
+        self,
+        job: str,
+        blobs: list[bytes],
+        payloads: list[bytes],
+        spec: dict[str, Any],
+        localities: list[str] | None = None,
     ) -> None:
         """Create, fill and seal the job; whatever fails (Ctrl-C included), nothing of it
         is left to run."""
@@ -339,7 +352,7 @@ class Client:
             await self.api.create_job(
                 job, messages.CreateJob(function=shas[0], reducer=reducer, **spec)
             )
-            await self._submit_tasks(job, payloads)
+            await self._submit_tasks(job, payloads, localities or [])
             await self.api.seal(job, messages.Seal(total=len(payloads)))
         except BaseException as exc:
             # An unsealed job would run its first batches and never end: delete it.
@@ -358,13 +371,18 @@ class Client:
             self._request_limit = (await self.api.health()).max_request_size
         return self._request_limit
 
-    async def _submit_tasks(self, job: str, payloads: list[bytes]) -> None:
+    async def _submit_tasks(
+        self, job: str, payloads: list[bytes], localities: list[str] | None = None
+    ) -> None:
         """Send the tasks in batches, a few in flight; the first failure stops the rest."""
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
         budget = await self._max_request_size() // SUBMIT_SHARE
 
         async def submit(start: int, stop: int) -> None:
-            header = messages.SubmitTasks(tasks=[str(i) for i in range(start, stop)])
+            header = messages.SubmitTasks(
+                tasks=[str(i) for i in range(start, stop)],
+                localities=localities[start:stop] if localities else [],
+            )
             async with limit:
                 await self.api.submit_tasks(job, header, payloads[start:stop])
 

@@ -276,6 +276,8 @@ class HQExecutor(ExecutorBase):
                 env=self.env,
                 priority=self.priority,
                 share=self.share,
+                # A chunk's file: its worker likely has it open, or cached, already.
+                locality=[_file_of(item) for item in items],
             )
         finally:
             for name in registered:
@@ -405,6 +407,12 @@ def _cancel_quietly(job: Job) -> None:
 
 
 # ---------------------------------------------------------------------- errors
+
+
+def _file_of(item: Any) -> str | None:
+    """The file a work item reads (its locality key), if it names one."""
+    filename = getattr(item, "filename", None)
+    return filename if isinstance(filename, str) else None
 
 
 def describe(item: Any) -> str:

@@ -80,6 +80,9 @@ class SubmitTasks(Message):
 
     tasks: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)]
     sizes: list[int] = []  # the framing's: pack() fills it in
+    # Each task's locality key (e.g. a digest of the file it reads; '' for none), or none:
+    # a worker that ran tasks of a key is given that key's tasks first.
+    localities: Annotated[list[ShareName], msgspec.Meta(max_length=MAX_ITEMS)] = []
 
 
 class Seal(Message):

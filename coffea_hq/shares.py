@@ -1,4 +1,5 @@
-"""Fair-share groups on the client side: which group a job is charged to.
+"""Leasing hints on the client side: which fair-share group a job is charged to, and the
+locality key of each task.
 
 Under ``hq-server --auth`` the server charges a job to its user and ignores what the
 client says. In open mode it charges the job to the label the client sends: the
@@ -8,6 +9,7 @@ client says. In open mode it charges the job to the label the client sends: the
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import re
 
@@ -27,3 +29,11 @@ def share_name(name: str | None = None) -> str:
             except (KeyError, OSError):  # no login name (a container's bare uid)
                 name = ""
     return _UNSAFE.sub("_", name)[: protocol.ID_MAX_LENGTH]
+
+
+def locality_key(name: str | None) -> str:
+    """A task's locality key on the wire: a short digest of ``name`` (a file's path or
+    uuid; the server compares keys, nothing more), '' for None."""
+    if not name:
+        return ""
+    return hashlib.blake2b(name.encode(), digest_size=8).hexdigest()

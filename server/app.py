@@ -323,8 +323,12 @@ async def submit_tasks(request: web.Request) -> web.Response:
         raise v.BadRequest(f"task ids starting with {protocol.MERGE_PREFIX!r} are reserved")
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
+    if header.localities and len(header.localities) != len(ids):
+        raise v.BadRequest("'localities' needs exactly one key per task (or none at all)")
     await _check_submit_quotas(request, job, len(ids))
-    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts])
+    added = await request.app[STORE].submit(
+        job, ids, [bytes(p) for p in parts], header.localities
+    )
     return _json_reply(m.Submitted(added))
 
 

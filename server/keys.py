@@ -44,6 +44,7 @@ class Meta(enum.StrEnum):
     PRIORITY = "priority"  # higher first among one fair-share group's jobs
     WALL_US = "wall_us"  # total wall time of the attempts reported with one (fair share)
     TIMED = "timed"  # ... and how many they were
+    LOCAL = "local"  # '1' once a task with a locality key was submitted
 
 
 class Event(enum.StrEnum):
@@ -70,6 +71,8 @@ class JobKeys:
     mergeable: str  # list   results of a reducing job waiting to be merged (task ids)
     notes: str  # hash   task -> JSON messages.TaskNote (warnings, logs, resources), until acked
     logs: str  # list   JSON messages.LogLine: the job's task output, a ring buffer (LTRIM)
+    locality: str  # hash   task -> its locality key (the file it reads), for tasks that have one
+    claims: str  # hash   'k:'key -> the worker that last leased a task of it; 'w:'worker -> key
     ready: str  # global zset: jobs with queued tasks, scored by creation time
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
@@ -77,7 +80,7 @@ class JobKeys:
     shares: str  # global hash: fair-share group -> weight (see Keys.shares)
     passes: str  # global hash: fair-share group -> worker time served / weight
 
-    OWNED = 11  # the first OWNED keys belong to the job alone
+    OWNED = 13  # the first OWNED keys belong to the job alone
 
     @classmethod
     def names(cls) -> list[str]:
@@ -209,6 +212,8 @@ class Keys:
             mergeable=f"{base}:mergeable",
             notes=f"{base}:notes",
             logs=f"{base}:logs",
+            locality=f"{base}:locality",
+            claims=f"{base}:claims",
             ready=self.ready,
             jobs=self.jobs,
             counters=self.counters,

@@ -84,7 +84,8 @@ SPECS: dict[str, Spec] = {
         )
     ),
     # tasks: comma-joined ids; sizes: comma-joined payload lengths; payloads: concatenated.
-    "submit": Spec(("tasks", "sizes", "payloads")),
+    # localities: comma-joined locality keys, one per task ('' for none), or '' for none.
+    "submit": Spec(("tasks", "sizes", "payloads", "localities")),
     "seal": Spec(("total",)),
     # Store-wide: picks the job(s) by fair share among the `scan` oldest ready jobs.
     "lease": Spec(("prefix", "worker", "max", "lease_ms", "users", "scan")),
@@ -351,7 +352,13 @@ class Scripts:
         )
 
     def submit(
-        self, keys: JobKeys, job: str, *, tasks: Sequence[str], payloads: Sequence[bytes]
+        self,
+        keys: JobKeys,
+        job: str,
+        *,
+        tasks: Sequence[str],
+        payloads: Sequence[bytes],
+        localities: Sequence[str] = (),
     ) -> Call[tuple[SubmitReply, int]]:
         return self._call(
             "submit",
@@ -361,6 +368,7 @@ class Scripts:
             tasks=",".join(tasks),
             sizes=",".join(str(len(p)) for p in payloads),
             payloads=b"".join(payloads),
+            localities=",".join(localities),
         )
 
     def seal(self, keys: JobKeys, job: str, *, total: int) -> Call[tuple[SealReply, int]]:

@@ -297,9 +297,16 @@ class Store:
         metas = await pipe.execute() if jobs else []
         return [_summary(job, meta) for job, meta in zip(jobs, metas, strict=True) if meta]
 
-    async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
+    async def submit(
+        self,
+        job: str,
+        tasks: Sequence[str],
+        payloads: Sequence[bytes],
+        localities: Sequence[str] = (),
+    ) -> int:
+        """``localities``: each task's locality key (the file it reads), or none at all."""
         status, added = await self.scripts.submit(
-            self.keys.job(job), job, tasks=tasks, payloads=payloads
+            self.keys.job(job), job, tasks=tasks, payloads=payloads, localities=localities
         ).run()
         if status is SubmitReply.UNKNOWN:
             raise UnknownJob(f"no job {job}: create it before submitting tasks")

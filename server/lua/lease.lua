@@ -12,14 +12,82 @@
 -- back at the lowest pass of those that had (PASS_FLOOR): it neither lost its turn nor
 -- saved up credit while idle.
 
+-- Locality: in a job whose tasks carry locality keys (the file a chunk reads), a worker
+-- is given, among the first LOCALITY_WINDOW queued tasks: those without a key (merges)
+-- first, then those of the key it last leased, then those of the key no other worker
+-- holds with the most tasks, then the rest in queue order (so nothing starves). Returns
+-- the tasks, the others of the window in order (they go back to the front) and its size.
+local LOCALITY_WINDOW = 256
+
+local function pick_local(max)
+  local window = redis.call('LRANGE', QUEUE, 0, LOCALITY_WINDOW - 1)
+  if #window == 0 then return {}, {}, 0 end
+  local keys = call_sliced_collect('HMGET', LOCALITY, window)
+  local taken, tasks = {}, {}
+  local function take(i)
+    if not taken[i] and #tasks < max then
+      taken[i] = true
+      tasks[#tasks + 1] = window[i]
+    end
+  end
+  for i = 1, #window do
+    if not keys[i] then take(i) end
+  end
+  local mine = redis.call('HGET', CLAIMS, 'w:' .. A.worker)
+  if mine then
+    for i = 1, #window do
+      if keys[i] == mine then take(i) end
+    end
+  end
+  if #tasks < max then
+    local counts, names = {}, {}
+    for i = 1, #window do
+      local k = keys[i]
+      if k and not taken[i] then
+        if not counts[k] then
+          counts[k] = 0
+          names[#names + 1] = k
+        end
+        counts[k] = counts[k] + 1
+      end
+    end
+    local fields = {}
+    for i, k in ipairs(names) do fields[i] = 'k:' .. k end
+    local holders = call_sliced_collect('HMGET', CLAIMS, fields)
+    local free = {}
+    for i, k in ipairs(names) do
+      if not holders[i] or holders[i] == A.worker then free[#free + 1] = k end
+    end
+    table.sort(free, function(a, b) return counts[a] > counts[b] end)
+    for _, k in ipairs(free) do
+      if #tasks >= max then break end
+      for i = 1, #window do
+        if keys[i] == k then take(i) end
+      end
+    end
+  end
+  for i = 1, #window do take(i) end
+  local rest = {}
+  for i = #window, 1, -1 do  -- reversed: LPUSH puts them back in their order
+    if not taken[i] then rest[#rest + 1] = window[i] end
+  end
+  return tasks, rest, #window
+end
+
 -- Lease from the job use_job() points at; appends its block to `out`, returns the count.
 local function lease_job(max, out)
-  local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB)
+  local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB, F.LOCAL)
   if m[1] ~= STATE.RUNNING then
     redis.call('ZREM', READY, JOB)
     return 0
   end
-  local tasks = redis.call('LRANGE', QUEUE, 0, max - 1)
+  local tasks, rest, popped
+  if m[4] == '1' then
+    tasks, rest, popped = pick_local(max)
+  else
+    tasks = redis.call('LRANGE', QUEUE, 0, max - 1)
+    rest, popped = {}, #tasks
+  end
   if #tasks == 0 then
     redis.call('ZREM', READY, JOB)
     return 0
@@ -56,7 +124,29 @@ local function lease_job(max, out)
     return 0
   end
   -- Then write.
-  redis.call('LTRIM', QUEUE, #tasks, -1)
+  redis.call('LTRIM', QUEUE, popped, -1)
+  call_sliced('LPUSH', QUEUE, rest)
+  if m[4] == '1' then
+    local keys = call_sliced_collect('HMGET', LOCALITY, tasks)
+    local claims, counts, top = {}, {}, nil  -- top: the key it got most of, its next
+    for i = 1, #tasks do
+      local k = keys[i]
+      if k then
+        if not counts[k] then
+          counts[k] = 0
+          claims[#claims + 1] = 'k:' .. k
+          claims[#claims + 1] = A.worker
+        end
+        counts[k] = counts[k] + 1
+        if not top or counts[k] > counts[top] then top = k end
+      end
+    end
+    if top then
+      claims[#claims + 1] = 'w:' .. A.worker
+      claims[#claims + 1] = top
+      call_sliced('HSET', CLAIMS, claims)
+    end
+  end
   local deadline = now_ms() + tonumber(A.lease_ms)
   local zargs, hargs = {}, {}
   for i = 1, #block, 3 do
