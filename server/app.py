@@ -326,9 +326,7 @@ async def submit_tasks(request: web.Request) -> web.Response:
     if header.localities and len(header.localities) != len(ids):
         raise v.BadRequest("'localities' needs exactly one key per task (or none at all)")
     await _check_submit_quotas(request, job, len(ids))
-    added = await request.app[STORE].submit(
-        job, ids, [bytes(p) for p in parts], header.localities
-    )
+    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts], header.localities)
     return _json_reply(m.Submitted(added))
 
 
