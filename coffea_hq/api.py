@@ -77,6 +77,15 @@ class API:
         """``GET TELEMETRY``: the rolling windows of heartbeat samples, per worker and job."""
         return m.decode((await self.transport.call("GET", protocol.TELEMETRY)).body, m.Telemetry)
 
+    async def shares(self) -> m.Shares:
+        """``GET SHARES``: each fair-share group's weight and worker time served."""
+        return m.decode((await self.transport.call("GET", protocol.SHARES)).body, m.Shares)
+
+    async def set_shares(self, request: m.SetShares) -> m.Shares:
+        """``POST SHARES``: set fair-share weights."""
+        response = await self.transport.call("POST", protocol.SHARES, json_body=request)
+        return m.decode(response.body, m.Shares)
+
     async def metrics(self) -> str:
         """``GET METRICS``: the Prometheus text exposition."""
         return bytes((await self.transport.call("GET", protocol.METRICS)).body).decode()

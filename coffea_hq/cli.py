@@ -71,6 +71,24 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds between refreshes with --watch (default: %(default)s)",
     )
+    shares = sub.add_parser(
+        "shares",
+        help="show or set how workers are shared between users (fair-share weights)",
+        description="Workers are shared between users in proportion to their weights "
+        "(default 1); under hq-server --auth this needs an admin token "
+        f"(${protocol.ENV_TOKEN} or ${protocol.ENV_TOKEN_FILE}).",
+    )
+    shares.add_argument(
+        "url", nargs="?", default=None, help=f"the server (default: ${protocol.ENV_URL})"
+    )
+    shares.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="weights",
+        metavar="USER=WEIGHT",
+        help="give USER (or, in open mode, a share label) this weight; repeatable",
+    )
     return p
 
 
@@ -125,7 +143,40 @@ def main(argv: list[str] | None = None) -> int:
         return _token(p, args)
     if args.command == "status":
         return _status(p, args)
+    if args.command == "shares":
+        return _shares(p, args)
     return 2
+
+
+def _shares(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import msgspec
+
+    from . import messages
+    from .client import Client
+    from .errors import HQError
+
+    weights: dict[str, float] = {}
+    for item in args.weights:
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            p.error(f"--set takes USER=WEIGHT (a number), got {item!r}")
+    try:
+        request = msgspec.convert({"weights": weights}, messages.SetShares) if weights else None
+    except msgspec.ValidationError as e:
+        p.error(f"--set: {e} (names: letters, digits, '_.-'; weights above 0)")
+    try:
+        with Client(args.url, retry_for=5) as client:
+            api = client.api
+            reply = client.run(api.set_shares(request) if request else api.shares())
+    except HQError as e:
+        print(f"coffea-hq shares: {e}", file=sys.stderr)
+        return 2
+    print(f"{'group':<24}{'weight':>10}{'usage (s/weight)':>20}")
+    for name, info in reply.shares.items():
+        print(f"{name or '(default)':<24}{info.weight:>10g}{info.usage:>20.1f}")
+    return 0
 
 
 def _status(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:

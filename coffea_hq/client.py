@@ -39,6 +39,7 @@ from .errors import (
 )
 from .protocol import Codec
 from .remote import TaskNotes
+from .shares import locality_key, share_name
 from .shipping import with_env
 from .transport import parse_urls
 
@@ -286,6 +287,9 @@ class Client:
         environment: Environment | None = None,
         files: Iterable[str | os.PathLike[str]] = (),
         resources: bool = False,
+        priority: int = 0,
+        share: str | None = None,
+        locality: Sequence[str | None] | None = None,
     ) -> Job:
         """Run ``function(*args)`` for each ``args`` in ``zip(*iterables)`` on the workers.
 
@@ -306,6 +310,15 @@ class Client:
         ``environment`` (a :class:`coffea_hq.Environment`) runs the tasks and merges in
         that software environment instead of the worker's own; ``files`` are paths of data
         files that appear under their basename in each task's working directory.
+
+        Workers are shared fairly between users (under ``hq-server --auth``: the token's
+        user; otherwise ``share``, default ``$HQ_USER`` or the login name), in proportion
+        to the weights an admin set (``coffea-hq shares``); among one user's jobs, higher
+        ``priority`` runs first, then the older job.
+
+        ``locality``: one key per task (e.g. the file it reads; None for none): a worker
+        that ran tasks of a key is given that key's tasks first, and workers spread over
+        the keys, so each opens fewer files.
 
         Warnings and log records (WARNING and above) the tasks raise are raised again here
         as the results arrive, naming the worker; :meth:`Job.logs` holds what they printed.
@@ -336,12 +349,21 @@ class Client:
         job = Job(
             self, uuid.uuid4().hex[:20], items, reducing=reduce is not None, fail_fast=fail_fast
         )
-        spec = {"max_attempts": max_attempts, "fail_fast": fail_fast, "label": label}
+        spec = {
+            "max_attempts": max_attempts,
+            "fail_fast": fail_fast,
+            "label": label,
+            "priority": priority,
+            "share": share_name(share),
+        }
         if reduce is not None:
             spec["fanin"] = fanin
         if resources:
             spec["resources"] = True
-        self.run(self._submit(job.id, blobs, payloads, spec, extra))
+        keys = [] if locality is None else [locality_key(k) for k in locality]
+        if keys and len(keys) != len(items):
+            raise ValueError(f"locality needs one key per task: {len(keys)} for {len(items)}")
+        self.run(self._submit(job.id, blobs, payloads, spec, extra, keys))
         return job
 
     async def _submit(
@@ -351,6 +373,7 @@ class Client:
         payloads: list[bytes],
         spec: dict[str, Any],
         extra: Sequence[bytes] = (),
+        localities: list[str] | None = None,
     ) -> None:
         """Create, fill and seal the job; whatever fails (Ctrl-C included), nothing of it
         is left to run."""
@@ -364,7 +387,7 @@ class Client:
             await self.api.create_job(
                 job, messages.CreateJob(function=shas[0], reducer=reducer, **spec)
             )
-            await self._submit_tasks(job, payloads)
+            await self._submit_tasks(job, payloads, localities or [])
             await self.api.seal(job, messages.Seal(total=len(payloads)))
         except BaseException as exc:
             # An unsealed job would run its first batches and never end: delete it.
@@ -383,13 +406,18 @@ class Client:
             self._request_limit = (await self.api.health()).max_request_size
         return self._request_limit
 
-    async def _submit_tasks(self, job: str, payloads: list[bytes]) -> None:
+    async def _submit_tasks(
+        self, job: str, payloads: list[bytes], localities: list[str] | None = None
+    ) -> None:
         """Send the tasks in batches, a few in flight; the first failure stops the rest."""
         limit = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
         budget = await self._max_request_size() // SUBMIT_SHARE
 
         async def submit(start: int, stop: int) -> None:
-            header = messages.SubmitTasks(tasks=[str(i) for i in range(start, stop)])
+            header = messages.SubmitTasks(
+                tasks=[str(i) for i in range(start, stop)],
+                localities=localities[start:stop] if localities else [],
+            )
             async with limit:
                 await self.api.submit_tasks(job, header, payloads[start:stop])
 

@@ -162,6 +162,12 @@ class HQExecutor(ExecutorBase):
             with ``walltime_exceeded`` (it is neither retried nor split). Default: none.
         client : coffea_hq.Client, optional
             Reuse an open client instead of connecting for each run.
+        priority : int, optional
+            Among your own jobs, higher runs first (default 0); workers are shared fairly
+            between users whatever the priorities.
+        share : str, optional
+            The fair-share group in open mode (default ``$HQ_USER`` or the login name);
+            under ``hq-server --auth`` your token's user is used.
     """
 
     url: str | Sequence[str] | None
@@ -185,6 +191,8 @@ class HQExecutor(ExecutorBase):
     split_min_entries: int
     walltime: float | None
     client: Client | None
+    priority: int
+    share: str | None
 
     def __init__(
         self,
@@ -215,6 +223,8 @@ class HQExecutor(ExecutorBase):
         split_min_entries: int = 100,
         walltime: float | None = None,
         client: Client | None = None,
+        priority: int = 0,
+        share: str | None = None,
     ) -> None:
         # Every attribute is an argument: coffea's copy() rebuilds us as
         # type(self)(**self.__dict__).
@@ -251,6 +261,8 @@ class HQExecutor(ExecutorBase):
             raise ValueError(f"keep_files_open must be 0 or more, got {keep_files_open}")
         if split_min_entries < 1:
             raise ValueError(f"split_min_entries must be at least 1, got {split_min_entries}")
+        self.priority = priority
+        self.share = share
         if env is not None:
             forwarded_env(env)  # a name this session lacks fails now, not mid-analysis
         if treereduction is not None and treereduction < 2:
@@ -318,6 +330,10 @@ class HQExecutor(ExecutorBase):
                 environment=self.environment,
                 files=self.files,
                 resources=self.savemetrics,
+                priority=self.priority,
+                share=self.share,
+                # A chunk's file: its worker likely has it open, or cached, already.
+                locality=[_file_of(item) for item in items],
             )
         finally:
             for name in registered:
@@ -482,6 +498,12 @@ def _cancel_quietly(job: Job) -> None:
 
 
 # ---------------------------------------------------------------------- errors
+
+
+def _file_of(item: Any) -> str | None:
+    """The file a work item reads (its locality key), if it names one."""
+    filename = getattr(item, "filename", None)
+    return filename if isinstance(filename, str) else None
 
 
 def describe(item: Any) -> str:

@@ -52,6 +52,12 @@ class LeaseRef(msgspec.Struct, array_like=True, frozen=True):
 # ---------------------------------------------------------------------- client -> server
 
 
+# A fair-share group: a user name, or '' (the default group).
+ShareName = Annotated[
+    str, msgspec.Meta(pattern=rf"^[A-Za-z0-9_.\-]{{0,{protocol.ID_MAX_LENGTH}}}\Z")
+]
+
+
 class CreateJob(Message):
     """``PUT JOB``. With ``reducer``, results are merged on workers by merge tasks that
     call ``reducer(list_of_values)``, ``fanin`` at a time."""
@@ -66,6 +72,11 @@ class CreateJob(Message):
     # savemetrics). Off, the server adds them up per job only: a note per task is kept
     # only when the task raised warnings or logged.
     resources: bool = False
+    # Workers are shared fairly between groups: the job's user under ``hq-server --auth``
+    # (this field is then ignored), else this label (the client sends HQ_USER or the
+    # login name). Within a group, higher ``priority`` first, then the older job.
+    share: ShareName = ""
+    priority: Annotated[int, msgspec.Meta(ge=-protocol.PRIORITY_MAX, le=protocol.PRIORITY_MAX)] = 0
 
 
 class SubmitTasks(Message):
@@ -73,6 +84,9 @@ class SubmitTasks(Message):
 
     tasks: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)]
     sizes: list[int] = []  # the framing's: pack() fills it in
+    # Each task's locality key (e.g. a digest of the file it reads; '' for none), or none:
+    # a worker that ran tasks of a key is given that key's tasks first.
+    localities: Annotated[list[ShareName], msgspec.Meta(max_length=MAX_ITEMS)] = []
 
 
 class Seal(Message):
@@ -416,6 +430,31 @@ class Released(msgspec.Struct):
     """``POST RELEASE`` reply: how many leases the server took back."""
 
     released: int
+
+
+class SetShares(Message):
+    """``POST SHARES``: fair-share weights to set, by group (a user, or an open-mode share
+    label; '' is the default group). Unset groups weigh 1."""
+
+    weights: Annotated[
+        dict[ShareName, Annotated[float, msgspec.Meta(gt=0, le=protocol.SHARE_WEIGHT_MAX)]],
+        msgspec.Meta(max_length=1024),
+    ]
+
+
+class ShareInfo(msgspec.Struct):
+    """One fair-share group: its ``weight`` and ``usage``, the seconds of worker time
+    leased to it so far divided by its weight (of the groups with work, the lowest is
+    served next; one coming back from idle starts level with them)."""
+
+    weight: float
+    usage: float = 0.0
+
+
+class Shares(msgspec.Struct):
+    """``GET SHARES`` / ``POST SHARES`` reply: every group that has a weight or was served."""
+
+    shares: dict[str, ShareInfo]
 
 
 class QueueStats(msgspec.Struct):

@@ -57,6 +57,7 @@ EVENTS_CONTENT_TYPE: Final = "text/event-stream"
 EVENTS_EVERY: Final = 1.0
 EVENTS_MAX: Final = 600  # events one stream sends at most (``count``); the page reconnects
 EVENTS_FAILURES_MAX: Final = 5  # failed tasks (with their tracebacks) shown per job
+SHARES: Final = API + "/shares"
 OPENAPI: Final = API + "/openapi.json"  # this API's OpenAPI 3.1 document
 # A worker holds one request open here for its whole life (its presence): when the
 # connection drops without a goodbye, the server requeues the worker's tasks after
@@ -100,6 +101,8 @@ LEASE_MAX_TASKS: Final = 4096
 DEFAULT_FANIN: Final = 20  # results per merge task, as coffea's treereduction
 # A merge's inputs cross one Lua call at once (Lua's unpack() stops near 8,000): bounded.
 MAX_FANIN: Final = 1024
+PRIORITY_MAX: Final = 10**6  # a job's priority is within +-PRIORITY_MAX
+SHARE_WEIGHT_MAX: Final = 10**6  # a fair-share weight is in (0, SHARE_WEIGHT_MAX]
 MERGE_PREFIX: Final = "m"  # task ids the server gives merge tasks; clients use other ids
 DEFAULT_UNSEALED_TIMEOUT: Final = 600.0  # an unsealed job with no submit this long is abandoned
 WORKER_LOST_TYPE: Final = "coffea_hq.errors.WorkerLost"

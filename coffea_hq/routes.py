@@ -230,6 +230,23 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         method="GET",
+        path=protocol.SHARES,
+        operation="shares",
+        roles=ADMINS,
+        summary="Fair share between users: each group's weight and worker time served.",
+        replies=(Reply(200, Json(m.Shares), "the groups"),),
+    ),
+    Route(
+        method="POST",
+        path=protocol.SHARES,
+        operation="set_shares",
+        roles=ADMINS,
+        summary="Set fair-share weights (workers are shared between users in proportion).",
+        body=Json(m.SetShares),
+        replies=(Reply(200, Json(m.Shares), "the groups, after the change"),),
+    ),
+    Route(
+        method="GET",
         path=protocol.METRICS,
         operation="metrics",
         roles=ADMINS,

@@ -222,6 +222,21 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _shares(request: web.Request) -> web.Response:
+    found = await request.app[STORE].shares()
+    return _json_reply(m.Shares({n: m.ShareInfo(w, u) for n, (w, u) in found.items()}))
+
+
+async def shares(request: web.Request) -> web.Response:
+    return await _shares(request)
+
+
+async def set_shares(request: web.Request) -> web.Response:
+    body = await _body(request, m.SetShares)
+    await request.app[STORE].set_shares(body.weights)
+    return await _shares(request)
+
+
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
@@ -306,6 +321,8 @@ async def create_job(request: web.Request) -> web.Response:
         reducer=body.reducer or "",
         fanin=body.fanin,
         resources=body.resources,
+        share=body.share,
+        priority=body.priority,
     )
     return _json_reply(m.JobSummary(**summary))
 
@@ -356,8 +373,10 @@ async def submit_tasks(request: web.Request) -> web.Response:
         raise v.BadRequest(f"task ids starting with {protocol.MERGE_PREFIX!r} are reserved")
     if len(set(ids)) != len(ids):
         raise v.BadRequest("task ids within one batch must be distinct")
+    if header.localities and len(header.localities) != len(ids):
+        raise v.BadRequest("'localities' needs exactly one key per task (or none at all)")
     await _check_submit_quotas(request, job, len(ids))
-    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts])
+    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts], header.localities)
     return _json_reply(m.Submitted(added))
 
 
@@ -748,6 +767,8 @@ HANDLERS: dict[str, Handler] = {
     "telemetry": telemetry,
     "events": events,
     "metrics": metrics,
+    "shares": shares,
+    "set_shares": set_shares,
     "list_jobs": list_jobs,
     "put_blob": put_blob,
     "head_blob": head_blob,

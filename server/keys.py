@@ -42,8 +42,12 @@ class Meta(enum.StrEnum):
     FINISHED = "finished"  # ms
     RESOURCES = "resources"  # '1': keep every task's wall/CPU/peak RSS note for the client
     WALL_US = "wall_us"  # microseconds the job's attempts ran, added up (where known)
+    TIMED = "timed"  # ... and how many attempts those were (fair share's mean task cost)
     CPU_US = "cpu_us"  # CPU microseconds of the job's attempts, added up
     RSS_MAX = "rss_max"  # the largest peak resident set of one attempt, bytes
+    SHARE = "share"  # the fair-share group in open mode (the user under --auth)
+    PRIORITY = "priority"  # higher first among one fair-share group's jobs
+    LOCAL = "local"  # '1' once a task with a locality key was submitted
 
 
 class Event(enum.StrEnum):
@@ -70,12 +74,16 @@ class JobKeys:
     mergeable: str  # list   results of a reducing job waiting to be merged (task ids)
     notes: str  # hash   task -> JSON messages.TaskNote (warnings, logs, resources), until acked
     logs: str  # list   JSON messages.LogLine: the job's task output, a ring buffer (LTRIM)
+    locality: str  # hash   task -> its locality key (the file it reads), for tasks that have one
+    claims: str  # hash   'k:'key -> the worker that last leased a task of it; 'w:'worker -> key
     ready: str  # global zset: jobs with queued tasks, scored by creation time
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
     durations: str  # global hash: the task duration histogram (see Keys.durations)
+    shares: str  # global hash: fair-share group -> weight (see Keys.shares)
+    passes: str  # global hash: fair-share group -> worker time served / weight
 
-    OWNED = 11  # the first OWNED keys belong to the job alone
+    OWNED = 13  # the first OWNED keys belong to the job alone
 
     @classmethod
     def names(cls) -> list[str]:
@@ -95,7 +103,17 @@ class JobKeys:
 # The KEYS of scripts over the whole store rather than one job (worker_gone): the global
 # keys a job script also gets, then the worker registry. They reach a job's own keys
 # through the use_job() the prelude generates.
-STORE_KEY_NAMES = ("ready", "jobs", "counters", "durations", "workers", "workers_seen", "sessions")
+STORE_KEY_NAMES = (
+    "ready",
+    "jobs",
+    "counters",
+    "durations",
+    "shares",
+    "passes",
+    "workers",
+    "workers_seen",
+    "sessions",
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,19 @@ class Keys:
         protocol.TASK_DURATION_BUCKETS; one past the end: longer) -> attempts,
         ``count`` -> attempts, ``sum_us`` -> their total in microseconds."""
         return f"{self.prefix}:durations"
+
+    @property
+    def shares(self) -> str:
+        """Fair-share weights: hash, group (the user, or in open mode the job's share
+        label) -> weight (a float > 0; absent: 1). Set by an admin."""
+        return f"{self.prefix}:shares"
+
+    @property
+    def passes(self) -> str:
+        """Fair-share progress: hash, group -> seconds of worker time leased to it divided
+        by its weight (the lease script serves the lowest first); field ``PASS_FLOOR``
+        holds the lowest pass of the groups that had work at the last lease."""
+        return f"{self.prefix}:passes"
 
     @property
     def wake(self) -> str:
@@ -193,8 +224,12 @@ class Keys:
             mergeable=f"{base}:mergeable",
             notes=f"{base}:notes",
             logs=f"{base}:logs",
+            locality=f"{base}:locality",
+            claims=f"{base}:claims",
             ready=self.ready,
             jobs=self.jobs,
             counters=self.counters,
             durations=self.durations,
+            shares=self.shares,
+            passes=self.passes,
         )

@@ -71,12 +71,24 @@ class Spec:
 
 SPECS: dict[str, Spec] = {
     "create": Spec(
-        ("function_blob", "max_attempts", "fail_fast", "label", "user", "reducer_blob", "fanin")
+        (
+            "function_blob",
+            "max_attempts",
+            "fail_fast",
+            "label",
+            "user",
+            "reducer_blob",
+            "fanin",
+            "share",
+            "priority",
+        )
     ),
     # tasks: comma-joined ids; sizes: comma-joined payload lengths; payloads: concatenated.
-    "submit": Spec(("tasks", "sizes", "payloads")),
+    # localities: comma-joined locality keys, one per task ('' for none), or '' for none.
+    "submit": Spec(("tasks", "sizes", "payloads", "localities")),
     "seal": Spec(("total",)),
-    "lease": Spec(("worker", "max", "lease_ms", "users")),
+    # Store-wide: picks the job(s) by fair share among the `scan` oldest ready jobs.
+    "lease": Spec(("prefix", "worker", "max", "lease_ms", "users", "scan")),
     # outcomes: one letter per task (OUTCOME_CODES); spent: comma-joined 'wall:cpu:rss'
     # of each task (seconds, seconds, bytes; '' where unknown); notes and outputs packed
     # with their sizes; rest: the error JSON of each task that is not ok, in order.
@@ -105,7 +117,11 @@ SPECS: dict[str, Spec] = {
     # Store-wide (KEYS: keys.STORE_KEY_NAMES); the job id ARGV is unused.
     "worker_gone": Spec(("prefix", "worker", "session", "lost", "users")),
 }
-STORE_SCRIPTS = frozenset({"worker_gone"})
+STORE_SCRIPTS = frozenset({"worker_gone", "lease"})
+
+# The field of the passes hash (keys.Keys.passes) that holds the fair-share floor: no
+# group name (a messages.Id, or '') contains a colon.
+PASS_FLOOR = ":floor"
 
 
 def _lua_string(value: str) -> str:
@@ -201,6 +217,7 @@ def prelude(name: str) -> str:
         f"local WORKER_LOST = {_lua_string(protocol.WORKER_LOST_TYPE)}",
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
         f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
+        f"local PASS_FLOOR = {_lua_string(PASS_FLOOR)}",
     ]
     for reply in (CreateReply, SubmitReply, SealReply):
         lines.append(_enum_table(reply.__name__.upper(), reply))
@@ -255,19 +272,27 @@ class LeasedRaw:
 
 @dataclass(frozen=True, slots=True)
 class LeaseReply:
+    """One job's tasks of a lease."""
+
+    job: str
     function_blob: str
     reducer_blob: str
     tasks: list[LeasedRaw]
 
 
-def _parse_lease(reply: list[Any]) -> LeaseReply:
-    if not reply:
-        return LeaseReply("", "", [])
-    tasks = [
-        LeasedRaw(_text(reply[i]), int(reply[i + 1]), bytes(reply[i + 2] or b""))
-        for i in range(2, len(reply), 3)
-    ]
-    return LeaseReply(_text(reply[0]), _text(reply[1]), tasks)
+def _parse_lease(reply: list[Any]) -> list[LeaseReply]:
+    out: list[LeaseReply] = []
+    i = 0
+    while i < len(reply):
+        n = int(reply[i + 3])
+        start = i + 4
+        tasks = [
+            LeasedRaw(_text(reply[k]), int(reply[k + 1]), bytes(reply[k + 2] or b""))
+            for k in range(start, start + 3 * n, 3)
+        ]
+        out.append(LeaseReply(_text(reply[i]), _text(reply[i + 1]), _text(reply[i + 2]), tasks))
+        i = start + 3 * n
+    return out
 
 
 def _pairs(items: Iterable[tuple[str, int]]) -> list[Any]:
@@ -307,6 +332,8 @@ class Scripts:
         user: str,
         reducer_blob: str,
         fanin: int,
+        share: str = "",
+        priority: int = 0,
     ) -> Call[CreateReply]:
         return self._call(
             "create",
@@ -320,10 +347,18 @@ class Scripts:
             user=user,
             reducer_blob=reducer_blob,
             fanin=fanin,
+            share=share,
+            priority=priority,
         )
 
     def submit(
-        self, keys: JobKeys, job: str, *, tasks: Sequence[str], payloads: Sequence[bytes]
+        self,
+        keys: JobKeys,
+        job: str,
+        *,
+        tasks: Sequence[str],
+        payloads: Sequence[bytes],
+        localities: Sequence[str] = (),
     ) -> Call[tuple[SubmitReply, int]]:
         return self._call(
             "submit",
@@ -333,6 +368,7 @@ class Scripts:
             tasks=",".join(tasks),
             sizes=",".join(str(len(p)) for p in payloads),
             payloads=b"".join(payloads),
+            localities=",".join(localities),
         )
 
     def seal(self, keys: JobKeys, job: str, *, total: int) -> Call[tuple[SealReply, int]]:
@@ -342,25 +378,28 @@ class Scripts:
 
     def lease(
         self,
-        keys: JobKeys,
-        job: str,
+        keys: Keys,
         *,
         worker: str,
         maximum: int,
         lease_ms: int,
         users: Sequence[str] = (),
-    ) -> Call[LeaseReply]:
-        """``users``: lease only if the job is one of theirs (empty: any job)."""
-        return self._call(
-            "lease",
-            keys,
-            job,
-            _parse_lease,
-            worker=worker,
-            max=maximum,
-            lease_ms=lease_ms,
-            users=f",{','.join(users)}," if users else "",
-        )
+        scan: int,
+    ) -> Call[list[LeaseReply]]:
+        """Lease up to ``maximum`` tasks among the ``scan`` oldest ready jobs, by fair
+        share; ``users``: only their jobs (empty: any job)."""
+        args = [
+            "",
+            self._channel,
+            self._ttl,
+            keys.prefix,
+            worker,
+            maximum,
+            lease_ms,
+            f",{','.join(users)}," if users else "",
+            scan,
+        ]
+        return Call(self._scripts["lease"], keys.store_keys, args, _parse_lease)
 
     def complete(
         self,

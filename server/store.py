@@ -22,7 +22,7 @@ from coffea_hq import protocol
 from coffea_hq.protocol import CompleteStatus, Counter, JobState, Outcome
 
 from .keys import Event, Keys, Meta
-from .scripts import Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
+from .scripts import PASS_FLOOR, Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -31,9 +31,10 @@ BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
 RESULTS_MAX_TASKS = 8192  # per results response
 WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
-READY_SCAN = 16  # ready jobs one lease looks at (oldest first)
+# Ready jobs one lease looks at (oldest first) to choose by fair share: a user's jobs
+# beyond them wait for the older ones to drain.
+READY_SCAN = 64
 READY_SCAN_RESTRICTED = 1024  # ... for a worker limited to some users' jobs
-JOB_USERS_MAX = 100_000  # job -> user entries cached (a job's user never changes)
 USER_JOBS_MAX = 10_000  # jobs remembered per user for the quotas (oldest dropped first)
 NO_JOB = "no job {job} (never created, deleted, or expired)"
 
@@ -160,7 +161,6 @@ class Store:
         self.result_ttl = result_ttl
         self.unsealed_ms = int(unsealed_timeout * 1000)
         self.scripts = Scripts(redis, keys.wake, result_ttl)
-        self._job_users: dict[str, str] = {}
 
     # ------------------------------------------------------------------ store checks
 
@@ -214,7 +214,11 @@ class Store:
         reducer: str = "",
         fanin: int = 0,
         resources: bool = False,
+        share: str = "",
+        priority: int = 0,
     ) -> dict[str, Any]:
+        """``share``: the fair-share group in open mode (``user``, when set, is the group);
+        ``priority``: higher first among the group's jobs."""
         for sha in filter(None, (function, reducer)):
             if not await self.redis.expire(self.keys.blob(sha), BLOB_TTL):
                 raise UnknownBlob(f"function blob {sha} is not on the server: upload it first")
@@ -228,6 +232,8 @@ class Store:
             user=user,
             reducer_blob=reducer,
             fanin=fanin,
+            share=share,
+            priority=priority,
         ).run()
         if reply is CreateReply.CONFLICT:
             raise Conflict(f"job {job} exists already with another function")
@@ -299,9 +305,16 @@ class Store:
         metas = await pipe.execute() if jobs else []
         return [_summary(job, meta) for job, meta in zip(jobs, metas, strict=True) if meta]
 
-    async def submit(self, job: str, tasks: Sequence[str], payloads: Sequence[bytes]) -> int:
+    async def submit(
+        self,
+        job: str,
+        tasks: Sequence[str],
+        payloads: Sequence[bytes],
+        localities: Sequence[str] = (),
+    ) -> int:
+        """``localities``: each task's locality key (the file it reads), or none at all."""
         status, added = await self.scripts.submit(
-            self.keys.job(job), job, tasks=tasks, payloads=payloads
+            self.keys.job(job), job, tasks=tasks, payloads=payloads, localities=localities
         ).run()
         if status is SubmitReply.UNKNOWN:
             raise UnknownJob(f"no job {job}: create it before submitting tasks")
@@ -407,45 +420,42 @@ class Store:
         seen = await self.redis.zscore(self.keys.workers_seen, worker)
         return seen is not None and time.time() - float(seen) <= within
 
-    async def _jobs_of(self, users: Sequence[str], jobs: list[str]) -> list[str]:
-        """Those of ``jobs`` that belong to ``users`` (from a cache: a job's user is fixed at
-        its creation; the lease script checks again, atomically)."""
-        unknown = [j for j in jobs if j not in self._job_users]
-        if unknown:
-            pipe = self.redis.pipeline(transaction=False)
-            for job in unknown:
-                pipe.hget(self.keys.job(job).meta, Meta.USER.value)
-            if len(self._job_users) > JOB_USERS_MAX:
-                self._job_users.clear()
-            for job, user in zip(unknown, await pipe.execute(), strict=True):
-                if user is not None:
-                    self._job_users[job] = user.decode()
-        wanted = set(users)
-        return [j for j in jobs if self._job_users.get(j) in wanted]
-
     async def lease(self, worker: str, maximum: int, users: Sequence[str] = ()) -> list[LeasedTask]:
-        """Lease up to ``maximum`` tasks, oldest job first; with ``users``, only tasks of
-        those users' jobs."""
-        leased: list[LeasedTask] = []
+        """Lease up to ``maximum`` tasks, by fair share between users (see lease.lua), then
+        priority and age; with ``users``, only tasks of those users' jobs."""
         scan = READY_SCAN_RESTRICTED if users else READY_SCAN
-        jobs = [j.decode() for j in await self.redis.zrange(self.keys.ready, 0, scan - 1)]
-        if users:
-            jobs = (await self._jobs_of(users, jobs))[:READY_SCAN]
-        for job in jobs:
-            reply = await self.scripts.lease(
-                self.keys.job(job),
-                job,
-                worker=worker,
-                maximum=maximum - len(leased),
-                lease_ms=self.lease_ms,
-                users=users,
-            ).run()
+        replies = await self.scripts.lease(
+            self.keys,
+            worker=worker,
+            maximum=maximum,
+            lease_ms=self.lease_ms,
+            users=users,
+            scan=scan,
+        ).run()
+        leased: list[LeasedTask] = []
+        for reply in replies:
             for t in reply.tasks:
                 function = reply.reducer_blob if protocol.is_merge(t.task) else reply.function_blob
-                leased.append(LeasedTask(job, t.task, t.attempt, function, t.payload))
-            if len(leased) >= maximum:
-                break
+                leased.append(LeasedTask(reply.job, t.task, t.attempt, function, t.payload))
         return leased
+
+    async def shares(self) -> dict[str, tuple[float, float]]:
+        """Every fair-share group with a weight or worker time served: (weight, usage)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.shares)
+        pipe.hgetall(self.keys.passes)
+        weights, passes = await pipe.execute()
+        names = {k.decode() for k in weights} | {k.decode() for k in passes}
+        names.discard(PASS_FLOOR)
+        return {
+            n: (float(weights.get(n.encode(), 1)), float(passes.get(n.encode(), 0)))
+            for n in sorted(names)
+        }
+
+    async def set_shares(self, weights: dict[str, float]) -> None:
+        """Set fair-share weights (validated by the route: groups are names, weights > 0)."""
+        if weights:
+            await self.redis.hset(self.keys.shares, mapping=weights)
 
     async def _per_job(
         self,

@@ -143,6 +143,12 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
         ("GET", protocol.TELEMETRY): (protocol.TELEMETRY, None, "application/json"),
         ("GET", protocol.EVENTS): (protocol.EVENTS + "?count=1", None, "application/json"),
         ("GET", protocol.METRICS): (protocol.METRICS, None, "application/json"),
+        ("GET", protocol.SHARES): (protocol.SHARES, None, "application/json"),
+        ("POST", protocol.SHARES): (
+            protocol.SHARES,
+            j({"weights": {"alice": 2}}).encode(),
+            "application/json",
+        ),
         ("GET", protocol.JOBS): (protocol.JOBS, None, "application/json"),
         ("GET", protocol.WORKER_LOGS): (
             protocol.WORKER_LOGS.format(worker="w1"),

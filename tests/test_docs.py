@@ -33,7 +33,7 @@ COMMANDS = (
     "coffea-hq condor",
     "coffea-hq token",
 )
-SUBCOMMANDS = ("local", "condor", "token")
+SUBCOMMANDS = ("local", "condor", "token", "shares")
 # The image's entrypoint roles (docker/entrypoint.sh): `docker run IMAGE server ...`.
 IMAGE_ROLES = {"server": "hq-server", "worker": "hq-worker", "local": "coffea-hq local"}
 
@@ -44,7 +44,9 @@ UNDOCUMENTED_OK = {
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # A command named in backticks: `hq-worker [URL]`, `coffea-hq condor`.
-NAMED = re.compile(r"`(hq-server|hq-worker|coffea-hq(?: local| condor| token| status)?)\b[^`]*`")
+NAMED = re.compile(
+    r"`(hq-server|hq-worker|coffea-hq(?: local| condor| token| status| shares)?)\b[^`]*`"
+)
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
@@ -59,6 +61,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "coffea-hq condor": subs.choices["condor"],
         "coffea-hq token": subs.choices["token"],
         "coffea-hq status": subs.choices["status"],
+        "coffea-hq shares": subs.choices["shares"],
     }
 
 

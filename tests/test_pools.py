@@ -126,12 +126,11 @@ async def test_the_lease_script_checks_the_jobs_user_itself(queue_store: Store) 
         "k", function=SHA, max_attempts=1, fail_fast=True, label="", user="alice"
     )
     await queue_store.submit("k", ["a"], [b"x"])
-    keys = queue_store.keys.job("k")
-    # Straight to the script (past the server's job -> user cache): bob's pool gets nothing,
-    # and the job stays ready for the others.
+    # Straight to the script (it picks the job among the ready ones itself): bob's pool
+    # gets nothing, and the job stays ready for the others.
     reply = await queue_store.scripts.lease(
-        keys, "k", worker="w", maximum=4, lease_ms=1000, users=("bob",)
+        queue_store.keys, worker="w", maximum=4, lease_ms=1000, users=("bob",), scan=1024
     ).run()
-    assert reply.tasks == []
+    assert reply == []
     assert await queue_store.redis.zscore(queue_store.keys.ready, "k") is not None
     assert [t.task for t in await queue_store.lease("w", 4, ("alice",))] == ["a"]

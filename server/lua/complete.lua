@@ -172,6 +172,7 @@ if n_timed > 0 then
   redis.call('HINCRBY', DURATIONS, 'count', n_timed)
   redis.call('HINCRBY', DURATIONS, 'sum_us', sum_us)
   redis.call('HINCRBY', META, F.WALL_US, sum_us)
+  redis.call('HINCRBY', META, F.TIMED, n_timed)  -- the job's mean: fair share's cost
   redis.call('HINCRBY', META, F.CPU_US, cpu_us)
   if new_rss_max > rss_max then redis.call('HSET', META, F.RSS_MAX, new_rss_max) end
 end

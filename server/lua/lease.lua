@@ -1,63 +1,257 @@
--- Lease up to A.max queued tasks to worker A.worker for A.lease_ms.
--- Returns {function_blob, reducer_blob, task1, attempt1, payload1, task2, ...} or {}.
+-- Lease up to A.max queued tasks to worker A.worker for A.lease_ms, choosing among the
+-- A.scan oldest ready jobs by fair share (store-wide: one atomic pick-and-lease).
+-- Returns {job, function_blob, reducer_blob, n, task1, attempt1, payload1, ..., job2, ...}.
 -- A merge task's payload is its inputs' results, each prefixed by its length (u32, big end).
 -- A.users: ',alice,bob,' for a worker that takes only those users' jobs, '' for any job.
-local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB, F.USER)
-if m[1] ~= STATE.RUNNING then
-  redis.call('ZREM', READY, JOB)
-  return {}
-end
-if A.users ~= '' and not string.find(A.users, ',' .. (m[4] or '') .. ',', 1, true) then
-  return {}  -- not this worker's users: the job stays ready for the others
-end
-local max = tonumber(A.max)
-local tasks = redis.call('LRANGE', QUEUE, 0, max - 1)
-if #tasks == 0 then
-  redis.call('ZREM', READY, JOB)
-  return {}
-end
--- Read everything first.
-local previous = call_sliced_collect('HMGET', HOLDER, tasks)
-local payloads = call_sliced_collect('HMGET', PAYLOAD, tasks)
-local out = {m[2], m[3] or ''}
-local broken = nil  -- a merge whose inputs are gone (the store lost keys): the job fails
-for i, task in ipairs(tasks) do
-  local payload = payloads[i]
-  if is_merge(task) and payload then
-    local inputs = split_list(payload)
-    local parts = {}
-    for j, value in ipairs(call_sliced_collect('HMGET', RESULTS, inputs)) do
-      if not value then broken = task break end
-      parts[j] = struct.pack('>I4', #value) .. value
+--
+-- Fair share (stride scheduling): each group (the job's user; in open mode its share
+-- label) has a pass, the worker time leased to it divided by its weight. The group with
+-- the lowest pass is served first; within a group, higher priority first, then the older
+-- job. Worker time of a leased task is its job's mean reported wall time (before any
+-- report: the store-wide mean; before any at all: 1 ms). A group that had no work comes
+-- back at the lowest pass of those that had (PASS_FLOOR): it neither lost its turn nor
+-- saved up credit while idle.
+
+-- Locality: in a job whose tasks carry locality keys (the file a chunk reads), a worker
+-- is given, among the first LOCALITY_WINDOW queued tasks: those without a key (merges)
+-- first, then those of the key it last leased, then those of the key no other worker
+-- holds with the most tasks, then the rest in queue order (so nothing starves). Returns
+-- the tasks, the others of the window in order (they go back to the front) and its size.
+local LOCALITY_WINDOW = 256
+
+local function pick_local(max)
+  local window = redis.call('LRANGE', QUEUE, 0, LOCALITY_WINDOW - 1)
+  if #window == 0 then return {}, {}, 0 end
+  local keys = call_sliced_collect('HMGET', LOCALITY, window)
+  local taken, tasks = {}, {}
+  local function take(i)
+    if not taken[i] and #tasks < max then
+      taken[i] = true
+      tasks[#tasks + 1] = window[i]
     end
-    payload = table.concat(parts)
-  elseif not payload then
-    broken = task
   end
-  if broken then break end
-  out[#out + 1] = task
-  out[#out + 1] = (split_holder(previous[i]) or 0) + 1
-  out[#out + 1] = payload
+  for i = 1, #window do
+    if not keys[i] then take(i) end
+  end
+  local mine = redis.call('HGET', CLAIMS, 'w:' .. A.worker)
+  if mine then
+    for i = 1, #window do
+      if keys[i] == mine then take(i) end
+    end
+  end
+  if #tasks < max then
+    local counts, names = {}, {}
+    for i = 1, #window do
+      local k = keys[i]
+      if k and not taken[i] then
+        if not counts[k] then
+          counts[k] = 0
+          names[#names + 1] = k
+        end
+        counts[k] = counts[k] + 1
+      end
+    end
+    local fields = {}
+    for i, k in ipairs(names) do fields[i] = 'k:' .. k end
+    local holders = call_sliced_collect('HMGET', CLAIMS, fields)
+    local free = {}
+    for i, k in ipairs(names) do
+      if not holders[i] or holders[i] == A.worker then free[#free + 1] = k end
+    end
+    table.sort(free, function(a, b) return counts[a] > counts[b] end)
+    for _, k in ipairs(free) do
+      if #tasks >= max then break end
+      for i = 1, #window do
+        if keys[i] == k then take(i) end
+      end
+    end
+  end
+  for i = 1, #window do take(i) end
+  local rest = {}
+  for i = #window, 1, -1 do  -- reversed: LPUSH puts them back in their order
+    if not taken[i] then rest[#rest + 1] = window[i] end
+  end
+  return tasks, rest, #window
 end
-if broken then
-  fail_task(broken, cjson.encode({type = 'coffea_hq.errors.StoreLostData',
-    message = 'task ' .. broken .. ' lost its inputs in the store (evicted or deleted keys?)',
-    traceback = ''}), '')
-  redis.call('HSET', META, F.FATAL, broken)
-  finish(STATE.FAILED, 'the store lost data of task ' .. broken)
-  return {}
+
+-- Lease from the job use_job() points at; appends its block to `out`, returns the count.
+local function lease_job(max, out)
+  local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB, F.LOCAL)
+  if m[1] ~= STATE.RUNNING then
+    redis.call('ZREM', READY, JOB)
+    return 0
+  end
+  local tasks, rest, popped
+  if m[4] == '1' then
+    tasks, rest, popped = pick_local(max)
+  else
+    tasks = redis.call('LRANGE', QUEUE, 0, max - 1)
+    rest, popped = {}, #tasks
+  end
+  if #tasks == 0 then
+    redis.call('ZREM', READY, JOB)
+    return 0
+  end
+  -- Read everything first.
+  local previous = call_sliced_collect('HMGET', HOLDER, tasks)
+  local payloads = call_sliced_collect('HMGET', PAYLOAD, tasks)
+  local block = {}
+  local broken = nil  -- a merge whose inputs are gone (the store lost keys): the job fails
+  for i, task in ipairs(tasks) do
+    local payload = payloads[i]
+    if is_merge(task) and payload then
+      local inputs = split_list(payload)
+      local parts = {}
+      for j, value in ipairs(call_sliced_collect('HMGET', RESULTS, inputs)) do
+        if not value then broken = task break end
+        parts[j] = struct.pack('>I4', #value) .. value
+      end
+      payload = table.concat(parts)
+    elseif not payload then
+      broken = task
+    end
+    if broken then break end
+    block[#block + 1] = task
+    block[#block + 1] = (split_holder(previous[i]) or 0) + 1
+    block[#block + 1] = payload
+  end
+  if broken then
+    fail_task(broken, cjson.encode({type = 'coffea_hq.errors.StoreLostData',
+      message = 'task ' .. broken .. ' lost its inputs in the store (evicted or deleted keys?)',
+      traceback = ''}), '')
+    redis.call('HSET', META, F.FATAL, broken)
+    finish(STATE.FAILED, 'the store lost data of task ' .. broken)
+    return 0
+  end
+  -- Then write.
+  redis.call('LTRIM', QUEUE, popped, -1)
+  call_sliced('LPUSH', QUEUE, rest)
+  if m[4] == '1' then
+    local keys = call_sliced_collect('HMGET', LOCALITY, tasks)
+    local claims, counts, top = {}, {}, nil  -- top: the key it got most of, its next
+    for i = 1, #tasks do
+      local k = keys[i]
+      if k then
+        if not counts[k] then
+          counts[k] = 0
+          claims[#claims + 1] = 'k:' .. k
+          claims[#claims + 1] = A.worker
+        end
+        counts[k] = counts[k] + 1
+        if not top or counts[k] > counts[top] then top = k end
+      end
+    end
+    if top then
+      claims[#claims + 1] = 'w:' .. A.worker
+      claims[#claims + 1] = top
+      call_sliced('HSET', CLAIMS, claims)
+    end
+  end
+  local deadline = now_ms() + tonumber(A.lease_ms)
+  local zargs, hargs = {}, {}
+  for i = 1, #block, 3 do
+    zargs[#zargs + 1] = deadline
+    zargs[#zargs + 1] = block[i]
+    hargs[#hargs + 1] = block[i]
+    hargs[#hargs + 1] = block[i + 1] .. '|' .. A.worker
+  end
+  call_sliced('ZADD', LEASES, zargs)
+  call_sliced('HSET', HOLDER, hargs)
+  if redis.call('LLEN', QUEUE) == 0 then redis.call('ZREM', READY, JOB) end
+  out[#out + 1] = JOB
+  out[#out + 1] = m[2]
+  out[#out + 1] = m[3] or ''
+  out[#out + 1] = #tasks
+  for i = 1, #block do out[#out + 1] = block[i] end
+  return #tasks
 end
--- Then write.
-redis.call('LTRIM', QUEUE, #tasks, -1)
-local deadline = now_ms() + tonumber(A.lease_ms)
-local zargs, hargs = {}, {}
-for i = 3, #out, 3 do
-  zargs[#zargs + 1] = deadline
-  zargs[#zargs + 1] = out[i]
-  hargs[#hargs + 1] = out[i]
-  hargs[#hargs + 1] = out[i + 1] .. '|' .. A.worker
+
+-- Seconds of worker time one task of the current job is taken to cost.
+local function task_cost(timed, wall_us)
+  timed, wall_us = tonumber(timed or 0) or 0, tonumber(wall_us or 0) or 0
+  if timed > 0 then return math.max(wall_us / timed / 1e6, 1e-6) end
+  local d = redis.call('HMGET', DURATIONS, 'count', 'sum_us')
+  local n, us = tonumber(d[1] or 0) or 0, tonumber(d[2] or 0) or 0
+  if n > 0 then return math.max(us / n / 1e6, 1e-6) end
+  return 1e-3  -- nothing known yet: nearly free (overcharging would last; this cannot)
 end
-call_sliced('ZADD', LEASES, zargs)
-call_sliced('HSET', HOLDER, hargs)
-if redis.call('LLEN', QUEUE) == 0 then redis.call('ZREM', READY, JOB) end
+
+local ready = redis.call('ZRANGE', READY, 0, tonumber(A.scan) - 1)
+if #ready == 0 then return {} end
+
+-- Group the ready jobs.
+local groups, by_name = {}, {}
+for rank, job in ipairs(ready) do
+  use_job(job)
+  local m = redis.call('HMGET', META, F.USER, F.SHARE, F.PRIORITY, F.TIMED, F.WALL_US)
+  local owner = m[1] or ''
+  if A.users == '' or string.find(A.users, ',' .. owner .. ',', 1, true) then
+    local name = owner ~= '' and owner or (m[2] or '')
+    local g = by_name[name]
+    if not g then
+      g = {name = name, first = rank, jobs = {}}
+      by_name[name] = g
+      groups[#groups + 1] = g
+    end
+    g.jobs[#g.jobs + 1] = {job = job, rank = rank, priority = tonumber(m[3] or 0) or 0,
+      cost = task_cost(m[4], m[5])}
+  end
+end
+if #groups == 0 then return {} end
+
+local names = {}
+for i, g in ipairs(groups) do names[i] = g.name end
+local passes = redis.call('HMGET', PASSES, PASS_FLOOR, unpack(names))
+local weights = redis.call('HMGET', SHARES, unpack(names))
+local floor = tonumber(passes[1] or 0) or 0
+for i, g in ipairs(groups) do
+  g.pass = math.max(tonumber(passes[i + 1] or 0) or 0, floor)
+  local w = tonumber(weights[i] or 1) or 1
+  g.weight = w > 0 and w or 1
+end
+
+-- Serve the lowest pass a quantum at a time (a big lease is shared between groups too).
+for _, g in ipairs(groups) do
+  table.sort(g.jobs, function(a, b)
+    if a.priority ~= b.priority then return a.priority > b.priority end
+    return a.rank < b.rank
+  end)
+  g.next = 1
+end
+local seen = {}
+for i, g in ipairs(groups) do seen[i] = g end
+local out, left = {}, tonumber(A.max)
+local quantum = math.max(1, math.ceil(left / 8))
+while left > 0 and #groups > 0 do
+  local best = 1
+  for i = 2, #groups do
+    local g, b = groups[i], groups[best]
+    if g.pass < b.pass or (g.pass == b.pass and g.first < b.first) then best = i end
+  end
+  local g = groups[best]
+  local want = #groups > 1 and math.min(left, quantum) or left
+  local n, spent = 0, 0
+  while n < want and g.next <= #g.jobs do
+    local j = g.jobs[g.next]
+    use_job(j.job)
+    local ask = want - n
+    local got = lease_job(ask, out)
+    if got < ask then g.next = g.next + 1 end  -- that job has nothing more queued
+    n = n + got
+    spent = spent + got * j.cost
+  end
+  if spent > 0 then
+    g.pass = g.pass + spent / g.weight
+    redis.call('HSET', PASSES, g.name, g.pass)
+  end
+  left = left - n
+  if g.next > #g.jobs then table.remove(groups, best) end
+end
+-- The floor: the lowest pass after this lease. Only a worker that sees every group moves
+-- it (a restricted one sees a few).
+if A.users == '' then
+  local lowest = seen[1].pass
+  for _, g in ipairs(seen) do lowest = math.min(lowest, g.pass) end
+  if lowest > floor then redis.call('HSET', PASSES, PASS_FLOOR, lowest) end
+end
 return out

@@ -12,18 +12,31 @@ end
 -- Done tasks are in HOLDER only; queued and leased ones are in PAYLOAD.
 local holders = call_sliced_collect('HMGET', HOLDER, tasks)
 local queued = call_sliced_collect('HMGET', PAYLOAD, tasks)
-local fresh, pairs_ = {}, {}
+local locs = nil  -- (kept in step with tasks: a task without a key has '')
+if A.localities ~= '' then
+  locs = {}
+  for key in string.gmatch(A.localities .. ',', '([^,]*),') do locs[#locs + 1] = key end
+end
+local fresh, pairs_, placed = {}, {}, {}
 for k, task in ipairs(tasks) do
   if not holders[k] and not queued[k] then
     if sealed then return {SUBMITREPLY.SEALED, 0} end
     fresh[#fresh + 1] = task
     pairs_[#pairs_ + 1] = task
     pairs_[#pairs_ + 1] = payloads[k]
+    if locs and locs[k] and locs[k] ~= '' then
+      placed[#placed + 1] = task
+      placed[#placed + 1] = locs[k]
+    end
   end
 end
 redis.call('HSET', META, F.TOUCHED, now_ms())
 if #fresh > 0 then
   call_sliced('HSET', PAYLOAD, pairs_)
+  if #placed > 0 then
+    call_sliced('HSET', LOCALITY, placed)
+    redis.call('HSET', META, F.LOCAL, '1')
+  end
   call_sliced('RPUSH', QUEUE, fresh)
   redis.call('HINCRBY', META, F.SUBMITTED, #fresh)
   redis.call('ZADD', READY, 'NX', m[3], JOB)
