@@ -304,6 +304,8 @@ def worker_stats(url: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- same results
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_nanoaod_histograms_equal_iterative_and_futures(
     hq: HQExecutor, data: dict[str, Path]
 ) -> None:
@@ -316,7 +318,10 @@ def test_nanoaod_histograms_equal_iterative_and_futures(
     assert ours["hists"]["pt"].sum().value > 0  # the comparison compared something
 
 
-@pytest.mark.parametrize("treereduction", [2, 20, None])
+@pytest.mark.parametrize(
+    "treereduction",
+    [pytest.param(2, marks=pytest.mark.slow), pytest.param(20, marks=pytest.mark.slow), None],
+)
 def test_accumulator_types_equal_iterative(
     cluster: LocalCluster, data: dict[str, Path], treereduction: int | None
 ) -> None:
@@ -361,6 +366,8 @@ def test_base_schema_flat_tree_in_both_fileset_forms(hq: HQExecutor, data: dict[
         assert ours["n"] == 2000
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_hq_as_pre_executor_only_and_as_executor_only(
     hq: HQExecutor, data: dict[str, Path]
 ) -> None:
@@ -421,6 +428,8 @@ def test_skipbadfiles_skips_an_unreadable_file_in_preprocessing(
         run_with(hq, fileset, Bookkeeping())
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_skipbadfiles_tuple_skips_chunks_that_fail_in_processing(
     hq: HQExecutor, data: dict[str, Path]
 ) -> None:
@@ -563,6 +572,8 @@ def test_copy_keeps_the_url_the_options_and_an_open_client(cluster: LocalCluster
         assert shared([], abs, {"x": 1}) == ({"x": 1}, 0)
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_processor_closure_is_fetched_once_per_worker(
     cluster: LocalCluster, data: dict[str, Path]
 ) -> None:

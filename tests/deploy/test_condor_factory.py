@@ -312,6 +312,7 @@ def test_dry_run_command_prints_description_and_decision(server: str) -> None:
     assert "would submit 2 worker job(s)" in done.stdout
 
 
+@pytest.mark.slow  # a scale test: real workers started and drained
 @pytest.mark.timeout(120)
 def test_factory_scales_real_workers_and_drains_them_without_losing_a_task(
     server: str, pool: ProcessPool, tmp_path: Path

@@ -86,7 +86,11 @@ def write_tls_secret(directory: Path, server_names: list[str]) -> ssl.SSLContext
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
+@pytest.mark.parametrize(
+    "tls",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # TLS: in CI's slow run
+    ids=["http", "tls"],
+)
 def test_rendered_containers_run_a_job_and_drain(
     render: Callable[..., Rendered],
     tmp_path: Path,
