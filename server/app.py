@@ -222,19 +222,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _shares(request: web.Request) -> web.Response:
+async def shares(request: web.Request) -> web.Response:
     found = await request.app[STORE].shares()
     return _json_reply(m.Shares({n: m.ShareInfo(w, u) for n, (w, u) in found.items()}))
-
-
-async def shares(request: web.Request) -> web.Response:
-    return await _shares(request)
 
 
 async def set_shares(request: web.Request) -> web.Response:
     body = await _body(request, m.SetShares)
     await request.app[STORE].set_shares(body.weights)
-    return await _shares(request)
+    return await shares(request)
 
 
 DASHBOARD_PAGE = resources.files(__package__).joinpath("dashboard.html").read_bytes()

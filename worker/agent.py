@@ -791,18 +791,10 @@ class Worker:
         before = self.leases.pending
         running = self.leases.end_job(job)
         dropped = before - self.leases.pending
-        stopped = 0
-        for slot in self.slots:
-            key = slot.executing()
-            if key in running:
-                slot.kill()
-                stopped += 1
-                running = running - {key}
-        # A task a slot has taken but not begun (its subprocess still loading the function)
-        # is looked for again shortly, as for lost leases: else it would run to the end.
-        left = self.leases.still_running(running)
-        if left and self._lost_watch is None:
-            self._lost_watch = asyncio.create_task(self._stop_lost_later(left))
+        stopped = sum(slot.executing() in running for slot in self.slots)
+        # As for lost leases: a task a slot has taken but not begun (its subprocess still
+        # loading the function) is looked for again shortly, else it would run to the end.
+        self._stop_lost(running, say=False)
         if dropped or stopped:
             log.info(
                 "worker %s: job %s is over (cancelled, failed or deleted): dropped %d queued "
@@ -867,15 +859,19 @@ class Worker:
             self._stop_lost(running)
         return len(reply.lost)
 
-    def _stop_lost(self, running: set[LeaseKey]) -> set[LeaseKey]:
-        """Kill the slots running these lost leases; the ones no slot has begun yet
-        (its subprocess still loading the function) are looked for again shortly."""
+    def _stop_lost(self, running: set[LeaseKey], say: bool = True) -> set[LeaseKey]:
+        """Kill the slots running these lost leases (logging each if ``say``); the ones no
+        slot has begun yet (its subprocess still loading the function) are looked for
+        again shortly."""
         for slot in self.slots:
             key = slot.executing()
             if key in running:
-                log.info(
-                    "worker %s: stopping slot %d, its task's lease is gone", self.id, slot.index
-                )
+                if say:
+                    log.info(
+                        "worker %s: stopping slot %d, its task's lease is gone",
+                        self.id,
+                        slot.index,
+                    )
                 slot.kill()
                 running = running - {key}
         left = self.leases.still_running(running)
