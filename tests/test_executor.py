@@ -353,6 +353,8 @@ def test_progress_bars_count_chunks_and_merges(
     assert polled == []  # the merge bar follows the results stream, not status polls
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_base_schema_flat_tree_in_both_fileset_forms(hq: HQExecutor, data: dict[str, Path]) -> None:
     flat = str(data["flat"])
     for fileset in (
@@ -385,6 +387,8 @@ def test_hq_as_pre_executor_only_and_as_executor_only(
     )
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_maxchunks_and_savemetrics(hq: HQExecutor, data: dict[str, Path]) -> None:
     fileset = nano_fileset(data)
     out, metrics = run_with(hq, fileset, Bookkeeping(), maxchunks=2, savemetrics=True)
@@ -395,6 +399,8 @@ def test_maxchunks_and_savemetrics(hq: HQExecutor, data: dict[str, Path]) -> Non
     assert metrics["entries"] == 2 * 240 + 2 * 225 and metrics["chunks"] == 4
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_preprocessed_chunks_and_use_result_type(hq: HQExecutor, data: dict[str, Path]) -> None:
     runner = processor.Runner(
         executor=hq,
@@ -414,6 +420,8 @@ def test_preprocessed_chunks_and_use_result_type(hq: HQExecutor, data: dict[str,
 # ---------------------------------------------------------------------- bad input
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_skipbadfiles_skips_an_unreadable_file_in_preprocessing(
     hq: HQExecutor, data: dict[str, Path]
 ) -> None:
@@ -463,6 +471,8 @@ def test_processor_exception_surfaces_like_futures_executor(
     assert "in process" in message  # a frame of the processor, from the worker
 
 
+# slow: coffea-level coverage beyond the default run's budget (CI runs it)
+@pytest.mark.slow
 def test_recoverable_returns_the_partial_output_and_the_exception(
     cluster: LocalCluster, data: dict[str, Path]
 ) -> None:
