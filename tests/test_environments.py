@@ -402,3 +402,32 @@ def test_env_variables_reach_a_task_in_an_environment(cluster: Cluster) -> None:
             environment=Environment.interpreter(sys.executable),
         )
         assert job.result(timeout=60) == ["set1", "set2"]
+
+
+def test_task_limits_apply_in_an_environment(cluster: Cluster) -> None:
+    """HQExecutor's per-task limits (here the wrapper it uses, LimitedTask) reach a task
+    run by the foreign runner: over its memory or wall time, it fails with that reason."""
+    import time
+
+    from coffea_hq.chunks import LimitedTask
+
+    def hog(x: int) -> int:  # by value: the env lacks tests/
+        import time
+
+        blocks = [b"x" * 2**20 for _ in range(400 * x)]  # touched pages: resident
+        time.sleep(20)
+        return len(blocks)
+
+    def dawdle(x: int) -> int:
+        import time
+
+        time.sleep(20 * x)
+        return x
+
+    env = Environment.interpreter(sys.executable)
+    started = time.monotonic()
+    failure = _failure(cluster, env, LimitedTask(hog, memory=200 * 2**20))
+    assert failure.exc_type == protocol.MEMORY_EXCEEDED_TYPE, failure
+    failure = _failure(cluster, env, LimitedTask(dawdle, walltime=1.0))
+    assert failure.exc_type == protocol.WALLTIME_EXCEEDED_TYPE, failure
+    assert time.monotonic() - started < 30  # killed, not run to their end

@@ -13,7 +13,6 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-import struct
 import sys
 import time
 import traceback
@@ -25,12 +24,8 @@ from coffea_hq.protocol import Outcome
 
 from . import pipe
 from .capture import TaskCapture
+from .pipe import LIMITS, MARKER, MARKER_SIZE, task_limits
 
-MARKER = struct.Struct("!q")
-# After the sequence number: the running task's own limits (memory bytes, wall seconds; 0
-# for none), which the worker's slot watches the subprocess against.
-LIMITS = struct.Struct("!qd")
-MARKER_SIZE = MARKER.size + LIMITS.size
 FUNCTION_CACHE = 16
 
 
@@ -43,20 +38,6 @@ def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
     if len(pickled) > protocol.ERROR_PICKLE_MAX:
         pickled = b""  # too heavy to ship in a report: the text says what happened
     return protocol.error_info(exc, text), pickled
-
-
-def task_limits(function: Any) -> tuple[int, float]:
-    """The limits a job's function asks for (``task_limits``, set by HQExecutor's
-    wrapper, possibly under other wrappers that keep the wrapped one as ``function``)."""
-    for _ in range(8):
-        limits = getattr(function, "task_limits", None)
-        if limits is not None:
-            memory, walltime = limits
-            return int(memory or 0), float(walltime or 0.0)
-        function = getattr(function, "function", None)
-        if function is None:
-            break
-    return 0, 0.0
 
 
 class _Unloadable:

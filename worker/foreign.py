@@ -5,7 +5,7 @@ with ``-I`` so that nothing of the worker (its site-packages, PYTHONPATH, this d
 is on ``sys.path``. It needs only the standard library and ``cloudpickle``: the worker
 decompresses payloads and functions before sending them and compresses results after, and
 builds the task notes from the plain tuples this sends back. Messages are worker/pipe.py's
-(loaded by file path, not put on ``sys.path``); the marker file is as in child.py.
+(loaded by file path, not put on ``sys.path``), and so is the marker file's layout.
 
 Parent to child: ``("function", sha, pickle)``; ``("run", [(seq, sha, args_pickle or
 [result pickles] for a merge, merge), ...])``. Child to parent: ``("done", [(seq, outcome,
@@ -20,7 +20,6 @@ import os
 import pickle
 import resource
 import signal
-import struct
 import sys
 import time
 import traceback
@@ -28,7 +27,6 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-MARKER = struct.Struct("!q")  # as child.MARKER
 FUNCTION_CACHE = 16
 TEXT_MAX = 8192
 WARNINGS_MAX = 64
@@ -129,8 +127,9 @@ def main() -> None:
     os.dup2(2, 1)  # a task's prints must not corrupt the pipe: they go to the worker's log
     sys.stdout = sys.stderr
     inp = sys.stdin.buffer
-    marker = mmap.mmap(int(sys.argv[1]), MARKER.size)
+    marker = mmap.mmap(int(sys.argv[1]), pipe.MARKER_SIZE)
     functions: OrderedDict[str, Any] = OrderedDict()
+    limits: dict[str, tuple[int, float]] = {}  # HQExecutor(memory=, walltime=) per function
     while True:
         message = pipe.read_blocking(inp)
         if message is None:
@@ -141,13 +140,15 @@ def main() -> None:
                 functions[sha] = pickle.loads(data)
             except Exception as exc:  # a module the environment lacks
                 functions[sha] = _Unloadable(exc)
+            limits[sha] = pipe.task_limits(functions[sha])
             while len(functions) > FUNCTION_CACHE:
-                functions.popitem(last=False)
+                limits.pop(functions.popitem(last=False)[0], None)
             continue
         done: list[Any] = []
         last_flush = time.monotonic()
         for seq, sha, payload, merge in message[1]:
-            MARKER.pack_into(marker, 0, seq)
+            pipe.LIMITS.pack_into(marker, pipe.MARKER.size, *limits.get(sha, (0, 0.0)))
+            pipe.MARKER.pack_into(marker, 0, seq)
             t0 = time.perf_counter()
             u0 = resource.getrusage(resource.RUSAGE_SELF)
             with warnings.catch_warnings(record=True) as caught:
@@ -162,7 +163,7 @@ def main() -> None:
             if now - last_flush > FLUSH_EVERY:
                 out.write(pipe.encode(("done", done)))
                 done, last_flush = [], now
-        MARKER.pack_into(marker, 0, 0)
+        pipe.MARKER.pack_into(marker, 0, 0)
         if done:
             out.write(pipe.encode(("done", done)))
 

@@ -17,6 +17,27 @@ from typing import Any, BinaryIO
 HEADER = struct.Struct("!Q")
 FLUSH_EVERY = 0.02  # seconds: results of short tasks travel together
 
+# The marker file a slot shares with its subprocess (an unlinked temporary file): the
+# sequence number of the task running, then that task's own limits (memory bytes, wall
+# seconds; 0 for none), which the worker's slot watches the subprocess against.
+MARKER = struct.Struct("!q")
+LIMITS = struct.Struct("!qd")
+MARKER_SIZE = MARKER.size + LIMITS.size
+
+
+def task_limits(function: Any) -> tuple[int, float]:
+    """The limits a job's function asks for (``task_limits``, set by HQExecutor's
+    wrapper, possibly under other wrappers that keep the wrapped one as ``function``)."""
+    for _ in range(8):
+        limits = getattr(function, "task_limits", None)
+        if limits is not None:
+            memory, walltime = limits
+            return int(memory or 0), float(walltime or 0.0)
+        function = getattr(function, "function", None)
+        if function is None:
+            break
+    return 0, 0.0
+
 
 def encode(message: Any) -> bytes:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)

@@ -23,8 +23,8 @@ from coffea_hq.messages import LeaseRef, TaskInfo, TaskWarning
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
-from .child import LIMITS, MARKER, MARKER_SIZE
 from .environments import DEFAULT_LAUNCH, FunctionUnavailable, Launch, Plan
+from .pipe import LIMITS, MARKER, MARKER_SIZE
 
 FOREIGN_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foreign.py")
 
