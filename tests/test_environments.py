@@ -431,3 +431,26 @@ def test_task_limits_apply_in_an_environment(cluster: Cluster) -> None:
     failure = _failure(cluster, env, LimitedTask(dawdle, walltime=1.0))
     assert failure.exc_type == protocol.WALLTIME_EXCEEDED_TYPE, failure
     assert time.monotonic() - started < 30  # killed, not run to their end
+
+
+def test_log_records_of_a_task_in_an_environment_reach_the_session(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    def task(x: int) -> int:  # by value: the env lacks tests/
+        import logging
+
+        logging.getLogger("analysis.env").warning("fallback for run %d", x)
+        logging.getLogger("analysis.env").info("below the level: not sent")
+        return x
+
+    caplog.set_level(logging.INFO, logger="analysis.env")
+    env = Environment.interpreter(sys.executable)
+    with Client(cluster.url) as client:
+        assert client.map(task, range(3), environment=env).result(timeout=60) == [0, 1, 2]
+    records = [r for r in caplog.records if r.name == "analysis.env"]
+    assert sorted(r.getMessage().split(" [on worker")[0] for r in records) == [
+        f"fallback for run {x}" for x in range(3)
+    ]
+    assert all(r.levelno == logging.WARNING for r in records)

@@ -1,4 +1,5 @@
-"""The task runner inside a job's own environment: ``PYTHON -I foreign.py MARKER_FD LABEL``.
+"""The task runner inside a job's own environment:
+``PYTHON -I foreign.py MARKER_FD LABEL LOG_LEVEL``.
 
 Run by an interpreter that is not the worker's (a pixi or uv environment, one on CVMFS),
 with ``-I`` so that nothing of the worker (its site-packages, PYTHONPATH, this directory)
@@ -9,12 +10,15 @@ builds the task notes from the plain tuples this sends back. Messages are worker
 
 Parent to child: ``("function", sha, pickle)``; ``("run", [(seq, sha, args_pickle or
 [result pickles] for a merge, merge), ...])``. Child to parent: ``("done", [(seq, outcome,
-error, data_pickle, seconds, (wall, cpu, max_rss, warnings)), ...])``.
+error, data_pickle, seconds, (wall, cpu, max_rss, warnings, logs)), ...])``, where a log
+is ``(logger, level, message, pathname, lineno, created)`` for each record at LOG_LEVEL
+and above (the worker passes ``protocol.TASK_LOG_LEVEL``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import mmap
 import os
 import pickle
@@ -30,6 +34,7 @@ from typing import Any
 FUNCTION_CACHE = 16
 TEXT_MAX = 8192
 WARNINGS_MAX = 64
+LOGS_MAX = 64  # the worker keeps protocol.TASK_LOGS_MAX of them
 FLUSH_EVERY = 0.02
 
 
@@ -84,6 +89,47 @@ def _text(exc: BaseException) -> str:
         return f"<exception str() failed: {type(e).__name__}>"
 
 
+class _Records(logging.Handler):
+    """Root-logger handler that keeps the current task's records (bounded), as tuples."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[tuple[str, int, str, str, int, float]] = []
+        self._formatter = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) >= LOGS_MAX:
+            return
+        try:
+            text = record.getMessage()
+        except Exception as e:  # a bad format string still says something
+            text = f"{record.msg!r} (message formatting failed: {e})"
+        if record.exc_info:
+            text += "\n" + self._formatter.formatException(record.exc_info)
+        self.records.append(
+            (
+                _cut(record.name),
+                record.levelno,
+                _cut(text),
+                _cut(record.pathname),
+                max(record.lineno, 0),
+                record.created,
+            )
+        )
+
+
+def _capture_logs(level: int) -> _Records:
+    records = _Records(level)
+    root = logging.getLogger()
+    root.addHandler(records)
+    # Records also go to stderr (the worker's log), as Python's last-resort handler would
+    # have printed them without ours.
+    echo = logging.StreamHandler()
+    echo.setLevel(level)
+    root.addHandler(echo)
+    return records
+
+
 class _Unloadable:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
@@ -123,6 +169,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
     pipe = _load_pipe()
     label = sys.argv[2] if len(sys.argv) > 2 else "?"
+    records = _capture_logs(int(sys.argv[3]) if len(sys.argv) > 3 else logging.WARNING)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # a task's prints must not corrupt the pipe: they go to the worker's log
     sys.stdout = sys.stderr
@@ -151,13 +198,14 @@ def main() -> None:
             pipe.MARKER.pack_into(marker, 0, seq)
             t0 = time.perf_counter()
             u0 = resource.getrusage(resource.RUSAGE_SELF)
+            records.records = []
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("default")
                 outcome, error, data = _run_one(functions[sha], payload, merge, label)
             wall = time.perf_counter() - t0
             u1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu = max(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime, 0.0)
-            info = (wall, cpu, u1.ru_maxrss * 1024, _warnings(caught))
+            info = (wall, cpu, u1.ru_maxrss * 1024, _warnings(caught), records.records)
             done.append((seq, outcome, error, data, wall, info))
             now = time.monotonic()
             if now - last_flush > FLUSH_EVERY:

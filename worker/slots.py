@@ -19,7 +19,7 @@ from typing import Any
 from coffea_hq import protocol
 from coffea_hq.errors import EnvironmentFailed
 from coffea_hq.lifeline import tie_to_parent
-from coffea_hq.messages import LeaseRef, TaskInfo, TaskWarning
+from coffea_hq.messages import LeaseRef, TaskInfo, TaskLog, TaskWarning
 from coffea_hq.protocol import Outcome, is_merge
 
 from . import pipe
@@ -173,6 +173,7 @@ class Slot:
         else:
             # -I: none of the worker's packages (nor PYTHONPATH) on the task's sys.path.
             argv = [launch.interpreter, "-I", FOREIGN_RUNNER, str(fd), launch.label]
+            argv.append(str(protocol.TASK_LOG_LEVEL))
             env = dict(os.environ)
             env.pop("VIRTUAL_ENV", None)
             bindir = os.path.dirname(launch.interpreter)
@@ -440,7 +441,7 @@ def _from_foreign(outcome: str, data: bytes, info: Any) -> tuple[bytes, TaskInfo
         data = b""  # too heavy to ship in a report: the error's text says what happened
     packed = protocol.compress(data) if data else b""
     try:
-        wall, cpu, max_rss, caught = info
+        wall, cpu, max_rss, caught, records = info
         caught = list(caught)
         warnings = [
             TaskWarning(
@@ -453,11 +454,23 @@ def _from_foreign(outcome: str, data: bytes, info: Any) -> tuple[bytes, TaskInfo
             )
             for c, m, f, line, n in caught[: protocol.TASK_WARNINGS_MAX]
         ]
+        logs = [
+            TaskLog(
+                protocol.cut_text(str(name), protocol.TASK_NOTE_TEXT_MAX),
+                min(max(int(level), 0), 100),
+                protocol.cut_text(str(text), protocol.TASK_NOTE_TEXT_MAX),
+                protocol.cut_text(str(path), protocol.TASK_NOTE_TEXT_MAX),
+                max(int(line), 0),
+                float(created),
+            )
+            for name, level, text, path, line, created in list(records)[: protocol.TASK_LOGS_MAX]
+        ]
         return packed, TaskInfo(
             wall=max(float(wall), 0.0),
             cpu=max(float(cpu), 0.0),
             max_rss=max(int(max_rss), 0),
             warnings=warnings,
+            logs=logs,
         )
     except (TypeError, ValueError):
         return packed, None
