@@ -149,7 +149,7 @@ if #log_lines > 0 then
 end
 if #requeued > 0 then
   call_sliced('LPUSH', QUEUE, requeued)  -- front: a retry should not wait behind the backlog
-  redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+  mark_ready()
   redis.call('PUBLISH', CHANNEL, #requeued)
 end
 if #merges > 0 then redis.call('HINCRBY', META, F.MERGES_OPEN, -#merges) end

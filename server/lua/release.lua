@@ -30,7 +30,7 @@ call_sliced('ZREM', LEASES, back)
 call_sliced('HDEL', HOLDER, drop)
 call_sliced('HSET', HOLDER, restore)
 call_sliced('LPUSH', QUEUE, back)
-redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+mark_ready()
 count(COUNT.RELEASED, #back)
 redis.call('PUBLISH', CHANNEL, #back)
 return #back
