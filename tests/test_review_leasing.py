@@ -113,3 +113,47 @@ async def test_a_ready_job_whose_keys_are_gone_leaves_the_indices(queue_store: S
     leased = await queue_store.lease("w", 10)
     assert [t.job for t in leased] == ["kept"] * 3
     assert await _ready_indices(queue_store) == (0, 0)
+
+
+async def _claims(store: Store, job: str) -> dict[str, str]:
+    raw = await store.redis.hgetall(store.keys.job(job).claims)
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def test_a_dead_workers_file_is_free_for_the_others(queue_store: Store) -> None:
+    """A worker that died held a claim on its file: the others kept away from that file
+    (its requeued chunk and the rest of it) while any other file had chunks queued."""
+    keys = ["f0"] * 12 + ["f1"] * 8
+    await _job(queue_store, "j", len(keys), keys=keys)
+    (first,) = await queue_store.lease("w1", 1)
+    assert keys[int(first.task)] == "f0"
+    await queue_store.open_session("w1", "s1")
+    assert await queue_store.end_session("w1", "s1", lost=True) == (True, 1, 0)
+    assert "k:f0" not in await _claims(queue_store, "j")
+    (second,) = await queue_store.lease("w2", 1)
+    assert (second.task, second.attempt) == (first.task, 2)  # the retry, at once
+
+
+async def test_an_expired_or_released_lease_frees_its_claim(queue_store: Store) -> None:
+    keys = ["f0"] * 6 + ["f1"] * 4
+    await _job(queue_store, "j", len(keys), keys=keys)
+    held = await queue_store.lease("w1", 2)
+    assert {keys[int(t.task)] for t in held} == {"f0"}
+    assert await queue_store.release("w1", [(t.job, t.task, t.attempt) for t in held]) == 2
+    assert not await _claims(queue_store, "j")
+    held = await queue_store.lease("w2", 2)
+    assert {keys[int(t.task)] for t in held} == {"f0"}
+    await queue_store.redis.zadd(  # the lease deadline passed (w2 hung)
+        queue_store.keys.job("j").leases, {t.task: 0 for t in held}
+    )
+    assert await queue_store.reap() == (2, 0)
+    assert not await _claims(queue_store, "j")
+
+
+async def test_done_tasks_leave_the_locality_hash(queue_store: Store) -> None:
+    keys = ["f0"] * 5 + ["f1"] * 5
+    await _job(queue_store, "j", len(keys), keys=keys)
+    held = await queue_store.lease("w", 4)
+    await _done(queue_store, "w", held)
+    left = await queue_store.redis.hlen(queue_store.keys.job("j").locality)
+    assert left == len(keys) - 4  # only queued tasks keep their key

@@ -183,15 +183,42 @@ local function lost_error(task, attempt, worker, reason)
   })
 end
 
+-- Locality claims (see lease.lua) of workers that lost or handed back `tasks`
+-- (`workers[i]` held tasks[i]) end: a dead worker's claim kept every other worker off
+-- its file, the retry of its chunk included, while any other file had chunks queued.
+local function drop_claims(tasks, workers)
+  if #tasks == 0 or redis.call('HGET', META, F.LOCAL) ~= '1' then return end
+  local keys = call_sliced_collect('HMGET', LOCALITY, tasks)
+  local fields, owners, drop, seen = {}, {}, {}, {}
+  for i = 1, #tasks do
+    local w = workers[i]
+    if w and not seen['w:' .. w] then
+      seen['w:' .. w] = true
+      drop[#drop + 1] = 'w:' .. w
+    end
+    local field = keys[i] and ('k:' .. keys[i])
+    if w and field and not seen[field] then
+      seen[field] = true
+      fields[#fields + 1] = field
+      owners[#owners + 1] = w
+    end
+  end
+  for i, holder in ipairs(call_sliced_collect('HMGET', CLAIMS, fields)) do
+    if holder == owners[i] then drop[#drop + 1] = fields[i] end
+  end
+  call_sliced('HDEL', CLAIMS, drop)
+end
+
 -- End leases of tasks whose worker is gone (lease expired, or its presence dropped): back
 -- to the queue with the attempt counted, or failed for good past max_attempts with
 -- `reason`. Returns requeued, failed.
 local function expire_leases(expired, max_attempts, reason)
   if #expired == 0 then return 0, 0 end
   local holders = call_sliced_collect('HMGET', HOLDER, expired)
-  local back, failed, done_pairs = {}, {}, {}
+  local back, failed, done_pairs, held_by = {}, {}, {}, {}
   for k, task in ipairs(expired) do
     local attempt, worker = split_holder(holders[k])
+    held_by[k] = worker
     if not attempt then
       back[#back + 1] = task  -- no holder record: give the task another go
     elseif attempt < max_attempts then
@@ -202,6 +229,7 @@ local function expire_leases(expired, max_attempts, reason)
       done_pairs[#done_pairs + 1] = attempt .. '|' .. worker .. '|D'
     end
   end
+  drop_claims(expired, held_by)
   call_sliced('ZREM', LEASES, expired)
   if #back > 0 then
     call_sliced('LPUSH', QUEUE, back)
@@ -215,6 +243,7 @@ local function expire_leases(expired, max_attempts, reason)
     local err = {}
     for _, f in ipairs(failed) do
       redis.call('HDEL', PAYLOAD, f[1])
+      redis.call('HDEL', LOCALITY, f[1])
       fail_task(f[1], lost_error(f[1], f[2], f[3], reason), '')
       err[#err + 1] = f[1]
     end

@@ -10,7 +10,7 @@
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB, F.RESOURCES,
-  F.RSS_MAX)
+  F.RSS_MAX, F.LOCAL)
 local state = m[1]
 local max_attempts = tonumber(m[2] or 1)
 local reducing = (m[3] or '') ~= ''
@@ -139,6 +139,7 @@ end
 call_sliced('ZREM', LEASES, unleased)
 call_sliced('HSET', HOLDER, holder_pairs)
 call_sliced('HDEL', PAYLOAD, done_tasks)
+if m[6] == '1' then call_sliced('HDEL', LOCALITY, done_tasks) end  -- (a done task's key)
 call_sliced('HSET', RESULTS, result_pairs)
 call_sliced('HDEL', RESULTS, consumed)
 call_sliced('RPUSH', MERGEABLE, mergeable)

@@ -26,6 +26,9 @@ for k, task in ipairs(leases) do
   end
 end
 if #back == 0 then return 0 end
+local by = {}
+for i = 1, #back do by[i] = worker end
+drop_claims(back, by)
 call_sliced('ZREM', LEASES, back)
 call_sliced('HDEL', HOLDER, drop)
 call_sliced('HSET', HOLDER, restore)
