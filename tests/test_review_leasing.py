@@ -157,3 +157,24 @@ async def test_done_tasks_leave_the_locality_hash(queue_store: Store) -> None:
     await _done(queue_store, "w", held)
     left = await queue_store.redis.hlen(queue_store.keys.job("j").locality)
     assert left == len(keys) - 4  # only queued tasks keep their key
+
+
+async def _serve(store: Store, n: int, users: tuple[str, ...] = ()) -> Counter[str]:
+    got: Counter[str] = Counter()
+    for _ in range(n):
+        leased = await store.lease("pool-w", 1, users)
+        assert leased, got
+        got[leased[0].job] += 1
+        await _done(store, "pool-w", leased)
+    return got
+
+
+async def test_an_idle_user_saves_up_no_credit_on_pool_workers(queue_store: Store) -> None:
+    """Only workers limited to some users (pools) serve: the floor never moved, so a user
+    idle meanwhile came back with all the worker time of the others owed to her."""
+    pool = ("alice", "bob")
+    await _job(queue_store, "first", 300, user="alice")
+    await _serve(queue_store, 96, pool)  # bob idle meanwhile
+    await _job(queue_store, "late", 300, user="bob")
+    got = await _serve(queue_store, 48, pool)
+    assert abs(got["first"] - got["late"]) <= 2, got

@@ -268,11 +268,26 @@ while left > 0 and #groups > 0 do
   left = left - n
   if not g.member then table.remove(groups, best) end
 end
--- The floor: the lowest pass after this lease. Only a worker that sees every group moves
--- it (a restricted one sees a few).
-if not restricted then
-  local lowest = seen[1].pass
-  for _, g in ipairs(seen) do lowest = math.min(lowest, g.pass) end
-  if lowest > floor then redis.call('HSET', PASSES, PASS_FLOOR, lowest) end
+-- The floor: the lowest pass of the groups with work after this lease. A restricted
+-- worker saw only its users' groups: it looks up the others' (else, where only pool
+-- workers serve, the floor never moved and a user idle for a day came back owed a day).
+local lowest = nil
+for _, g in ipairs(seen) do lowest = math.min(lowest or g.pass, g.pass) end
+if restricted and lowest then
+  local mine, others, low = {}, {}, '-'
+  for _, g in ipairs(seen) do mine[g.name] = true end
+  for _ = 1, tonumber(A.scan) do
+    local member = redis.call('ZRANGEBYLEX', RANKED, low, '+', 'LIMIT', 0, 1)[1]
+    if not member then break end
+    local name = parse_member(member)
+    if not mine[name] then others[#others + 1] = name end
+    low = '[' .. name .. '\1'
+  end
+  if #others > 0 then
+    for _, p in ipairs(redis.call('HMGET', PASSES, unpack(others))) do
+      lowest = math.min(lowest, math.max(tonumber(p or 0) or 0, floor))
+    end
+  end
 end
+if lowest and lowest > floor then redis.call('HSET', PASSES, PASS_FLOOR, lowest) end
 return out
