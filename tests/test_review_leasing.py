@@ -6,16 +6,22 @@ Each test drives the real Lua scripts on a real store and reads the store's own 
 
 from __future__ import annotations
 
+import os
+import random
+import struct
 from collections import Counter
 
+import pytest
 from coffea_hq.server.store import LeasedTask, Report, Store
 
 from coffea_hq import protocol
 from coffea_hq.protocol import Outcome
 
 from .conftest import FUNCTION_BLOB
+from .test_exactly_once import roll_back, snapshot
 
 FN = protocol.blob_name(FUNCTION_BLOB)
+REDUCER = protocol.blob_name(b"reducer")
 
 
 async def _job(
@@ -178,3 +184,133 @@ async def test_an_idle_user_saves_up_no_credit_on_pool_workers(queue_store: Stor
     await _job(queue_store, "late", 300, user="bob")
     got = await _serve(queue_store, 48, pool)
     assert abs(got["first"] - got["late"]) <= 2, got
+
+
+def _unpack_inputs(payload: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at < len(payload):
+        (n,) = struct.unpack(">I", payload[at : at + 4])
+        out.append(payload[at + 4 : at + 4 + n])
+        at += 4 + n
+    return out
+
+
+@pytest.mark.parametrize("rollbacks", [False, True], ids=["", "store-rollbacks"])
+async def test_a_random_mix_of_leases_losses_and_releases_counts_each_task_once(
+    queue_store: Store, rollbacks: bool
+) -> None:
+    """Users with several jobs (plain, reducing, with locality keys, priorities), four
+    workers leasing 1 to 40 tasks at a time (some limited to some users), reports that
+    crash, hand-backs, expired leases and lost workers, all interleaved at random. The
+    store's own records at the end: every job done, each task accepted once, each chunk
+    in the reducing job's one result once, the ready indices empty. ``rollbacks``: the
+    store also goes back, now and then, to a snapshot taken a few steps before (a crash
+    that lost its last writes); workers keep what they held and report it."""
+    rng = random.Random(int(os.environ.get("HQ_REVIEW_SEED", "15")))
+    s = queue_store
+    await s.put_blob(REDUCER, b"reducer")
+    jobs: dict[str, int] = {}
+    for i, (user, n) in enumerate([("alice", 60), ("alice", 25), ("bob", 40), ("carol", 30)]):
+        job = f"{user}{i}"
+        keys = [f"f{j % 4}" for j in range(n)] if i % 2 == 0 else None
+        await _job(s, job, n, user=user, priority=i % 3, keys=keys)
+        jobs[job] = n
+    await s.create_job(
+        "red", function=FN, max_attempts=50, fail_fast=True, label="", user="bob",
+        reducer=REDUCER, fanin=3,
+    )  # fmt: skip
+    await s.submit(
+        "red", [str(i) for i in range(35)], [b"p"] * 35, [f"g{i % 3}" for i in range(35)]
+    )
+    await s.seal("red", 35)
+    for job in jobs:  # attempts enough for the losses below
+        await s.redis.hset(s.keys.job(job).meta, "max_attempts", 50)
+    workers = ["w1", "w2", "w3", "w4"]
+    pools = {"w3": ("alice",), "w4": ("bob", "carol")}
+    held: dict[str, list[LeasedTask]] = {w: [] for w in workers}
+    holder: dict[tuple[str, str], str] = {}
+    snap: dict[bytes, bytes] | None = None
+    rolled = False
+    for step in range(1500):
+        w = rng.choice(workers)
+        op = rng.random()
+        if rollbacks and step % 25 == 0:
+            snap = await snapshot(s)
+        if rollbacks and snap is not None and step % 25 == 20 and step < 300 and rng.random() < 0.5:
+            await roll_back(s, snap)
+            rolled, holder = True, {}
+        if op < 0.45:
+            got = await s.lease(w, rng.randint(1, 40), pools.get(w, ()))
+            for t in got:
+                assert (t.job, t.task) not in holder, (
+                    f"{t} leased while {holder[t.job, t.task]} holds it"
+                )
+                holder[t.job, t.task] = w
+            held[w] += got
+        elif op < 0.85 and held[w]:
+            batch = rng.sample(held[w], rng.randint(1, len(held[w])))
+            reports = []
+            for t in batch:
+                held[w].remove(t)
+                holder.pop((t.job, t.task), None)
+                if rng.random() < 0.1:
+                    reports.append(Report(t.job, t.task, t.attempt, Outcome.CRASHED, {}, b""))
+                elif protocol.is_merge(t.task):
+                    merged = b"".join(_unpack_inputs(t.payload))
+                    reports.append(
+                        Report(t.job, t.task, t.attempt, Outcome.OK, None, merged, wall=1)
+                    )
+                else:
+                    reports.append(
+                        Report(
+                            t.job,
+                            t.task,
+                            t.attempt,
+                            Outcome.OK,
+                            None,
+                            f"{t.job}:{t.task};".encode(),
+                            wall=1,
+                        )
+                    )
+            await s.complete(w, reports)
+        elif op < 0.9 and held[w]:
+            back = held[w][: rng.randint(1, len(held[w]))]
+            released = await s.release(w, [(t.job, t.task, t.attempt) for t in back])
+            assert rolled or released == len(back)
+            for t in back:
+                held[w].remove(t)
+                holder.pop((t.job, t.task), None)
+        elif op < 0.95 and held[w]:
+            await s.open_session(w, f"s{step}")
+            await s.end_session(w, f"s{step}", lost=True)
+            for t in held[w]:
+                holder.pop((t.job, t.task), None)
+            held[w] = []
+        elif rolled and op > 0.98:  # leases the store alone remembers (rolled back) expire
+            for job in [*jobs, "red"]:
+                leases = s.keys.job(job).leases
+                if expired := dict.fromkeys(await s.redis.zrange(leases, 0, -1), 0):
+                    await s.redis.zadd(leases, expired)
+            await s.reap()
+            holder, held = {}, {x: [] for x in workers}  # (as if every worker had hung)
+        elif held[w]:  # its leases expire (it hung), the reaper requeues them
+            for t in held[w]:
+                await s.redis.zadd(s.keys.job(t.job).leases, {t.task: 0}, xx=True)
+                holder.pop((t.job, t.task), None)
+            held[w] = []
+            await s.reap()
+        if all([(await s.summary(j))["state"] == "done" for j in [*jobs, "red"]]):
+            break
+    else:
+        pytest.fail(f"not done after 1500 steps: {[await s.summary(j) for j in jobs]}")
+    for job, n in jobs.items():
+        summary = await s.summary(job)
+        assert summary["done"] == n and summary["failed"] == 0, summary
+        values = await s.redis.hvals(s.keys.job(job).results)
+        assert sorted(values) == sorted(f"{job}:{i};".encode() for i in range(n))
+    (final,) = await s.redis.hvals(s.keys.job("red").results)
+    chunks = [c for c in final.decode().split(";") if c]
+    assert sorted(chunks) == sorted(f"red:{i}" for i in range(35))
+    if not rollbacks:  # (a rollback takes counts back too)
+        assert (await s.counters())["tasks_ok"] == sum(jobs.values()) + 35
+    assert await _ready_indices(s) == (0, 0)
