@@ -16,7 +16,8 @@
 -- is given, among the first LOCALITY_WINDOW queued tasks: those without a key (merges)
 -- first, then those of the key it last leased, then those of the key no other worker
 -- holds with the most tasks, then the rest in queue order (so nothing starves). Returns
--- the tasks, the others of the window in order (they go back to the front) and its size.
+-- the tasks, the others of the window up to the last task taken, in order (they go back
+-- to the front), and how many the queue's head gives up for it.
 local LOCALITY_WINDOW = 256
 
 local function pick_local(max)
@@ -67,11 +68,17 @@ local function pick_local(max)
     end
   end
   for i = 1, #window do take(i) end
+  -- Only the queue's head up to the last task taken is popped: what it held besides the
+  -- tasks goes back (a lease of the head's chunks moves nothing else).
+  local last = 0
+  for i = 1, #window do
+    if taken[i] then last = i end
+  end
   local rest = {}
-  for i = #window, 1, -1 do  -- reversed: LPUSH puts them back in their order
+  for i = last, 1, -1 do  -- reversed: LPUSH puts them back in their order
     if not taken[i] then rest[#rest + 1] = window[i] end
   end
-  return tasks, rest, #window
+  return tasks, rest, last
 end
 
 -- The job leaves the ready indices: `member` is its entry in RANKED (named as found
