@@ -332,6 +332,14 @@ class Transport:
                     self._answered()
                     raise _error_from(status, payload)
                 failure = f"HTTP {status}: {payload[:200]!r}"
+                if len(self.urls) > 1:
+                    failure = f"{used}: {failure}"
+                # A proxy in front of a replica that is gone answers 502/503/504: the next
+                # replica may answer, as for a connection refused.
+                if self._fail_over(used) and hops < len(self.urls) - 1:
+                    hops += 1
+                    if time.monotonic() < deadline:
+                        continue
             if time.monotonic() + delay > deadline:
                 raise ServerUnreachable(
                     f"coffea-hq server at {self._where()} unreachable for {budget:.0f}s "
