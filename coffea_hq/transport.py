@@ -257,6 +257,8 @@ class Transport:
                 used + path, data=body, headers=headers, timeout=timeout
             ) as resp:
                 if resp.status != 200:
+                    if resp.status in RETRY_STATUSES:  # (see call())
+                        self._fail_over(used)
                     raise _error_from(resp.status, await resp.read())
                 async for _ in resp.content:  # keep-alive lines
                     pass
