@@ -278,11 +278,14 @@ class Transport:
         accept: tuple[int, ...] = (200, 201),
         retry_for: float | None = None,
         warn: bool = True,
+        attempt_timeout: float | None = None,
     ) -> Response:
         """Send one request, retrying transient failures; raise on anything not in ``accept``.
 
         The first retry of an outage logs a warning (unless ``warn`` is false); after
         ``retry_for`` seconds (default: the transport's) it raises :class:`ServerUnreachable`.
+        ``attempt_timeout``: seconds one attempt may take before it counts as a failed
+        connection (the next URL is tried); default: the session's read timeout.
         """
         budget = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + budget
@@ -293,11 +296,12 @@ class Transport:
         if json_body is not None:
             headers = {"Content-Type": "application/json"}
         hops = 0  # URLs failed over to since the last pause
+        timeout = None if attempt_timeout is None else aiohttp.ClientTimeout(total=attempt_timeout)
         while True:
             used = self.url
             try:
                 async with self._client().request(
-                    method, used + path, data=data, headers=headers, params=params
+                    method, used + path, data=data, headers=headers, params=params, timeout=timeout
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status

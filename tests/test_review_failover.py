@@ -5,6 +5,7 @@ be failed over like one that refuses connections, and within a bounded time."""
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -63,4 +64,26 @@ def test_every_replica_answering_errors_gives_up_in_time(gateway: str) -> None:
         started = time.monotonic()
         with pytest.raises(ServerUnreachable, match="HTTP 502"):
             client.run(client.api.queue())
+        assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def hung() -> Iterator[str]:
+    """A replica whose host takes connections and never answers (stopped, swapping)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_a_hung_first_replica_does_not_fail_the_client(hung: str, server_url: str) -> None:
+    """The first use's health check gave up after 5 s on the hung first URL, naming both,
+    without ever asking the second."""
+    with Client(f"{hung},{server_url}", retry_for=30) as client:
+        started = time.monotonic()
+        assert client.run(client.api.queue()).jobs == 0  # (after the health check)
+        assert client.url == server_url
         assert time.monotonic() - started < 10
