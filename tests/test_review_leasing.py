@@ -314,3 +314,13 @@ async def test_a_random_mix_of_leases_losses_and_releases_counts_each_task_once(
     if not rollbacks:  # (a rollback takes counts back too)
         assert (await s.counters())["tasks_ok"] == sum(jobs.values()) + 35
     assert await _ready_indices(s) == (0, 0)
+
+
+async def test_jobs_an_older_server_made_ready_are_leased(queue_store: Store) -> None:
+    """A rolling upgrade: a server of the version before RANKED queued tasks (READY alone)."""
+    await _job(queue_store, "old", 3, share="alice")
+    await _job(queue_store, "new", 3, share="bob")
+    await queue_store.redis.delete(queue_store.keys.ranked)  # as the older server left it
+    leased = await queue_store.lease("w", 10)
+    assert sorted(t.job for t in leased) == ["new"] * 3 + ["old"] * 3
+    assert await _ready_indices(queue_store) == (0, 0)

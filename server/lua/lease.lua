@@ -19,6 +19,7 @@
 -- the tasks, the others of the window up to the last task taken, in order (they go back
 -- to the front), and how many the queue's head gives up for it.
 local LOCALITY_WINDOW = 256
+local READY_RESYNC = 4096  -- READY's oldest jobs put back in RANKED at most, per lease
 
 local function pick_local(max)
   local window = redis.call('LRANGE', QUEUE, 0, LOCALITY_WINDOW - 1)
@@ -201,6 +202,16 @@ end
 local function next_of(group, after)
   local low = after and ('(' .. after) or ('[' .. group .. NUL)
   return redis.call('ZRANGEBYLEX', RANKED, low, '(' .. group .. '\1', 'LIMIT', 0, 1)[1]
+end
+
+-- RANKED has what READY has, unless a server of an older version (which knew READY
+-- alone) wrote meanwhile, during a rolling upgrade: then READY's jobs are put in again
+-- (idempotent; a member READY lacks leaves as soon as its job is leased from).
+if redis.call('ZCARD', READY) ~= redis.call('ZCARD', RANKED) then
+  for _, job in ipairs(redis.call('ZRANGE', READY, 0, READY_RESYNC - 1)) do
+    use_job(job)
+    redis.call('ZADD', RANKED, 0, (ranked_member()))
+  end
 end
 
 -- The groups with ready jobs: every one (up to A.scan) for an unrestricted worker, one
