@@ -60,9 +60,18 @@ class API:
 
     # ------------------------------------------------------------------ service
 
-    async def health(self, *, retry_for: float | None = None, warn: bool = True) -> m.Health:
-        """``GET HEALTH``: status, store, version, max_request_size."""
-        response = await self.transport.call("GET", protocol.HEALTH, retry_for=retry_for, warn=warn)
+    async def health(
+        self,
+        *,
+        retry_for: float | None = None,
+        warn: bool = True,
+        attempt_timeout: float | None = None,
+    ) -> m.Health:
+        """``GET HEALTH``: status, store, version, max_request_size. ``attempt_timeout``:
+        seconds before a replica that does not answer counts as down (the next is asked)."""
+        response = await self.transport.call(
+            "GET", protocol.HEALTH, retry_for=retry_for, warn=warn, attempt_timeout=attempt_timeout
+        )
         return m.decode(response.body, m.Health)
 
     async def queue(self) -> m.QueueStats:

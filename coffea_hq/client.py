@@ -210,7 +210,12 @@ class Client:
     async def _health_check(self) -> messages.Health:
         try:
             async with asyncio.timeout(CONNECT_BUDGET):
-                doc = await self.api.health(retry_for=CONNECT_BUDGET, warn=False)
+                # A share of the budget each: a hung first replica leaves time for the next.
+                doc = await self.api.health(
+                    retry_for=CONNECT_BUDGET,
+                    warn=False,
+                    attempt_timeout=CONNECT_BUDGET / len(self.urls),
+                )
         except TimeoutError:  # a connection attempt that hangs (packets dropped)
             reason = f"no answer within {CONNECT_BUDGET:.0f} s"
             raise ServerUnreachable(reason, url=self.url, reason=reason) from None

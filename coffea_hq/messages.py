@@ -119,9 +119,10 @@ class EnvironmentSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
 
 class ShippedFile(msgspec.Struct, array_like=True, frozen=True):
-    """A data file for the task's working directory: ``[name, blob]`` (a basename)."""
+    """A data file for the task's working directory: ``[name, blob]`` (a basename; not
+    ``.`` or ``..``, which name the directory itself or its parent)."""
 
-    name: Annotated[str, msgspec.Meta(pattern=r"^[^/\x00]{1,255}\Z")]
+    name: Annotated[str, msgspec.Meta(pattern=r"^(?!\.\.?\Z)[^/\x00]{1,255}\Z")]
     blob: BlobName
 
 

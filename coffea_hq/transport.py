@@ -257,6 +257,8 @@ class Transport:
                 used + path, data=body, headers=headers, timeout=timeout
             ) as resp:
                 if resp.status != 200:
+                    if resp.status in RETRY_STATUSES:  # (see call())
+                        self._fail_over(used)
                     raise _error_from(resp.status, await resp.read())
                 async for _ in resp.content:  # keep-alive lines
                     pass
@@ -276,11 +278,14 @@ class Transport:
         accept: tuple[int, ...] = (200, 201),
         retry_for: float | None = None,
         warn: bool = True,
+        attempt_timeout: float | None = None,
     ) -> Response:
         """Send one request, retrying transient failures; raise on anything not in ``accept``.
 
         The first retry of an outage logs a warning (unless ``warn`` is false); after
         ``retry_for`` seconds (default: the transport's) it raises :class:`ServerUnreachable`.
+        ``attempt_timeout``: seconds one attempt may take before it counts as a failed
+        connection (the next URL is tried); default: the session's read timeout.
         """
         budget = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + budget
@@ -291,11 +296,12 @@ class Transport:
         if json_body is not None:
             headers = {"Content-Type": "application/json"}
         hops = 0  # URLs failed over to since the last pause
+        timeout = None if attempt_timeout is None else aiohttp.ClientTimeout(total=attempt_timeout)
         while True:
             used = self.url
             try:
                 async with self._client().request(
-                    method, used + path, data=data, headers=headers, params=params
+                    method, used + path, data=data, headers=headers, params=params, timeout=timeout
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status
@@ -332,6 +338,14 @@ class Transport:
                     self._answered()
                     raise _error_from(status, payload)
                 failure = f"HTTP {status}: {payload[:200]!r}"
+                if len(self.urls) > 1:
+                    failure = f"{used}: {failure}"
+                # A proxy in front of a replica that is gone answers 502/503/504: the next
+                # replica may answer, as for a connection refused.
+                if self._fail_over(used) and hops < len(self.urls) - 1:
+                    hops += 1
+                    if time.monotonic() < deadline:
+                        continue
             if time.monotonic() + delay > deadline:
                 raise ServerUnreachable(
                     f"coffea-hq server at {self._where()} unreachable for {budget:.0f}s "

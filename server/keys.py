@@ -82,6 +82,7 @@ class JobKeys:
     durations: str  # global hash: the task duration histogram (see Keys.durations)
     shares: str  # global hash: fair-share group -> weight (see Keys.shares)
     passes: str  # global hash: fair-share group -> worker time served / weight
+    ranked: str  # global zset: the ready jobs by group, then priority and age (Keys.ranked)
 
     OWNED = 13  # the first OWNED keys belong to the job alone
 
@@ -110,6 +111,7 @@ STORE_KEY_NAMES = (
     "durations",
     "shares",
     "passes",
+    "ranked",
     "workers",
     "workers_seen",
     "sessions",
@@ -156,6 +158,14 @@ class Keys:
         by its weight (the lease script serves the lowest first); field ``PASS_FLOOR``
         holds the lowest pass of the groups that had work at the last lease."""
         return f"{self.prefix}:passes"
+
+    @property
+    def ranked(self) -> str:
+        """The jobs of :attr:`ready` once more, for the lease script to go group by group:
+        zset, every score 0, member ``group NUL rank job`` (``rank``: fixed-width digits of
+        PRIORITY_MAX - priority, then the creation time), so ZRANGEBYLEX gives a group's
+        best job first and jumps from one group to the next without reading the others'."""
+        return f"{self.prefix}:ready:ranked"
 
     @property
     def wake(self) -> str:
@@ -232,4 +242,5 @@ class Keys:
             durations=self.durations,
             shares=self.shares,
             passes=self.passes,
+            ranked=self.ranked,
         )

@@ -218,6 +218,7 @@ def prelude(name: str) -> str:
         f"local WORKER_GONE_REASON = {_lua_string(protocol.WORKER_GONE_REASON)}",
         f"local JOB_ENDED_MESSAGE = {_lua_string(JOB_ENDED_MESSAGE)}",
         f"local PASS_FLOOR = {_lua_string(PASS_FLOOR)}",
+        f"local PRIORITY_MAX = {protocol.PRIORITY_MAX}",
     ]
     for reply in (CreateReply, SubmitReply, SealReply):
         lines.append(_enum_table(reply.__name__.upper(), reply))

@@ -31,9 +31,9 @@ BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
 RESULTS_MAX_TASKS = 8192  # per results response
 WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
-# Ready jobs one lease looks at (oldest first) to choose by fair share: a user's jobs
-# beyond them wait for the older ones to drain.
-READY_SCAN = 64
+# Fair-share groups (users) with ready jobs one lease looks at, one lookup each however
+# many ready jobs a group has (see lease.lua); groups beyond them (by name) wait.
+READY_SCAN = 1024
 READY_SCAN_RESTRICTED = 1024  # ... for a worker limited to some users' jobs
 USER_JOBS_MAX = 10_000  # jobs remembered per user for the quotas (oldest dropped first)
 NO_JOB = "no job {job} (never created, deleted, or expired)"

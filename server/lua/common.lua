@@ -73,6 +73,34 @@ local function is_merge(task)
   return string.sub(task, 1, #MERGE_PREFIX) == MERGE_PREFIX
 end
 
+-- The ready indices (keys.Keys.ready and .ranked): READY by age, RANKED by group, then
+-- priority, then age, so the lease script reaches every group with work at the cost of
+-- one lookup per group, however many ready jobs each has.
+local NUL = string.char(0)
+local RANK_WIDTH = #tostring(2 * PRIORITY_MAX)
+local RANK_LEN = RANK_WIDTH + 15
+
+local function ranked_member()
+  local m = redis.call('HMGET', META, F.USER, F.SHARE, F.PRIORITY, F.CREATED)
+  local owner = m[1] or ''
+  local group = owner ~= '' and owner or (m[2] or '')
+  local rank = string.format('%0' .. RANK_WIDTH .. 'd%015d',
+    PRIORITY_MAX - (tonumber(m[3] or 0) or 0), tonumber(m[4] or 0) or 0)
+  return group .. NUL .. rank .. JOB, m[4] or 0
+end
+
+-- The job has queued tasks (again): in both indices (idempotent).
+local function mark_ready()
+  local member, created = ranked_member()
+  redis.call('ZADD', READY, 'NX', created, JOB)
+  redis.call('ZADD', RANKED, 0, member)
+end
+
+local function unmark_ready()
+  redis.call('ZREM', READY, JOB)
+  redis.call('ZREM', RANKED, (ranked_member()))
+end
+
 local function finish(state, reason)
   -- A reducing job hands its client the merge of everything that succeeded, even when
   -- some tasks failed (the partial result of coffea's recoverable mode).
@@ -81,7 +109,7 @@ local function finish(state, reason)
   redis.call('HSET', META, F.STATE, state, F.FINISHED, now_ms())
   if reason and reason ~= '' then redis.call('HSET', META, F.REASON, reason) end
   redis.call('DEL', QUEUE, PAYLOAD, LEASES, MERGEABLE)
-  redis.call('ZREM', READY, JOB)
+  unmark_ready()
   redis.call('ZREM', JOBS, JOB)
   redis.call('XADD', EVENTS, '*', EV.END, state)
   redis.call('PUBLISH', CHANNEL, JOB_ENDED_MESSAGE)  -- workers running its tasks stop them
@@ -94,7 +122,7 @@ local function queue_merge(inputs)
   redis.call('HSET', PAYLOAD, task, table.concat(inputs, ','))
   redis.call('HINCRBY', META, F.MERGES_OPEN, 1)
   redis.call('LPUSH', QUEUE, task)  -- merges first: they free memory and shorten the tail
-  redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+  mark_ready()
   redis.call('PUBLISH', CHANNEL, 1)
 end
 
@@ -155,15 +183,42 @@ local function lost_error(task, attempt, worker, reason)
   })
 end
 
+-- Locality claims (see lease.lua) of workers that lost or handed back `tasks`
+-- (`workers[i]` held tasks[i]) end: a dead worker's claim kept every other worker off
+-- its file, the retry of its chunk included, while any other file had chunks queued.
+local function drop_claims(tasks, workers)
+  if #tasks == 0 or redis.call('HGET', META, F.LOCAL) ~= '1' then return end
+  local keys = call_sliced_collect('HMGET', LOCALITY, tasks)
+  local fields, owners, drop, seen = {}, {}, {}, {}
+  for i = 1, #tasks do
+    local w = workers[i]
+    if w and not seen['w:' .. w] then
+      seen['w:' .. w] = true
+      drop[#drop + 1] = 'w:' .. w
+    end
+    local field = keys[i] and ('k:' .. keys[i])
+    if w and field and not seen[field] then
+      seen[field] = true
+      fields[#fields + 1] = field
+      owners[#owners + 1] = w
+    end
+  end
+  for i, holder in ipairs(call_sliced_collect('HMGET', CLAIMS, fields)) do
+    if holder == owners[i] then drop[#drop + 1] = fields[i] end
+  end
+  call_sliced('HDEL', CLAIMS, drop)
+end
+
 -- End leases of tasks whose worker is gone (lease expired, or its presence dropped): back
 -- to the queue with the attempt counted, or failed for good past max_attempts with
 -- `reason`. Returns requeued, failed.
 local function expire_leases(expired, max_attempts, reason)
   if #expired == 0 then return 0, 0 end
   local holders = call_sliced_collect('HMGET', HOLDER, expired)
-  local back, failed, done_pairs = {}, {}, {}
+  local back, failed, done_pairs, held_by = {}, {}, {}, {}
   for k, task in ipairs(expired) do
     local attempt, worker = split_holder(holders[k])
+    held_by[k] = worker
     if not attempt then
       back[#back + 1] = task  -- no holder record: give the task another go
     elseif attempt < max_attempts then
@@ -174,10 +229,11 @@ local function expire_leases(expired, max_attempts, reason)
       done_pairs[#done_pairs + 1] = attempt .. '|' .. worker .. '|D'
     end
   end
+  drop_claims(expired, held_by)
   call_sliced('ZREM', LEASES, expired)
   if #back > 0 then
     call_sliced('LPUSH', QUEUE, back)
-    redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+    mark_ready()
     count(COUNT.REQUEUED, #back)
     redis.call('HINCRBY', META, F.REQUEUED, #back)
     redis.call('PUBLISH', CHANNEL, #back)
@@ -187,6 +243,7 @@ local function expire_leases(expired, max_attempts, reason)
     local err = {}
     for _, f in ipairs(failed) do
       redis.call('HDEL', PAYLOAD, f[1])
+      redis.call('HDEL', LOCALITY, f[1])
       fail_task(f[1], lost_error(f[1], f[2], f[3], reason), '')
       err[#err + 1] = f[1]
     end

@@ -10,7 +10,7 @@
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB, F.RESOURCES,
-  F.RSS_MAX)
+  F.RSS_MAX, F.LOCAL)
 local state = m[1]
 local max_attempts = tonumber(m[2] or 1)
 local reducing = (m[3] or '') ~= ''
@@ -139,6 +139,7 @@ end
 call_sliced('ZREM', LEASES, unleased)
 call_sliced('HSET', HOLDER, holder_pairs)
 call_sliced('HDEL', PAYLOAD, done_tasks)
+if m[6] == '1' then call_sliced('HDEL', LOCALITY, done_tasks) end  -- (a done task's key)
 call_sliced('HSET', RESULTS, result_pairs)
 call_sliced('HDEL', RESULTS, consumed)
 call_sliced('RPUSH', MERGEABLE, mergeable)
@@ -149,7 +150,7 @@ if #log_lines > 0 then
 end
 if #requeued > 0 then
   call_sliced('LPUSH', QUEUE, requeued)  -- front: a retry should not wait behind the backlog
-  redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+  mark_ready()
   redis.call('PUBLISH', CHANNEL, #requeued)
 end
 if #merges > 0 then redis.call('HINCRBY', META, F.MERGES_OPEN, -#merges) end

@@ -1,5 +1,5 @@
 -- Lease up to A.max queued tasks to worker A.worker for A.lease_ms, choosing among the
--- A.scan oldest ready jobs by fair share (store-wide: one atomic pick-and-lease).
+-- ready jobs of up to A.scan groups by fair share (store-wide: one atomic pick-and-lease).
 -- Returns {job, function_blob, reducer_blob, n, task1, attempt1, payload1, ..., job2, ...}.
 -- A merge task's payload is its inputs' results, each prefixed by its length (u32, big end).
 -- A.users: ',alice,bob,' for a worker that takes only those users' jobs, '' for any job.
@@ -16,8 +16,10 @@
 -- is given, among the first LOCALITY_WINDOW queued tasks: those without a key (merges)
 -- first, then those of the key it last leased, then those of the key no other worker
 -- holds with the most tasks, then the rest in queue order (so nothing starves). Returns
--- the tasks, the others of the window in order (they go back to the front) and its size.
+-- the tasks, the others of the window up to the last task taken, in order (they go back
+-- to the front), and how many the queue's head gives up for it.
 local LOCALITY_WINDOW = 256
+local READY_RESYNC = 4096  -- READY's oldest jobs put back in RANKED at most, per lease
 
 local function pick_local(max)
   local window = redis.call('LRANGE', QUEUE, 0, LOCALITY_WINDOW - 1)
@@ -67,18 +69,31 @@ local function pick_local(max)
     end
   end
   for i = 1, #window do take(i) end
+  -- Only the queue's head up to the last task taken is popped: what it held besides the
+  -- tasks goes back (a lease of the head's chunks moves nothing else).
+  local last = 0
+  for i = 1, #window do
+    if taken[i] then last = i end
+  end
   local rest = {}
-  for i = #window, 1, -1 do  -- reversed: LPUSH puts them back in their order
+  for i = last, 1, -1 do  -- reversed: LPUSH puts them back in their order
     if not taken[i] then rest[#rest + 1] = window[i] end
   end
-  return tasks, rest, #window
+  return tasks, rest, last
+end
+
+-- The job leaves the ready indices: `member` is its entry in RANKED (named as found
+-- there, not rebuilt from its meta: a job whose keys are gone leaves all the same).
+local function not_ready(member)
+  redis.call('ZREM', READY, JOB)
+  redis.call('ZREM', RANKED, member)
 end
 
 -- Lease from the job use_job() points at; appends its block to `out`, returns the count.
-local function lease_job(max, out)
+local function lease_job(max, out, member)
   local m = redis.call('HMGET', META, F.STATE, F.FUNCTION_BLOB, F.REDUCER_BLOB, F.LOCAL)
   if m[1] ~= STATE.RUNNING then
-    redis.call('ZREM', READY, JOB)
+    not_ready(member)
     return 0
   end
   local tasks, rest, popped
@@ -89,7 +104,7 @@ local function lease_job(max, out)
     rest, popped = {}, #tasks
   end
   if #tasks == 0 then
-    redis.call('ZREM', READY, JOB)
+    not_ready(member)
     return 0
   end
   -- Read everything first.
@@ -157,7 +172,7 @@ local function lease_job(max, out)
   end
   call_sliced('ZADD', LEASES, zargs)
   call_sliced('HSET', HOLDER, hargs)
-  if redis.call('LLEN', QUEUE) == 0 then redis.call('ZREM', READY, JOB) end
+  if redis.call('LLEN', QUEUE) == 0 then not_ready(member) end
   out[#out + 1] = JOB
   out[#out + 1] = m[2]
   out[#out + 1] = m[3] or ''
@@ -176,25 +191,51 @@ local function task_cost(timed, wall_us)
   return 1e-3  -- nothing known yet: nearly free (overcharging would last; this cannot)
 end
 
-local ready = redis.call('ZRANGE', READY, 0, tonumber(A.scan) - 1)
-if #ready == 0 then return {} end
+-- A RANKED member's group, job and creation time (see common.lua's ranked_member).
+local function parse_member(member)
+  local at = string.find(member, NUL, 1, true)
+  return string.sub(member, 1, at - 1), string.sub(member, at + 1 + RANK_LEN),
+    tonumber(string.sub(member, at + 1 + RANK_WIDTH, at + RANK_LEN))
+end
 
--- Group the ready jobs.
-local groups, by_name = {}, {}
-for rank, job in ipairs(ready) do
-  use_job(job)
-  local m = redis.call('HMGET', META, F.USER, F.SHARE, F.PRIORITY, F.TIMED, F.WALL_US)
-  local owner = m[1] or ''
-  if A.users == '' or string.find(A.users, ',' .. owner .. ',', 1, true) then
-    local name = owner ~= '' and owner or (m[2] or '')
-    local g = by_name[name]
-    if not g then
-      g = {name = name, first = rank, jobs = {}}
-      by_name[name] = g
-      groups[#groups + 1] = g
-    end
-    g.jobs[#g.jobs + 1] = {job = job, rank = rank, priority = tonumber(m[3] or 0) or 0,
-      cost = task_cost(m[4], m[5])}
+-- The best ready job of `group` after member `after` (nil: its best of all).
+local function next_of(group, after)
+  local low = after and ('(' .. after) or ('[' .. group .. NUL)
+  return redis.call('ZRANGEBYLEX', RANKED, low, '(' .. group .. '\1', 'LIMIT', 0, 1)[1]
+end
+
+-- RANKED has what READY has, unless a server of an older version (which knew READY
+-- alone) wrote meanwhile, during a rolling upgrade: then READY's jobs are put in again
+-- (idempotent; a member READY lacks leaves as soon as its job is leased from).
+if redis.call('ZCARD', READY) ~= redis.call('ZCARD', RANKED) then
+  for _, job in ipairs(redis.call('ZRANGE', READY, 0, READY_RESYNC - 1)) do
+    use_job(job)
+    redis.call('ZADD', RANKED, 0, (ranked_member()))
+  end
+end
+
+-- The groups with ready jobs: every one (up to A.scan) for an unrestricted worker, one
+-- lookup each (a group with thousands of ready jobs costs no more than one with one);
+-- a restricted worker looks up its users' groups directly.
+local groups = {}
+local function add_group(member)
+  local name, _, created = parse_member(member)
+  groups[#groups + 1] = {name = name, member = member, first = created}
+  return name
+end
+local restricted = A.users ~= ''
+if not restricted then
+  local low = '-'
+  while #groups < tonumber(A.scan) do
+    local member = redis.call('ZRANGEBYLEX', RANKED, low, '+', 'LIMIT', 0, 1)[1]
+    if not member then break end
+    low = '[' .. add_group(member) .. '\1'  -- past every member of that group
+  end
+else
+  for _, user in ipairs(split_list(A.users)) do
+    if #groups >= tonumber(A.scan) then break end
+    local member = next_of(user, nil)
+    if member then add_group(member) end
   end
 end
 if #groups == 0 then return {} end
@@ -210,14 +251,8 @@ for i, g in ipairs(groups) do
   g.weight = w > 0 and w or 1
 end
 
--- Serve the lowest pass a quantum at a time (a big lease is shared between groups too).
-for _, g in ipairs(groups) do
-  table.sort(g.jobs, function(a, b)
-    if a.priority ~= b.priority then return a.priority > b.priority end
-    return a.rank < b.rank
-  end)
-  g.next = 1
-end
+-- Serve the lowest pass a quantum at a time (a big lease is shared between groups too);
+-- within a group its jobs in RANKED order (higher priority first, then the older job).
 local seen = {}
 for i, g in ipairs(groups) do seen[i] = g end
 local out, left = {}, tonumber(A.max)
@@ -231,27 +266,46 @@ while left > 0 and #groups > 0 do
   local g = groups[best]
   local want = #groups > 1 and math.min(left, quantum) or left
   local n, spent = 0, 0
-  while n < want and g.next <= #g.jobs do
-    local j = g.jobs[g.next]
-    use_job(j.job)
+  while n < want and g.member do
+    local member = g.member
+    local _, job = parse_member(member)
+    use_job(job)
+    local m = redis.call('HMGET', META, F.USER, F.TIMED, F.WALL_US)
     local ask = want - n
-    local got = lease_job(ask, out)
-    if got < ask then g.next = g.next + 1 end  -- that job has nothing more queued
+    local got = 0
+    -- (A restricted worker's group may hold an open-mode job labelled with its name.)
+    if not restricted or (m[1] or '') == g.name then got = lease_job(ask, out, member) end
+    if got < ask then g.member = next_of(g.name, member) end  -- nothing more queued there
     n = n + got
-    spent = spent + got * j.cost
+    spent = spent + got * task_cost(m[2], m[3])
   end
   if spent > 0 then
     g.pass = g.pass + spent / g.weight
     redis.call('HSET', PASSES, g.name, g.pass)
   end
   left = left - n
-  if g.next > #g.jobs then table.remove(groups, best) end
+  if not g.member then table.remove(groups, best) end
 end
--- The floor: the lowest pass after this lease. Only a worker that sees every group moves
--- it (a restricted one sees a few).
-if A.users == '' then
-  local lowest = seen[1].pass
-  for _, g in ipairs(seen) do lowest = math.min(lowest, g.pass) end
-  if lowest > floor then redis.call('HSET', PASSES, PASS_FLOOR, lowest) end
+-- The floor: the lowest pass of the groups with work after this lease. A restricted
+-- worker saw only its users' groups: it looks up the others' (else, where only pool
+-- workers serve, the floor never moved and a user idle for a day came back owed a day).
+local lowest = nil
+for _, g in ipairs(seen) do lowest = math.min(lowest or g.pass, g.pass) end
+if restricted and lowest then
+  local mine, others, low = {}, {}, '-'
+  for _, g in ipairs(seen) do mine[g.name] = true end
+  for _ = 1, tonumber(A.scan) do
+    local member = redis.call('ZRANGEBYLEX', RANKED, low, '+', 'LIMIT', 0, 1)[1]
+    if not member then break end
+    local name = parse_member(member)
+    if not mine[name] then others[#others + 1] = name end
+    low = '[' .. name .. '\1'
+  end
+  if #others > 0 then
+    for _, p in ipairs(redis.call('HMGET', PASSES, unpack(others))) do
+      lowest = math.min(lowest, math.max(tonumber(p or 0) or 0, floor))
+    end
+  end
 end
+if lowest and lowest > floor then redis.call('HSET', PASSES, PASS_FLOOR, lowest) end
 return out

@@ -26,11 +26,14 @@ for k, task in ipairs(leases) do
   end
 end
 if #back == 0 then return 0 end
+local by = {}
+for i = 1, #back do by[i] = worker end
+drop_claims(back, by)
 call_sliced('ZREM', LEASES, back)
 call_sliced('HDEL', HOLDER, drop)
 call_sliced('HSET', HOLDER, restore)
 call_sliced('LPUSH', QUEUE, back)
-redis.call('ZADD', READY, 'NX', redis.call('HGET', META, F.CREATED), JOB)
+mark_ready()
 count(COUNT.RELEASED, #back)
 redis.call('PUBLISH', CHANNEL, #back)
 return #back

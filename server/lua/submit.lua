@@ -39,7 +39,7 @@ if #fresh > 0 then
   end
   call_sliced('RPUSH', QUEUE, fresh)
   redis.call('HINCRBY', META, F.SUBMITTED, #fresh)
-  redis.call('ZADD', READY, 'NX', m[3], JOB)
+  mark_ready()
   redis.call('PUBLISH', CHANNEL, #fresh)
 end
 return {SUBMITREPLY.OK, #fresh}
