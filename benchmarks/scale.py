@@ -427,6 +427,17 @@ def body(args: argparse.Namespace) -> bool:
         f"(goal < {P99_GOAL_MS:.0f} ms)"
     )
     met &= top.pct(0.99) < P99_GOAL_MS
+    if top.task_seconds > 0 and top.server_cpu > 0:
+        # Each worker asks once per task: past what the replicas can serve, requests
+        # queue and the latency grows with the backlog, whatever else is fast.
+        offered = top.workers * args.lease_max / top.task_seconds
+        capacity = top.replicas * top.tasks / top.server_cpu
+        print(
+            f"  offered load {offered:,.0f} tasks/s ({top.workers} workers x {args.lease_max} "
+            f"per {top.task_seconds:g} s) against the replicas' capacity of about "
+            f"{capacity:,.0f} tasks/s at their CPU per task: "
+            + ("over it, so leases queue" if offered > capacity else "within it")
+        )
     if top.bottleneck() in ("harness", "cpus"):
         print(
             f"  ... limited by {'this process' if top.bottleneck() == 'harness' else 'the CPUs'}"
