@@ -397,9 +397,9 @@ class Store:
         failed = [task for _, items, _ in entries for task, outcome in items if outcome == "error"]
         # Most jobs keep no notes: then no HMGET of every task id for nothing.
         every = [task for _, items, _ in entries for task, _ in items] if n_notes else []
-        values: list[Any] | None = None
-        errors: list[Any] | None = None
-        notes: list[Any] | None = None
+        values: list[Any] = []
+        errors: list[Any] = []
+        notes: list[Any] = []
         if ids or failed or every:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
