@@ -25,7 +25,7 @@ figures say how much CPU each side used and what other processes took meanwhile.
     python benchmarks/scale.py                 # the three sweeps, up to 10^5 tasks
     python benchmarks/scale.py --quick         # a small version, < 60 s
     python benchmarks/scale.py --million       # the tasks sweep up to 10^6
-    python benchmarks/scale.py --profile DIR   # cProfile every server (DIR/server-R-i.prof)
+    python benchmarks/scale.py --profile DIR   # cProfile every server (DIR/server-R-i-N.prof)
 
 Everything started is stopped in ``finally`` blocks; ``--time-limit`` bounds the run.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import shutil
 import signal
 import statistics
@@ -53,6 +54,7 @@ P99_GOAL_MS = 50.0
 REPLICA_GOAL = 1.8  # 2 replicas' throughput over one's, where the server is the bottleneck
 CPU_FLAT = 1.5  # server CPU per task at the most tasks over that at the fewest, at most
 SUBMIT_BATCH = 4096
+_RUNS = itertools.count()  # numbers the profiles of successive runs
 
 
 def noop(x: Any) -> Any:
@@ -69,11 +71,48 @@ class Run:
     seconds: float = 0.0  # first lease to last result
     latencies: list[float] = field(default_factory=list)  # lease round trips with work, s
     server_cpu: float = 0.0  # CPU seconds of every replica over the work phase
+    store_cpu: float = 0.0  # the store's (Valkey's) CPU seconds over the work phase
     client_cpu: float = 0.0  # this process's
     foreign: float = 0.0  # other processes' share of the CPUs
     commands: int = 0  # store commands over submit + work
     queued_bytes: int = 0  # store memory grown by the submit
+    lags: list[float] = field(default_factory=list)  # this process's event-loop lag, s
     problem: str = ""
+
+    def lag_ms(self, q: float) -> float:
+        """This process's event-loop lag at quantile ``q`` (ms): how late a coroutine
+        ready to run gets the loop. A lease reply waits that long before the simulated
+        worker sees it, so it is part of every latency measured here."""
+        if not self.lags:
+            return float("nan")
+        ranked = sorted(self.lags)
+        return ranked[min(len(ranked) - 1, int(q * len(ranked)))] * 1e3
+
+    def busy(self) -> tuple[float, float, float]:
+        """(this process's, the average replica's, the store's) CPU over the work phase, as
+        a share of one core: near 1 is saturated (each runs on one thread)."""
+        wall = max(self.seconds, 1e-9)
+        return (
+            self.client_cpu / wall,
+            self.server_cpu / self.replicas / wall,
+            self.store_cpu / wall,
+        )
+
+    def bottleneck(self) -> str:
+        """Which side the figures point at: the harness (its loop lags or it uses a whole
+        core), the server (a replica uses a whole core), or neither."""
+        client, server, store = self.busy()
+        if client > 0.85:
+            return "harness"
+        if server > 0.85:
+            return "server"
+        if store > 0.85:
+            return "store"
+        # A loop that lags while this process is not busy waited for a CPU: the others'
+        # load (or the servers on the same cores) left the run too little to say more.
+        if self.foreign > 0.5 or self.lag_ms(0.99) > P99_GOAL_MS / 2:
+            return "cpus"
+        return "-"
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -88,14 +127,26 @@ class Run:
             f"{self.server_cpu / self.tasks * 1e6:>8.0f} "
             f"{self.client_cpu / self.tasks * 1e6:>8.0f} "
             f"{self.commands / self.tasks:>7.1f} {self.queued_bytes / self.tasks:>7.0f} "
-            f"{self.foreign:>6.0%}  {self.problem or 'ok'}"
+            f"{self.foreign:>6.0%} {self.busy()[1]:>5.2f} {self.busy()[2]:>5.2f} "
+            f"{self.busy()[0]:>5.2f} "
+            f"{self.lag_ms(0.99):>7.1f} {self.bottleneck():>7}  {self.problem or 'ok'}"
         )
 
 
 HEAD = (
     "  R workers    tasks  task_s p50_ms   p99_ms   tasks/s srv_us/t cli_us/t "
-    "cmds/t  B/task  other  check"
+    "cmds/t  B/task  other  srv%  sto%  cli%  lag_p99   limit  check"
 )
+# What the columns after "other" say (printed once under the first table).
+LEGEND = (
+    "srv%/sto%/cli%: CPU of the average replica / the store / this process (client "
+    "and simulated workers) as a share of one core; lag_p99: this process's event-loop lag "
+    "(a reply waits that long before its worker sees it, inside every latency here); "
+    "limit: 'harness' if this process is saturated (cli% > 0.85), 'server' or 'store' "
+    "if one of those is, 'cpus' if none is but the loop lagged (lag_p99 > 25 ms: it "
+    "waited for a CPU) or other processes took over half of the machine"
+)
+LAG_PROBE = 0.01  # seconds between event-loop lag probes
 
 
 class Cluster:
@@ -121,7 +172,7 @@ class Cluster:
                 port = free_port()
                 argv = [sys.executable]
                 if self.profile_dir:
-                    out = Path(self.profile_dir) / f"server-{self.replicas}-{i}.prof"
+                    out = Path(self.profile_dir) / f"server-{self.replicas}-{i}-{next(_RUNS)}.prof"
                     argv += ["-m", "cProfile", "-o", str(out)]
                 argv += ["-m", "coffea_hq.server", "--redis", self.redis.url]
                 argv += ["--port", str(port), "--log-level", "WARNING"]
@@ -176,6 +227,22 @@ class Cluster:
                 total += t.user + t.system
             except psutil.Error:
                 pass
+        return total
+
+    def store_cpu(self) -> float:
+        """CPU seconds of the store process (and its wrapper, if it has one)."""
+        import psutil
+
+        if self.redis.process is None:
+            return 0.0
+        total = 0.0
+        try:
+            top = psutil.Process(self.redis.process.pid)
+            for proc in [top, *top.children(recursive=True)]:
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
         return total
 
     def store_info(self) -> tuple[int, int]:
@@ -247,11 +314,20 @@ async def _workers_run(
         missing, twice = seen.count(0), sum(c > 1 for c in seen)
         return f"{missing} missing, {twice} twice" if missing or twice else ""
 
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            due = loop.time() + LAG_PROBE
+            await asyncio.sleep(LAG_PROBE)
+            run.lags.append(max(0.0, loop.time() - due))
+
     sims = [asyncio.create_task(worker(i)) for i in range(run.workers)]
+    lag = asyncio.create_task(probe())
     try:
         run.problem = await collect()
     finally:
         done.set()
+        await lag
         # Every result is in: what is left are parked long polls, which a dropped
         # connection ends on the server as well.
         _, pending = await asyncio.wait(sims, timeout=0.5)
@@ -283,12 +359,13 @@ async def _one_run(cluster: Cluster, run: Run, lease_max: int, lease_wait: float
         await client.seal(job, messages.Seal(total=run.tasks))
         calls1, mem1 = cluster.store_info()
         run.queued_bytes = mem1 - mem0
-        cpu0 = cluster.server_cpu()
+        cpu0, store0 = cluster.server_cpu(), cluster.store_cpu()
         with CpuMeter() as meter:
             t0 = time.perf_counter()
             await _workers_run(cluster, run, job, lease_max, lease_wait)
             run.seconds = time.perf_counter() - t0
         run.server_cpu = cluster.server_cpu() - cpu0
+        run.store_cpu = cluster.store_cpu() - store0
         run.client_cpu = meter.spent.get("this process (client)", 0.0)
         run.foreign = meter.foreign_share
         calls2, _ = cluster.store_info()
@@ -329,6 +406,7 @@ def body(args: argparse.Namespace) -> bool:
     n_replicas = args.replica_tasks or n_replicas
     w_tasks = args.sweep_workers or w_tasks
     met = True
+    print(LEGEND)
     print(f"\nworkers sweep: {args.task_seconds:g} s per task, 1 replica")
     print_table(HEAD, [])
     by_workers = [measure(1, w, max(n_workers, 3 * w), args.task_seconds, args) for w in workers]
@@ -349,6 +427,24 @@ def body(args: argparse.Namespace) -> bool:
         f"(goal < {P99_GOAL_MS:.0f} ms)"
     )
     met &= top.pct(0.99) < P99_GOAL_MS
+    if top.task_seconds > 0 and top.server_cpu > 0:
+        # Each worker asks once per task: past what the replicas can serve, requests
+        # queue and the latency grows with the backlog, whatever else is fast.
+        offered = top.workers * args.lease_max / top.task_seconds
+        capacity = top.replicas * top.tasks / top.server_cpu
+        print(
+            f"  offered load {offered:,.0f} tasks/s ({top.workers} workers x {args.lease_max} "
+            f"per {top.task_seconds:g} s) against the replicas' capacity of about "
+            f"{capacity:,.0f} tasks/s at their CPU per task: "
+            + ("over it, so leases queue" if offered > capacity else "within it")
+        )
+    if top.bottleneck() in ("harness", "cpus"):
+        print(
+            f"  ... limited by {'this process' if top.bottleneck() == 'harness' else 'the CPUs'}"
+            f" there (this process {top.busy()[0]:.0%} of a core, servers "
+            f"{top.busy()[1]:.0%}, store {top.busy()[2]:.0%}, others {top.foreign:.0%} of the "
+            f"machine, event-loop lag p99 {top.lag_ms(0.99):.1f} ms): not the server's figure"
+        )
     per_task = [r.server_cpu / r.tasks for r in by_tasks]
     flat = per_task[-1] / per_task[0]
     print(
@@ -365,6 +461,13 @@ def body(args: argparse.Namespace) -> bool:
         + f"; 2 over 1: {rates[1] / rates[0]:.2f}x (goal >= {REPLICA_GOAL})"
     )
     met &= rates[1] / rates[0] >= REPLICA_GOAL
+    limits = {r.replicas: r.bottleneck() for r in by_replicas}
+    if any(v in ("harness", "cpus") for v in limits.values()):
+        print(
+            "  ... limited by this process or the CPUs, not the servers, at "
+            + ", ".join(f"{k} replica(s)" for k, v in limits.items() if v in ("harness", "cpus"))
+            + ": more replicas cannot show there (the store and the harness share the CPUs)"
+        )
     total_client = sum(r.client_cpu for r in runs)
     total_server = sum(r.server_cpu for r in runs)
     print(

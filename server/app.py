@@ -588,7 +588,12 @@ async def heartbeat(request: web.Request) -> web.Response:
     body = await _body(request, m.Heartbeat)
     refs = [(r.job, r.task, r.attempt) for r in body.leases]
     await _check_pool_jobs(request, (job for job, _, _ in refs))
-    info = {"slots": body.slots, "host": body.host, "stats": body.stats, "leases": len(refs)}
+    # A beat may leave out leases taken moments ago (their deadline is far off): the
+    # worker's own count of what it holds says whether it is busy (autoscaling reads it).
+    held = body.stats.get("held")
+    held = held if isinstance(held, int) and not isinstance(held, bool) else 0
+    info = {"slots": body.slots, "host": body.host, "stats": body.stats}
+    info["leases"] = max(len(refs), held)
     store = request.app[STORE]
     if body.draining:
         request.app[DISPATCHER].wake_worker(body.worker)  # end its parked long poll now

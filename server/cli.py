@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coffea_hq import protocol
+from coffea_hq import gctune, protocol
 from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
 from coffea_hq.tls import server_context
@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         store_key=args.store_key,
     )
     try:
+        app = make_app(config)
+        gctune.steady_state()  # a third of the server's CPU per task went to the collector
         web.run_app(
-            make_app(config),
+            app,
             host=config.host,
             port=config.port,
             print=None,

@@ -12,7 +12,7 @@ stream fields are :class:`Meta` and :class:`Event`.
 from __future__ import annotations
 
 import enum
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 
 class Meta(enum.StrEnum):
@@ -94,11 +94,15 @@ class JobKeys:
     @property
     def owned(self) -> list[str]:
         """The keys that belong to this job alone (deleted or expired with it)."""
-        return list(astuple(self)[: self.OWNED])
+        return self.script_keys[: self.OWNED]
 
     @property
     def script_keys(self) -> list[str]:
-        return list(astuple(self))
+        # Not dataclasses.astuple: it deep-copies each field, 4% of the server's CPU.
+        return [getattr(self, name) for name in _JOB_KEY_NAMES]
+
+
+_JOB_KEY_NAMES = tuple(JobKeys.names())
 
 
 # The KEYS of scripts over the whole store rather than one job (worker_gone): the global

@@ -353,12 +353,27 @@ class Store:
     async def results(
         self, job: str, *, after: str, ack: str | None, wait: float, max_bytes: int
     ) -> ResultBatch:
+        # Three round trips: the ack with a first look at the job (an unknown one answers
+        # at once, not after the long poll), the wait with the summary and whether any
+        # task notes exist read right after it, then the results themselves.
         keys = self.keys.job(job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.meta)
         if ack:
-            await self.scripts.ack(keys, job, cursor=ack).run()
-        summary = await self.summary(job)
+            freeing = self.scripts.ack(keys, job, cursor=ack)
+            await freeing.script(keys=freeing.keys, args=freeing.args, client=pipe)
+        if not (await pipe.execute())[0]:
+            raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
         block = int(wait * 1000) if wait > 0 else None
-        reply = await self.redis.xread({keys.events: after}, count=64, block=block)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xread({keys.events: after}, count=64, block=block)
+        pipe.hgetall(keys.meta)
+        pipe.hlen(keys.notes)
+        reply, meta, n_notes = await pipe.execute()
+        if not meta:
+            raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
+        # Read after the events: it counts at least what they say.
+        summary = _summary(job, meta)
         batch = ResultBatch(cursor=after, items=[], parts=[], errors={}, summary=summary)
         if not reply:
             return batch
@@ -380,12 +395,17 @@ class Store:
         # Merged results stay on the server (the workers consumed them): nothing to fetch.
         ids = [task for _, items, _ in entries for task, outcome in items if outcome != "merged"]
         failed = [task for _, items, _ in entries for task, outcome in items if outcome == "error"]
-        every = [task for _, items, _ in entries for task, _ in items]
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
-        pipe.hmget(keys.errors, failed) if failed else pipe.echo(b"")
-        pipe.hmget(keys.notes, every) if every else pipe.echo(b"")
-        values, errors, notes = await pipe.execute()
+        # Most jobs keep no notes: then no HMGET of every task id for nothing.
+        every = [task for _, items, _ in entries for task, _ in items] if n_notes else []
+        values: list[Any] = []
+        errors: list[Any] = []
+        notes: list[Any] = []
+        if ids or failed or every:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(keys.results, ids) if ids else pipe.echo(b"")
+            pipe.hmget(keys.errors, failed) if failed else pipe.echo(b"")
+            pipe.hmget(keys.notes, every) if every else pipe.echo(b"")
+            values, errors, notes = await pipe.execute()
         noted = {
             task: msgspec.Raw(raw)
             for task, raw in zip(every, notes if every else [], strict=True)
@@ -408,7 +428,6 @@ class Store:
             batch.end = end
         for task, raw in zip(failed, errors if failed else [], strict=True):
             batch.errors[task] = json.loads(raw) if raw else {"type": "unknown", "message": ""}
-        batch.summary = await self.summary(job)
         return batch
 
     # ------------------------------------------------------------------ tasks (worker side)

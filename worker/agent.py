@@ -219,8 +219,20 @@ class Leases:
     def running(self) -> int:
         return len(self._running)
 
-    def refs(self) -> list[m.LeaseRef]:
-        """The leases to extend: held and not lost (the server said so once already)."""
+    def refs(self, fresh_for: float = 0.0) -> list[m.LeaseRef]:
+        """The leases to extend: held and not lost (the server said so once already).
+        With ``fresh_for``, pending ones leased less than that many seconds ago are left
+        out: their deadline is still far off (a heartbeat of a worker holding 4,096 short
+        tasks otherwise lists all of them each time a job starts, the costliest request
+        per task of a no-op workload). Running ones are always listed: a lost one must
+        stop its slot."""
+        if fresh_for > 0:
+            recent = time.monotonic() - fresh_for
+            return [
+                i.ref
+                for k, i in self._held.items()
+                if k not in self._lost and (i.since <= recent or k in self._running)
+            ]
         if not self._lost:
             return [i.ref for i in self._held.values()]
         return [i.ref for k, i in self._held.items() if k not in self._lost]
@@ -814,9 +826,11 @@ class Worker:
         exiting: bool = False,
         retry_for: float | None = None,
         wait: float = 0.0,
+        fresh_for: float = 0.0,
     ) -> int:
         """One heartbeat (held by the server up to ``wait`` seconds, see the loop); returns
-        how many of our leases the server says are lost."""
+        how many of our leases the server says are lost. ``fresh_for``: see
+        :meth:`Leases.refs` (the loop's regular beats; a catch-up or a goodbye lists all)."""
         uptime = time.monotonic() - self._started
         stats = {
             **self.stats,
@@ -836,7 +850,7 @@ class Worker:
                 worker=self.id,
                 slots=len(self.slots),
                 host=socket.gethostname()[:256],
-                leases=self.leases.refs(),
+                leases=self.leases.refs(fresh_for),
                 stats=stats,
                 draining=draining or self._stopping.is_set(),
                 exiting=exiting,
@@ -897,12 +911,14 @@ class Worker:
                 # Held by the server until the interval passes, or answered at once when
                 # a job ends and takes one of our leases with it: its tasks stop now, not
                 # an interval later.
-                if await self._heartbeat(wait=asked):
+                # A lease younger than half an interval has over 2.5 intervals to its
+                # deadline: the next beat (an interval away) lists it.
+                if await self._heartbeat(wait=asked, fresh_for=asked / 2):
                     await asyncio.sleep(HEARTBEAT_MIN_GAP)
                     continue
                 await asyncio.sleep(max(0.0, asked - (time.monotonic() - started)))
             else:
-                await self._heartbeat()
+                await self._heartbeat(fresh_for=asked / 2)
                 asked = self._heartbeat_every  # the server's reply sets it
                 # Until the interval passes, or a task starts: then beat held at once.
                 self.leases.started.clear()
