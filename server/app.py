@@ -371,8 +371,12 @@ async def submit_tasks(request: web.Request) -> web.Response:
         raise v.BadRequest("task ids within one batch must be distinct")
     if header.localities and len(header.localities) != len(ids):
         raise v.BadRequest("'localities' needs exactly one key per task (or none at all)")
+    if header.keep and not set(header.keep) <= set(ids):
+        raise v.BadRequest("'keep' names only tasks of the same request")
     await _check_submit_quotas(request, job, len(ids))
-    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts], header.localities)
+    added = await request.app[STORE].submit(
+        job, ids, [bytes(p) for p in parts], header.localities, header.keep
+    )
     return _json_reply(m.Submitted(added))
 
 
@@ -460,6 +464,14 @@ async def _check_pool_jobs(request: web.Request, jobs: Any) -> None:
                 f"this worker token serves only the jobs of {', '.join(who.users)}: "
                 f"job {job} is not one of theirs"
             )
+
+
+async def kept_result(request: web.Request) -> web.Response:
+    job = _job_id(request)
+    task = v.ident(request.match_info["task"], "task id")
+    await _check_pool_jobs(request, [job])
+    data = await request.app[STORE].kept_result(job, task)
+    return web.Response(body=data, content_type=protocol.BLOB_CONTENT_TYPE)
 
 
 async def lease(request: web.Request) -> web.StreamResponse:
@@ -776,6 +788,7 @@ HANDLERS: dict[str, Handler] = {
     "seal_job": seal_job,
     "cancel_job": cancel_job,
     "job_results": job_results,
+    "kept_result": kept_result,
     "lease": lease,
     "complete": complete,
     "release": release,
