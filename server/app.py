@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import time
@@ -21,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coffea_hq import messages as m
 from coffea_hq import openapi as openapi_document
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Role
+from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Outcome, Role
 from coffea_hq.routes import ROUTES
 
 from . import validate as v
@@ -542,6 +543,35 @@ def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None)
     return m.Rejected(index, job, task, status, reason)
 
 
+async def _kept_within_quota(request: web.Request, reports: list[Report]) -> list[Report]:
+    """A result kept in the store for other tasks (SubmitTasks.keep) larger than a user's
+    whole result quota becomes the task's error, saying so (it would hold the quota for the
+    job's whole life)."""
+    limit = request.app[CONFIG].limits.result_bytes_per_user
+    big = [r for r in reports if limit and r.outcome is Outcome.OK and len(r.data) > limit]
+    if not big:
+        return reports
+    kept = await request.app[STORE].kept_among([(r.job, r.task) for r in big])
+    over = {id(r) for r, k in zip(big, kept, strict=True) if k}
+    return [
+        dataclasses.replace(
+            r,
+            outcome=Outcome.ERROR,
+            data=b"",
+            error={
+                "type": "coffea_hq.errors.KeptResultTooLarge",
+                "message": f"task {r.task}'s result is {len(r.data):,} bytes, over the result "
+                f"quota of {limit:,} bytes (hq-server --quota-result-bytes), and it is to be "
+                "kept in the store for the job's other tasks: return less, or split the work",
+                "traceback": "",
+            },
+        )
+        if id(r) in over
+        else r
+        for r in reports
+    ]
+
+
 async def complete(request: web.Request) -> web.Response:
     """Judge a report item by item: a malformed item is refused, the others stand."""
     header, parts = await _frames(request, m.Complete)
@@ -563,6 +593,7 @@ async def complete(request: web.Request) -> web.Response:
             where.append(i)
         except msgspec.ValidationError as e:
             reasons[i] = f"'items'[{i}]: {e}"
+    reports = await _kept_within_quota(request, reports)
     for i, status in zip(where, await request.app[STORE].complete(worker, reports), strict=True):
         statuses[i] = status
     refused = [i for i, s in enumerate(statuses) if s.refused]

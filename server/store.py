@@ -423,6 +423,13 @@ class Store:
         batch.summary = await self.summary(job)
         return batch
 
+    async def kept_among(self, tasks: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each (job, task) was submitted with ``keep``."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job, task in tasks:
+            pipe.sismember(self.keys.job(job).kept, task)
+        return [bool(k) for k in await pipe.execute()]
+
     async def kept_result(self, job: str, task: str) -> bytes:
         """The stored result of ``task``, submitted with ``keep``, for another task of its
         job to take as input (counted in Counter.KEPT_FETCHED)."""
@@ -431,9 +438,12 @@ class Store:
         pipe.hget(keys.meta, Meta.STATE)
         pipe.sismember(keys.kept, task)
         pipe.hget(keys.results, task)
-        state, kept, data = await pipe.execute()
+        pipe.hexists(keys.errors, task)
+        state, kept, data, failed = await pipe.execute()
         if state is None:
             raise NoKeptResult(f"job {job} is gone (deleted or expired): task {task}'s result too")
+        if failed:
+            raise NoKeptResult(f"task {task} of job {job} failed: it has no result to take")
         if not kept or data is None:
             why = (
                 "it was never submitted with 'keep', or has not finished"

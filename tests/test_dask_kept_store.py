@@ -91,4 +91,6 @@ async def test_a_failed_kept_task_keeps_its_exception_for_the_client(queue_store
     got = dict(zip((t for t, _ in batch.items), batch.parts, strict=True))
     assert dict(batch.items) == {"0": "merged", "1": "error"} and batch.end  # fail fast
     assert got["1"] == b"pickled-exception"
+    with pytest.raises(NoKeptResult, match="failed: it has no result"):
+        await queue_store.kept_result(job, "1")
     assert await queue_store.redis.hkeys(queue_store.keys.job(job).results) == [b"1"]
