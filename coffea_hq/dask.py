@@ -216,7 +216,10 @@ class Scheduler:
     Use it as ``dask.compute(..., scheduler=Scheduler(url))`` or
     ``dask.config.set(scheduler=Scheduler(url))``. ``max_attempts`` bounds the retries of a
     group whose worker dies or hangs; ``progress`` shows a bar of the groups run;
-    ``client`` reuses an existing :class:`~coffea_hq.Client` instead.
+    ``client`` reuses an existing :class:`~coffea_hq.Client` instead. ``keep=False``
+    sends every group's outputs through the session instead of keeping those only other
+    groups take in the server's store (for comparison; uses the session's memory and
+    network).
 
     dask's ``num_workers`` and ``pool`` options are ignored: the workers are those
     attached to the server. Graph optimisation (``optimize_graph``, ``optimization.*``
@@ -231,12 +234,14 @@ class Scheduler:
         max_attempts: int = protocol.DEFAULT_MAX_ATTEMPTS,
         progress: bool = False,
         label: str = "dask",
+        keep: bool = True,
     ) -> None:
         self.url = url
         self._client = client
         self.max_attempts = max_attempts
         self.progress = progress
         self.label = label
+        self.keep = keep
         # Of the last compute: the graph's tasks, the groups they were cut into (one
         # coffea-hq task each), how many of those kept their outputs in the store, how
         # many submissions added them, the bytes the session sent (payloads) and received
@@ -284,7 +289,9 @@ class _Run:
         owner = {key: i for i, g in enumerate(self.groups) for key in g.outputs}
         self.owner = owner
         # A group whose outputs only other groups take keeps them in the store.
-        self.kept = [not any(k in wanted for k in g.outputs) for g in self.groups]
+        self.kept = [
+            scheduler.keep and not any(k in wanted for k in g.outputs) for g in self.groups
+        ]
         self.waiting: list[int] = [0] * len(self.groups)  # producer groups not yet done
         self.users: dict[int, list[int]] = {}
         # How many groups still need each value: freed from the session once none does.
