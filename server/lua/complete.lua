@@ -29,7 +29,9 @@ if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, t
 -- Tasks submitted with 'keep': their results stay for other tasks, listed as merged (the
 -- client fetches nothing of them).
 local kept = {}
-if state == STATE.RUNNING and not reducing then kept = call_sliced_collect('SMISMEMBER', KEPT, tasks) end
+if state == STATE.RUNNING and not reducing and redis.call('EXISTS', KEPT) == 1 then
+  kept = call_sliced_collect('SMISMEMBER', KEPT, tasks)
+end
 local n_kept, kept_bytes = 0, 0
 
 local spent = {}  -- k -> {wall, cpu, rss} as sent (strings: valid JSON numbers)
