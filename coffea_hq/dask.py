@@ -45,6 +45,12 @@ __all__ = ["Scheduler", "get", "partition"]
 
 Key = Hashable
 
+# Seconds between empty submits while groups wait to be added: the job stays unsealed until
+# its last group is, and the server cancels an unsealed job no submit touched for
+# hq-server --unsealed-timeout (600 s by default) as abandoned, which partitions that run
+# longer than that between two submissions would otherwise trigger.
+TOUCH_EVERY = 60.0
+
 
 @dataclass(frozen=True)
 class Group:
@@ -335,7 +341,12 @@ class _Run:
             with progress:
                 bar = progress.add_task("dask graph", total=len(self.groups), unit="groups")
                 while done < len(self.groups):
-                    event = self.events.get()
+                    try:
+                        event = self.events.get(timeout=TOUCH_EVERY)
+                    except queue.Empty:
+                        if self.submitted < len(self.groups):
+                            self.client.run(self._touch())
+                        continue
                     ready = []
                     while True:
                         done += self._handle(event, ready)
@@ -410,6 +421,10 @@ class _Run:
             await api.submit_tasks(self.job.id, header, payloads[a:b])
         if self.submitted == len(self.groups):
             await api.seal(self.job.id, messages.Seal(total=len(self.groups)))
+
+    async def _touch(self) -> None:
+        """An empty submit: the server sees the session is still there (see TOUCH_EVERY)."""
+        await self.client.api.submit_tasks(self.job.id, messages.SubmitTasks(tasks=[]), [])
 
     def _stream(self) -> None:
         try:

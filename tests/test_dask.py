@@ -234,3 +234,20 @@ def test_worker_killed_mid_graph_loses_nothing(
     assert after["requeued"] > before["requeued"]
     # Each group's result accepted exactly once, the killed worker's included.
     assert after["tasks_ok"] - before["tasks_ok"] == scheduler.stats["groups"]
+
+
+@pytest.mark.slow  # fresh server and worker processes, and a group that outlasts the timeout
+@pytest.mark.timeout(180)
+def test_a_long_group_does_not_get_the_unsealed_job_cancelled(
+    store: EmbeddedRedis, processes: Processes, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job stays unsealed while a group waits for others: without the session's empty
+    # submits the server would cancel it as abandoned after --unsealed-timeout.
+    monkeypatch.setattr(coffea_hq.dask, "TOUCH_EVERY", 0.5)
+    url, _ = processes.server(store.url, "--unsealed-timeout", "2", prefix=prefix)
+    processes.worker(url, "--slots", "1")
+    bag = db.from_sequence([1, 2], npartitions=2).map(dask_tasks.sleepy, seconds=5)
+    scheduler = Scheduler(url)
+    (got,) = dask.compute(bag.sum(), scheduler=scheduler)
+    assert got == 3
+    assert counters(url)["tasks_ok"] == scheduler.stats["groups"]
