@@ -10,9 +10,13 @@ processor over ``apply_to_fileset``, hist outputs). It is computed with
   and ``dask.compute(..., scheduler=client.get)``;
 
 after one untimed warm-up compute on each; ``--repeat`` timed computes each, checked
-bin for bin against ``scheduler="sync"``. Reported: the median wall time, and the
-scheduler overhead per task: (wall - sync time / 2 workers) / tasks in the optimised
-graph, i.e. what each task costs beyond its own work when the work is spread perfectly.
+bin for bin against ``scheduler="sync"``. coffea-hq runs twice: as it does by default
+(intermediate values kept in the server's store, fetched by the workers that need them)
+and with ``Scheduler(keep=False)`` (every group's outputs through the session, as before
+issue 16's first bullet was done). Reported: the median wall time, the scheduler overhead
+per task: (wall - sync time / 2 workers) / tasks in the optimised graph, i.e. what each
+task costs beyond its own work when the work is spread perfectly, and for coffea-hq the
+bytes through the session per compute (payloads sent plus results received).
 
     python benchmarks/dask_scheduler.py                      # 8 files x 20,000 events, 3 runs
     python benchmarks/dask_scheduler.py --files 2 --repeat 1 # a quick check
@@ -65,6 +69,7 @@ def same(a: Any, b: Any) -> bool:
 
 
 def timed(get: Any, outputs: Any, want: Any, repeat: int, quiet: float) -> list[float]:
+    """Wall times of ``repeat`` computes after a warm-up."""
     import dask
 
     dask.compute(outputs, scheduler=get)  # warm-up, untimed
@@ -93,11 +98,15 @@ def compare(args: argparse.Namespace) -> bool:
         (want,) = dask.compute(outputs, scheduler="sync")
         sync = time.perf_counter() - start
         rows = {}
+        session: dict[str, str] = {}
         with coffea_hq.LocalCluster(workers=WORKERS, slots=1) as cluster:
-            scheduler = coffea_hq.Scheduler(cluster.url)
-            rows["coffea-hq"] = timed(scheduler, outputs, want, args.repeat, args.wait_quiet)
-            groups = scheduler.stats["groups"]
-            tasks = scheduler.stats["tasks"]  # of the optimised graph it was given
+            for name, keep in (("coffea-hq", True), ("coffea-hq keep=False", False)):
+                scheduler = coffea_hq.Scheduler(cluster.url, keep=keep)
+                rows[name] = timed(scheduler, outputs, want, args.repeat, args.wait_quiet)
+                stats = scheduler.stats
+                session[name] = f"{(stats['bytes_sent'] + stats['bytes_received']) / 1e3:,.1f}"
+            groups = stats["groups"]
+            tasks = stats["tasks"]  # of the optimised graph it was given
         with (
             DaskCluster(
                 n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
@@ -115,8 +124,12 @@ def compare(args: argparse.Namespace) -> bool:
     table = []
     for name, wall in medians.items():
         overhead = (wall - sync / WORKERS) / tasks * 1e3
-        table.append(f"{name:<18} {wall:>10.2f} {overhead:>22.1f}")
-    print_table(f"{'scheduler':<18} {'wall (s)':>10} {'overhead/task (ms)':>22}", table)
+        kb = session.get(name, "-")
+        table.append(f"{name:<22} {wall:>10.2f} {overhead:>20.1f} {kb:>18}")
+    print_table(
+        f"{'scheduler':<22} {'wall (s)':>10} {'overhead/task (ms)':>20} {'session kB/compute':>18}",
+        table,
+    )
     ratio = medians["coffea-hq"] / medians["dask.distributed"]
     print(f"\ncoffea-hq / dask.distributed wall time: {ratio:.2f}")
     return True

@@ -193,6 +193,10 @@ class API:
 
     # ------------------------------------------------------------------ tasks (worker)
 
+    async def kept_result(self, job: str, task: str) -> bytes:
+        """``GET JOB_KEPT``: the stored result of ``task`` (submitted with ``keep``)."""
+        return (await self.transport.call("GET", protocol.JOB_KEPT.format(job=job, task=task))).body
+
     async def lease(self, request: m.LeaseRequest) -> tuple[m.LeaseReply, list[memoryview]]:
         """``POST LEASE``: up to ``request.max`` tasks, long-polling ``request.wait``
         seconds; the leased tasks and their payloads, in the same order."""

@@ -8,12 +8,16 @@
 How a graph runs: the session cuts it into *groups*, linear chains of tasks fused
 together (a chain runs on one worker, its intermediate values never leave it). A group
 whose inputs are all known is submitted at once, as one task of a coffea-hq job, together
-with the other groups that became ready at the same moment; its outputs (the values other
-groups or the caller need) come back to the session, which hands them to the groups
-that need them. So values that cross a group boundary (the inputs of a tree reduction's
-steps, for instance) travel through the session, each once in each direction; values
-inside a chain never do. The queue's guarantees hold per group: a group whose worker dies
-is retried on another one, a group that raises fails the computation, naming its key.
+with the other groups that became ready at the same moment. A group none of whose outputs
+the caller asked for is submitted with ``keep``: its outputs stay in the queue's store
+(under the job, deleted when it ends), the session only learns that it finished, and the
+worker running a group that needs them fetches them from the store. Only the groups that
+make the computed keys send their outputs to the session. So the values that cross a group
+boundary (the inputs of a tree reduction's steps, for instance) travel worker to store to
+worker; values inside a chain never leave their worker. The queue's guarantees hold per
+group: a group whose worker dies is retried on another one (its inputs are in the store,
+not on the worker that made them), a group that raises fails the computation, naming its
+key.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from dask._task_spec import DataNode, GraphNode, convert_legacy_graph
 from dask.core import flatten, reverse_dict
 
@@ -39,6 +44,12 @@ from .progress import RunProgress, status_text
 __all__ = ["Scheduler", "get", "partition"]
 
 Key = Hashable
+
+# Seconds between empty submits while groups wait to be added: the job stays unsealed until
+# its last group is, and the server cancels an unsealed job no submit touched for
+# hq-server --unsealed-timeout (600 s by default) as abandoned, which partitions that run
+# longer than that between two submissions would otherwise trigger.
+TOUCH_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -163,14 +174,25 @@ class GroupCall:
 
 
 class RunGroups:
-    """The function of one compute's job (uploaded once, as its blob): runs a group."""
+    """The function of one compute's job (uploaded once, as its blob): runs a group.
+
+    A group that takes kept outputs of other groups is called, by the worker, with its
+    own payload (the pickled ``(GroupCall,)``) and those groups' results, as bytes (see
+    ``coffea_hq.protocol.with_kept_inputs``)."""
 
     def __init__(self, groups: Sequence[Group]) -> None:
         self.groups = list(groups)
 
-    def __call__(self, call: GroupCall) -> dict[Key, Any]:
-        group = self.groups[call.index]
+    def __call__(
+        self, call: GroupCall | bytes, kept: Mapping[str, bytes] | None = None
+    ) -> dict[Key, Any]:
+        if isinstance(call, bytes):
+            (call,) = protocol.loads(call)
+        assert isinstance(call, GroupCall)
         cache = dict(call.inputs)
+        for data in (kept or {}).values():
+            cache.update(protocol.loads(data))
+        group = self.groups[call.index]
         for node in group.nodes:
             try:
                 cache[node.key] = node(cache)
@@ -200,7 +222,10 @@ class Scheduler:
     Use it as ``dask.compute(..., scheduler=Scheduler(url))`` or
     ``dask.config.set(scheduler=Scheduler(url))``. ``max_attempts`` bounds the retries of a
     group whose worker dies or hangs; ``progress`` shows a bar of the groups run;
-    ``client`` reuses an existing :class:`~coffea_hq.Client` instead.
+    ``client`` reuses an existing :class:`~coffea_hq.Client` instead. ``keep=False``
+    sends every group's outputs through the session instead of keeping those only other
+    groups take in the server's store (for comparison; uses the session's memory and
+    network).
 
     dask's ``num_workers`` and ``pool`` options are ignored: the workers are those
     attached to the server. Graph optimisation (``optimize_graph``, ``optimization.*``
@@ -215,14 +240,18 @@ class Scheduler:
         max_attempts: int = protocol.DEFAULT_MAX_ATTEMPTS,
         progress: bool = False,
         label: str = "dask",
+        keep: bool = True,
     ) -> None:
         self.url = url
         self._client = client
         self.max_attempts = max_attempts
         self.progress = progress
         self.label = label
+        self.keep = keep
         # Of the last compute: the graph's tasks, the groups they were cut into (one
-        # coffea-hq task each), how many submissions added them, and its wall time.
+        # coffea-hq task each), how many of those kept their outputs in the store, how
+        # many submissions added them, the bytes the session sent (payloads) and received
+        # (results), and its wall time.
         self.stats: dict[str, float] = {}
 
     @property
@@ -264,6 +293,11 @@ class _Run:
         self.wanted = wanted
         self.groups, self.values = partition(graph, wanted)
         owner = {key: i for i, g in enumerate(self.groups) for key in g.outputs}
+        self.owner = owner
+        # A group whose outputs only other groups take keeps them in the store.
+        self.kept = [
+            scheduler.keep and not any(k in wanted for k in g.outputs) for g in self.groups
+        ]
         self.waiting: list[int] = [0] * len(self.groups)  # producer groups not yet done
         self.users: dict[int, list[int]] = {}
         # How many groups still need each value: freed from the session once none does.
@@ -280,8 +314,15 @@ class _Run:
         # The job's work items, filled in as groups are submitted (the Job reads them
         # to describe a failure).
         self.items: list[tuple[Any, ...]] = [()] * len(self.groups)
-        self.job = Job(self.client, uuid.uuid4().hex[:20], self.items)
-        scheduler.stats = {"groups": len(self.groups), "tasks": len(graph), "submissions": 0}
+        self.job = _GraphJob(self.client, uuid.uuid4().hex[:20], self.items)
+        scheduler.stats = {
+            "groups": len(self.groups),
+            "tasks": len(graph),
+            "kept": sum(self.kept),
+            "submissions": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
 
     def run(self) -> dict[Key, Any]:
         if not self.groups:
@@ -300,7 +341,12 @@ class _Run:
             with progress:
                 bar = progress.add_task("dask graph", total=len(self.groups), unit="groups")
                 while done < len(self.groups):
-                    event = self.events.get()
+                    try:
+                        event = self.events.get(timeout=TOUCH_EVERY)
+                    except queue.Empty:
+                        if self.submitted < len(self.groups):
+                            self.client.run(self._touch())
+                        continue
                     ready = []
                     while True:
                         done += self._handle(event, ready)
@@ -313,6 +359,7 @@ class _Run:
                     progress.status = status_text(retried=job.requeued, crashed=job.crashed)
                     progress.update(bar, completed=done, refresh=True)
             reader.join()
+            self.scheduler.stats["bytes_received"] = job.received_bytes
         except BaseException:
             if not job._finished:
                 with contextlib.suppress(Exception):
@@ -335,26 +382,49 @@ class _Run:
         payloads = []
         for i in ready:
             group = self.groups[i]
-            call = GroupCall(i, group.key, {k: self.values[k] for k in group.needs})
+            stored = sorted(
+                {self.owner[k] for k in group.needs if k in self.owner and self.kept[self.owner[k]]}
+            )
+            inside = {k for p in stored for k in self.groups[p].outputs}
+            call = GroupCall(
+                i, group.key, {k: self.values[k] for k in group.needs if k not in inside}
+            )
             self.items[i] = (call,)
-            payloads.append(protocol.dumps((call,), self.client.codec))
+            payload = protocol.dumps((call,), self.client.codec)
+            if stored:  # the worker fetches these groups' outputs from the store
+                refs = messages.KeptInputs(
+                    tasks=[str(p) for p in stored],
+                    labels=[f"dask key {self.groups[p].key!r}" for p in stored],
+                )
+                payload = protocol.kept_inputs_payload(msgspec.json.encode(refs), payload)
+            payloads.append(payload)
             for k in group.needs:  # the session holds a value only while a group needs it
+                if k in inside:
+                    continue
                 self.refs[k] -= 1
                 if self.refs[k] == 0 and k not in self.wanted:
                     del self.values[k]
         self.submitted += len(ready)
-        self.client.run(self._submit([str(i) for i in ready], payloads))
+        keep = [str(i) for i in ready if self.kept[i]]
+        self.client.run(self._submit([str(i) for i in ready], payloads, keep))
         self.scheduler.stats["submissions"] += 1
+        self.scheduler.stats["bytes_sent"] += sum(len(p) for p in payloads)
 
-    async def _submit(self, names: list[str], payloads: list[bytes]) -> None:
+    async def _submit(self, names: list[str], payloads: list[bytes], keep: list[str]) -> None:
         api = self.client.api
         budget = await self.client._max_request_size() // 4
+        kept = set(keep)
         for a, b in batch_spans([len(p) for p in payloads], 4096, budget):
-            await api.submit_tasks(
-                self.job.id, messages.SubmitTasks(tasks=names[a:b]), payloads[a:b]
+            header = messages.SubmitTasks(
+                tasks=names[a:b], keep=[n for n in names[a:b] if n in kept]
             )
+            await api.submit_tasks(self.job.id, header, payloads[a:b])
         if self.submitted == len(self.groups):
             await api.seal(self.job.id, messages.Seal(total=len(self.groups)))
+
+    async def _touch(self) -> None:
+        """An empty submit: the server sees the session is still there (see TOUCH_EVERY)."""
+        await self.client.api.submit_tasks(self.job.id, messages.SubmitTasks(tasks=[]), [])
 
     def _stream(self) -> None:
         try:
@@ -367,12 +437,25 @@ class _Run:
         if event[0] == "error":
             raise _dask_error(self.job, event[1])
         _, index, outputs = event
-        self.values.update(outputs)
+        if outputs is not None:  # (None: a kept group's, in the store)
+            self.values.update(outputs)
         for user in self.users.get(index, ()):
             self.waiting[user] -= 1
             if self.waiting[user] == 0:
                 ready.append(user)
         return 1
+
+
+class _GraphJob(Job):
+    """A compute's job, counting the result bytes the session receives."""
+
+    received_bytes = 0
+
+    def _take(
+        self, task: str, outcome: str, part: memoryview, error: dict[str, Any], keep: bool
+    ) -> tuple[int, Any] | None:
+        self.received_bytes += len(part)
+        return super()._take(task, outcome, part, error, keep)
 
 
 def _dask_error(job: Job, error: BaseException) -> BaseException:

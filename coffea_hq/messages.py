@@ -87,6 +87,19 @@ class SubmitTasks(Message):
     # Each task's locality key (e.g. a digest of the file it reads; '' for none), or none:
     # a worker that ran tasks of a key is given that key's tasks first.
     localities: Annotated[list[ShareName], msgspec.Meta(max_length=MAX_ITEMS)] = []
+    # Tasks of this batch whose results stay in the store for other tasks of the job (which
+    # name them in a kept-inputs payload) instead of going to the client: the client's
+    # stream lists them as done with nothing to fetch. Deleted when the job ends.
+    keep: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)] = []
+
+
+class KeptInputs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The header of a kept-inputs payload (protocol.KEPT_INPUTS_MAGIC): the tasks of the
+    same job whose kept results the task takes, and a name for each, for error messages
+    (a dask key, say)."""
+
+    tasks: Annotated[list[Id], msgspec.Meta(max_length=MAX_ITEMS)]
+    labels: list[str] = []
 
 
 class Seal(Message):

@@ -46,6 +46,9 @@ JOB_TASKS: Final = API + "/jobs/{job}/tasks"
 JOB_SEAL: Final = API + "/jobs/{job}/seal"
 JOB_CANCEL: Final = API + "/jobs/{job}/cancel"
 JOB_RESULTS: Final = API + "/jobs/{job}/results"
+# A kept result (a task submitted with SubmitTasks.keep): workers fetch it for the tasks
+# whose payloads name it (see KEPT_INPUTS_MAGIC).
+JOB_KEPT: Final = API + "/jobs/{job}/kept/{task}"
 LEASE: Final = API + "/lease"
 COMPLETE: Final = API + "/complete"
 RELEASE: Final = API + "/release"
@@ -168,6 +171,11 @@ ENV_MAX_BYTES: Final = 64 * 1024
 # function blob a small "bound function" document (messages.BoundFunction) after this
 # prefix; it names the real function blob, the environment spec blob and the file blobs.
 BOUND_FUNCTION_MAGIC: Final = b"coffea-hq bound function 1\n"
+# A task whose inputs include kept results of other tasks of its job has as its payload
+# this prefix, a u32 length, the JSON messages.KeptInputs naming them, then its own
+# payload. The worker fetches the named results (JOB_KEPT) and runs the task with the
+# arguments (own payload, {task: kept result}), both as bytes: see with_kept_inputs().
+KEPT_INPUTS_MAGIC: Final = b"coffea-hq kept inputs 1\n"
 FILES_MAX: Final = 256  # files one job ships to its tasks' working directory
 # Worker-side settings for offline facilities: a wheel directory every pip environment may
 # install from, and "1" to never reach an index (uv --find-links / --no-index).
@@ -246,6 +254,9 @@ class Counter(enum.StrEnum):
     RELEASED = "released"  # leases handed back unstarted (draining workers, lost replies)
     DUPLICATES = "duplicates"  # reports of an already-accepted attempt (harmless retries)
     REFUSED = "refused"  # reports of leases not held (expired, moved on, never this worker's)
+    KEPT = "kept"  # results kept in the store for other tasks (never sent to the client)
+    KEPT_BYTES = "kept_bytes"  # ... their sizes added up
+    KEPT_FETCHED = "kept_fetched"  # kept results fetched by workers
 
 
 _ID_MATCH: Final = re.compile(rf"[A-Za-z0-9_.\-]{{1,{ID_MAX_LENGTH}}}\Z", re.ASCII).match
@@ -465,6 +476,32 @@ def split_merge_payload(data: bytes | memoryview) -> list[memoryview]:
         parts.append(view[at : at + size])
         at += size
     return parts
+
+
+def kept_inputs_payload(refs: bytes, payload: bytes) -> bytes:
+    """A task payload that names kept results (``refs``: JSON messages.KeptInputs)."""
+    return KEPT_INPUTS_MAGIC + _PART_LEN.pack(len(refs)) + refs + payload
+
+
+def split_kept_inputs(payload: bytes) -> tuple[bytes, bytes] | None:
+    """(JSON messages.KeptInputs, own payload) of a payload that names kept results, else
+    None. Raises ValueError on a truncated one."""
+    if not payload.startswith(KEPT_INPUTS_MAGIC):
+        return None
+    at = len(KEPT_INPUTS_MAGIC)
+    if len(payload) < at + _PART_LEN.size:
+        raise ValueError("a kept-inputs payload is truncated")
+    (size,) = _PART_LEN.unpack_from(payload, at)
+    at += _PART_LEN.size
+    if len(payload) < at + size:
+        raise ValueError("a kept-inputs payload is truncated")
+    return payload[at : at + size], payload[at + size :]
+
+
+def with_kept_inputs(payload: bytes, results: dict[str, bytes]) -> bytes:
+    """What the worker hands the slot for such a task: its own payload and the fetched
+    results, as bytes (nothing of the user's is unpickled in the worker)."""
+    return dumps((payload, results), Codec.NONE)
 
 
 _CUT_NOTE_ROOM: Final = 48  # the longest "[... N characters cut ...]" note, and its newlines

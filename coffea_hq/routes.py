@@ -126,7 +126,12 @@ USERS_AND_WORKERS: Final = USERS | WORKERS
 ADMINS: Final[frozenset[Role]] = frozenset()
 
 # Path parameters, by name: every route that has one means the same thing by it.
-PATH_PARAMETERS: Final[dict[str, Any]] = {"job": m.Id, "sha": m.BlobName, "worker": m.Id}
+PATH_PARAMETERS: Final[dict[str, Any]] = {
+    "job": m.Id,
+    "sha": m.BlobName,
+    "worker": m.Id,
+    "task": m.Id,
+}
 
 Cursor = Annotated[
     str,
@@ -401,6 +406,19 @@ ROUTES: Final[tuple[Route, ...]] = (
         summary="What the job's tasks printed (stdout, stderr), a bounded ring buffer.",
         tag="jobs",
         replies=(Reply(200, Json(m.LogsReply), "the buffer's lines, oldest first"), NO_JOB),
+    ),
+    Route(
+        method="GET",
+        path=protocol.JOB_KEPT,
+        operation="kept_result",
+        roles=WORKERS,
+        summary="A kept result (of a task submitted with 'keep'), for a task that takes it.",
+        tag="workers",
+        replies=(
+            Reply(200, Bytes("the task's result, as its worker reported it"), "the result"),
+            _error(404, "the job holds no such kept result (gone with its job, or not done)"),
+            _error(403, "a worker token of a pool that does not serve the job's user"),
+        ),
     ),
     Route(
         method="POST",

@@ -54,6 +54,8 @@ CLIENT_COMMANDS: Final = (
     "memory|usage",
     "rpush",
     "zremrangebyrank",
+    "sismember",  # kept results (GET JOB_KEPT)
+    "hexists",
 )
 # What the Lua scripts call, read from their source (the text the server loads), so a
 # command a script starts to use is granted with it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import time
@@ -21,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coffea_hq import messages as m
 from coffea_hq import openapi as openapi_document
 from coffea_hq import protocol
-from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Role
+from coffea_hq.protocol import FRAMES_CONTENT_TYPE, CompleteStatus, FrameError, Outcome, Role
 from coffea_hq.routes import ROUTES
 
 from . import validate as v
@@ -371,8 +372,12 @@ async def submit_tasks(request: web.Request) -> web.Response:
         raise v.BadRequest("task ids within one batch must be distinct")
     if header.localities and len(header.localities) != len(ids):
         raise v.BadRequest("'localities' needs exactly one key per task (or none at all)")
+    if header.keep and not set(header.keep) <= set(ids):
+        raise v.BadRequest("'keep' names only tasks of the same request")
     await _check_submit_quotas(request, job, len(ids))
-    added = await request.app[STORE].submit(job, ids, [bytes(p) for p in parts], header.localities)
+    added = await request.app[STORE].submit(
+        job, ids, [bytes(p) for p in parts], header.localities, header.keep
+    )
     return _json_reply(m.Submitted(added))
 
 
@@ -462,6 +467,14 @@ async def _check_pool_jobs(request: web.Request, jobs: Any) -> None:
             )
 
 
+async def kept_result(request: web.Request) -> web.Response:
+    job = _job_id(request)
+    task = v.ident(request.match_info["task"], "task id")
+    await _check_pool_jobs(request, [job])
+    data = await request.app[STORE].kept_result(job, task)
+    return web.Response(body=data, content_type=protocol.BLOB_CONTENT_TYPE)
+
+
 async def lease(request: web.Request) -> web.StreamResponse:
     body = await _body(request, m.LeaseRequest)
     worker = body.worker
@@ -530,6 +543,35 @@ def _rejected(item: Any, index: int, status: CompleteStatus, reason: str | None)
     return m.Rejected(index, job, task, status, reason)
 
 
+async def _kept_within_quota(request: web.Request, reports: list[Report]) -> list[Report]:
+    """A result kept in the store for other tasks (SubmitTasks.keep) larger than a user's
+    whole result quota becomes the task's error, saying so (it would hold the quota for the
+    job's whole life)."""
+    limit = request.app[CONFIG].limits.result_bytes_per_user
+    big = [r for r in reports if limit and r.outcome is Outcome.OK and len(r.data) > limit]
+    if not big:
+        return reports
+    kept = await request.app[STORE].kept_among([(r.job, r.task) for r in big])
+    over = {id(r) for r, k in zip(big, kept, strict=True) if k}
+    return [
+        dataclasses.replace(
+            r,
+            outcome=Outcome.ERROR,
+            data=b"",
+            error={
+                "type": "coffea_hq.errors.KeptResultTooLarge",
+                "message": f"task {r.task}'s result is {len(r.data):,} bytes, over the result "
+                f"quota of {limit:,} bytes (hq-server --quota-result-bytes), and it is to be "
+                "kept in the store for the job's other tasks: return less, or split the work",
+                "traceback": "",
+            },
+        )
+        if id(r) in over
+        else r
+        for r in reports
+    ]
+
+
 async def complete(request: web.Request) -> web.Response:
     """Judge a report item by item: a malformed item is refused, the others stand."""
     header, parts = await _frames(request, m.Complete)
@@ -551,6 +593,7 @@ async def complete(request: web.Request) -> web.Response:
             where.append(i)
         except msgspec.ValidationError as e:
             reasons[i] = f"'items'[{i}]: {e}"
+    reports = await _kept_within_quota(request, reports)
     for i, status in zip(where, await request.app[STORE].complete(worker, reports), strict=True):
         statuses[i] = status
     refused = [i for i, s in enumerate(statuses) if s.refused]
@@ -781,6 +824,7 @@ HANDLERS: dict[str, Handler] = {
     "seal_job": seal_job,
     "cancel_job": cancel_job,
     "job_results": job_results,
+    "kept_result": kept_result,
     "lease": lease,
     "complete": complete,
     "release": release,

@@ -76,6 +76,7 @@ class JobKeys:
     logs: str  # list   JSON messages.LogLine: the job's task output, a ring buffer (LTRIM)
     locality: str  # hash   task -> its locality key (the file it reads), for tasks that have one
     claims: str  # hash   'k:'key -> the worker that last leased a task of it; 'w:'worker -> key
+    kept: str  # set    tasks whose results stay in RESULTS for other tasks (fetched by workers)
     ready: str  # global zset: jobs with queued tasks, scored by creation time
     jobs: str  # global zset: unfinished jobs, scored by creation time
     counters: str  # global hash: protocol.Counter -> count
@@ -84,7 +85,7 @@ class JobKeys:
     passes: str  # global hash: fair-share group -> worker time served / weight
     ranked: str  # global zset: the ready jobs by group, then priority and age (Keys.ranked)
 
-    OWNED = 13  # the first OWNED keys belong to the job alone
+    OWNED = 14  # the first OWNED keys belong to the job alone
 
     @classmethod
     def names(cls) -> list[str]:
@@ -240,6 +241,7 @@ class Keys:
             logs=f"{base}:logs",
             locality=f"{base}:locality",
             claims=f"{base}:claims",
+            kept=f"{base}:kept",
             ready=self.ready,
             jobs=self.jobs,
             counters=self.counters,

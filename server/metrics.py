@@ -55,6 +55,17 @@ _COUNTERS: dict[Counter, tuple[str, dict[str, str], str]] = {
         {},
         "Reports of leases the worker no longer held.",
     ),
+    Counter.KEPT: (
+        "coffea_hq_results_kept",
+        {},
+        "Results kept in the store for other tasks of their job (dask intermediates).",
+    ),
+    Counter.KEPT_BYTES: ("coffea_hq_results_kept_bytes", {}, "Bytes of the results kept."),
+    Counter.KEPT_FETCHED: (
+        "coffea_hq_results_kept_fetched",
+        {},
+        "Kept results fetched by workers, for the tasks that take them.",
+    ),
 }
 
 

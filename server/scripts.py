@@ -85,7 +85,8 @@ SPECS: dict[str, Spec] = {
     ),
     # tasks: comma-joined ids; sizes: comma-joined payload lengths; payloads: concatenated.
     # localities: comma-joined locality keys, one per task ('' for none), or '' for none.
-    "submit": Spec(("tasks", "sizes", "payloads", "localities")),
+    # keep: comma-joined tasks (of these) whose results stay in the store (KEPT).
+    "submit": Spec(("tasks", "sizes", "payloads", "localities", "keep")),
     "seal": Spec(("total",)),
     # Store-wide: picks the job(s) by fair share among the `scan` oldest ready jobs.
     "lease": Spec(("prefix", "worker", "max", "lease_ms", "users", "scan")),
@@ -360,6 +361,7 @@ class Scripts:
         tasks: Sequence[str],
         payloads: Sequence[bytes],
         localities: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> Call[tuple[SubmitReply, int]]:
         return self._call(
             "submit",
@@ -370,6 +372,7 @@ class Scripts:
             sizes=",".join(str(len(p)) for p in payloads),
             payloads=b"".join(payloads),
             localities=",".join(localities),
+            keep=",".join(keep),
         )
 
     def seal(self, keys: JobKeys, job: str, *, total: int) -> Call[tuple[SealReply, int]]:

@@ -60,6 +60,11 @@ class UnknownBlob(StoreError):
     code = "unknown_blob"
 
 
+class NoKeptResult(StoreError):
+    status = 404
+    code = "no_kept_result"
+
+
 class Conflict(StoreError):
     status = 409
     code = "conflict"
@@ -311,10 +316,17 @@ class Store:
         tasks: Sequence[str],
         payloads: Sequence[bytes],
         localities: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> int:
-        """``localities``: each task's locality key (the file it reads), or none at all."""
+        """``localities``: each task's locality key (the file it reads), or none at all;
+        ``keep``: the tasks whose results stay in the store for other tasks."""
         status, added = await self.scripts.submit(
-            self.keys.job(job), job, tasks=tasks, payloads=payloads, localities=localities
+            self.keys.job(job),
+            job,
+            tasks=tasks,
+            payloads=payloads,
+            localities=localities,
+            keep=keep,
         ).run()
         if status is SubmitReply.UNKNOWN:
             raise UnknownJob(f"no job {job}: create it before submitting tasks")
@@ -429,6 +441,37 @@ class Store:
         for task, raw in zip(failed, errors if failed else [], strict=True):
             batch.errors[task] = json.loads(raw) if raw else {"type": "unknown", "message": ""}
         return batch
+
+    async def kept_among(self, tasks: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each (job, task) was submitted with ``keep``."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job, task in tasks:
+            pipe.sismember(self.keys.job(job).kept, task)
+        return [bool(k) for k in await pipe.execute()]
+
+    async def kept_result(self, job: str, task: str) -> bytes:
+        """The stored result of ``task``, submitted with ``keep``, for another task of its
+        job to take as input (counted in Counter.KEPT_FETCHED)."""
+        keys = self.keys.job(job)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.meta, Meta.STATE)
+        pipe.sismember(keys.kept, task)
+        pipe.hget(keys.results, task)
+        pipe.hexists(keys.errors, task)
+        state, kept, data, failed = await pipe.execute()
+        if state is None:
+            raise NoKeptResult(f"job {job} is gone (deleted or expired): task {task}'s result too")
+        if failed:
+            raise NoKeptResult(f"task {task} of job {job} failed: it has no result to take")
+        if not kept or data is None:
+            why = (
+                "it was never submitted with 'keep', or has not finished"
+                if _s(state) == JobState.RUNNING
+                else f"the job has ended ({_s(state)}), which deletes its kept results"
+            )
+            raise NoKeptResult(f"job {job} holds no kept result of task {task}: {why}")
+        await self.redis.hincrby(self.keys.counters, Counter.KEPT_FETCHED, 1)
+        return bytes(data)
 
     # ------------------------------------------------------------------ tasks (worker side)
 

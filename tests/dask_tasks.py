@@ -21,6 +21,11 @@ def slow_cube(x: int) -> int:
     return x**3
 
 
+def sleepy(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x
+
+
 def odd(x: int) -> bool:
     return x % 2 == 1
 

@@ -190,6 +190,11 @@ def _requests() -> dict[tuple[str, str], tuple[str, bytes | None, str]]:
             None,
             "application/json",
         ),
+        ("GET", protocol.JOB_KEPT): (
+            protocol.JOB_KEPT.format(job=JOB, task="t0"),
+            None,
+            "application/json",
+        ),
         ("POST", protocol.LEASE): (
             protocol.LEASE,
             j({"worker": "w1", "max": 2}).encode(),
@@ -241,7 +246,7 @@ def _cases() -> list[Any]:
         wrong = _wrong_role(roles)
         if wrong:
             cases.append(pytest.param(route, wrong, 403, id=f"{name} / wrong role"))
-        if "{job}" in route[1]:
+        if "{job}" in route[1] and Role.USER in roles:  # (a worker route: 403 above)
             cases.append(pytest.param(route, "bob", 404, id=f"{name} / other user"))
     return cases
 

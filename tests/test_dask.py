@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgspec
 import pytest
 
 dask = pytest.importorskip("dask")
@@ -99,6 +100,56 @@ def test_failed_task_raises_with_its_key(
     poll_until(lambda: jobs_left(cluster.url) == 0, 30, "the graph's job deleted")
 
 
+def test_intermediate_results_stay_off_the_session(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = da.arange(40_000, chunks=2_000).reshape(200, 200).rechunk((20, 200))
+    total = (x * 3 + 1).sum(axis=0, split_every=2)  # a tree of 200-float partial sums
+    before = counters(cluster.url)
+    scheduler = Scheduler(cluster.url)
+    (got,) = dask.compute(total, scheduler=scheduler)
+    (want,) = dask.compute(total, scheduler="sync")
+    np.testing.assert_array_equal(got, want)
+    stats, after = scheduler.stats, counters(cluster.url)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    # From the server's own accounting: every group but the last kept its outputs in the
+    # store, the workers fetched them from there, and each group was accepted once.
+    assert stats["groups"] >= 10
+    assert delta["kept"] == stats["kept"] == stats["groups"] - 1
+    assert delta["kept_fetched"] >= delta["kept"]
+    assert delta["tasks_ok"] == stats["groups"]
+    # The session received only the final group's result, far less than what was kept.
+    assert delta["kept_bytes"] > 20 * 200 * 8
+    assert 0 < stats["bytes_received"] < delta["kept_bytes"] / 4
+    poll_until(lambda: jobs_left(cluster.url) == 0, 30, "the graph's job deleted")
+
+
+def test_a_dependent_whose_input_is_gone_fails_naming_it(cluster: LocalCluster) -> None:
+    from coffea_hq import messages
+    from coffea_hq.client import Client, Job
+    from coffea_hq.dask import GroupCall, RunGroups
+    from coffea_hq.errors import TaskFailed
+
+    before = counters(cluster.url)
+    with Client(cluster.url) as client:
+        api = client.api
+        job = Job(client, "kept-input-gone", [("the dependent",)])
+        sha = client.run(api.upload(protocol.cloud_dumps(RunGroups([]))))
+        client.run(api.create_job(job.id, messages.CreateJob(function=sha, max_attempts=1)))
+        refs = messages.KeptInputs(tasks=["7"], labels=["dask key ('sum-partial', 3)"])
+        payload = protocol.kept_inputs_payload(
+            msgspec.json.encode(refs), protocol.dumps((GroupCall(0, "k", {}),))
+        )
+        client.run(api.submit_tasks(job.id, messages.SubmitTasks(tasks=["0"]), [payload]))
+        client.run(api.seal(job.id, messages.Seal(total=1)))
+        with pytest.raises(TaskFailed) as info:
+            job.result(timeout=60)
+    assert info.value.exc_type == "coffea_hq.errors.KeptInputMissing"
+    assert "dask key ('sum-partial', 3)" in info.value.message
+    assert "task 7" in info.value.message and "never submitted with 'keep'" in info.value.message
+    assert counters(cluster.url)["tasks_failed"] == before["tasks_failed"] + 1
+
+
 def hist_equal(a: Any, b: Any) -> None:
     """Bin for bin, flow bins and variances included."""
     assert a.axes == b.axes
@@ -183,3 +234,20 @@ def test_worker_killed_mid_graph_loses_nothing(
     assert after["requeued"] > before["requeued"]
     # Each group's result accepted exactly once, the killed worker's included.
     assert after["tasks_ok"] - before["tasks_ok"] == scheduler.stats["groups"]
+
+
+@pytest.mark.slow  # fresh server and worker processes, and a group that outlasts the timeout
+@pytest.mark.timeout(180)
+def test_a_long_group_does_not_get_the_unsealed_job_cancelled(
+    store: EmbeddedRedis, processes: Processes, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job stays unsealed while a group waits for others: without the session's empty
+    # submits the server would cancel it as abandoned after --unsealed-timeout.
+    monkeypatch.setattr(coffea_hq.dask, "TOUCH_EVERY", 0.5)
+    url, _ = processes.server(store.url, "--unsealed-timeout", "2", prefix=prefix)
+    processes.worker(url, "--slots", "1")
+    bag = db.from_sequence([1, 2], npartitions=2).map(dask_tasks.sleepy, seconds=5)
+    scheduler = Scheduler(url)
+    (got,) = dask.compute(bag.sum(), scheduler=scheduler)
+    assert got == 3
+    assert counters(url)["tasks_ok"] == scheduler.stats["groups"]

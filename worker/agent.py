@@ -37,6 +37,7 @@ from coffea_hq.protocol import Outcome
 from coffea_hq.transport import ServerError, ServerUnreachable
 
 from .environments import EnvironmentCache, FunctionUnavailable, Planner
+from .kept import take_kept_inputs
 from .slots import HeldTask, LeaseKey, Result, Slot, SlotLimits
 
 log = logging.getLogger("coffea_hq.worker")
@@ -675,6 +676,11 @@ class Worker:
             if self._stopping.is_set():
                 return
             batch = self.leases.take(self._batch_size(), slot.job)
+            batch, missing = await take_kept_inputs(self.api, batch)
+            if missing:
+                self._on_results(missing)
+            if not batch:
+                continue
             self._busy += 1
             try:
                 leftover = await slot.run(

@@ -108,7 +108,16 @@ local function finish(state, reason)
   if #left == 1 then redis.call('XADD', EVENTS, '*', EV.OK, left[1], EV.ERROR, '') end
   redis.call('HSET', META, F.STATE, state, F.FINISHED, now_ms())
   if reason and reason ~= '' then redis.call('HSET', META, F.REASON, reason) end
-  redis.call('DEL', QUEUE, PAYLOAD, LEASES, MERGEABLE)
+  -- Kept results served only the job's own tasks (a failed one's exception stays for
+  -- the client).
+  local kept = redis.call('SMEMBERS', KEPT)
+  if #kept > 0 then
+    local failed = call_sliced_collect('HMGET', ERRORS, kept)
+    local drop = {}
+    for k, task in ipairs(kept) do if not failed[k] then drop[#drop + 1] = task end end
+    call_sliced('HDEL', RESULTS, drop)
+  end
+  redis.call('DEL', QUEUE, PAYLOAD, LEASES, MERGEABLE, KEPT)
   unmark_ready()
   redis.call('ZREM', JOBS, JOB)
   redis.call('XADD', EVENTS, '*', EV.END, state)

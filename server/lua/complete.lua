@@ -26,6 +26,13 @@ end
 local holders, leased = {}, {}
 if state then holders = call_sliced_collect('HMGET', HOLDER, tasks) end
 if state == STATE.RUNNING then leased = call_sliced_collect('ZMSCORE', LEASES, tasks) end
+-- Tasks submitted with 'keep': their results stay for other tasks, listed as merged (the
+-- client fetches nothing of them).
+local kept = {}
+if state == STATE.RUNNING and not reducing and redis.call('EXISTS', KEPT) == 1 then
+  kept = call_sliced_collect('SMISMEMBER', KEPT, tasks)
+end
+local n_kept, kept_bytes = 0, 0
 
 local spent = {}  -- k -> {wall, cpu, rss} as sent (strings: valid JSON numbers)
 local n_spent = 0  -- (counted: an unknown one is nil, which #spent would skip)
@@ -102,7 +109,10 @@ for k, task in ipairs(tasks) do
         if outcome == 'ok' then
           result_pairs[#result_pairs + 1] = task
           result_pairs[#result_pairs + 1] = values[k]
-          if not reducing then
+          if kept[k] == 1 then
+            merged[#merged + 1] = task
+            n_kept, kept_bytes = n_kept + 1, kept_bytes + #values[k]
+          elseif not reducing then
             ok[#ok + 1] = task
           else
             mergeable[#mergeable + 1] = task
@@ -165,6 +175,8 @@ for _, f in ipairs(failures) do
 end
 count(COUNT.TASKS_OK, n_done)
 count(COUNT.MERGES_OK, #merges)
+count(COUNT.KEPT, n_kept)
+count(COUNT.KEPT_BYTES, kept_bytes)
 count(COUNT.REQUEUED, #requeued)
 count(COUNT.DUPLICATES, n_dup)
 count(COUNT.REFUSED, n_refused)

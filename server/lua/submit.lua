@@ -1,6 +1,7 @@
 -- Add tasks to a running job (A.tasks comma-joined, A.sizes their payload lengths, A.payloads
 -- concatenated). A task id seen before (queued, leased or done) is skipped, so a retried
--- batch adds nothing. Returns {SUBMITREPLY, added}.
+-- batch adds nothing. A.keep: comma-joined tasks whose results stay in the store (KEPT).
+-- Returns {SUBMITREPLY, added}.
 local m = redis.call('HMGET', META, F.STATE, F.TOTAL, F.CREATED)
 local state, sealed = m[1], m[2]
 if not state then return {SUBMITREPLY.UNKNOWN, 0} end
@@ -17,11 +18,14 @@ if A.localities ~= '' then
   locs = {}
   for key in string.gmatch(A.localities .. ',', '([^,]*),') do locs[#locs + 1] = key end
 end
-local fresh, pairs_, placed = {}, {}, {}
+local keep = {}
+for task in string.gmatch(A.keep, '[^,]+') do keep[task] = true end
+local fresh, pairs_, placed, kept = {}, {}, {}, {}
 for k, task in ipairs(tasks) do
   if not holders[k] and not queued[k] then
     if sealed then return {SUBMITREPLY.SEALED, 0} end
     fresh[#fresh + 1] = task
+    if keep[task] then kept[#kept + 1] = task end
     pairs_[#pairs_ + 1] = task
     pairs_[#pairs_ + 1] = payloads[k]
     if locs and locs[k] and locs[k] ~= '' then
@@ -33,6 +37,7 @@ end
 redis.call('HSET', META, F.TOUCHED, now_ms())
 if #fresh > 0 then
   call_sliced('HSET', PAYLOAD, pairs_)
+  call_sliced('SADD', KEPT, kept)
   if #placed > 0 then
     call_sliced('HSET', LOCALITY, placed)
     redis.call('HSET', META, F.LOCAL, '1')
