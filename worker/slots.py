@@ -276,7 +276,11 @@ class Slot:
         # One launch per subprocess (a job's function and reducer share theirs).
         later = [i for i in batch if plans[i.function_blob].launch != launch]
         batch = [i for i in batch if plans[i.function_blob].launch == launch]
-        if (self.job is not None and self.job != job) or launch != self.launch:
+        if (
+            (self.job is not None and self.job != job)
+            or launch != self.launch
+            or (self.job is None and self._stale(self._proc))
+        ):
             try:
                 await self._replace(launch)
             except OSError as e:  # an interpreter gone since it was checked, a full disk
@@ -391,6 +395,12 @@ class Slot:
             if spare is not None:
                 with contextlib.suppress(Exception):
                     fresh = await spare
+        if fresh is not None and self._stale(fresh[0]):
+            cold, fd = fresh  # started before the zygote (or its latest) was ready
+            if cold.stdin:
+                cold.stdin.close()
+            self._reap(cold, fd)
+            fresh = None
         if fresh is None or fresh[0].returncode is not None:
             if fresh is not None:
                 os.close(fresh[1])
@@ -404,11 +414,23 @@ class Slot:
         if self._spare is None:
             self._spare = asyncio.create_task(self._spawn(), name=f"slot{self.index}-spare")
         if old is not None:  # reaped meanwhile, not waited for here
-            reap = asyncio.create_task(_end(old, 5.0, marker))
-            self._exiting.add(reap)
-            reap.add_done_callback(self._exiting.discard)
+            self._reap(old, marker)
         elif marker >= 0:
             os.close(marker)
+
+    def _reap(self, proc: Proc, marker: int) -> None:
+        reap = asyncio.create_task(_end(proc, 5.0, marker))
+        self._exiting.add(reap)
+        reap.add_done_callback(self._exiting.discard)
+
+    def _stale(self, proc: Proc | None) -> bool:
+        """Whether an unused subprocess of the worker's environment is colder than the
+        zygote would fork now: spawned before it was ready, or forked by an older one
+        (which lacks modules learned since)."""
+        forker = self._forker
+        if proc is None or forker is None or not forker.ready or self.launch.foreign:
+            return False
+        return not isinstance(proc, ForkedProcess) or proc.generation != forker.generation
 
     def kill(self) -> None:
         """Kill the subprocess (its task's job was cancelled); :meth:`run` restarts it."""

@@ -245,6 +245,7 @@ class ForkedProcess:
         self.stdin: asyncio.StreamWriter | None = stdin
         self.stdout: asyncio.StreamReader | None = stdout
         self.returncode: int | None = None
+        self.generation = 0  # of the zygote that forked it (see Forker.generation)
         self._exited = asyncio.get_running_loop().create_future()
 
     def _exit(self, returncode: int) -> None:
@@ -296,9 +297,15 @@ async def _pipes(
 class _Zygote:
     """One zygote process as the worker sees it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        sock: socket.socket,
+        on_gone: Callable[[_Zygote], None],
+    ) -> None:
         self.proc = proc
         self.sock = sock
+        self._on_gone = on_gone
         self.ready: asyncio.Future[tuple[list[str], list[str], str | None, list[str]]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -306,6 +313,7 @@ class _Zygote:
         self.children: dict[int, ForkedProcess] = {}
         self.closed = asyncio.Event()
         self.loaded: set[str] = set()
+        self.generation = 0
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -353,6 +361,7 @@ class _Zygote:
         for child in self.children.values():
             child._exit(-signal.SIGKILL)
         self.children.clear()
+        self._on_gone(self)
 
     async def fork(self, marker: int, cwd: str | None) -> ForkedProcess:
         loop = asyncio.get_running_loop()
@@ -377,6 +386,7 @@ class _Zygote:
             writer.close()
             raise
         child = ForkedProcess(pid, pidfd, writer, reader)
+        child.generation = self.generation
         self.children[pid] = child
         return child
 
@@ -461,6 +471,7 @@ class Forker:
             old, self._current = self._current, zygote
             self._failures = 0
             self.generation += 1
+            zygote.generation = self.generation
             if old is not None:
                 self._retire(old)
             if self._unjudged:
@@ -488,7 +499,7 @@ class Forker:
             raise
         finally:
             theirs.close()
-        zygote = _Zygote(proc, ours)
+        zygote = _Zygote(proc, ours, self._lost)
         try:
             ready = await asyncio.wait_for(zygote.ready, READY_TIMEOUT)
             loaded, skipped, threaded, native = ready
@@ -513,6 +524,17 @@ class Forker:
         )
         return zygote
 
+    def _lost(self, zygote: _Zygote) -> None:
+        if zygote is not self._current or self._closed:
+            return  # a retired one, ending as asked
+        self._current = None
+        log.warning(
+            "zygote %d exited (its slot processes with it: their tasks are retried); "
+            "slots start new interpreters until another is ready",
+            zygote.proc.pid,
+        )
+        self._refresh()
+
     def _failed(self, why: str) -> None:
         self._failures += 1
         if self._failures >= ATTEMPTS:
@@ -534,10 +556,6 @@ class Forker:
         """A fresh slot subprocess from the zygote, or None (no zygote: spawn one)."""
         zygote = self._current
         if zygote is None or zygote.closed.is_set():
-            if zygote is not None:
-                self._current = None
-                log.warning("zygote %d exited; starting another", zygote.proc.pid)
-                self._refresh()
             return None
         try:
             child = await zygote.fork(marker, cwd)
