@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -175,7 +176,7 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
     tie = tie_to_parent()  # made here: it ties a child to this process
     children: set[int] = set()
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [], 1.0)
+        readable, _, _ = select.select([sock.fileno(), wake_r], [], [], 1.0)
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 4096)
@@ -190,7 +191,7 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
             children.discard(pid)
             with contextlib.suppress(OSError):
                 _send(sock, ("exit", pid, os.waitstatus_to_exitcode(status)))
-        if sock not in readable:
+        if sock.fileno() not in readable:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, PACKET_MAX, 3)
@@ -329,9 +330,10 @@ class _Zygote:
         message = pickle.loads(data)
         kind = message[0]
         if kind == "ready" and not self.ready.done():
-            self.ready.set_result(tuple(message[1:5]))  # type: ignore[arg-type]
+            self.ready.set_result(tuple(message[1:5]))
         elif kind == "forked" and self.forks and fds:
             future = self.forks.popleft()
+            os.set_inheritable(fds[0], False)
             if not future.done():
                 future.set_result((message[1], fds[0]))
             else:
@@ -424,10 +426,12 @@ class Forker:
         self.learned: list[str] = []  # in the order first seen
         self._seen: set[str] = set()
         self._unjudged: set[str] = set()
+        self._scan: asyncio.Task[Any] | None = None
         self._distributions: set[str] | None = None  # top-level names of installed ones
         self._current: _Zygote | None = None
         self._starting: asyncio.Task[None] | None = None
-        self._retired: set[asyncio.Task[None]] = set()
+        # Replaced zygotes, ending once the slot processes they forked have exited.
+        self._retired: dict[_Zygote, asyncio.Task[None]] = {}
         self._excluded: set[str] = set()  # modules that started threads in a zygote
         self._failures = 0
         self._gave_up = False
@@ -443,6 +447,24 @@ class Forker:
     def start(self) -> None:
         """Start the first zygote in the background."""
         self._refresh()
+        if self.learn_enabled:
+            # Half a second of reading metadata: not on the worker's event loop.
+            self._scan = asyncio.create_task(
+                asyncio.to_thread(importlib.metadata.packages_distributions)
+            )
+            self._scan.add_done_callback(self._scanned)
+
+    def _scanned(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.learn_enabled = False  # unknown what is installed: preload only
+            return
+        self._distributions = set(task.result())
+        self._judge()
+
+    def _judge(self) -> None:
+        if self._unjudged:
+            unjudged, self._unjudged = self._unjudged, set()
+            self.learn(sorted(unjudged))
 
     def _wanted(self) -> list[str]:
         names = [*self.preload, *self.learned]
@@ -474,9 +496,7 @@ class Forker:
             zygote.generation = self.generation
             if old is not None:
                 self._retire(old)
-            if self._unjudged:
-                unjudged, self._unjudged = self._unjudged, set()
-                self.learn(sorted(unjudged))
+            self._judge()
             if set(self._wanted()) <= set(wanted):
                 return  # else: learned more meanwhile, start the next one
 
@@ -549,8 +569,8 @@ class Forker:
 
     def _retire(self, zygote: _Zygote) -> None:
         task = asyncio.create_task(zygote.close(None), name="zygote-retire")
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._retired[zygote] = task
+        task.add_done_callback(lambda _: self._retired.pop(zygote, None))
 
     async def fork(self, marker: int, cwd: str | None) -> ForkedProcess | None:
         """A fresh slot subprocess from the zygote, or None (no zygote: spawn one)."""
@@ -579,18 +599,15 @@ class Forker:
         distributions are preloaded by the next zygote, started in the background."""
         if not self.learn_enabled or self._closed:
             return
-        if self._current is None and not self._gave_up:
-            # Judged once the first zygote says what it has (child.py's own imports).
+        if (self._current is None and not self._gave_up) or self._distributions is None:
+            # Judged once the first zygote says what it has (child.py's own imports) and
+            # the installed distributions are known.
             self._unjudged.update(list(names)[:LEARN_MAX])
             return
         new = [n for n in names if n not in self._seen]
         if not new:
             return
         self._seen.update(new[: max(0, LEARN_MAX - len(self._seen))])
-        if self._distributions is None:
-            import importlib.metadata
-
-            self._distributions = set(importlib.metadata.packages_distributions())
         warm = self._current.loaded if self._current is not None else set()
         fresh = [
             n for n in new if n in self._distributions and n not in self.learned and n not in warm
@@ -603,15 +620,20 @@ class Forker:
     async def close(self) -> None:
         """End every zygote (after the slots have stopped their subprocesses)."""
         self._closed = True
+        if self._scan is not None:
+            self._scan.cancel()
+            await asyncio.gather(self._scan, return_exceptions=True)
         if self._starting is not None:
             self._starting.cancel()
             await asyncio.gather(self._starting, return_exceptions=True)
         if self._current is not None:
             await self._current.close()
             self._current = None
-        for task in list(self._retired):
+        retired = list(self._retired.items())
+        for _, task in retired:
             task.cancel()
-        await asyncio.gather(*self._retired, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in retired), return_exceptions=True)
+        await asyncio.gather(*(z.close(1.0) for z, _ in retired), return_exceptions=True)
 
 
 if __name__ == "__main__":
