@@ -92,6 +92,7 @@ def descendants() -> list[int]:
 # the worker agent, whose module name is a prefix of its own.
 ROLES = (
     ("coffea_hq.worker.child", "hq task process"),
+    ("coffea_hq.worker.zygote", "hq zygote + forked task processes"),
     ("coffea_hq.worker", "hq-worker"),
     ("coffea_hq.server", "hq-server"),
     ("valkey", "valkey"),

@@ -149,7 +149,7 @@ class HQExecutor(ExecutorBase):
             (default 8), so that a file's header and tree metadata are read once per slot,
             not once per chunk. 0 opens and closes the file for every chunk, as coffea does.
         memory : int or str, optional
-            Memory (resident set) one chunk may use on a worker, e.g. ``"2GiB"``. A chunk
+            Memory (private resident set) one chunk may use on a worker, e.g. ``"2GiB"``. A chunk
             over it is stopped and run again as two halves by entry range, as often as
             needed down to ``split_min_entries`` entries; the output is the same as
             unsplit. Default: no limit (but see ``hq-worker --task-memory``).

@@ -24,10 +24,11 @@ from coffea_hq.errors import MemoryExceeded, TaskFailed  # noqa: E402
 from coffea_hq.sizes import parse_memory  # noqa: E402
 
 ENTRIES = 40_000
-LIMIT = "640MiB"
-# Bytes the processor holds per event: a whole chunk needs 600 MB beside the interpreter's
-# ~200 MB (over the limit), a half 300 MB (under).
-PER_EVENT = 15_000
+LIMIT = "800MiB"
+# Bytes the processor holds per event: a whole chunk needs 960 MB (over the limit, even
+# with none of the interpreter's memory counted, as in a process forked from the zygote),
+# a half 480 MB (under, even beside a new interpreter's ~200 MB of its own).
+PER_EVENT = 24_000
 
 
 class Grows(processor.ProcessorABC):

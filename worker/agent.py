@@ -39,6 +39,7 @@ from coffea_hq.transport import ServerError, ServerUnreachable
 from .environments import EnvironmentCache, FunctionUnavailable, Planner
 from .kept import take_kept_inputs
 from .slots import HeldTask, LeaseKey, Result, Slot, SlotLimits
+from .zygote import Forker
 
 log = logging.getLogger("coffea_hq.worker")
 
@@ -175,6 +176,8 @@ class WorkerConfig:
     env_cache_size: int | None = None  # bytes; None: unbounded
     task_memory: int = 0  # bytes of resident memory a task's subprocess may use (0: any)
     task_walltime: float = 0.0  # seconds a task may run (0: any)
+    preload: tuple[str, ...] = ()  # modules the zygote imports besides the learned ones
+    zygote: bool = True  # False: every slot subprocess a new interpreter
 
 
 def default_env_cache() -> str:
@@ -374,8 +377,11 @@ class Worker:
         self._planner = Planner(self.env_cache, self._function_bytes, self._blob_bytes, self.id)
         self._workdirs = os.path.join(self.env_cache.root, "work", self.id)
         limits = SlotLimits(config.task_memory, config.task_walltime)
+        self.forker = Forker(config.preload) if config.zygote else None
         self.slots = [
-            Slot(i, self._planner.plan, os.path.join(self._workdirs, f"slot{i}"), limits)
+            Slot(
+                i, self._planner.plan, os.path.join(self._workdirs, f"slot{i}"), limits, self.forker
+            )
             for i in range(config.slots)
         ]
         self.leases = Leases()
@@ -433,6 +439,8 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         logging.getLogger("coffea_hq").addHandler(self._log_buffer)
+        if self.forker is not None:
+            self.forker.start()  # in the background: the first subprocesses are spawned
         await asyncio.gather(*(slot.start() for slot in self.slots))
         log.info("worker %s: %d slot(s), server %s", self.id, len(self.slots), self.config.url)
         background = [
@@ -471,6 +479,8 @@ class Worker:
             await asyncio.gather(*watched, return_exceptions=True)
             grace = 0.0 if self._abort.is_set() else self._slot_grace
             await asyncio.gather(*(slot.stop(grace) for slot in self.slots))
+            if self.forker is not None:
+                await self.forker.close()
             if self._lost_watch is not None:
                 self._lost_watch.cancel()
             await self._end_presence(presence)
@@ -850,6 +860,7 @@ class Worker:
             "slot_task_max_rss_bytes": list(self._slot_task_rss),
             "restarts": sum(s.restarts for s in self.slots),
             "job_switches": sum(s.switches for s in self.slots),
+            **(self.forker.stats() if self.forker is not None else {}),
         }
         reply = await self.api.heartbeat(
             m.Heartbeat(

@@ -27,6 +27,16 @@ from .capture import TaskCapture
 from .pipe import LIMITS, MARKER, MARKER_SIZE, task_limits
 
 FUNCTION_CACHE = 16
+# How many times a subprocess tells the worker which modules it has imported (each time
+# sys.modules has grown): the worker's zygote preloads those of installed distributions.
+MODULE_REPORTS = 4
+_NOT_REPORTED = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names)
+
+
+def imported_modules() -> list[str]:
+    """Top-level names of the non-standard-library modules this process has imported."""
+    names = {name.partition(".")[0] for name in list(sys.modules)}
+    return sorted(n for n in names - _NOT_REPORTED if not n.startswith("_"))
 
 
 def _error(exc: BaseException) -> tuple[dict[str, str], bytes]:
@@ -90,6 +100,7 @@ def _serve(out: Any, capture: TaskCapture) -> None:
     marker = mmap.mmap(int(sys.argv[1]), MARKER_SIZE)
     functions: OrderedDict[str, Any] = OrderedDict()
     limits: dict[str, tuple[int, float]] = {}
+    reports, modules_seen = 0, len(sys.modules)
     while True:
         message = pipe.read_blocking(inp)
         if message is None:
@@ -106,6 +117,15 @@ def _serve(out: Any, capture: TaskCapture) -> None:
             continue
         done: list[tuple[int, str, Any, bytes, float, Any]] = []
         last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal done, reports, modules_seen
+            if reports < MODULE_REPORTS and len(sys.modules) != modules_seen:
+                modules_seen, reports = len(sys.modules), reports + 1
+                out.write(pipe.encode(("modules", imported_modules())))
+            out.write(pipe.encode(("done", done)))
+            done = []
+
         for seq, sha, payload, merge in message[1]:
             LIMITS.pack_into(marker, MARKER.size, *limits.get(sha, (0, 0.0)))
             MARKER.pack_into(marker, 0, seq)
@@ -115,11 +135,11 @@ def _serve(out: Any, capture: TaskCapture) -> None:
             done.append((seq, outcome.value, error, data, info.wall, info))
             now = time.monotonic()
             if now - last_flush > pipe.FLUSH_EVERY:
-                out.write(pipe.encode(("done", done)))
-                done, last_flush = [], now
+                flush()
+                last_flush = now
         MARKER.pack_into(marker, 0, 0)
         if done:
-            out.write(pipe.encode(("done", done)))
+            flush()
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
         type=_memory,
         default=0,
         metavar="SIZE",
-        help="memory (resident set) one task may use, e.g. 2GiB; a task over it is stopped "
+        help="memory (private resident set) one task may use, e.g. 2GiB; a task over it is stopped "
         "and fails as memory_exceeded, which HQExecutor answers by splitting the chunk "
         "(default: no limit)",
     )
@@ -122,6 +122,18 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds one task may run; a task over it is stopped and fails as "
         "walltime_exceeded (default: no limit)",
+    )
+    p.add_argument(
+        "--preload",
+        default="",
+        metavar="MOD[,MOD]",
+        help="modules the worker's zygote imports before forking each job's fresh slot "
+        "subprocess, besides those earlier jobs imported (e.g. coffea.nanoevents,numpy)",
+    )
+    p.add_argument(
+        "--no-zygote",
+        action="store_true",
+        help="start every slot subprocess as a new interpreter, not a fork of the warm zygote",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     users = tuple(u.strip() for u in args.users.split(",") if u.strip())
     if not all(protocol.valid_id(u) for u in users):
         p.error("--users takes comma-separated user names (letters, digits, '-', '_', '.')")
+    preload = tuple(m.strip() for m in args.preload.split(",") if m.strip())
+    if not all(all(part.isidentifier() for part in m.split(".")) for m in preload):
+        p.error("--preload takes comma-separated module names, e.g. numpy,coffea.nanoevents")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s hq-worker %(levelname)s %(message)s"
     )
@@ -173,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         env_cache_size=args.env_cache_size,
         task_memory=args.task_memory,
         task_walltime=args.task_walltime,
+        preload=preload,
+        zygote=not args.no_zygote,
     )
     try:
         worker = Worker(config)

@@ -5,7 +5,8 @@ Parent to child: ``("function", sha, bytes)`` installs a function;
 payload holds the inputs' results and the function takes their list).
 Child to parent: ``("done", [(seq, outcome, error, data, seconds, info), ...])`` (``info``
 a :class:`coffea_hq.messages.TaskInfo`), flushed
-every few milliseconds and at the end of each batch.
+every few milliseconds and at the end of each batch; ``("modules", [name, ...])`` before a
+few of those: the top-level modules it has imported (see :mod:`.zygote`).
 """
 
 from __future__ import annotations

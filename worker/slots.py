@@ -25,10 +25,12 @@ from coffea_hq.protocol import Outcome, is_merge
 from . import pipe
 from .environments import DEFAULT_LAUNCH, FunctionUnavailable, Launch, Plan
 from .pipe import LIMITS, MARKER, MARKER_SIZE
+from .zygote import ForkedProcess, Forker
 
 FOREIGN_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foreign.py")
 
 LeaseKey = tuple[str, str, int]  # (job, task, attempt): how the server names one lease
+Proc = asyncio.subprocess.Process | ForkedProcess  # spawned, or forked by the zygote
 
 
 FUNCTION_UNAVAILABLE = "coffea_hq.errors.FunctionUnavailable"
@@ -56,6 +58,33 @@ def rss_bytes(pid: int | None) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+_PRIVATE = (b"Private_Clean:", b"Private_Dirty:", b"Private_Hugetlb:")
+
+
+def private_bytes(pid: int | None) -> int:
+    """Resident memory of process ``pid`` that no other process shares (its unique set
+    size, from /proc/PID/smaps_rollup): what the task holds itself. A slot subprocess
+    forked from the zygote shares the preloaded modules' pages with it and its siblings;
+    its RSS counts them in full and its PSS by a share that changes as siblings come and
+    go, so neither says what this task costs. Falls back to the RSS where the kernel has
+    no smaps_rollup (before 4.14)."""
+    if pid is None:
+        return 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return rss_bytes(pid) if os.path.exists(f"/proc/{pid}") else 0
+    except OSError:
+        return 0
+    kb = 0
+    for line in lines:
+        if line.startswith(_PRIVATE):
+            with contextlib.suppress(ValueError, IndexError):
+                kb += int(line.split()[1])
+    return kb * 1024
 
 
 def _tighter(a: float, b: float) -> float:
@@ -120,8 +149,11 @@ class Slot:
         plan: Callable[[str], Awaitable[Plan]],
         workdir: str | None = None,
         limits: SlotLimits | None = None,
+        forker: Forker | None = None,
     ) -> None:
         self.index = index
+        # The worker's zygote, which forks warm subprocesses for its own environment.
+        self._forker = forker
         self._plan = plan
         self.limits = limits or SlotLimits()
         # (sequence number, error type, message) of the task the limit watch killed
@@ -130,14 +162,14 @@ class Slot:
         self._workdir = workdir
         self.launch = DEFAULT_LAUNCH  # how the current subprocess was started
         self._notes: list[TaskWarning] = []  # for the first result of the subprocess
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Proc | None = None
         self._loaded: set[str] = set()  # function blobs (shas) the subprocess holds
         self._seq = 0
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
         self._unreported: dict[int, HeldTask] = {}  # by sequence number: the batch in hand
         self.job: str | None = None
-        self._spare: asyncio.Task[tuple[asyncio.subprocess.Process, int]] | None = None
+        self._spare: asyncio.Task[tuple[Proc, int]] | None = None
         self._exiting: set[asyncio.Task[None]] = set()  # replaced subprocesses being reaped
         self.switches = 0  # subprocesses replaced because the next batch was another job's
 
@@ -158,16 +190,23 @@ class Slot:
             os.symlink(path, os.path.join(self._workdir, name))
         return self._workdir
 
-    async def _spawn(
-        self, launch: Launch = DEFAULT_LAUNCH
-    ) -> tuple[asyncio.subprocess.Process, int]:
-        """A fresh task subprocess and the fd of its marker file."""
+    async def _spawn(self, launch: Launch = DEFAULT_LAUNCH) -> tuple[Proc, int]:
+        """A fresh task subprocess and the fd of its marker file: forked by the zygote
+        for the worker's own environment when it has one ready, else started afresh."""
         # Unlinked at once, shared by file descriptor: nothing is left in the temp
         # directory, however this worker ends.
         fd, path = tempfile.mkstemp(prefix=f"hq-slot{self.index}-")
         os.unlink(path)
         os.write(fd, bytes(MARKER_SIZE))
         env = None
+        if launch.interpreter is None and self._forker is not None and self._forker.ready:
+            try:
+                forked = await self._forker.fork(fd, self._prepare_workdir(launch))
+            except BaseException:
+                os.close(fd)
+                raise
+            if forked is not None:
+                return forked, fd
         if launch.interpreter is None:
             argv = [sys.executable, "-m", "coffea_hq.worker.child", str(fd)]
         else:
@@ -238,7 +277,11 @@ class Slot:
         # One launch per subprocess (a job's function and reducer share theirs).
         later = [i for i in batch if plans[i.function_blob].launch != launch]
         batch = [i for i in batch if plans[i.function_blob].launch == launch]
-        if (self.job is not None and self.job != job) or launch != self.launch:
+        if (
+            (self.job is not None and self.job != job)
+            or launch != self.launch
+            or (self.job is None and self._stale(self._proc))
+        ):
             try:
                 await self._replace(launch)
             except OSError as e:  # an interpreter gone since it was checked, a full disk
@@ -278,7 +321,11 @@ class Slot:
             while by_seq:
                 head = await self._proc.stdout.readexactly(pipe.HEADER.size)
                 (size,) = pipe.HEADER.unpack(head)
-                _, done = pipe.decode(await self._proc.stdout.readexactly(size))
+                kind, done = pipe.decode(await self._proc.stdout.readexactly(size))
+                if kind == "modules":
+                    if self._forker is not None:
+                        self._forker.learn(done)
+                    continue
                 results = []
                 for seq, outcome, error, data, seconds, info in done:
                     item = by_seq.pop(seq)
@@ -298,10 +345,10 @@ class Slot:
         return later
 
     async def _watch_limits(self) -> None:
-        """Kill the subprocess when the task it runs goes over its memory (resident set)
-        or wall-time limit, noting which task and why for :meth:`_after_crash`. RSS is
-        read from /proc, not enforced with RLIMIT_AS: numpy and uproot map far more
-        address space than they touch."""
+        """Kill the subprocess when the task it runs goes over its memory (private resident
+        memory, :func:`private_bytes`) or wall-time limit, noting which task and why for
+        :meth:`_after_crash`. Memory is read from /proc, not enforced with RLIMIT_AS:
+        numpy and uproot map far more address space than they touch."""
         seq, started = 0, time.monotonic()
         while True:
             await asyncio.sleep(LIMITS_WATCH_EVERY)
@@ -319,11 +366,11 @@ class Slot:
             memory = int(_tighter(self.limits.memory, task_memory))
             walltime = _tighter(self.limits.walltime, task_walltime)
             exceeded = None
-            if memory and (rss := rss_bytes(proc.pid)) > memory:
+            if memory and (held := private_bytes(proc.pid)) > memory:
                 exceeded = (
                     protocol.MEMORY_EXCEEDED_TYPE,
-                    f"the task's subprocess used {rss / MiB:,.0f} MiB, over its memory limit "
-                    f"of {memory / MiB:,.0f} MiB (resident set), and was stopped",
+                    f"the task's subprocess held {held / MiB:,.0f} MiB, over its memory limit "
+                    f"of {memory / MiB:,.0f} MiB (private resident memory), and was stopped",
                 )
             elif walltime and now - started > walltime:
                 exceeded = (
@@ -349,6 +396,12 @@ class Slot:
             if spare is not None:
                 with contextlib.suppress(Exception):
                     fresh = await spare
+        if fresh is not None and self._stale(fresh[0]):
+            cold, fd = fresh  # started before the zygote (or its latest) was ready
+            if cold.stdin:
+                cold.stdin.close()
+            self._reap(cold, fd)
+            fresh = None
         if fresh is None or fresh[0].returncode is not None:
             if fresh is not None:
                 os.close(fresh[1])
@@ -362,11 +415,23 @@ class Slot:
         if self._spare is None:
             self._spare = asyncio.create_task(self._spawn(), name=f"slot{self.index}-spare")
         if old is not None:  # reaped meanwhile, not waited for here
-            reap = asyncio.create_task(_end(old, 5.0, marker))
-            self._exiting.add(reap)
-            reap.add_done_callback(self._exiting.discard)
+            self._reap(old, marker)
         elif marker >= 0:
             os.close(marker)
+
+    def _reap(self, proc: Proc, marker: int) -> None:
+        reap = asyncio.create_task(_end(proc, 5.0, marker))
+        self._exiting.add(reap)
+        reap.add_done_callback(self._exiting.discard)
+
+    def _stale(self, proc: Proc | None) -> bool:
+        """Whether an unused subprocess of the worker's environment is colder than the
+        zygote would fork now: spawned before it was ready, or forked by an older one
+        (which lacks modules learned since)."""
+        forker = self._forker
+        if proc is None or forker is None or not forker.ready or self.launch.foreign:
+            return False
+        return not isinstance(proc, ForkedProcess) or proc.generation != forker.generation
 
     def kill(self) -> None:
         """Kill the subprocess (its task's job was cancelled); :meth:`run` restarts it."""
@@ -421,7 +486,7 @@ class Slot:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-async def _end(proc: asyncio.subprocess.Process, timeout: float, marker: int = -1) -> None:
+async def _end(proc: Proc, timeout: float, marker: int = -1) -> None:
     """Wait for ``proc`` (its stdin closed) to exit, killing it after ``timeout`` seconds
     (a task's atexit hook or thread that will not end); then close its ``marker`` fd."""
     try:
