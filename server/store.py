@@ -380,7 +380,7 @@ class Store:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xread({keys.events: after}, count=64, block=block)
         pipe.hgetall(keys.meta)
-        pipe.hlen(keys.notes)
+        pipe.exists(keys.notes)  # (EXISTS: the store ACL grants it, not HLEN)
         reply, meta, n_notes = await pipe.execute()
         if not meta:
             raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
