@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.metadata
 import logging
@@ -168,6 +169,10 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
     _send(sock, ("ready", present, skipped, threaded, _native_threads()))
     if threaded is not None:
         return  # not fit to fork: the worker starts one without that module
+    # What the preload made is out of the collector's reach in every child: a collection
+    # there would touch (and so copy) each of those objects' pages.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
