@@ -16,6 +16,11 @@ Prints the median of each, their ratios and the cost per switch (the difference)
 
     python benchmarks/job_switch.py               # 200 batches of each
     python benchmarks/job_switch.py --batches 20  # a quick check
+    python benchmarks/job_switch.py --zygote --imports coffea.processor
+
+``--zygote``: the slot's subprocesses are forks of a zygote (as hq-worker's by default),
+which preloads the ``--imports`` module; ``--imports``: each task imports that module
+(what a coffea job's first task on a fresh subprocess pays).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 
 from coffea_hq.worker.environments import Plan
 from coffea_hq.worker.slots import HeldTask, Result, Slot
+from coffea_hq.worker.zygote import Forker
 from harness import add_run_options, print_table, run_benchmark
 
 from coffea_hq import protocol
@@ -37,14 +43,33 @@ FUNCTION = protocol.dumps(abs)
 SHA = protocol.blob_name(FUNCTION)
 
 
+IMPORTS = ""  # set by --imports: the module each task imports
+
+
+def imports(x: int) -> int:
+    import importlib
+
+    importlib.import_module(IMPORTS)
+    return x
+
+
 async def fetch(sha: str) -> Plan:
     return Plan(FUNCTION)
 
 
-async def timed_batches(jobs: list[str], pause: float = 0.0) -> list[float]:
+async def timed_batches(jobs: list[str], pause: float = 0.0, zygote: bool = False) -> list[float]:
     """Seconds per one-task batch, the batches' jobs in turn from ``jobs``, each after
     ``pause`` seconds."""
-    slot = Slot(0, fetch)
+    forker = None
+    if zygote:
+        forker = Forker([IMPORTS] if IMPORTS else [], learn=False)
+        forker.start()
+        deadline = time.monotonic() + 120
+        while not forker.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not forker.ready:
+            raise RuntimeError("the zygote did not start")
+    slot = Slot(0, fetch, forker=forker)
     await slot.start()
     results: list[Result] = []
     times = []
@@ -57,6 +82,8 @@ async def timed_batches(jobs: list[str], pause: float = 0.0) -> list[float]:
             times.append(time.perf_counter() - start)
     finally:
         await slot.stop()
+        if forker is not None:
+            await forker.close()
     bad = [r for r in results if r.outcome is not protocol.Outcome.OK]
     if bad or len(results) != len(jobs):
         raise RuntimeError(f"{len(bad)} failed of {len(results)} results: {bad[:1]}")
@@ -64,14 +91,24 @@ async def timed_batches(jobs: list[str], pause: float = 0.0) -> list[float]:
 
 
 def job_switch(args: argparse.Namespace) -> bool:
-    n = args.batches
+    global FUNCTION, SHA, IMPORTS
+    if args.imports:
+        import cloudpickle
+
+        IMPORTS = args.imports
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        FUNCTION = protocol.dumps(imports)
+        SHA = protocol.blob_name(FUNCTION)
+    n, z = args.batches, args.zygote
     # The first batch of each run starts the subprocess's first job: not timed.
     runs = {
-        "same job": asyncio.run(timed_batches(["a"] * (n + 1)))[1:],
-        "switch after a job": asyncio.run(timed_batches(["a", "b"] * (n // 2 + 1), args.pause))[
+        "same job": asyncio.run(timed_batches(["a"] * (n + 1), zygote=z))[1:],
+        "switch after a job": asyncio.run(
+            timed_batches(["a", "b"] * (n // 2 + 1), args.pause, zygote=z)
+        )[1 : n + 1],
+        "switch back to back": asyncio.run(timed_batches(["a", "b"] * (n // 2 + 1), zygote=z))[
             1 : n + 1
         ],
-        "switch back to back": asyncio.run(timed_batches(["a", "b"] * (n // 2 + 1)))[1 : n + 1],
     }
     same = statistics.median(runs["same job"]) * 1e3
     rows = []
@@ -99,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="seconds between the batches of 'switch after a job' (default: %(default)s)",
     )
+    p.add_argument("--zygote", action="store_true", help="fork subprocesses from a zygote")
+    p.add_argument("--imports", default="", help="a module each task imports")
     add_run_options(p)
     args = p.parse_args(argv)
     if args.batches < 2:

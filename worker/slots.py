@@ -324,7 +324,7 @@ class Slot:
                 kind, done = pipe.decode(await self._proc.stdout.readexactly(size))
                 if kind == "modules":
                     if self._forker is not None:
-                        self._forker.learn(done)
+                        self._forker.learn(done, job)
                     continue
                 results = []
                 for seq, outcome, error, data, seconds, info in done:

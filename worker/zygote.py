@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
-import importlib.metadata
+import importlib.util
 import logging
 import os
 import pickle
@@ -51,6 +52,7 @@ READY_TIMEOUT = 120.0  # seconds a zygote may take to import its preload
 # chose. Learned and --preload modules come on top.
 BASE = ("coffea_hq.worker.child",)
 LEARN_MAX = 256  # distinct module names a worker learns from its jobs (bounded)
+LEARN_JOBS = 2  # jobs that must have imported a module before the zygote preloads it
 ATTEMPTS = 3  # zygotes started in a row that fail before the worker gives up on them
 
 
@@ -65,6 +67,17 @@ def _native_threads() -> list[str]:
         return names
     except OSError:
         return []
+
+
+def _importable(name: str) -> bool:
+    """Whether the worker's own path has a top-level module ``name`` (not one of a job's
+    files, which only its subprocess's working directory holds). Finds, not imports."""
+    if not name.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _send(sock: socket.socket, message: Any, fds: Iterable[int] = ()) -> None:
@@ -168,6 +181,10 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
     _send(sock, ("ready", present, skipped, threaded, _native_threads()))
     if threaded is not None:
         return  # not fit to fork: the worker starts one without that module
+    # What the preload made is out of the collector's reach in every child: a collection
+    # there would touch (and so copy) each of those objects' pages.
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -424,10 +441,9 @@ class Forker:
         self.preload = [n for n in preload if n]
         self.learn_enabled = learn
         self.learned: list[str] = []  # in the order first seen
-        self._seen: set[str] = set()
-        self._unjudged: set[str] = set()
-        self._scan: asyncio.Task[Any] | None = None
-        self._distributions: set[str] | None = None  # top-level names of installed ones
+        self._jobs_of: dict[str, set[str]] = {}  # module name: jobs seen importing it
+        self._rejected: set[str] = set()  # not importable from the worker's own path
+        self._unjudged: list[tuple[str, list[str]]] = []  # reports before the first zygote
         self._current: _Zygote | None = None
         self._starting: asyncio.Task[None] | None = None
         # Replaced zygotes, ending once the slot processes they forked have exited.
@@ -447,24 +463,11 @@ class Forker:
     def start(self) -> None:
         """Start the first zygote in the background."""
         self._refresh()
-        if self.learn_enabled:
-            # Half a second of reading metadata: not on the worker's event loop.
-            self._scan = asyncio.create_task(
-                asyncio.to_thread(importlib.metadata.packages_distributions)
-            )
-            self._scan.add_done_callback(self._scanned)
-
-    def _scanned(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.learn_enabled = False  # unknown what is installed: preload only
-            return
-        self._distributions = set(task.result())
-        self._judge()
 
     def _judge(self) -> None:
-        if self._unjudged:
-            unjudged, self._unjudged = self._unjudged, set()
-            self.learn(sorted(unjudged))
+        unjudged, self._unjudged = self._unjudged, []
+        for job, names in unjudged:
+            self.learn(names, job)
 
     def _wanted(self) -> list[str]:
         names = [*self.preload, *self.learned]
@@ -594,24 +597,38 @@ class Forker:
             "zygote_preloaded": sorted(z.loaded) if ready and z is not None else [],
         }
 
-    def learn(self, names: Iterable[str]) -> None:
-        """Modules a job's subprocess imported (top-level names): those of installed
-        distributions are preloaded by the next zygote, started in the background."""
-        if not self.learn_enabled or self._closed:
+    def learn(self, names: Iterable[str], job: str | None = None) -> None:
+        """Modules a job's subprocess imported (top-level names). Those that the worker
+        itself could import (installed, not a job's own files) and that ``LEARN_JOBS``
+        jobs imported are preloaded by the next zygote, started in the background: a
+        worker that runs one job (a short-lived one) does not pay for a zygote that
+        would import it all again."""
+        if not self.learn_enabled or self._closed or self._gave_up:
             return
-        if (self._current is None and not self._gave_up) or self._distributions is None:
-            # Judged once the first zygote says what it has (child.py's own imports) and
-            # the installed distributions are known.
-            self._unjudged.update(list(names)[:LEARN_MAX])
+        names = [n for n in names if isinstance(n, str)][:LEARN_MAX]
+        if self._current is None:
+            # Judged once the first zygote says what it has (child.py's own imports).
+            if len(self._unjudged) < LEARN_JOBS * 4:
+                self._unjudged.append((job or "", names))
             return
-        new = [n for n in names if n not in self._seen]
-        if not new:
-            return
-        self._seen.update(new[: max(0, LEARN_MAX - len(self._seen))])
-        warm = self._current.loaded if self._current is not None else set()
-        fresh = [
-            n for n in new if n in self._distributions and n not in self.learned and n not in warm
-        ]
+        warm = self._current.loaded
+        fresh = []
+        for name in names:
+            if name in warm or name in self._rejected or name in self.learned:
+                continue
+            jobs = self._jobs_of.get(name)
+            if jobs is None:
+                if len(self._jobs_of) >= LEARN_MAX:
+                    continue
+                jobs = self._jobs_of[name] = set()
+            jobs.add(job or "")
+            if len(jobs) < LEARN_JOBS:
+                continue
+            del self._jobs_of[name]
+            if _importable(name):
+                fresh.append(name)
+            else:
+                self._rejected.add(name)
         room = LEARN_MAX - len(self.learned)
         if fresh and room > 0:
             self.learned.extend(sorted(fresh)[:room])
@@ -620,9 +637,6 @@ class Forker:
     async def close(self) -> None:
         """End every zygote (after the slots have stopped their subprocesses)."""
         self._closed = True
-        if self._scan is not None:
-            self._scan.cancel()
-            await asyncio.gather(self._scan, return_exceptions=True)
         if self._starting is not None:
             self._starting.cancel()
             await asyncio.gather(self._starting, return_exceptions=True)
