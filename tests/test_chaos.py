@@ -84,6 +84,15 @@ def chunk_key(meta: Any) -> str:
     return f"{os.path.basename(meta['filename'])}:{meta['entrystart']}-{meta['entrystop']}"
 
 
+def _worker_pid() -> int:
+    """The hq-worker running this task: the slot process's parent, or its grandparent
+    when the slot process was forked by the worker's zygote."""
+    parent = psutil.Process(os.getppid())
+    if any("coffea_hq.worker.zygote" in part for part in parent.cmdline()):
+        return int(parent.ppid())
+    return parent.pid
+
+
 class ChaosProcessor(processor.ProcessorABC):
     """A hist (Weight storage, weights multiples of 1/4: exact sums in any merge order), an
     event count, a sum of weights and a per-chunk counter (a chunk counted twice shows 2).
@@ -111,7 +120,7 @@ class ChaosProcessor(processor.ProcessorABC):
         for name in sorted(os.listdir(self.markers)):
             if not name.startswith("arm-"):
                 continue
-            claimed = os.path.join(self.markers, f"claimed-{name[4:]}-{os.getppid()}")
+            claimed = os.path.join(self.markers, f"claimed-{name[4:]}-{_worker_pid()}")
             try:
                 os.rename(os.path.join(self.markers, name), claimed)
             except OSError:
@@ -125,7 +134,7 @@ class ChaosProcessor(processor.ProcessorABC):
             self._maybe_crash()
             if key == self.gate_chunk:
                 gate = os.path.join(self.markers, f"gate-{self.run}")
-                leaving = os.path.join(self.markers, f"ungate-{os.getppid()}")  # drained
+                leaving = os.path.join(self.markers, f"ungate-{_worker_pid()}")  # drained
                 deadline = time.monotonic() + GATE_MAX_WAIT
                 while (
                     not os.path.exists(gate)
