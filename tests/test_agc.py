@@ -48,6 +48,10 @@ def run(fileset: dict[str, Any], executor: Any, chunksize: int = CHUNKSIZE) -> A
     return runner(fileset, processor_instance=analysis.TtbarAnalysis())
 
 
+# Generating the AGC files and the reference run take ~20 s: the CI's slow step runs these.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("agc-data")
@@ -100,7 +104,6 @@ def test_other_chunking_gives_the_same_histograms(
     assert other["selected"] == iterative["selected"]
 
 
-@pytest.mark.slow
 def test_futures_histograms_identical_to_iterative(
     fileset: dict[str, Any], iterative: dict[str, Any]
 ) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import cloudpickle
+import pytest
 from coffea_hq.worker.agent import Leases
 from coffea_hq.worker.slots import HeldTask
 
@@ -40,6 +41,7 @@ def test_a_beat_leaves_out_only_pending_leases_taken_a_moment_ago() -> None:
     assert {r.task for r in leases.refs()} == {"old", "new", "newer"}
 
 
+@pytest.mark.slow
 def test_pending_leases_are_still_extended_behind_a_slow_task(
     store: object, processes: Processes, prefix: str
 ) -> None:

@@ -59,6 +59,7 @@ def test_a_replica_answering_502_is_failed_over(gateway: str, server_url: str) -
         assert client.url == server_url
 
 
+@pytest.mark.slow
 def test_every_replica_answering_errors_gives_up_in_time(gateway: str) -> None:
     with Client(f"{gateway},{gateway}/", retry_for=1.5) as client:
         started = time.monotonic()

@@ -186,6 +186,7 @@ def _row(text: str, first: str) -> list[str]:
     return row
 
 
+@pytest.mark.slow
 def test_status_renders_queue_workers_and_a_running_jobs_progress_and_watches(
     embedded_store: EmbeddedRedis,
     processes: Processes,
@@ -242,6 +243,7 @@ def test_status_without_a_server_says_so(capsys: pytest.CaptureFixture[str]) -> 
 # ---------------------------------------------------------------------- _repr_html_
 
 
+@pytest.mark.slow
 def test_html_summaries_of_cluster_client_and_job(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
