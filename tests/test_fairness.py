@@ -28,8 +28,16 @@ FN = protocol.blob_name(FUNCTION_BLOB)
 
 
 async def _job(
-    store: Store, job: str, n: int, *, share: str = "", user: str = "", priority: int = 0
+    store: Store,
+    job: str,
+    n: int,
+    *,
+    share: str = "",
+    user: str = "",
+    priority: int = 0,
+    keys: list[str] | None = None,
 ) -> None:
+    """A sealed job of ``n`` tasks (``keys``: their locality keys, or none)."""
     await store.create_job(
         job,
         function=FN,
@@ -40,7 +48,7 @@ async def _job(
         share=share,
         priority=priority,
     )
-    await store.submit(job, [str(i) for i in range(n)], [b"p"] * n)
+    await store.submit(job, [str(i) for i in range(n)], [b"p"] * n, keys or ())
     await store.seal(job, n)
 
 

@@ -19,33 +19,10 @@ from coffea_hq.protocol import Outcome
 
 from .conftest import FUNCTION_BLOB
 from .test_exactly_once import roll_back, snapshot
+from .test_fairness import _job
 
 FN = protocol.blob_name(FUNCTION_BLOB)
 REDUCER = protocol.blob_name(b"reducer")
-
-
-async def _job(
-    store: Store,
-    job: str,
-    n: int,
-    *,
-    share: str = "",
-    user: str = "",
-    priority: int = 0,
-    keys: list[str] | None = None,
-) -> None:
-    await store.create_job(
-        job,
-        function=FN,
-        max_attempts=3,
-        fail_fast=True,
-        label="",
-        user=user,
-        share=share,
-        priority=priority,
-    )
-    await store.submit(job, [str(i) for i in range(n)], [b"p"] * n, keys or ())
-    await store.seal(job, n)
 
 
 async def _done(store: Store, worker: str, leased: list[LeasedTask]) -> None:
