@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coffea_hq import gctune, protocol
+from coffea_hq import eventloop, gctune, protocol
 from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
 from coffea_hq.tls import server_context
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             ssl_context=ssl_context,
             shutdown_timeout=5.0,
             access_log=None,
+            loop=eventloop.new_event_loop(),
         )
     except UnsupportedStore as e:
         print(f"hq-server: {e}", file=sys.stderr)
