@@ -94,10 +94,9 @@ def changes_its_process(directory: str) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, lambda *_: None)
     sys.modules["hq_review_leak"] = json
-    coffea_hq.hq_review_leak = True  # type: ignore[attr-defined]
+    coffea_hq.hq_review_leak = True
     sys.path.insert(0, directory)
-    global _held  # noqa: PLW0603 - a file left open on purpose
-    _held = open(os.path.join(directory, "held"), "w")  # noqa: SIM115
+    os.open(os.path.join(directory, "held"), os.O_WRONLY | os.O_CREAT)  # left open
     return os.getpid()
 
 
