@@ -197,6 +197,21 @@ def server_url(store: EmbeddedRedis, processes: Processes, prefix: str) -> str:
     return url
 
 
+@pytest.fixture(scope="module")
+def module_server_url(
+    store: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One real hq-server (as ``server_url``'s) for a whole module, on a prefix of its own:
+    for requests that change nothing another test of the module looks at (refused bad
+    input), so a parametrized test starts one server rather than one per case."""
+    procs = Processes(tmp_path_factory.mktemp("module-server"))
+    try:
+        url, _ = procs.server(store.url, "--lease-timeout", "3", prefix="m" + uuid.uuid4().hex[:10])
+        yield url
+    finally:
+        procs.stop_all()
+
+
 @pytest.fixture(scope="session")
 def chunk_cluster() -> Iterator[Any]:
     """One LocalCluster (one worker, one slot) for the chunk tests (test_slot_cache,
