@@ -6,6 +6,7 @@ or on /proc, never on what the client dedupes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -13,8 +14,10 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import pytest
 
 from coffea_hq import Client
+from coffea_hq.errors import TaskFailed
 
 from .conftest import Processes
 from .test_zygote import wait_preloaded
@@ -139,6 +142,58 @@ def test_what_a_task_changes_in_its_process_is_not_seen_by_the_next_job(
         False,
     )
     assert seen[7] != first
+
+
+def leave_processes_behind(x: int) -> tuple[int, int]:
+    """Starts a daemon (its own session) and a plain grandchild, and returns leaving both."""
+    import subprocess
+
+    daemon = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    plain = subprocess.Popen(["sleep", "300"])
+    return daemon.pid, plain.pid
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def leave_then_die(where: str) -> None:
+    """Leaves a daemon and a grandchild running (their pids in ``where``), then its
+    process is killed outright."""
+    with open(where, "w") as f:
+        f.write(" ".join(map(str, leave_processes_behind(0))))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_what_a_task_leaves_running_ends_with_its_process(
+    server_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(server_url, "--slots", "1")
+    wait_preloaded(server_url, "coffea_hq")
+    left: list[int] = []
+    try:
+        with Client(server_url) as client:
+            left += client.map(leave_processes_behind, [0]).result(timeout=60)[0]
+            assert all(running(pid) for pid in left)  # the job's process still serves it
+            # The next job gets a fresh process: the first one's leftovers end with its own.
+            left += client.map(leave_processes_behind, [0]).result(timeout=60)[0]
+            poll_until(lambda: not any(map(running, left[:2])), 10, "the first job's leftovers end")
+            # A slot process killed outright: what it left is adopted by the zygote, and ended.
+            where = tmp_path / "pids"
+            with pytest.raises(TaskFailed, match="killed by SIGKILL"):
+                client.map(leave_then_die, [str(where)], max_attempts=1).result(timeout=60)
+            left += [int(pid) for pid in where.read_text().split()]
+            poll_until(lambda: not any(map(running, left[4:])), 10, "a killed task's leftovers end")
+        processes.stop_all()  # the worker stops: the second job's process ends, and with it
+        poll_until(lambda: not any(map(running, left[2:4])), 10, "the last job's leftovers end")
+    finally:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def nothing(x: int) -> int:
