@@ -224,3 +224,34 @@ def test_no_descriptor_leaks_over_many_jobs(server_url: str, processes: Processe
 def zygote_of_pid(pid: int) -> bool:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return b"coffea_hq.worker.zygote" in f.read()
+
+
+def brief(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+DRAIN_JOBS = 12  # one task each: a slot process forked per job, many forks in flight
+
+
+@pytest.mark.slow
+def test_a_worker_drained_while_its_zygote_forks_loses_and_leaves_nothing(
+    server_url: str, processes: Processes
+) -> None:
+    first = processes.worker(server_url, "--slots", "2")
+    wait_preloaded(server_url, "coffea_hq")
+    with Client(server_url) as client:
+        jobs = [client.map(brief, [i]) for i in range(DRAIN_JOBS)]
+        poll_until(lambda: client.queue()["counters"].get("tasks_ok", 0) >= 2, 30, "jobs under way")
+        descendants = children_of(first.pid)
+        descendants += [p for z in descendants if zygote_of_pid(z) for p in children_of(z)]
+        first.send_signal(signal.SIGTERM)  # mid-stream: slots switching jobs, forks asked
+        assert first.wait(timeout=60) == 0
+        for pid in descendants:  # the zygote and its slot processes ended with the worker
+            poll_until(lambda p=pid: not running(p), 10, f"process {pid} ended")  # type: ignore[misc]
+        processes.worker(server_url, "--slots", "2")  # takes over what was handed back
+        assert [job.result(timeout=90) for job in jobs] == [[i] for i in range(DRAIN_JOBS)]
+        counters = client.queue()["counters"]
+    assert counters.get("tasks_ok") == DRAIN_JOBS
+    assert not counters.get("duplicates") and not counters.get("refused")
+    assert not counters.get("tasks_failed")
