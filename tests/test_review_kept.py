@@ -95,7 +95,10 @@ def test_kept_results_through_a_cancel_mid_compute_leave_nothing(
     finally:
         r.close()
     assert seen["failed"][0] == 404 and "failed: it has no result" in seen["failed"][1]
+    # Each reason alone: the store knows which it is.
     assert seen["computing"][0] == 404 and "has not finished" in seen["computing"][1]
+    assert "never submitted" not in seen["computing"][1]
+    assert "has not finished" not in seen["not kept"][1]
     assert seen["not kept"][0] == 404 and "never submitted with 'keep'" in seen["not kept"][1]
     assert seen["unknown"][0] == 404
     assert seen["after cancel"][0] == 404 and "ended (cancelled)" in seen["after cancel"][1]
