@@ -83,6 +83,8 @@ def test_a_zygote_killed_under_busy_slots_requeues_each_task_once(
     for pid in pids:  # the killed attempts' processes died with their zygote
         poll_until(lambda p=pid: not os.path.exists(f"/proc/{p}"), 10, f"process {pid} gone")  # type: ignore[misc]
     assert worker.poll() is None
+    # The crash is put down to the zygote, not to memory.
+    assert "crashed: the task subprocess was killed with its zygote" in processes.logs()
 
 
 def changes_its_process(directory: str) -> int:

@@ -322,6 +322,7 @@ class ForkedProcess:
         self.stdout: asyncio.StreamReader | None = stdout
         self.returncode: int | None = None
         self.generation = 0  # of the zygote that forked it (see Forker.generation)
+        self.lost: str | None = None  # why it ended, when not its own doing (its zygote died)
         self._exited = asyncio.get_running_loop().create_future()
 
     def _exit(self, returncode: int) -> None:
@@ -446,6 +447,7 @@ class _Zygote:
             if not future.done():
                 future.set_exception(ConnectionError("the zygote exited"))
         for child in self.children.values():
+            child.lost = "the task subprocess was killed with its zygote, which exited"
             child._exit(-signal.SIGKILL)
         self.children.clear()
         self._on_gone(self)
