@@ -129,6 +129,10 @@ async def refusal(url: str, context: ssl.SSLContext) -> str | None:
                 writer.write(request.encode())
                 await writer.drain()
                 answer = await reader.read(1)
+            except ConnectionResetError:
+                # Our request still unread in the server's buffer when it closed: the kernel
+                # resets rather than closes (a few % of refusals), the same refusal.
+                answer = b""
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):

@@ -464,11 +464,12 @@ class Store:
         if failed:
             raise NoKeptResult(f"task {task} of job {job} failed: it has no result to take")
         if not kept or data is None:
-            why = (
-                "it was never submitted with 'keep', or has not finished"
-                if _s(state) == JobState.RUNNING
-                else f"the job has ended ({_s(state)}), which deletes its kept results"
-            )
+            if _s(state) != JobState.RUNNING:
+                why = f"the job has ended ({_s(state)}), which deletes its kept results"
+            elif kept:
+                why = "it has not finished"
+            else:
+                why = "it was never submitted with 'keep'"
             raise NoKeptResult(f"job {job} holds no kept result of task {task}: {why}")
         await self.redis.hincrby(self.keys.counters, Counter.KEPT_FETCHED, 1)
         return bytes(data)

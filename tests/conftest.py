@@ -24,9 +24,11 @@ from coffea_hq.server.store import Store
 
 from coffea_hq import protocol
 from coffea_hq.embedded import EmbeddedRedis, free_port
+from coffea_hq.errors import HQError
 from coffea_hq.local import terminate, wait_healthy
 
 FUNCTION_BLOB = b"function"  # what store-level tests name as a job's function
+PORT_ATTEMPTS = 3  # hq-servers started on a port another process took first
 
 
 def _stores() -> list[str]:
@@ -137,24 +139,35 @@ class Processes:
     ) -> tuple[str, subprocess.Popen[bytes]]:
         """An hq-server on ``redis_url``; ``tls``: it serves HTTPS (give it --tls-cert and
         --tls-key in ``args``) and is checked with this client context."""
-        port = port or free_port()
-        proc = self.spawn(
-            "server",
-            [
-                "coffea_hq.server",
-                "--redis",
-                redis_url,
-                "--port",
-                str(port),
-                "--prefix",
-                prefix,
-                *args,
-            ],
-            env=env,
-        )
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-        wait_healthy(url, proc, timeout=20, context=tls)
-        return url, proc
+        chosen = port
+        for _ in range(PORT_ATTEMPTS):
+            port = chosen or free_port()
+            log = self.log_dir / f"server-{len(self.procs)}.log"  # as spawn names it
+            proc = self.spawn(
+                "server",
+                [
+                    "coffea_hq.server",
+                    "--redis",
+                    redis_url,
+                    "--port",
+                    str(port),
+                    "--prefix",
+                    prefix,
+                    *args,
+                ],
+                env=env,
+            )
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+            try:
+                wait_healthy(url, proc, timeout=20, context=tls)
+            except HQError:
+                # A free port taken by another process (an xdist sibling's server, a
+                # client's outgoing connection) before this server bound it: another one.
+                if chosen or proc.poll() is None or "address already in use" not in log.read_text():
+                    raise
+                continue
+            return url, proc
+        raise HQError(f"no free port for an hq-server in {PORT_ATTEMPTS} attempts")
 
     def worker(
         self, url: str, *args: str, env: dict[str, str] | None = None
@@ -195,6 +208,21 @@ def server_url(store: EmbeddedRedis, processes: Processes, prefix: str) -> str:
     """A real hq-server on the shared store (short lease timeout for fast fault tests)."""
     url, _ = processes.server(store.url, "--lease-timeout", "3", prefix=prefix)
     return url
+
+
+@pytest.fixture(scope="module")
+def module_server_url(
+    store: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One real hq-server (as ``server_url``'s) for a whole module, on a prefix of its own:
+    for requests that change nothing another test of the module looks at (refused bad
+    input), so a parametrized test starts one server rather than one per case."""
+    procs = Processes(tmp_path_factory.mktemp("module-server"))
+    try:
+        url, _ = procs.server(store.url, "--lease-timeout", "3", prefix="m" + uuid.uuid4().hex[:10])
+        yield url
+    finally:
+        procs.stop_all()
 
 
 @pytest.fixture(scope="session")

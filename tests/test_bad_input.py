@@ -177,9 +177,15 @@ def complete(url: str, worker: str, items: list[list[Any]]) -> tuple[int, Any]:
     ],
 )
 def test_malformed_requests_get_a_clear_4xx(
-    server_url: str, method: str, path: str, body: bytes | None, ctype: str, status: int, says: str
+    module_server_url: str,
+    method: str,
+    path: str,
+    body: bytes | None,
+    ctype: str,
+    status: int,
+    says: str,
 ) -> None:
-    got, doc = http(method, server_url + path, body, ctype)
+    got, doc = http(method, module_server_url + path, body, ctype)
     assert got == status
     assert isinstance(doc, dict) and says in doc["message"], doc
 

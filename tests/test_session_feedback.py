@@ -5,6 +5,7 @@ processes); the coffea test runs real coffea on a truncated ROOT file the test w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -207,7 +208,10 @@ def test_cancel_kills_running_tasks_and_drops_fetched_ones_promptly(tmp_path: Pa
 def cancel_promptly(client: Client, tmp_path: Path) -> None:
     job = client.map(nap_noting_pid, [30.0] * 3, [str(tmp_path)] * 3)
     poll_until(lambda: any(tmp_path.iterdir()), 10, "a slot runs a long task")
-    time.sleep(0.3)  # the other worker too, if it leased one
+    # The other worker too, if it leased one: under load its task starts a second or more
+    # later, and one started after the snapshot below would look like a fetched task run.
+    with contextlib.suppress(AssertionError):
+        poll_until(lambda: len(list(tmp_path.iterdir())) >= 2, 5, "both workers run a task")
     running = {int(p.name) for p in tmp_path.iterdir()}
     job.cancel()
     took = poll_until(

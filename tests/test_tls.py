@@ -4,7 +4,12 @@ connection can be wrong failing at once with one sentence."""
 
 from __future__ import annotations
 
+import asyncio
+import select
+import socket
 import ssl
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,7 @@ import trustme
 
 from coffea_hq import Client, TLSError
 from coffea_hq.embedded import EmbeddedRedis
+from coffea_hq.tls import refusal
 
 from .conftest import Processes
 from .tasks import square
@@ -161,6 +167,34 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
         queue = alice.queue()
     # The refused clients reached nothing: only alice's job ever existed.
     assert queue["counters"]["tasks_ok"] == 10
+
+
+def test_a_refusal_that_resets_the_connection_is_recognised(certs: Certs) -> None:
+    """hq-server hangs up on a client without a certificate right after the handshake; when
+    the client's request is already in its socket buffer the kernel resets the connection
+    instead of closing it (a few % of refusals under load). The probe must read that as the
+    refusal too, or the client retries until it calls the server unreachable (the flaky
+    failure of the test above). A TLS listener that always hangs up that way: the reset is
+    the kernel's behaviour, made certain here, not the server's."""
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(certs.server_cert, certs.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def hang_up_unread() -> None:
+        conn, _ = listener.accept()
+        with server_side.wrap_socket(conn, server_side=True) as tls:
+            select.select([tls], [], [], 5)  # the client's request has arrived, unread
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=hang_up_unread, daemon=True)
+    thread.start()
+    try:
+        answer = asyncio.run(refusal(f"https://127.0.0.1:{port}", certs.context()))
+    finally:
+        thread.join(10)
+        listener.close()
+    assert answer is not None and "requires a client certificate" in answer
 
 
 def test_a_missing_ca_file_fails_when_the_client_is_made(tmp_path: Path) -> None:

@@ -445,7 +445,8 @@ class Slot:
         assert self._proc is not None
         returncode = await self._proc.wait()
         crashed = self._marker_seq()
-        reason = describe_exit(returncode)
+        # Not "out of memory?": a forked process dies with its zygote.
+        reason = getattr(self._proc, "lost", None) or describe_exit(returncode)
         leftover = [item for seq, item in sorted(unreported.items()) if seq != crashed]
         exceeded, self._exceeded = self._exceeded, None
         if exceeded is not None and exceeded[0] == crashed and crashed in unreported:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import importlib
 import importlib.util
@@ -80,6 +82,55 @@ def _importable(name: str) -> bool:
         return False
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()  # looked up before any fork
+_PR_SET_CHILD_SUBREAPER = 36
+END_ROUNDS = 20  # rounds of killing what a job left running (each may expose a generation)
+
+
+def _become_subreaper() -> None:
+    """Adopt this process's orphaned descendants (Linux): what a task started and left
+    behind, daemonized or not, becomes this process's child rather than init's, for
+    :func:`_end_descendants` to find."""
+    if _prctl is not None:
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _children() -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _end_descendants(keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """SIGKILL and reap this process's children but ``keep``: a slot process's, when its
+    job is done (a daemon or a grandchild its tasks left); the zygote's, those it adopted
+    from a slot process that was killed."""
+    for _ in range(END_ROUNDS):
+        left = [pid for pid in _children() if pid not in keep]
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in left:  # their orphans, if any, are adopted: the next round's
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 def _send(sock: socket.socket, message: Any, fds: Iterable[int] = ()) -> None:
     socket.send_fds(sock, [pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)], list(fds))
 
@@ -122,6 +173,7 @@ def _become_child(
         for fd in closing:
             os.close(fd)
         tie()  # PDEATHSIG: the zygote's death (a killed worker's) ends this child too
+        _become_subreaper()
         stdin, stdout, marker = fds
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
@@ -151,6 +203,8 @@ def _become_child(
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(BaseException):
                 stream.flush()
+        with contextlib.suppress(BaseException):
+            _end_descendants()  # nothing a job's tasks started outlives its process
         if code is None:
             code = 0
         elif not isinstance(code, int):
@@ -191,6 +245,7 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     tie = tie_to_parent()  # made here: it ties a child to this process
+    _become_subreaper()  # a killed slot process's orphans come here, to be ended
     children: set[int] = set()
     while True:
         readable, _, _ = select.select([sock.fileno(), wake_r], [], [], 1.0)
@@ -205,9 +260,12 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
                 break
             if pid == 0:
                 break
+            if pid not in children:
+                continue  # an adopted orphan, ended below
             children.discard(pid)
             with contextlib.suppress(OSError):
                 _send(sock, ("exit", pid, os.waitstatus_to_exitcode(status)))
+        _end_descendants(keep=children)
         if sock.fileno() not in readable:
             continue
         try:
@@ -264,6 +322,7 @@ class ForkedProcess:
         self.stdout: asyncio.StreamReader | None = stdout
         self.returncode: int | None = None
         self.generation = 0  # of the zygote that forked it (see Forker.generation)
+        self.lost: str | None = None  # why it ended, when not its own doing (its zygote died)
         self._exited = asyncio.get_running_loop().create_future()
 
     def _exit(self, returncode: int) -> None:
@@ -290,6 +349,16 @@ class ForkedProcess:
         return int(await asyncio.shield(self._exited))
 
 
+class _ChildStdout(asyncio.StreamReaderProtocol):
+    """The protocol of a forked child's stdout pipe: closed at its end. (uvloop keeps a
+    pipe open whose protocol's ``eof_received`` returns true, as StreamReaderProtocol's
+    does: one descriptor leaked per slot subprocess.)"""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
 async def _pipes(
     loop: asyncio.AbstractEventLoop,
 ) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, int, int]:
@@ -299,7 +368,7 @@ async def _pipes(
     try:
         reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
         await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(out_r, "rb", 0)
+            lambda: _ChildStdout(reader, loop=loop), os.fdopen(out_r, "rb", 0)
         )
         transport, protocol = await loop.connect_write_pipe(
             lambda: asyncio.streams.FlowControlMixin(loop=loop), os.fdopen(in_w, "wb", 0)
@@ -378,6 +447,7 @@ class _Zygote:
             if not future.done():
                 future.set_exception(ConnectionError("the zygote exited"))
         for child in self.children.values():
+            child.lost = "the task subprocess was killed with its zygote, which exited"
             child._exit(-signal.SIGKILL)
         self.children.clear()
         self._on_gone(self)
