@@ -38,6 +38,7 @@ from coffea_hq.transport import ServerError, ServerUnreachable
 
 from .environments import EnvironmentCache, FunctionUnavailable, Planner
 from .kept import take_kept_inputs
+from .leaseahead import LeaseAhead
 from .slots import HeldTask, LeaseKey, Result, Slot, SlotLimits
 from .zygote import Forker
 
@@ -390,6 +391,7 @@ class Worker:
         self._functions: dict[str, bytes] = {}
         self._function_fetches: dict[str, asyncio.Task[bytes]] = {}
         self._mean_runtime: float | None = None
+        self._ahead = LeaseAhead()  # leases a busy slot's next task before it finishes
         self._heartbeat_every = protocol.DEFAULT_LEASE_TIMEOUT / 3
         self._max_request = protocol.DEFAULT_MAX_REQUEST_SIZE  # the server says its own
         self._started = time.monotonic()
@@ -609,9 +611,14 @@ class Worker:
         while not self._stopping.is_set():
             room = self.capacity - len(self.leases)
             if room < max(1, self.capacity // 2):
-                self.leases.ended.clear()
-                await self.leases.ended.wait()
-                continue
+                room, due_in = self._ahead.due(self._mean_runtime, self.leases.pending)
+                if room <= 0:
+                    self.leases.ended.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(due_in):
+                            await self.leases.ended.wait()
+                    continue
+            asked = time.monotonic()
             reply, parts = await self.api.lease(
                 m.LeaseRequest(
                     worker=self.id,
@@ -620,6 +627,8 @@ class Worker:
                     users=list(self.config.users),
                 )
             )
+            if reply.tasks:
+                self._ahead.observe(time.monotonic() - asked)
             self.leases.add(
                 [
                     HeldTask(t.job, t.task, t.attempt, t.function, bytes(payload))
@@ -692,12 +701,15 @@ class Worker:
             if not batch:
                 continue
             self._busy += 1
+            self._ahead.started(slot.index)
+            self.leases.ended.set()  # the lease loop times this slot's next lease
             try:
                 leftover = await slot.run(
                     batch, lambda results: self._on_results(results, slot.index)
                 )
             finally:
                 self._busy -= 1
+                self._ahead.stopped(slot.index)
             self.leases.put_back(leftover)
             if self._stopping.is_set():
                 # The drain already handed back what was pending; a crash since then

@@ -73,11 +73,14 @@ def _native_threads() -> list[str]:
 
 def _importable(name: str) -> bool:
     """Whether the worker's own path has a top-level module ``name`` (not one of a job's
-    files, which only its subprocess's working directory holds). Finds, not imports."""
-    if not name.isidentifier():
+    files, which only its subprocess's working directory holds), or the package of a
+    submodule ``name``. Finds, not imports (a submodule's own spec would import its
+    package here, in the worker)."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
         return False
     try:
-        return importlib.util.find_spec(name) is not None
+        return importlib.util.find_spec(parts[0]) is not None
     except (ImportError, ValueError):
         return False
 
@@ -231,7 +234,9 @@ def serve(sock: socket.socket, preload: list[str]) -> None:
     loaded, skipped, threaded = _preload([*BASE, *preload])
     from .child import imported_modules
 
-    present = imported_modules()  # what a job would report, all already warm here
+    # What a job would report, all already warm here (its top-level names, and the
+    # submodules preloaded by name).
+    present = sorted({*imported_modules(), *(n for n in loaded if "." in n)})
     _send(sock, ("ready", present, skipped, threaded, _native_threads()))
     if threaded is not None:
         return  # not fit to fork: the worker starts one without that module
