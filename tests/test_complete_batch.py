@@ -146,3 +146,17 @@ async def test_inconsistent_packed_notes_are_refused_and_change_nothing(
         await queue_store.complete("w1", [report("j", t.task, 0.1) for t in leased])
         == [CompleteStatus.ACCEPTED] * 2
     )
+
+
+async def test_ack_frees_the_notes_of_what_the_client_holds(queue_store: Store) -> None:
+    for job, resources in (("with", True), ("without", False)):
+        await new_job(queue_store, job, 3, resources=resources)
+        leased = await queue_store.lease("w1", 100)
+        await queue_store.complete("w1", [report(job, t.task, 0.1) for t in leased])
+        batch = await queue_store.results(job, after="0", ack=None, wait=0, max_bytes=1 << 20)
+        assert len(batch.items) == 3
+        notes = queue_store.keys.job(job).notes
+        assert await queue_store.redis.hlen(notes) == (3 if resources else 0)
+        await queue_store.results(job, after=batch.cursor, ack=batch.cursor, wait=0, max_bytes=1)
+        assert await queue_store.redis.hlen(notes) == 0
+        assert await queue_store.redis.hlen(queue_store.keys.job(job).results) == 0
