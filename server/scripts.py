@@ -12,6 +12,8 @@ dataclasses; a :class:`Call` runs alone or in a pipeline.
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -102,6 +104,7 @@ SPECS: dict[str, Spec] = {
             "sizes",
             "values",
             "spent",
+            "spent_sums",
             "note_sizes",
             "notes",
             "output_sizes",
@@ -304,6 +307,32 @@ def _pairs(items: Iterable[tuple[str, int]]) -> list[Any]:
     return out
 
 
+def _sizes(parts: Sequence[bytes]) -> str:
+    """Packed sizes of optional parts: '' when every part is empty (complete.lua skips them)."""
+    return ",".join(str(len(p)) for p in parts) if any(parts) else ""
+
+
+def _spent(spent: Sequence[tuple[float, float, int] | None]) -> str:
+    """Packed (wall, CPU, RSS) per task for complete.lua, '-:-:-' where unknown ('' if all are)."""
+    if all(s is None for s in spent):
+        return ""
+    return ",".join("-:-:-" if s is None else f"{s[0]:.6f}:{s[1]:.6f}:{s[2]}" for s in spent)
+
+
+def _spent_sums(spent: Sequence[tuple[float, float, int] | None]) -> str:
+    """The batch's duration histogram and totals for complete.lua, which uses them when
+    every report counts (it sums the per-task figures itself otherwise): 'count:wall
+    s:CPU s:peak RSS' then ':bucket=n' per histogram bucket (1-based, as Lua's), '' if no
+    task's figures are known. Summed here: tonumber per task is most of the script's time."""
+    known = [s for s in spent if s is not None]
+    if not known:
+        return ""
+    walls = [s[0] for s in known]
+    buckets = Tally(bisect_left(protocol.TASK_DURATION_BUCKETS, w) + 1 for w in walls)
+    head = f"{len(known)}:{sum(walls)!r}:{sum(s[1] for s in known)!r}:{max(s[2] for s in known)}"
+    return head + "".join(f":{b}={n}" for b, n in sorted(buckets.items()))
+
+
 class Scripts:
     """The scripts registered on one connection pool, each behind a typed method."""
 
@@ -435,11 +464,12 @@ class Scripts:
             outcomes="".join(OUTCOME_CODES[o] for o in outcomes),
             sizes=",".join(str(len(v)) for v in values),
             values=b"".join(values),
-            note_sizes=",".join(str(len(n)) for n in notes),
+            note_sizes=_sizes(notes),
             notes=b"".join(notes),
-            output_sizes=",".join(str(len(o)) for o in outputs),
+            output_sizes=_sizes(outputs),
             outputs=b"".join(outputs),
-            spent=",".join("" if s is None else f"{s[0]:.6f}:{s[1]:.6f}:{s[2]}" for s in spent),
+            spent=_spent(spent),
+            spent_sums=_spent_sums(spent),
             errors=errors,
         )
 

@@ -98,8 +98,9 @@ class _PeakRss:
 class _Output:
     """Fds 1 and 2 point, for good, at an unlinked file opened for appending: what a task
     adds to it is its output. Everything is copied on to the real stderr, so the worker's
-    log keeps it; the file is emptied once it grows past ``_ROTATE``. A task that prints
-    nothing costs two fstat calls."""
+    log keeps it; the file is emptied once it grows past ``_ROTATE``. Its end is the offset
+    fds 1 and 2 share with it (appending moves it there; pread, sendfile with an offset and
+    ftruncate do not): a task that prints nothing costs one lseek, cheaper than fstat."""
 
     _ROTATE = 1 << 20
 
@@ -115,13 +116,21 @@ class _Output:
         self._start = self._end = 0  # where the task's output begins; what was copied on
 
     def _copy(self, start: int, end: int) -> None:
+        # (sendfile may send part: to a pipe, what fits in it)
         with contextlib.suppress(OSError):
-            os.sendfile(self._stderr, self._fd, start, end - start)
+            while start < end:
+                sent = os.sendfile(self._stderr, self._fd, start, end - start)
+                if sent <= 0:
+                    break
+                start += sent
+
+    def _size(self) -> int:
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
 
     def flush(self) -> None:
         """Copy on what was printed since the last task (the subprocess is ending)."""
         _flush()
-        size = os.fstat(self._fd).st_size
+        size = self._size()
         if size > self._end:
             self._copy(self._end, size)
         self._start = self._end = size
@@ -133,7 +142,7 @@ class _Output:
 
     def stop(self) -> str:
         _flush()
-        size = os.fstat(self._fd).st_size
+        size = self._size()
         start, self._end = self._start, size
         if size == start:
             return ""
@@ -142,6 +151,7 @@ class _Output:
         text = os.pread(self._fd, size - cut, cut).decode("utf-8", "replace")
         if size > self._ROTATE:
             os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)  # (ftruncate leaves the offset)
             self._end = 0
         if cut > start:
             note = f"[... {cut - start:,} bytes cut ...]\n"

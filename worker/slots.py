@@ -101,19 +101,18 @@ class HeldTask:
     function_blob: str  # the sha of the job's pickled function, a blob on the server
     payload: bytes
     since: float = field(default_factory=time.monotonic)  # when the worker leased it
+    # (job, task, attempt): looked up several times per task, so built once
+    key: LeaseKey = field(init=False, repr=False, compare=False)
+    # A merge task: its function is the job's reducer, its payload the inputs' results.
+    merge: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> LeaseKey:
-        return (self.job, self.task, self.attempt)
+    def __post_init__(self) -> None:
+        self.key = (self.job, self.task, self.attempt)
+        self.merge = is_merge(self.task)
 
     @property
     def ref(self) -> LeaseRef:
         return LeaseRef(self.job, self.task, self.attempt)
-
-    @property
-    def merge(self) -> bool:
-        """A merge task: its function is the job's reducer, its payload the inputs' results."""
-        return is_merge(self.task)
 
 
 @dataclass(slots=True)

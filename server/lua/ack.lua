@@ -2,11 +2,12 @@
 -- Returns the number of results freed.
 local entries = redis.call('XRANGE', EVENTS, '-', A.cursor)
 local fetched, failed, ids, noted = {}, {}, {}, {}
+local has_notes = redis.call('EXISTS', NOTES) == 1  -- (most jobs have none: no list then)
 for _, entry in ipairs(entries) do
   local fields = entry[2]
   for j = 1, #fields, 2 do
     local name, value = fields[j], fields[j + 1]
-    if name == EV.OK or name == EV.ERROR or name == EV.MERGED then
+    if has_notes and (name == EV.OK or name == EV.ERROR or name == EV.MERGED) then
       for task in string.gmatch(value, '[^,]+') do noted[#noted + 1] = task end
     end
     if name == EV.OK or name == EV.ERROR then

@@ -2,11 +2,12 @@
 -- (comma-joined), A.outcomes (one OUTCOME letter each), A.sizes (comma-joined) and A.values
 -- (the results concatenated), A.notes/A.note_sizes (each task's JSON TaskNote, '' for none)
 -- and A.outputs/A.output_sizes (each task's JSON LogLine of its output, '' for none), packed
--- the same way, and A.spent (comma-joined 'wall:cpu:rss' of each task, '' where unknown:
--- the duration histogram and the job's totals count every attempt they take; a job that
--- keeps resources gets a note of them for each task sent without one); ARGV[REST..]: the
--- error JSON of each task not 'ok', in order. Notes and output lines are kept only for the
--- reports accepted (or requeued) here.
+-- the same way (sizes '' when every one is ''), and A.spent ('wall:cpu:rss' of each task,
+-- comma-joined, '-:-:-' where unknown, '' when all are: the duration histogram and the
+-- job's totals count every attempt they take; a job that keeps resources gets a note of
+-- them for each task sent without one); ARGV[REST..]: the error JSON of each task not
+-- 'ok', in order. Notes and output lines are kept only for the reports accepted (or
+-- requeued) here.
 -- Returns one STATUS per task. Everything is read and judged first, then written in bulk.
 local worker = A.worker
 local m = redis.call('HMGET', META, F.STATE, F.MAX_ATTEMPTS, F.REDUCER_BLOB, F.RESOURCES,
@@ -18,8 +19,27 @@ local keep_resources = m[4] == '1'
 local rss_max = tonumber(m[5] or 0)
 local tasks, attempts, codes = split_list(A.tasks), split_list(A.attempts), A.outcomes
 local values = cut(A.values, A.sizes)
-local notes, outputs = cut(A.notes, A.note_sizes), cut(A.outputs, A.output_sizes)
-if not values or not notes or not outputs or #notes ~= #tasks or #outputs ~= #tasks
+-- (Most batches carry no notes and no output: nothing to cut then, per task.)
+local notes, outputs = true, true  -- true: every one is ''; nil: the sizes do not add up
+if A.note_sizes ~= '' or A.notes ~= '' then notes = cut(A.notes, A.note_sizes) end
+if A.output_sizes ~= '' or A.outputs ~= '' then outputs = cut(A.outputs, A.output_sizes) end
+-- Each task's wall, CPU and peak RSS as sent (strings: valid JSON numbers), and the wall
+-- as a number (nil where unknown): parsed only when needed (tonumber is costly per task).
+local walls, s_wall, s_cpu, s_rss = nil, {}, {}, {}
+local function parse_spent()
+  walls = {}
+  local k = 0
+  for w, c, r in string.gmatch(A.spent, '([^:,]*):([^:,]*):([^:,]*)') do
+    k = k + 1
+    local wall = tonumber(w)
+    if wall and tonumber(c) and tonumber(r) then
+      walls[k], s_wall[k], s_cpu[k], s_rss[k] = wall, w, c, r
+    end
+  end
+end
+if keep_resources then parse_spent() end
+if not values or not notes or not outputs or (notes ~= true and #notes ~= #tasks)
+  or (outputs ~= true and #outputs ~= #tasks)
   or #attempts ~= #tasks or #codes ~= #tasks or #values ~= #tasks then
   return redis.error_reply('complete: packed argument lengths differ')
 end
@@ -34,25 +54,6 @@ if state == STATE.RUNNING and not reducing and redis.call('EXISTS', KEPT) == 1 t
 end
 local n_kept, kept_bytes = 0, 0
 
-local spent = {}  -- k -> {wall, cpu, rss} as sent (strings: valid JSON numbers)
-local n_spent = 0  -- (counted: an unknown one is nil, which #spent would skip)
-for s in string.gmatch(A.spent .. ',', '([^,]*),') do
-  n_spent = n_spent + 1
-  local w, c, r = string.match(s, '^([^:]+):([^:]+):([^:]+)$')
-  if w and tonumber(w) and tonumber(c) and tonumber(r) then spent[n_spent] = {w, c, r} end
-end
-local buckets, n_timed, sum_us, cpu_us, new_rss_max = {}, 0, 0, 0, rss_max
-local function time_attempt(s)
-  if not s then return end
-  local wall = tonumber(s[1])
-  local i = 1
-  while DURATION_BUCKETS[i] and wall > DURATION_BUCKETS[i] do i = i + 1 end
-  buckets[i] = (buckets[i] or 0) + 1
-  n_timed = n_timed + 1
-  sum_us = sum_us + math.floor(wall * 1000000 + 0.5)
-  cpu_us = cpu_us + math.floor(tonumber(s[2]) * 1000000 + 0.5)
-  new_rss_max = math.max(new_rss_max, tonumber(s[3]))
-end
 
 local statuses = {}
 local unleased, requeued, holder_pairs, done_tasks, result_pairs = {}, {}, {}, {}, {}
@@ -60,6 +61,7 @@ local ok, merged, mergeable, merges, failures = {}, {}, {}, {}, {}
 local note_pairs, log_lines = {}, {}
 local touched = {}  -- task -> holder value after this batch (a task twice in one batch)
 local n_dup, n_refused, n_crashed = 0, 0, 0
+local n_untimed = 0  -- reports neither accepted nor requeued: not in the histogram
 local next_error = REST
 for k, task in ipairs(tasks) do
   local attempt, outcome = tonumber(attempts[k]), OUTCOME[string.sub(codes, k, k)]
@@ -74,7 +76,9 @@ for k, task in ipairs(tasks) do
   if not state or not current then
     status = STATUS.UNKNOWN
   else
-    local a, w, done = split_holder(current)
+    -- (The common case, this attempt held and not yet reported, needs no pattern match.)
+    local a, w, done = attempt, worker, false
+    if current ~= attempts[k] .. '|' .. worker then a, w, done = split_holder(current) end
     if a ~= attempt or w ~= worker then
       status = STATUS.NOT_LEASED
     elseif done then
@@ -86,17 +90,16 @@ for k, task in ipairs(tasks) do
     else
       unleased[#unleased + 1] = task
       touched[task] = current
-      local note = notes[k]
-      if note == '' and keep_resources and spent[k] then
-        local s = spent[k]
-        note = '{"worker":"' .. worker .. '","wall":' .. s[1] .. ',"cpu":' .. s[2]
-          .. ',"max_rss":' .. s[3] .. '}'
+      local note = notes ~= true and notes[k] or ''
+      if note == '' and keep_resources and walls[k] then  -- (parsed above)
+        note = '{"worker":"' .. worker .. '","wall":' .. s_wall[k] .. ',"cpu":' .. s_cpu[k]
+          .. ',"max_rss":' .. s_rss[k] .. '}'
       end
       if note ~= '' then
         note_pairs[#note_pairs + 1] = task
         note_pairs[#note_pairs + 1] = note
       end
-      if outputs[k] ~= '' then log_lines[#log_lines + 1] = outputs[k] end
+      if outputs ~= true and outputs[k] ~= '' then log_lines[#log_lines + 1] = outputs[k] end
       if outcome == 'crashed' then n_crashed = n_crashed + 1 end
       if outcome == 'crashed' and attempt < max_attempts then
         requeued[#requeued + 1] = task
@@ -130,11 +133,38 @@ for k, task in ipairs(tasks) do
       end
     end
   end
-  if status == STATUS.ACCEPTED or status == STATUS.REQUEUED then time_attempt(spent[k]) end
+  if status ~= STATUS.ACCEPTED and status ~= STATUS.REQUEUED then n_untimed = n_untimed + 1 end
   if status == STATUS.DUPLICATE then n_dup = n_dup + 1 end
   if status == STATUS.UNKNOWN or status == STATUS.NOT_LEASED then n_refused = n_refused + 1 end
   statuses[#statuses + 1] = status
 end
+-- The histogram and the job's totals: the batch's, as scripts.py summed them (A.spent_sums:
+-- 'count:wall s:CPU s:peak RSS' then ':bucket=n' each), when every report counts; else
+-- summed here over those that do.
+local buckets, n_timed, sum_wall, sum_cpu, new_rss_max = {}, 0, 0, 0, rss_max
+if n_untimed == 0 and A.spent_sums ~= '' then
+  local n, w, c, r, rest = string.match(A.spent_sums, '^(%d+):([^:]+):([^:]+):(%d+)(.*)$')
+  n_timed, sum_wall, sum_cpu = tonumber(n), tonumber(w), tonumber(c)
+  new_rss_max = math.max(new_rss_max, tonumber(r))
+  for b, count in string.gmatch(rest, ':(%d+)=(%d+)') do buckets[tonumber(b)] = tonumber(count) end
+elseif A.spent_sums ~= '' then
+  if not walls then parse_spent() end
+  for k = 1, #statuses do
+    local wall, status = walls[k], statuses[k]
+    if wall and (status == STATUS.ACCEPTED or status == STATUS.REQUEUED) then
+      local i = 1
+      while DURATION_BUCKETS[i] and wall > DURATION_BUCKETS[i] do i = i + 1 end
+      buckets[i] = (buckets[i] or 0) + 1
+      n_timed = n_timed + 1
+      sum_wall = sum_wall + wall
+      sum_cpu = sum_cpu + tonumber(s_cpu[k])
+      new_rss_max = math.max(new_rss_max, tonumber(s_rss[k]))
+    end
+  end
+end
+local sum_us = math.floor(sum_wall * 1000000 + 0.5)
+local cpu_us = math.floor(sum_cpu * 1000000 + 0.5)
+
 -- A merge's result replaces its inputs: read their names before anything is written.
 local consumed = {}
 if #merges > 0 then

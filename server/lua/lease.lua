@@ -110,7 +110,14 @@ local function lease_job(max, out, member)
   -- Read everything first.
   local previous = call_sliced_collect('HMGET', HOLDER, tasks)
   local payloads = call_sliced_collect('HMGET', PAYLOAD, tasks)
-  local block = {}
+  -- The block goes straight into `out` (header first, its count filled in below): a copy
+  -- per task costs as much as the rest of the loop.
+  local head = #out
+  out[head + 1] = JOB
+  out[head + 2] = m[2]
+  out[head + 3] = m[3] or ''
+  out[head + 4] = 0
+  local at = head + 4
   local broken = nil  -- a merge whose inputs are gone (the store lost keys): the job fails
   for i, task in ipairs(tasks) do
     local payload = payloads[i]
@@ -126,11 +133,13 @@ local function lease_job(max, out, member)
       broken = task
     end
     if broken then break end
-    block[#block + 1] = task
-    block[#block + 1] = (split_holder(previous[i]) or 0) + 1
-    block[#block + 1] = payload
+    out[at + 1] = task
+    out[at + 2] = (split_holder(previous[i]) or 0) + 1
+    out[at + 3] = payload
+    at = at + 3
   end
   if broken then
+    for i = #out, head + 1, -1 do out[i] = nil end
     fail_task(broken, cjson.encode({type = 'coffea_hq.errors.StoreLostData',
       message = 'task ' .. broken .. ' lost its inputs in the store (evicted or deleted keys?)',
       traceback = ''}), '')
@@ -164,20 +173,19 @@ local function lease_job(max, out, member)
   end
   local deadline = now_ms() + tonumber(A.lease_ms)
   local zargs, hargs = {}, {}
-  for i = 1, #block, 3 do
-    zargs[#zargs + 1] = deadline
-    zargs[#zargs + 1] = block[i]
-    hargs[#hargs + 1] = block[i]
-    hargs[#hargs + 1] = block[i + 1] .. '|' .. A.worker
+  local suffix = '|' .. A.worker
+  local j = 0
+  for i = head + 5, at, 3 do
+    j = j + 2
+    zargs[j - 1] = deadline
+    zargs[j] = out[i]
+    hargs[j - 1] = out[i]
+    hargs[j] = out[i + 1] .. suffix
   end
   call_sliced('ZADD', LEASES, zargs)
   call_sliced('HSET', HOLDER, hargs)
   if redis.call('LLEN', QUEUE) == 0 then not_ready(member) end
-  out[#out + 1] = JOB
-  out[#out + 1] = m[2]
-  out[#out + 1] = m[3] or ''
-  out[#out + 1] = #tasks
-  for i = 1, #block do out[#out + 1] = block[i] end
+  out[head + 4] = #tasks
   return #tasks
 end
 
