@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -86,6 +87,7 @@ class Run:
     client_cpu: float = 0.0  # this process's and the harness processes'
     harness_cpu: float = 0.0  # of that, the harness processes' (with --harness-procs > 1)
     harness_procs: int = 1
+    cpu_cap: float = 0.0  # each replica's cgroup cap, share of a core (0: none)
     foreign: float = 0.0  # other processes' share of the CPUs
     commands: int = 0  # store commands over submit + work
     queued_bytes: int = 0  # store memory grown by the submit
@@ -118,7 +120,7 @@ class Run:
         client, server, store = self.busy()
         if client > 0.85:
             return "harness"
-        if server > 0.85:
+        if server > 0.85 * min(1.0, self.cpu_cap or 1.0):  # a capped replica at its cap
             return "server"
         if store > 0.85:
             return "store"
@@ -361,9 +363,12 @@ async def _simulate(
     lease_wait: float,
     task_seconds: float,
     stopped: Callable[[], bool],
+    jitter: float = 0.0,
 ) -> SimShare:
     """Simulated workers ``ids`` (each its own HTTP client, starting at replica i % R) until
-    ``stopped()``; their lease round trips with work and this loop's lag."""
+    ``stopped()``; their lease round trips with work and this loop's lag. With ``jitter``
+    J, a task takes ``task_seconds`` x uniform(1 - J, 1 + J) and each worker starts at a
+    random moment within one task's time, so the workers do not ask in lockstep."""
     from coffea_hq import messages, protocol
     from coffea_hq.api import API
 
@@ -375,7 +380,10 @@ async def _simulate(
         mine = urls[i % len(urls) :] + urls[: i % len(urls)]  # start at its own replica
         api = API(mine, retry_for=60.0)
         name = f"sim-{i}"
+        draw = random.Random(i)
         try:
+            if jitter and task_seconds:
+                await asyncio.sleep(draw.uniform(0, task_seconds))
             beat = await api.heartbeat(messages.Heartbeat(worker=name, slots=lease_max))
             next_beat = time.monotonic() + beat.interval
             while not done.is_set():
@@ -390,7 +398,7 @@ async def _simulate(
                     continue
                 share.latencies.append(time.perf_counter() - t0)
                 if task_seconds:
-                    await asyncio.sleep(task_seconds)
+                    await asyncio.sleep(task_seconds * draw.uniform(1 - jitter, 1 + jitter))
                 items = [[t.job, t.task, t.attempt, "ok", None] for t in reply.tasks]
                 report = messages.Complete(worker=name, items=items)
                 await api.complete(report, [value] * len(reply.tasks))
@@ -423,17 +431,24 @@ async def _simulate(
 
 
 def _harness_child(
-    conn: Any, urls: list[str], ids: range, args: tuple[int, float, float], go: Any, stop: Any
+    conn: Any,
+    urls: list[str],
+    ids: range,
+    args: tuple[int, float, float, float],
+    go: Any,
+    stop: Any,
 ) -> None:
     """A harness process (multiprocessing, spawned): its share of the simulated workers
     from ``go`` until ``stop``; sends its :class:`SimShare` back over ``conn``."""
     from coffea_hq.eventloop import run as run_loop
 
-    lease_max, lease_wait, task_seconds = args
+    lease_max, lease_wait, task_seconds, jitter = args
     conn.send("ready")
     go.wait(120)
     try:
-        share = run_loop(_simulate(urls, ids, lease_max, lease_wait, task_seconds, stop.is_set))
+        share = run_loop(
+            _simulate(urls, ids, lease_max, lease_wait, task_seconds, stop.is_set, jitter)
+        )
     except BaseException as e:  # the parent reports it, whatever it was
         share = SimShare(problem=f"a harness process failed: {e!r}")
     conn.send(share)
@@ -444,7 +459,9 @@ class Harness:
     """``procs`` spawned processes sharing the simulated workers (none for 1: they run in
     this process's loop). Started before the timed span; ``go`` starts their workers."""
 
-    def __init__(self, procs: int, urls: list[str], workers: int, args: tuple[int, float, float]):
+    def __init__(
+        self, procs: int, urls: list[str], workers: int, args: tuple[int, float, float, float]
+    ) -> None:
         import multiprocessing
 
         self.procs = procs
@@ -533,6 +550,7 @@ async def _workers_run(cluster: Cluster, run: Run, job: str, harness: Harness, a
                 args.lease_wait,
                 run.task_seconds,
                 lambda: finished,
+                args.jitter,
             )
         )
     else:
@@ -598,14 +616,21 @@ def measure(
     """One run on a fresh cluster (a fresh store: memory and commands are this run's)."""
     from coffea_hq.eventloop import run as run_loop
 
-    run = Run(replicas, workers, tasks, task_seconds, harness_procs=args.harness_procs)
+    run = Run(
+        replicas,
+        workers,
+        tasks,
+        task_seconds,
+        harness_procs=args.harness_procs,
+        cpu_cap=args.cpu_cap or 0.0,
+    )
     wait_for_quiet(args.wait_quiet)
     with Cluster(replicas, args.profile, args.cpu_cap) as cluster:
         harness = Harness(
             args.harness_procs,
             cluster.urls,
             workers,
-            (args.lease_max, args.lease_wait, task_seconds),
+            (args.lease_max, args.lease_wait, task_seconds, args.jitter),
         )
         try:
             run_loop(_one_run(cluster, run, harness, args))
@@ -767,6 +792,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lease-max", type=int, default=1, help="tasks per lease (default: 1)")
     p.add_argument(
+        "--jitter",
+        type=float,
+        default=0.5,
+        help="a task takes --task-seconds x uniform(1-J, 1+J) and workers start spread over "
+        "one task's time, as real ones drift apart (0: all in lockstep; default: %(default)s)",
+    )
+    p.add_argument(
         "--lease-wait", type=float, default=2.0, help="long-poll seconds (default: %(default)s)"
     )
     p.add_argument("--profile", metavar="DIR", help="cProfile every server into DIR")
@@ -806,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--replicas must start at 1 and list at least two counts (1,2,...)")
     if not 1 <= args.harness_procs <= 64:
         p.error(f"--harness-procs takes 1 to 64 processes, got {args.harness_procs}")
+    if not 0 <= args.jitter < 1:
+        p.error(f"--jitter takes a share from 0 to below 1, got {args.jitter}")
     if args.quick:
         args.task_seconds = min(args.task_seconds, 0.1)
         args.wait_quiet = 0.0  # the load is reported either way
