@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=5.0,
             access_log=None,
             backlog=LISTEN_BACKLOG,
-            loop=eventloop.new_event_loop(),
+            # The standard loop unless HQ_EVENT_LOOP=uvloop: uvloop cost this server more
+            # CPU per request (coffea_hq/eventloop.py).
+            loop=eventloop.new_event_loop(prefer_uvloop=False),
         )
     except UnsupportedStore as e:
         print(f"hq-server: {e}", file=sys.stderr)

@@ -93,7 +93,8 @@ class Direct:
     go out in one write, replies come back in order (an error reply as its exception
     object, as a pipeline's ``raise_on_error=False`` gives it). A connection that fails is
     dropped; a reused one that fails before any reply came (the store restarted since)
-    is replaced and the commands sent once more, as redis-py's own retry would."""
+    is replaced, with every other idle one, and the commands sent once more, as
+    redis-py's own retry would."""
 
     def __init__(self, pool: ConnectionPool, size: int) -> None:
         self._pool = pool
@@ -118,6 +119,10 @@ class Direct:
                     await conn.disconnect(nowait=True)
                     if attempt or not reused or got:
                         raise
+                    # The store went away since: its other idle connections are as stale.
+                    stale, self._idle = self._idle, []
+                    for old in stale:
+                        await old.disconnect(nowait=True)
                     continue
                 except BaseException:  # cancelled or timed out mid-reply: never reuse it
                     await conn.disconnect(nowait=True)
