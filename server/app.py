@@ -29,6 +29,7 @@ from . import validate as v
 from .auth import Principal, TokenCache, auth_middleware, principal
 from .config import ServerConfig
 from .dispatch import Beacon, LeaseDispatcher
+from .fastredis import Direct, packed_pool
 from .keys import Keys
 from .limits import LongPolls, MemoryGauge, QuotaExceeded, TooManyTasks
 from .metrics import LeaseWait, exposition, read_telemetry
@@ -483,7 +484,7 @@ async def lease(request: web.Request) -> web.StreamResponse:
     polls = request.app[LONG_POLLS]
     with (
         polls.hold(f"{_client_key(request, who)}/{worker}")
-        if body.wait > 0
+        if body.wait > 0 and polls.limit
         else (contextlib.nullcontext())
     ):
         started = time.monotonic()
@@ -499,18 +500,24 @@ async def lease(request: web.Request) -> web.StreamResponse:
     # Written here rather than by aiohttp, so that a reply that cannot reach the worker
     # hands its tasks back instead of costing them an attempt at lease expiry.
     data = protocol.pack(header, [t.payload for t in tasks])
-    response = web.StreamResponse(headers={"Content-Type": FRAMES_CONTENT_TYPE})
+    response = _OneWrite(headers={"Content-Type": FRAMES_CONTENT_TYPE})
     response.content_length = len(data)
     try:
         if not _connected(request):
             raise ConnectionResetError("the worker closed its connection")
         await response.prepare(request)
-        await response.write(data)
-        await response.write_eof()
+        await response.write_eof(data)
     except (ConnectionError, RuntimeError) as e:
         back = await request.app[STORE].release(worker, [(t.job, t.task, t.attempt) for t in tasks])
         log.info("lease reply to worker %s lost (%s): %d task(s) handed back", worker, e, back)
     return response
+
+
+class _OneWrite(web.StreamResponse):
+    """A streamed reply whose headers go out with its body, in one socket send (a
+    StreamResponse sends them at ``prepare``: two sends per lease reply)."""
+
+    _send_headers_immediately = False
 
 
 def _report(worker: str, item: m.ReportItem, part: memoryview) -> Report:
@@ -890,7 +897,8 @@ def make_app(config: ServerConfig) -> web.Application:
             retry_on_timeout=False,
             **config.store_options(),
         )
-        redis = aioredis.Redis.from_pool(pool)
+        redis = aioredis.Redis.from_pool(packed_pool(pool))
+        direct = Direct(pool, protocol.STORE_CONNECTIONS)
         try:
             app[STORE] = Store(
                 redis,
@@ -898,11 +906,13 @@ def make_app(config: ServerConfig) -> web.Application:
                 lease_timeout=config.lease_timeout,
                 result_ttl=config.result_ttl,
                 unsealed_timeout=config.unsealed_timeout,
+                direct=direct,
             )
             app[GAUGE] = MemoryGauge(redis, config.limits.store_full_at)
             await check_store(app[STORE], config)
             yield
         finally:
+            await direct.aclose()
             await redis.aclose()
 
     async def dispatcher(app: web.Application) -> AsyncIterator[None]:

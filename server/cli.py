@@ -23,6 +23,11 @@ from .config import ServerConfig
 from .limits import Limits
 from .store import UnsupportedStore
 
+# Connections waiting to be accepted (the kernel caps it at net.core.somaxconn). aiohttp's
+# default of 128 overflows when hundreds of workers (re)connect at once to a busy replica:
+# each dropped handshake costs its worker a SYN retransmit, 1 s and more.
+LISTEN_BACKLOG = 4096
+
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
@@ -284,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             ssl_context=ssl_context,
             shutdown_timeout=5.0,
             access_log=None,
-            loop=eventloop.new_event_loop(),
+            backlog=LISTEN_BACKLOG,
+            # The standard loop unless HQ_EVENT_LOOP=uvloop: uvloop cost this server more
+            # CPU per request (coffea_hq/eventloop.py).
+            loop=eventloop.new_event_loop(prefer_uvloop=False),
         )
     except UnsupportedStore as e:
         print(f"hq-server: {e}", file=sys.stderr)

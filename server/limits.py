@@ -54,6 +54,9 @@ class Limits:
     store_full_at: float = 0.9  # share of the store's maxmemory where user writes stop
 
 
+_NOTHING = contextlib.nullcontext()
+
+
 class LongPolls:
     """Long polls in flight in this process, per client (token id, else address)."""
 
@@ -61,9 +64,16 @@ class LongPolls:
         self.limit = limit
         self._open: Counter[str] = Counter()
 
+    def hold(self, client: str) -> contextlib.AbstractContextManager[None]:
+        """Count one long poll of ``client`` while the block runs (refused past the limit;
+        with no limit, nothing to count: every lease request passes here)."""
+        if not self.limit:
+            return _NOTHING
+        return self._held(client)
+
     @contextlib.contextmanager
-    def hold(self, client: str) -> Iterator[None]:
-        if self.limit and self._open[client] >= self.limit:
+    def _held(self, client: str) -> Iterator[None]:
+        if self._open[client] >= self.limit:
             raise QuotaExceeded(
                 f"{self._open[client]} long polls of this client are open already (limit "
                 f"{self.limit}, hq-server --max-long-polls): close some first",

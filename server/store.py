@@ -21,14 +21,16 @@ from redis.asyncio.client import Pipeline
 from coffea_hq import protocol
 from coffea_hq.protocol import CompleteStatus, Counter, JobState, Outcome
 
-from .keys import Event, Keys, Meta
-from .scripts import PASS_FLOOR, Call, CreateReply, Scripts, SealReply, SubmitReply, run_all
+from .fastredis import Direct, run_pipelined
+from .keys import Event, JobKeys, Keys, Meta
+from .scripts import PASS_FLOOR, Call, CreateReply, Scripts, SealReply, SubmitReply
 
 T = TypeVar("T")
 K = TypeVar("K")
 
 BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
+JOB_KEYS_CACHED = 4096  # jobs whose keys are remembered (cleared when full)
 RESULTS_MAX_TASKS = 8192  # per results response
 WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
 # Fair-share groups (users) with ready jobs one lease looks at, one lookup each however
@@ -156,6 +158,7 @@ class Store:
         lease_timeout: float,
         result_ttl: int,
         unsealed_timeout: float = protocol.DEFAULT_UNSEALED_TIMEOUT,
+        direct: Direct | None = None,
     ) -> None:
         # Any: redis-py types each reply as the union of every RESP shape; the scripts and
         # commands below fix the shapes, and the tests check them.
@@ -166,6 +169,20 @@ class Store:
         self.result_ttl = result_ttl
         self.unsealed_ms = int(unsealed_timeout * 1000)
         self.scripts = Scripts(redis, keys.wake, result_ttl)
+        # Connections of its own for the hot calls (lease, report, heartbeat, results ack):
+        # see fastredis. Without it, those go through ``redis`` as everything else does.
+        self.direct = direct
+        self._job_keys: dict[str, JobKeys] = {}
+
+    def job_keys(self, job: str) -> JobKeys:
+        """``keys.job(job)``, remembered: every report and heartbeat names its jobs' 21
+        keys, and building them is a tenth of a report's own Python work."""
+        found = self._job_keys.get(job)
+        if found is None:
+            if len(self._job_keys) >= JOB_KEYS_CACHED:
+                self._job_keys.clear()
+            found = self._job_keys[job] = self.keys.job(job)
+        return found
 
     # ------------------------------------------------------------------ store checks
 
@@ -371,10 +388,10 @@ class Store:
         keys = self.keys.job(job)
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(keys.meta)
-        if ack:
-            freeing = self.scripts.ack(keys, job, cursor=ack)
-            await freeing.script(keys=freeing.keys, args=freeing.args, client=pipe)
-        if not (await pipe.execute())[0]:
+        found: list[Any] = []
+        acks = [self.scripts.ack(keys, job, cursor=ack)] if ack else []
+        await run_pipelined(self.redis, acks, pipe, before=found, direct=self.direct)
+        if not found[0]:
             raise UnknownJob(f"no job {job} (never created, deleted, or expired)")
         block = int(wait * 1000) if wait > 0 else None
         pipe = self.redis.pipeline(transaction=False)
@@ -487,14 +504,15 @@ class Store:
         """Lease up to ``maximum`` tasks, by fair share between users (see lease.lua), then
         priority and age; with ``users``, only tasks of those users' jobs."""
         scan = READY_SCAN_RESTRICTED if users else READY_SCAN
-        replies = await self.scripts.lease(
+        call = self.scripts.lease(
             self.keys,
             worker=worker,
             maximum=maximum,
             lease_ms=self.lease_ms,
             users=users,
             scan=scan,
-        ).run()
+        )
+        replies = await (self.direct.call(call) if self.direct else call.run())
         leased: list[LeasedTask] = []
         for reply in replies:
             for t in reply.tasks:
@@ -530,7 +548,7 @@ class Store:
         whatever ``pipe`` already holds)."""
         groups = by_job(items)
         calls = [call(job, group) for job, group in groups.items()]
-        replies = await run_all(self.redis, calls, pipe)
+        replies = await run_pipelined(self.redis, calls, pipe, direct=self.direct)
         return [
             (job, group, reply) for (job, group), reply in zip(groups.items(), replies, strict=True)
         ]
@@ -541,7 +559,7 @@ class Store:
 
         def call(job: str, batch: list[tuple[int, Report]]) -> Call[list[CompleteStatus]]:
             return self.scripts.complete(
-                self.keys.job(job),
+                self.job_keys(job),
                 job,
                 worker=worker,
                 tasks=[r.task for _, r in batch],
@@ -657,7 +675,7 @@ class Store:
 
     async def release(self, worker: str, items: Sequence[tuple[str, str, int]]) -> int:
         def call(job: str, leases: list[tuple[str, int]]) -> Call[int]:
-            return self.scripts.release(self.keys.job(job), job, worker=worker, leases=leases)
+            return self.scripts.release(self.job_keys(job), job, worker=worker, leases=leases)
 
         pairs = [(job, (task, attempt)) for job, task, attempt in items]
         return sum(n for _, _, n in await self._per_job(pairs, call))
@@ -687,7 +705,7 @@ class Store:
 
         def call(job: str, held: list[tuple[str, int]]) -> Call[list[tuple[str, int]]]:
             return self.scripts.heartbeat(
-                self.keys.job(job), job, worker=worker, lease_ms=self.lease_ms, leases=held
+                self.job_keys(job), job, worker=worker, lease_ms=self.lease_ms, leases=held
             )
 
         pairs = [(job, (task, attempt)) for job, task, attempt in leases]
@@ -746,7 +764,7 @@ class Store:
             )
             for job in jobs
         ]
-        replies = await run_all(self.redis, calls)
+        replies = await run_pipelined(self.redis, calls)
         return sum(r[0] for r in replies), sum(r[1] for r in replies)
 
     async def prune_workers(self) -> int:
