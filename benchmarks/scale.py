@@ -440,13 +440,11 @@ def _harness_child(
 ) -> None:
     """A harness process (multiprocessing, spawned): its share of the simulated workers
     from ``go`` until ``stop``; sends its :class:`SimShare` back over ``conn``."""
-    from coffea_hq.eventloop import run as run_loop
-
     lease_max, lease_wait, task_seconds, jitter = args
     conn.send("ready")
     go.wait(120)
     try:
-        share = run_loop(
+        share = asyncio.run(
             _simulate(urls, ids, lease_max, lease_wait, task_seconds, stop.is_set, jitter)
         )
     except BaseException as e:  # the parent reports it, whatever it was
@@ -614,8 +612,6 @@ def measure(
     replicas: int, workers: int, tasks: int, task_seconds: float, args: argparse.Namespace
 ) -> Run:
     """One run on a fresh cluster (a fresh store: memory and commands are this run's)."""
-    from coffea_hq.eventloop import run as run_loop
-
     run = Run(
         replicas,
         workers,
@@ -633,7 +629,7 @@ def measure(
             (args.lease_max, args.lease_wait, task_seconds, args.jitter),
         )
         try:
-            run_loop(_one_run(cluster, run, harness, args))
+            asyncio.run(_one_run(cluster, run, harness, args))
         finally:
             harness.close()
     print(run.row(), flush=True)

@@ -144,9 +144,6 @@ ENV_TLS_CERT: Final = "HQ_TLS_CERT"
 ENV_TLS_KEY: Final = "HQ_TLS_KEY"
 # hq-server's password for the store (kept off the command line).
 ENV_STORE_PASSWORD: Final = "HQ_STORE_PASSWORD"
-# "asyncio": hq-server and hq-worker run the standard event loop, not uvloop (for debugging);
-# "uvloop": both run uvloop (hq-server's default is the standard loop: coffea_hq/eventloop.py).
-ENV_EVENT_LOOP: Final = "HQ_EVENT_LOOP"
 
 # What a task tells its session beside its result (messages.TaskInfo), bounded per task so
 # that a task warning once per event cannot swell a report: at most TASK_WARNINGS_MAX

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coffea_hq import eventloop, gctune, protocol
+from coffea_hq import gctune, protocol
 from coffea_hq.errors import TLSError
 from coffea_hq.lifeline import watch_stdin
 from coffea_hq.tls import server_context
@@ -290,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=5.0,
             access_log=None,
             backlog=LISTEN_BACKLOG,
-            # The standard loop unless HQ_EVENT_LOOP=uvloop: uvloop cost this server more
-            # CPU per request (coffea_hq/eventloop.py).
-            loop=eventloop.new_event_loop(prefer_uvloop=False),
         )
     except UnsupportedStore as e:
         print(f"hq-server: {e}", file=sys.stderr)

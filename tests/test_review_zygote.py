@@ -202,7 +202,7 @@ def nothing(x: int) -> int:
     return x
 
 
-JOBS = 12  # uvloop leaked one pipe per job before (found over 50 jobs: 28 -> 76 fds)
+JOBS = 12  # under uvloop, one pipe leaked per job (found over 50 jobs: 28 -> 76 fds)
 
 
 def test_no_descriptor_leaks_over_many_jobs(server_url: str, processes: Processes) -> None:

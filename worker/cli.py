@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
-from coffea_hq import eventloop, gctune, protocol
+from coffea_hq import gctune, protocol
 from coffea_hq.errors import HQError, TLSError
 from coffea_hq.lifeline import watch_stdin
 from coffea_hq.sizes import parse_memory
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     watch_stdin()  # started by a LocalCluster: drain when it goes away
     gctune.steady_state()  # a third of the agent's CPU per task went to the collector
-    eventloop.run(worker.run())
+    asyncio.run(worker.run())
     return 1 if worker.error is not None else 0
 
 

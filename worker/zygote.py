@@ -355,9 +355,10 @@ class ForkedProcess:
 
 
 class _ChildStdout(asyncio.StreamReaderProtocol):
-    """The protocol of a forked child's stdout pipe: closed at its end. (uvloop keeps a
-    pipe open whose protocol's ``eof_received`` returns true, as StreamReaderProtocol's
-    does: one descriptor leaked per slot subprocess.)"""
+    """The protocol of a forked child's stdout pipe: closed at its end. (An event loop may
+    keep a pipe open whose protocol's ``eof_received`` returns true, as
+    StreamReaderProtocol's does: under uvloop that leaked one descriptor per slot
+    subprocess.)"""
 
     def eof_received(self) -> bool:
         super().eof_received()
