@@ -551,6 +551,15 @@ def generate(
     return inputs
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the diagnostic scripts (timeline.py, profile_slot.py): how many
+    files to generate, how large, the chunk size and the number of workers."""
+    parser.add_argument("--files-per-sample", type=int, default=4)
+    parser.add_argument("--events-per-file", type=int, default=100_000)
+    parser.add_argument("--chunksize", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files-per-sample", type=int, default=2)

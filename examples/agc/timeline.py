@@ -168,10 +168,7 @@ def breakdown(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--files-per-sample", type=int, default=4)
-    p.add_argument("--events-per-file", type=int, default=100_000)
-    p.add_argument("--chunksize", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=2)
+    generate.add_run_arguments(p)
     p.add_argument("--runs", type=int, default=2)
     args = p.parse_args(argv)
 
