@@ -147,6 +147,9 @@ def test_result_timeout_raises_and_cancel_stops_the_running_task(
 ) -> None:
     restarts = sum(s["restarts"] for s in worker_stats(cluster.url))
     job = client.map(nap, [0.5] * 2 + [60])
+    # The short tasks' time depends on the machine (a cold cluster's first job imports in
+    # its slots): wait for the server to count them done, then time out on the long one.
+    poll_until(lambda: job.status()["done"] >= 2, 60, "the two short tasks are done")
     with pytest.raises(TimeoutError, match="2/3 tasks done"):
         job.result(timeout=2)
     job.cancel()

@@ -139,8 +139,8 @@ def _serve(out: Any, capture: TaskCapture) -> None:
             nonlocal done, reports, modules_seen
             if reports < MODULE_REPORTS and len(sys.modules) != modules_seen:
                 modules_seen, reports = len(sys.modules), reports + 1
-                out.write(pipe.encode(("modules", imported_modules())))
-            out.write(pipe.encode(("done", done)))
+                pipe.write_blocking(out, ("modules", imported_modules()))
+            pipe.write_blocking(out, ("done", done))
             done = []
 
         for seq, sha, payload, merge in message[1]:

@@ -209,11 +209,11 @@ def main() -> None:
             done.append((seq, outcome, error, data, wall, info))
             now = time.monotonic()
             if now - last_flush > FLUSH_EVERY:
-                out.write(pipe.encode(("done", done)))
+                pipe.write_blocking(out, ("done", done))
                 done, last_flush = [], now
         pipe.MARKER.pack_into(marker, 0, 0)
         if done:
-            out.write(pipe.encode(("done", done)))
+            pipe.write_blocking(out, ("done", done))
 
 
 if __name__ == "__main__":

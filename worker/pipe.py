@@ -45,6 +45,14 @@ def encode(message: Any) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+def write_blocking(stream: BinaryIO, message: Any) -> None:
+    """Write one message whole. A raw pipe's write may take only part of a large message
+    when a signal handler (one a task installed, say) interrupts it; the rest follows."""
+    view = memoryview(encode(message))
+    while view:
+        view = view[stream.write(view) or 0 :]
+
+
 def decode(data: bytes) -> Any:
     return pickle.loads(data)
 
