@@ -484,7 +484,7 @@ async def lease(request: web.Request) -> web.StreamResponse:
     polls = request.app[LONG_POLLS]
     with (
         polls.hold(f"{_client_key(request, who)}/{worker}")
-        if body.wait > 0 and polls.limit
+        if body.wait > 0
         else (contextlib.nullcontext())
     ):
         started = time.monotonic()

@@ -19,7 +19,7 @@ parts of that are overhead we do not need:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio.client import Pipeline, Redis
@@ -30,16 +30,16 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.utils import HIREDIS_AVAILABLE
 
 from .scripts import Call
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # hiredis is a dependency; without it redis-py packs as usual
-    _hiredis_pack = None
+# redis-py's own hiredis packer: its synchronous connections use it, its asyncio ones
+# do not (they pack in Python, argument by argument).
+_HIREDIS = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
 
 T = TypeVar("T")
 
@@ -50,13 +50,9 @@ class _HiredisPacking(AbstractConnection):
     """Packs commands with hiredis (one C call) instead of redis-py's Python loop."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        first = args[0]
-        # Multi-word command names ("SCRIPT LOAD") go as separate words, as redis-py sends.
-        if isinstance(first, str) and " " in first or isinstance(first, bytes) and b" " in first:
-            args = (*first.split(), *args[1:])
         try:
-            return [_hiredis_pack(args)]  # type: ignore[misc]  # (None: not installed)
-        except TypeError:  # a type hiredis does not take: redis-py says what is wrong
+            return _HIREDIS.pack(*args)  # type: ignore[union-attr]  # (None: not installed)
+        except DataError:  # a type hiredis does not take: redis-py says what is wrong
             return super().pack_command(*args)
 
 
@@ -82,7 +78,7 @@ _PACKED: dict[type, type] = {
 def packed_pool(pool: ConnectionPool) -> ConnectionPool:
     """``pool``, its new connections packing commands with hiredis (when installed and the
     pool's connection class is one of redis-py's own; otherwise unchanged)."""
-    if _hiredis_pack is not None and pool.connection_class in _PACKED:
+    if _HIREDIS is not None and pool.connection_class in _PACKED:
         pool.connection_class = _PACKED[pool.connection_class]
     return pool
 
@@ -161,8 +157,8 @@ async def run_pipelined(
     before: list[Any] | None = None,
     direct: Direct | None = None,
 ) -> list[T]:
-    """Run independent script calls in one round trip (a pipeline, not a transaction), as
-    :func:`.scripts.run_all` does, without its ``SCRIPT EXISTS`` round trip first. ``pipe``
+    """Run independent script calls in one round trip (a pipeline, not a transaction),
+    without redis-py's ``SCRIPT EXISTS`` round trip first. ``pipe``
     may already hold other commands, sent in the same round trip (their replies go to
     ``before`` if given, else are dropped)."""
     if not calls and pipe is None:
@@ -180,7 +176,7 @@ async def run_pipelined(
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         every = await pipe.execute(raise_on_error=False) if len(pipe) else []
-    for i, reply in enumerate(every):  # any other error fails the call, as run_all's would
+    for i, reply in enumerate(every):  # any other error fails the call
         if isinstance(reply, Exception) and not (i >= first and isinstance(reply, NoScriptError)):
             raise reply
     replies = every[first:]

@@ -20,7 +20,6 @@ from importlib import resources
 from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from coffea_hq import protocol
@@ -238,7 +237,8 @@ def source(name: str) -> str:
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
-    """One prepared script call: ``await call.run()`` alone, or :func:`run_all` in a pipeline."""
+    """One prepared script call: ``await call.run()`` alone, or ``fastredis.run_pipelined``
+    in a pipeline."""
 
     script: AsyncScript
     keys: list[str]
@@ -247,19 +247,6 @@ class Call(Generic[T]):
 
     async def run(self) -> T:
         return self.parse(await self.script(keys=self.keys, args=self.args))
-
-
-async def run_all(redis: Redis, calls: Sequence[Call[T]], pipe: Pipeline | None = None) -> list[T]:
-    """Run independent calls in one round trip (a pipeline, not a transaction). ``pipe``
-    may already hold other commands, sent in the same round trip (their replies dropped)."""
-    if not calls and pipe is None:
-        return []
-    pipe = pipe if pipe is not None else redis.pipeline(transaction=False)
-    first = len(pipe)
-    for call in calls:
-        await call.script(keys=call.keys, args=call.args, client=pipe)
-    replies = (await pipe.execute())[first:]
-    return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
 
 
 def _text(value: bytes | str) -> str:

@@ -110,13 +110,15 @@ class Processes:
 
     log_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_files: dict[int, Path] = field(default_factory=dict)  # pid: its output
 
     def spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """``python -m argv``, its output in the test's log directory; ``env`` is added to
         this process's environment."""
-        log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "ab")  # noqa: SIM115
+        path = self.log_dir / f"{name}-{len(self.procs)}.log"
+        log = open(path, "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", *argv],
             stdout=log,
@@ -126,6 +128,7 @@ class Processes:
         )
         log.close()
         self.procs.append(proc)
+        self.log_files[proc.pid] = path
         return proc
 
     def server(
@@ -142,7 +145,6 @@ class Processes:
         chosen = port
         for _ in range(PORT_ATTEMPTS):
             port = chosen or free_port()
-            log = self.log_dir / f"server-{len(self.procs)}.log"  # as spawn names it
             proc = self.spawn(
                 "server",
                 [
@@ -163,7 +165,11 @@ class Processes:
             except HQError:
                 # A free port taken by another process (an xdist sibling's server, a
                 # client's outgoing connection) before this server bound it: another one.
-                if chosen or proc.poll() is None or "address already in use" not in log.read_text():
+                if (
+                    chosen
+                    or proc.poll() is None
+                    or "address already in use" not in self.log_files[proc.pid].read_text()
+                ):
                     raise
                 continue
             return url, proc

@@ -354,17 +354,6 @@ class ForkedProcess:
         return int(await asyncio.shield(self._exited))
 
 
-class _ChildStdout(asyncio.StreamReaderProtocol):
-    """The protocol of a forked child's stdout pipe: closed at its end. (An event loop may
-    keep a pipe open whose protocol's ``eof_received`` returns true, as
-    StreamReaderProtocol's does: under uvloop that leaked one descriptor per slot
-    subprocess.)"""
-
-    def eof_received(self) -> bool:
-        super().eof_received()
-        return False
-
-
 async def _pipes(
     loop: asyncio.AbstractEventLoop,
 ) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, int, int]:
@@ -374,7 +363,7 @@ async def _pipes(
     try:
         reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
         await loop.connect_read_pipe(
-            lambda: _ChildStdout(reader, loop=loop), os.fdopen(out_r, "rb", 0)
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(out_r, "rb", 0)
         )
         transport, protocol = await loop.connect_write_pipe(
             lambda: asyncio.streams.FlowControlMixin(loop=loop), os.fdopen(in_w, "wb", 0)
