@@ -8,6 +8,12 @@ cache). A slot subprocess runs many chunks of one job, mostly of the same few fi
 routes those opens through a small per-process :class:`FileCache` instead. The chunk
 still reads exactly its own entry range, so the outputs are the same.
 
+Files on a local or mounted file system (a plain path) are opened with uproot's plain
+file source, reading in the calling thread, unless the analysis chose a ``handler``:
+uproot's default for them goes through fsspec and a background thread for every basket
+request, which cost the AGC analysis 15% of its CPU time per chunk. The bytes read are the
+same. Remote files (``root://``, ``https://``) keep uproot's own choice.
+
 The cache lives only in the slot subprocess (the analysis session's own ``uproot`` is
 never touched): it is keyed by the file name(s) and every open option, holds at most
 :data:`FILES_KEPT` files (the least recently used one is closed first), and its files
@@ -67,7 +73,7 @@ class FileCache:
             self._open.move_to_end(key)
             self.reused += 1
             return _Kept(directory)
-        directory = self._open_function(files, **options)
+        directory = self._open_function(files, **_local_source(files, options))
         self.opened += 1
         self._open[key] = directory
         while len(self._open) > self.size:
@@ -94,6 +100,22 @@ def _key(files: Any, options: dict[str, Any]) -> str | None:
     else:
         return None
     return names + "\0" + repr(sorted(options.items()))
+
+
+def _local_source(files: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options``, with uproot's plain file source for plain paths if none was chosen."""
+    if "handler" in options:
+        return options
+    names = list(files) if isinstance(files, dict) else [files]
+    if not names or any("://" in name for name in names):
+        return options
+    import uproot.source.file
+
+    return {
+        **options,
+        "handler": uproot.source.file.MultithreadedFileSource,
+        "use_threads": False,  # a slot runs one chunk at a time: no thread to hand reads to
+    }
 
 
 def _closed(directory: Any) -> bool:
@@ -130,8 +152,11 @@ def install(size: int = FILES_KEPT) -> FileCache:
     import uproot
     from coffea.processor import executor as coffea_executor
 
+    from . import formcache
+
     cache = FileCache(uproot.open, size)
     coffea_executor.uproot = _UprootWithCache(uproot, cache)
+    formcache.install()  # a file's NanoEvents form, built once here too
     atexit.register(cache.close)
     _CACHE = cache
     return cache
