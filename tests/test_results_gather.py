@@ -1,0 +1,92 @@
+"""A results long poll woken by progress alone (chunks merged on the workers, nothing to
+fetch) gathers more progress before it answers, while a result, a failure or the job's end
+answers at once, against a real Redis-protocol server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from coffea_hq.server import store as store_module
+from coffea_hq.server.store import Report, Store
+
+from coffea_hq import protocol
+from coffea_hq.protocol import CompleteStatus, Outcome
+
+from .conftest import FUNCTION_BLOB
+
+FN = protocol.blob_name(FUNCTION_BLOB)
+N = 4
+
+
+async def reducing_job(store: Store, job: str) -> list[object]:
+    """A sealed reducing job of N tasks, every one leased by worker w1."""
+    await store.create_job(
+        job, function=FN, max_attempts=3, fail_fast=False, label="", user="", reducer=FN, fanin=64
+    )
+    await store.submit(job, [str(i) for i in range(N)], [b"p%d" % i for i in range(N)])
+    await store.seal(job, N)
+    leased = await store.lease("w1", N)
+    assert len(leased) == N
+    return leased
+
+
+async def done(store: Store, task: object, value: bytes = b"r") -> None:
+    t = task  # a leased task
+    statuses = await store.complete(
+        "w1", [Report(t.job, t.task, t.attempt, Outcome.OK, None, value)]  # type: ignore[attr-defined]
+    )
+    assert statuses == [CompleteStatus.ACCEPTED]
+
+
+async def test_progress_is_gathered_into_one_answer(
+    queue_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 1.5)
+    leased = await reducing_job(queue_store, "g")
+    await done(queue_store, leased[0])
+    poll = asyncio.ensure_future(
+        queue_store.results("g", after="0", ack=None, wait=10.0, max_bytes=1 << 20)
+    )
+    await asyncio.sleep(0.2)  # the poll has seen the first chunk and is gathering
+    await done(queue_store, leased[1])
+    batch = await poll
+    # One answer for both chunks: without gathering it holds the first alone.
+    assert batch.items == [("0", "merged"), ("1", "merged")]
+    assert not batch.end and batch.summary["done"] == 2
+    assert batch.parts == [b"", b""]
+
+
+async def test_the_end_answers_at_once(queue_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 30.0)
+    leased = await reducing_job(queue_store, "e")
+    await done(queue_store, leased[0])
+    started = time.monotonic()
+    poll = asyncio.ensure_future(
+        queue_store.results("e", after="0", ack=None, wait=60.0, max_bytes=1 << 20)
+    )
+    for task in leased[1:]:
+        await done(queue_store, task)
+    (merge,) = await queue_store.lease("w1", 1)  # every chunk in: one merge of all four
+    assert protocol.is_merge(merge.task)
+    await done(queue_store, merge, b"merged value")
+    batch = await poll
+    # The merged value ends the gathering: far sooner than the 30 s window.
+    assert time.monotonic() - started < 15.0
+    assert batch.end and batch.summary["state"] == "done"
+    assert batch.items[-1] == (merge.task, "ok")
+    assert batch.parts[-1] == b"merged value"
+    assert [task for task, outcome in batch.items if outcome == "merged"] == ["0", "1", "2", "3"]
+
+
+async def test_a_poll_without_wait_does_not_gather(
+    queue_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 30.0)
+    leased = await reducing_job(queue_store, "n")
+    await done(queue_store, leased[0])
+    started = time.monotonic()
+    batch = await queue_store.results("n", after="0", ack=None, wait=0.0, max_bytes=1 << 20)
+    assert time.monotonic() - started < 15.0
+    assert batch.items == [("0", "merged")]
