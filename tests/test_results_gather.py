@@ -35,7 +35,8 @@ async def reducing_job(store: Store, job: str) -> list[object]:
 async def done(store: Store, task: object, value: bytes = b"r") -> None:
     t = task  # a leased task
     statuses = await store.complete(
-        "w1", [Report(t.job, t.task, t.attempt, Outcome.OK, None, value)]  # type: ignore[attr-defined]
+        "w1",
+        [Report(t.job, t.task, t.attempt, Outcome.OK, None, value)],  # type: ignore[attr-defined]
     )
     assert statuses == [CompleteStatus.ACCEPTED]
 
