@@ -146,8 +146,10 @@ class HQExecutor(ExecutorBase):
             chunk's subprocess), and the same for ``merge_`` tasks.
         keep_files_open : int, optional
             How many ROOT files each worker slot keeps open between the chunks it runs
-            (default 8), so that a file's header and tree metadata are read once per slot,
-            not once per chunk. 0 opens and closes the file for every chunk, as coffea does.
+            (default 8), so that a file's header, tree metadata and NanoEvents form are
+            read and built once per slot, not once per chunk; plain local paths are read
+            with uproot's plain file source unless ``uproot_options`` name a ``handler``.
+            0 runs coffea's own path: the file opened and closed for every chunk.
         memory : int or str, optional
             Memory (private resident set) one chunk may use on a worker, e.g. ``"2GiB"``. A chunk
             over it is stopped and run again as two halves by entry range, as often as
