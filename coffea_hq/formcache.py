@@ -94,7 +94,7 @@ def install() -> None:
             _STATS["reused"] += 1
         return form
 
-    class FormCachingFactory(NanoEventsFactory):  # type: ignore[misc]
+    class FormCachingFactory(NanoEventsFactory):
         """coffea's factory, with the schema's form kept per base form."""
 
         @classmethod
