@@ -285,16 +285,6 @@ class Leases:
             self.started.set()
         return batch
 
-    def take_of(self, job: str, n: int) -> list[HeldTask]:
-        """Up to ``n`` pending leases of ``job`` only, oldest first, now running."""
-        batch = [item for item in self._pending if item.job == job][:n]
-        if batch:
-            taken = {item.key for item in batch}
-            self._pending = deque(i for i in self._pending if i.key not in taken)
-            self._running |= taken
-            self.started.set()
-        return batch
-
     def put_back(self, items: list[HeldTask]) -> None:
         """A batch's rest that never ran (its subprocess died): first in line again."""
         keep = []
@@ -411,7 +401,6 @@ class Worker:
             "crashed": 0,
             "busy_seconds": 0.0,
             "functions_fetched": 0,
-            "queued_ahead": 0,  # tasks queued in a busy slot's subprocess behind its task
         }
         self._stopping = asyncio.Event()
         self._abort = asyncio.Event()
@@ -646,28 +635,6 @@ class Worker:
                     for t, payload in zip(reply.tasks, parts, strict=True)
                 ]
             )
-            if reply.tasks:
-                self._queue_in_busy_slots()
-
-    def _queue_in_busy_slots(self) -> None:
-        """With every slot busy, queue a leased-ahead task in the subprocess of a slot
-        running its job's last task in hand, to start the moment that one ends. The slot
-        is not due for another lease ahead until then."""
-        if self._busy < len(self.slots) or self._stopping.is_set():
-            return  # an idle slot takes the pending tasks itself
-        for slot in self.slots:
-            if not self.leases.pending:
-                return
-            if slot.job is None or slot.queued() != 1:
-                continue
-            items = self.leases.take_of(slot.job, 1)
-            if not items:
-                continue
-            if slot.extend(items):
-                self.stats["queued_ahead"] += 1
-                self._ahead.stopped(slot.index)
-            else:
-                self.leases.put_back(items)
 
     async def _function_bytes(self, sha: str) -> bytes:
         """A job's function, fetched once per worker and shared by its slots."""
@@ -768,11 +735,6 @@ class Worker:
         return Result(r.item, Outcome.ERROR, error, b"", r.seconds, r.info)
 
     def _on_results(self, results: list[Result], slot: int | None = None) -> None:
-        if slot is not None and self.slots[slot].queued() == 1:
-            # The batch's last task (one queued behind these: extend) starts now: time
-            # its successor's lease from here.
-            self._ahead.started(slot)
-            self.leases.ended.set()
         for r in results:
             if slot is not None and r.info is not None:
                 self._slot_task_rss[slot] = r.info.max_rss

@@ -167,7 +167,6 @@ class Slot:
         self._marker = -1  # fd of the file the subprocess writes its current task into
         self.restarts = 0
         self._unreported: dict[int, HeldTask] = {}  # by sequence number: the batch in hand
-        self._extensible = False  # run() reads results that more tasks may join (extend)
         self.job: str | None = None
         self._spare: asyncio.Task[tuple[Proc, int]] | None = None
         self._exiting: set[asyncio.Task[None]] = set()  # replaced subprocesses being reaped
@@ -298,8 +297,18 @@ class Slot:
         }
         foreign = self.launch.foreign
         by_seq = self._unreported = {}
-        order = self._order(batch)
-        self._extensible = True
+        order = []
+        for item in batch:
+            self._seq += 1
+            by_seq[self._seq] = item
+            payload: object = item.payload
+            if foreign:  # the foreign runner has no lz4: it gets plain pickles
+                payload = (
+                    [protocol.decompress(p) for p in protocol.split_merge_payload(item.payload)]
+                    if item.merge
+                    else protocol.decompress(item.payload)
+                )
+            order.append((self._seq, item.function_blob, payload, item.merge))
         watch = asyncio.create_task(self._watch_limits(), name=f"slot{self.index}-limits")
         try:
             for sha, data in functions.items():
@@ -325,57 +334,14 @@ class Slot:
                         info = _with_notes(info, self._notes)
                         self._notes = []
                     results.append(Result(item, Outcome(outcome), error, data, seconds, info))
-                if not by_seq:
-                    self._extensible = False  # (no await since the check: nothing slips in)
                 report(results)
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
-            self._extensible = False
             watch.cancel()
             return await self._after_crash(by_seq, report) + later
         finally:
-            self._extensible = False
             watch.cancel()
             self._unreported = {}
         return later
-
-    def _order(self, items: list[HeldTask]) -> list[tuple[int, str, object, bool]]:
-        """The subprocess's order for ``items``, each numbered into the batch in hand."""
-        order = []
-        for item in items:
-            self._seq += 1
-            self._unreported[self._seq] = item
-            payload: object = item.payload
-            if self.launch.foreign:  # the foreign runner has no lz4: it gets plain pickles
-                payload = (
-                    [protocol.decompress(p) for p in protocol.split_merge_payload(item.payload)]
-                    if item.merge
-                    else protocol.decompress(item.payload)
-                )
-            order.append((self._seq, item.function_blob, payload, item.merge))
-        return order
-
-    def queued(self) -> int:
-        """Tasks of the batch in hand not reported yet (the running one included)."""
-        return len(self._unreported)
-
-    def extend(self, items: list[HeldTask]) -> bool:
-        """Queue ``items`` in the subprocess behind the task it runs, so that it starts the
-        next one the moment it ends, without waiting for this process to hand it over
-        (a few ms a chunk, more when every core is busy). Only for the batch in hand's job,
-        with functions the subprocess already holds; False (nothing queued) otherwise."""
-        proc = self._proc
-        if (
-            not items
-            or not self._extensible
-            or proc is None
-            or proc.returncode is not None
-            or proc.stdin is None
-            or proc.stdin.is_closing()
-            or any(i.job != self.job or i.function_blob not in self._loaded for i in items)
-        ):
-            return False
-        proc.stdin.write(pipe.encode(("run", self._order(items))))
-        return True
 
     async def _watch_limits(self) -> None:
         """Kill the subprocess when the task it runs goes over its memory (private resident
