@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from coffea_hq.server import store as store_module
@@ -41,18 +42,30 @@ async def done(store: Store, task: object, value: bytes = b"r") -> None:
     assert statuses == [CompleteStatus.ACCEPTED]
 
 
+async def first_chunk_in(
+    store: Store, monkeypatch: pytest.MonkeyPatch, job: str, window: float
+) -> list[object]:
+    """A reducing job with its first chunk reported, polls gathering for ``window`` s."""
+    monkeypatch.setattr(store_module, "PROGRESS_GATHER", window)
+    leased = await reducing_job(store, job)
+    await done(store, leased[0])
+    return leased
+
+
+def poll(store: Store, job: str, wait: float) -> asyncio.Future[object]:
+    return asyncio.ensure_future(
+        store.results(job, after="0", ack=None, wait=wait, max_bytes=1 << 20)
+    )
+
+
 async def test_progress_is_gathered_into_one_answer(
     queue_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 1.5)
-    leased = await reducing_job(queue_store, "g")
-    await done(queue_store, leased[0])
-    poll = asyncio.ensure_future(
-        queue_store.results("g", after="0", ack=None, wait=10.0, max_bytes=1 << 20)
-    )
+    leased = await first_chunk_in(queue_store, monkeypatch, "g", 1.5)
+    answer = poll(queue_store, "g", 10.0)
     await asyncio.sleep(0.2)  # the poll has seen the first chunk and is gathering
     await done(queue_store, leased[1])
-    batch = await poll
+    batch: Any = await answer
     # One answer for both chunks: without gathering it holds the first alone.
     assert batch.items == [("0", "merged"), ("1", "merged")]
     assert not batch.end and batch.summary["done"] == 2
@@ -60,19 +73,15 @@ async def test_progress_is_gathered_into_one_answer(
 
 
 async def test_the_end_answers_at_once(queue_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 30.0)
-    leased = await reducing_job(queue_store, "e")
-    await done(queue_store, leased[0])
+    leased = await first_chunk_in(queue_store, monkeypatch, "e", 30.0)
     started = time.monotonic()
-    poll = asyncio.ensure_future(
-        queue_store.results("e", after="0", ack=None, wait=60.0, max_bytes=1 << 20)
-    )
+    answer = poll(queue_store, "e", 60.0)
     for task in leased[1:]:
         await done(queue_store, task)
     (merge,) = await queue_store.lease("w1", 1)  # every chunk in: one merge of all four
     assert protocol.is_merge(merge.task)
     await done(queue_store, merge, b"merged value")
-    batch = await poll
+    batch: Any = await answer
     # The merged value ends the gathering: far sooner than the 30 s window.
     assert time.monotonic() - started < 15.0
     assert batch.end and batch.summary["state"] == "done"
@@ -84,9 +93,7 @@ async def test_the_end_answers_at_once(queue_store: Store, monkeypatch: pytest.M
 async def test_a_poll_without_wait_does_not_gather(
     queue_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 30.0)
-    leased = await reducing_job(queue_store, "n")
-    await done(queue_store, leased[0])
+    await first_chunk_in(queue_store, monkeypatch, "n", 30.0)
     started = time.monotonic()
     batch = await queue_store.results("n", after="0", ack=None, wait=0.0, max_bytes=1 << 20)
     assert time.monotonic() - started < 15.0
