@@ -32,10 +32,11 @@ BLOB_TTL = 7 * 24 * 3600  # refreshed whenever a job names the blob
 REAP_BATCH = 1000
 JOB_KEYS_CACHED = 4096  # jobs whose keys are remembered (cleared when full)
 RESULTS_MAX_TASKS = 8192  # per results response
-# A long poll woken by progress alone (chunks merged on the workers: nothing to fetch)
-# gathers more of it for this long before it answers; results, failures and the job's end
-# still answer at once. One answer per chunk cost the session, server and store a round
-# trip and an ack each, 10-20% of the control plane's CPU on 50-100 ms chunks.
+# A reducing job's long poll woken by progress alone (chunks merged on the workers:
+# nothing to fetch) gathers more of it for this long before it answers; results,
+# failures and the job's end still answer at once. One answer per chunk cost the session,
+# server and store a round trip and an ack each, 10-20% of the control plane's CPU on
+# 50-100 ms chunks.
 PROGRESS_GATHER = 0.25
 PROGRESS_GATHER_ENTRIES = 256  # stream entries gathered at most
 WORKER_STALE = 60.0  # a worker not heard from for this long no longer counts
@@ -424,7 +425,10 @@ class Store:
         pipe.hgetall(keys.meta)
         pipe.exists(keys.notes)  # (EXISTS: the store ACL grants it, not HLEN)
         reply, meta, n_notes = await pipe.execute()
-        if reply and wait > 0 and _progress_only(reply[0][1]):
+        # (Only a reducing job's: a kept result's entry is news too, the tasks that need
+        # it can be submitted now.)
+        reducing = bool(meta.get(Meta.REDUCER_BLOB.encode()))
+        if reply and wait > 0 and reducing and _progress_only(reply[0][1]):
             gathered = await self._gather_progress(
                 keys, reply[0][1], wait - (time.monotonic() - started)
             )

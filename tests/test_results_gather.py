@@ -1,6 +1,7 @@
-"""A results long poll woken by progress alone (chunks merged on the workers, nothing to
-fetch) gathers more progress before it answers, while a result, a failure or the job's end
-answers at once, against a real Redis-protocol server."""
+"""A reducing job's results long poll woken by progress alone (chunks merged on the
+workers, nothing to fetch) gathers more progress before it answers, while a result, a
+failure or the job's end answers at once, and so does a kept result (the tasks that need it
+wait for that news: a dask graph's next level), against a real Redis-protocol server."""
 
 from __future__ import annotations
 
@@ -98,3 +99,21 @@ async def test_a_poll_without_wait_does_not_gather(
     batch = await queue_store.results("n", after="0", ack=None, wait=0.0, max_bytes=1 << 20)
     assert time.monotonic() - started < 15.0
     assert batch.items == [("0", "merged")]
+
+
+async def test_a_kept_result_answers_at_once(
+    queue_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "PROGRESS_GATHER", 30.0)
+    await queue_store.create_job(
+        "k", function=FN, max_attempts=3, fail_fast=False, label="", user=""
+    )
+    await queue_store.submit("k", ["a", "b"], [b"pa", b"pb"], keep=["a"])
+    leased = {t.task: t for t in await queue_store.lease("w1", 2)}
+    answer = poll(queue_store, "k", 60.0)
+    started = time.monotonic()
+    await done(queue_store, leased["a"])
+    batch: Any = await answer
+    # Listed as merged (its value stays in the store), and answered without gathering.
+    assert time.monotonic() - started < 15.0
+    assert batch.items == [("a", "merged")]
