@@ -63,11 +63,27 @@ class FileCache:
         self._open: OrderedDict[str, Any] = OrderedDict()
         self.opened = 0  # files really opened (misses), for tests and profiles
         self.reused = 0
+        self._own_arrays: set[str] = set()  # files whose array cache uproot made for them
+        self._last: str | None = None
+
+    def _forget_arrays_but(self, key: str) -> None:
+        """Empty the array caches of the kept files other than ``key``'s. uproot keeps up
+        to 100 MB of baskets per open file, which coffea frees with the file after each
+        chunk; a slot holding :data:`FILES_KEPT` files must not hold that for each of them
+        (a chunk's memory limit counts it). The current file's baskets stay: the next
+        chunk of the same file reads the basket it shares with this one from there."""
+        if key == self._last:
+            return
+        self._last = key
+        for other in self._own_arrays:
+            if other != key and other in self._open:
+                _clear_arrays(self._open[other])
 
     def open(self, files: Any, **options: Any) -> Any:
         key = _key(files, options)
         if key is None:  # a file object or something else without a stable name
             return self._open_function(files, **options)
+        self._forget_arrays_but(key)
         directory = self._open.get(key)
         if directory is not None and not _closed(directory):
             self._open.move_to_end(key)
@@ -76,8 +92,11 @@ class FileCache:
         directory = self._open_function(files, **_local_source(files, options))
         self.opened += 1
         self._open[key] = directory
+        if "array_cache" not in options:  # the analysis's own cache is left as it is
+            self._own_arrays.add(key)
         while len(self._open) > self.size:
-            _, oldest = self._open.popitem(last=False)
+            oldest_key, oldest = self._open.popitem(last=False)
+            self._own_arrays.discard(oldest_key)
             _close(oldest)
         return _Kept(directory)
 
@@ -85,6 +104,8 @@ class FileCache:
         """Close every file held."""
         while self._open:
             _close(self._open.popitem()[1])
+        self._own_arrays.clear()
+        self._last = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -121,6 +142,12 @@ def _local_source(files: Any, options: dict[str, Any]) -> dict[str, Any]:
 def _closed(directory: Any) -> bool:
     file = getattr(directory, "file", None)
     return bool(getattr(file, "closed", False))
+
+
+def _clear_arrays(directory: Any) -> None:
+    arrays = getattr(getattr(directory, "file", None), "array_cache", None)
+    if arrays is not None:
+        arrays.clear()
 
 
 def _close(directory: Any) -> None:

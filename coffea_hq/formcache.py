@@ -115,14 +115,14 @@ def install() -> None:
             key = (id(base_form), schemaclass)
             template = templates.hit(key)
             if template is None or template.base_form is not base_form:
-                given = dict(metadata) if metadata is not None else {}
-                factory = super()._from_mapping(
-                    mapping, partition_key, copy.deepcopy(base_form), schemaclass, metadata, mode
-                )
-                built = factory._schema.form["parameters"]["metadata"]
-                added = {k: v for k, v in built.items() if k not in given}
-                templates.keep(key, _Template(base_form, factory._schema, added))
-                return factory
+                # Built on empty metadata, what the schema puts in is exactly what it adds:
+                # NanoAODSchema sets "version" even over a "version" the fileset gave.
+                probe = copy.deepcopy(base_form)
+                probe["parameters"]["metadata"] = {}
+                schema = schemaclass(probe)
+                added = dict(schema.form["parameters"]["metadata"])
+                template = _Template(base_form, schema, added)
+                templates.keep(key, template)
             schema = copy.copy(template.schema)
             form = dict(template.schema.form)
             parameters = dict(form["parameters"])

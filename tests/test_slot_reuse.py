@@ -1,0 +1,153 @@
+"""What a slot's per-file reuse (coffea_hq/filecache.py, coffea_hq/formcache.py) must not
+change: every chunk an analysis gets through ``HQExecutor`` (one slot subprocess running
+every chunk, so the kept files and forms are reused) is the chunk coffea's
+``IterativeExecutor`` gives, which bypasses both caches: its own metadata on every chunk
+of a file, its own tree, its schema's form, its bytes read; errors naming the file."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+import awkward as ak
+import numpy as np
+import pytest
+
+pytest.importorskip("coffea")
+uproot = pytest.importorskip("uproot")
+
+from coffea import processor  # noqa: E402
+from coffea.nanoevents import BaseSchema, NanoAODSchema  # noqa: E402
+
+from coffea_hq import HQExecutor, LocalCluster  # noqa: E402
+
+ENTRIES = 1_200
+CHUNKSIZE = 400  # three chunks per tree: chunks 2 and 3 reuse what chunk 1 built
+
+
+class Probe(processor.ProcessorABC):
+    """Notes, per chunk, what the analysis sees: its metadata, its form, its values and
+    the file's state; then changes ``events.metadata`` (must not reach the next chunk)."""
+
+    def process(self, events: Any) -> dict[str, Any]:
+        from coffea_hq import filecache
+
+        meta = dict(events.metadata)
+        factory = events.attrs["@events_factory"]
+        file = factory.file_handle.file
+        other_arrays = 0  # baskets the slot still holds for other files (coffea: none)
+        kept = filecache.cache()
+        for directory in kept._open.values() if kept is not None else ():
+            if directory.file is not file and directory.file.array_cache is not None:
+                other_arrays += len(directory.file.array_cache)
+        x = np.asarray(events.x)
+        jets = events.Jet.pt if "Jet" in events.fields else events.z
+        form = events.layout.form
+        seen = {
+            "meta": sorted((k, repr(v)) for k, v in meta.items()),
+            # NanoAODSchema orders its fields differently in every process: compare by name
+            "form": sorted(zip(form.fields, (str(c.type) for c in form.contents), strict=True)),
+            "sum": int(x.sum()),
+            "jets": float(ak.sum(jets)),
+            "other_arrays": other_arrays,
+            "bytes": file.source.num_requested_bytes,
+        }
+        events.metadata["dataset"] = "changed by chunk"
+        events.metadata["leak"] = meta["entrystart"]
+        key = f"{meta['dataset']}|{os.path.basename(meta['filename'])}|{meta['treename']}"
+        return {"chunks": {f"{key}|{meta['entrystart']}": repr(seen)}}
+
+    def postprocess(self, accumulator: Any) -> Any:
+        return accumulator
+
+
+def write(path: Path, scale: int = 1, extra: bool = False) -> None:
+    counts = np.arange(ENTRIES) % 3
+    pt = np.arange(counts.sum(), dtype=np.float32) * scale
+    ids = {  # NanoAODSchema requires them
+        "run": np.ones(ENTRIES, dtype=np.uint32),
+        "luminosityBlock": np.ones(ENTRIES, dtype=np.uint32),
+        "event": np.arange(ENTRIES, dtype=np.uint64),
+    }
+    with uproot.recreate(path) as f:
+        tree: dict[str, Any] = {
+            **ids,
+            "x": np.arange(ENTRIES, dtype=np.int64) * scale,
+            "Jet": ak.zip({"pt": ak.unflatten(pt, counts)}),
+        }
+        if extra:
+            tree["y"] = np.ones(ENTRIES)
+        f["Events"] = tree
+        f["Other"] = {"x": np.arange(ENTRIES, dtype=np.int64) + 7, "z": np.zeros(ENTRIES), **ids}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("reuse")
+    out = {}
+    for name, scale in (("a", 1), ("b", 2)):
+        write(folder / f"{name}.root", scale)
+        out[name] = str(folder / f"{name}.root")
+    return out
+
+
+def fileset(files: dict[str, str]) -> dict[str, Any]:
+    """Two trees of one file, one file in two datasets, user metadata (one key the
+    NanoAOD schema sets itself)."""
+    return {
+        "one": {
+            "files": {files["a"]: "Events", files["b"]: "Events"},
+            "metadata": {"xsec": 1.5, "version": "from the fileset"},
+        },
+        "two": {"files": {files["a"]: "Other"}, "metadata": {"xsec": 2.5}},
+        "three": {"files": {files["a"]: "Events"}},
+    }
+
+
+def run(files: dict[str, str], executor: Any, schema: Any, **options: Any) -> Any:
+    runner = processor.Runner(
+        executor=executor,
+        pre_executor=processor.IterativeExecutor(status=False),  # one job per run
+        schema=schema,
+        chunksize=CHUNKSIZE,
+        metadata_cache={},
+        **options,
+    )
+    return runner(fileset(files), processor_instance=Probe())
+
+
+def hq(cluster: LocalCluster) -> HQExecutor:
+    return HQExecutor(cluster.url, status=False, timeout=60)
+
+
+@pytest.mark.parametrize("schema", [NanoAODSchema, BaseSchema], ids=["nanoaod", "base"])
+def test_every_chunk_is_the_one_coffea_builds(
+    chunk_cluster: LocalCluster, files: dict[str, str], schema: Any
+) -> None:
+    reference = run(files, processor.IterativeExecutor(status=False), schema)
+    out = run(files, hq(chunk_cluster), schema)
+    assert len(reference["chunks"]) == 4 * ENTRIES // CHUNKSIZE
+    _diff(out["chunks"], reference["chunks"])
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+    # A kept file's header and TTree are not read again, nor a basket two chunks share.
+    read, reference_read = bytes_read(out["chunks"]), bytes_read(reference["chunks"])
+    assert all(0 <= read[key] <= reference_read[key] for key in reference_read)
+    assert sum(read.values()) < sum(reference_read.values())
+
+
+def without_bytes(chunks: dict[str, str]) -> dict[str, Any]:
+    return {key: {**ast.literal_eval(seen), "bytes": None} for key, seen in chunks.items()}
+
+
+def bytes_read(chunks: dict[str, str]) -> dict[str, int]:
+    return {key: ast.literal_eval(seen)["bytes"] for key, seen in chunks.items()}
+
+
+def _diff(out: dict[str, str], reference: dict[str, str]) -> None:
+    for key in sorted(reference):
+        a, b = ast.literal_eval(out.get(key, "{}")), ast.literal_eval(reference[key])
+        for k in b:
+            if a.get(k) != b[k]:
+                print("KEY", key, k, "\n HQ ", a.get(k), "\n REF", b[k])
