@@ -19,7 +19,7 @@ pytest.importorskip("coffea")
 uproot = pytest.importorskip("uproot")
 
 from coffea import processor  # noqa: E402
-from coffea.nanoevents import BaseSchema, NanoAODSchema  # noqa: E402
+from coffea.nanoevents import BaseSchema, NanoAODSchema, PFNanoAODSchema  # noqa: E402
 
 from coffea_hq import HQExecutor, LocalCluster  # noqa: E402
 
@@ -53,6 +53,7 @@ class Probe(processor.ProcessorABC):
             "jets": float(ak.sum(jets)),
             "other_arrays": other_arrays,
             "bytes": file.source.num_requested_bytes,
+            "source": type(file.source).__name__,
         }
         events.metadata["dataset"] = "changed by chunk"
         events.metadata["leak"] = meta["entrystart"]
@@ -75,6 +76,7 @@ def write(path: Path, scale: int = 1, extra: bool = False) -> None:
         tree: dict[str, Any] = {
             **ids,
             "x": np.arange(ENTRIES, dtype=np.int64) * scale,
+            "w": np.full(ENTRIES, 0.5),
             "Jet": ak.zip({"pt": ak.unflatten(pt, counts)}),
         }
         if extra:
@@ -106,16 +108,18 @@ def fileset(files: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def run(files: dict[str, str], executor: Any, schema: Any, **options: Any) -> Any:
+def run(
+    files: dict[str, str], executor: Any, schema: Any, fileset: Any = fileset, **options: Any
+) -> Any:
+    uproot_options = options.pop("uproot_options", {})
     runner = processor.Runner(
         executor=executor,
         pre_executor=processor.IterativeExecutor(status=False),  # one job per run
         schema=schema,
         chunksize=CHUNKSIZE,
-        metadata_cache={},
-        **options,
+        **{"metadata_cache": {}, **options},
     )
-    return runner(fileset(files), processor_instance=Probe())
+    return runner(fileset(files), processor_instance=Probe(), uproot_options=uproot_options)
 
 
 def hq(cluster: LocalCluster) -> HQExecutor:
@@ -137,8 +141,117 @@ def test_every_chunk_is_the_one_coffea_builds(
     assert sum(read.values()) < sum(reference_read.values())
 
 
+class ByDataset(NanoAODSchema):  # type: ignore[misc]
+    """A schema whose form depends on the chunk's metadata: never kept."""
+
+    def __init__(self, base_form: dict[str, Any], version: str = "latest") -> None:
+        if base_form["parameters"]["metadata"]["dataset"] == "three":
+            index = base_form["fields"].index("w")
+            del base_form["fields"][index], base_form["contents"][index]
+        super().__init__(base_form, version)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", [ByDataset, PFNanoAODSchema], ids=["by-dataset", "pfnano"])
+def test_schemas_not_kept_run_per_chunk(
+    chunk_cluster: LocalCluster, files: dict[str, str], schema: Any
+) -> None:
+    reference = run(files, processor.IterativeExecutor(status=False), schema)
+    out = run(files, hq(chunk_cluster), schema)
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+
+
+def test_a_file_rewritten_between_runs_is_read_anew(
+    chunk_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    files = {"a": str(tmp_path / "a.root"), "b": str(tmp_path / "b.root")}
+    write(Path(files["a"]))
+    write(Path(files["b"]))
+    first = run(files, hq(chunk_cluster), NanoAODSchema)
+    write(Path(files["a"]), scale=3, extra=True)  # a new UUID, another branch
+    reference = run(files, processor.IterativeExecutor(status=False), NanoAODSchema)
+    out = run(files, hq(chunk_cluster), NanoAODSchema)
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+    assert without_bytes(out["chunks"]) != without_bytes(first["chunks"])
+
+
+def test_the_analysis_handler_is_kept(chunk_cluster: LocalCluster, files: dict[str, str]) -> None:
+    options = {"uproot_options": {"handler": uproot.source.file.MemmapSource}}
+    reference = run(files, processor.IterativeExecutor(status=False), BaseSchema, **options)
+    out = run(files, hq(chunk_cluster), BaseSchema, **options)
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+    assert {ast.literal_eval(seen)["source"] for seen in out["chunks"].values()} == {"MemmapSource"}
+
+
+def test_paths_with_a_colon_and_file_urls(
+    chunk_cluster: LocalCluster, tmp_path: Path, files: dict[str, str]
+) -> None:
+    folder = tmp_path / "run:1"
+    folder.mkdir()
+    write(folder / "c.root")
+
+    def odd(files: dict[str, str]) -> dict[str, Any]:
+        return {
+            "colon": {"files": {str(folder / "c.root"): "Events"}},
+            "url": {"files": {"file://" + files["b"]: "Events"}},
+        }
+
+    reference = run(files, processor.IterativeExecutor(status=False), BaseSchema, odd)
+    out = run(files, hq(chunk_cluster), BaseSchema, odd)
+    assert len(out["chunks"]) == 2 * ENTRIES // CHUNKSIZE
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["removed", "garbage"])
+def test_a_bad_file_is_named_and_skipped(
+    chunk_cluster: LocalCluster, tmp_path: Path, damage: str
+) -> None:
+    files = {"a": str(tmp_path / "a.root"), "b": str(tmp_path / "b.root")}
+    write(Path(files["a"]))
+    write(Path(files["b"]))
+
+    def two(files: dict[str, str]) -> dict[str, Any]:
+        return {"one": {"files": {files["a"]: "Events", files["b"]: "Events"}}}
+
+    known: dict[Any, Any] = {}  # filled by the first run: the next ones do not open b first
+    run(files, processor.IterativeExecutor(status=False), BaseSchema, two, metadata_cache=known)
+    os.remove(files["b"])
+    if damage == "garbage":
+        Path(files["b"]).write_bytes(b"not a ROOT file" * 100)
+    with pytest.raises(Exception, match="b.root") as failed:
+        run(files, hq(chunk_cluster), BaseSchema, two, metadata_cache=dict(known))
+    with pytest.raises(Exception) as coffea_failed:
+        run(
+            files,
+            processor.IterativeExecutor(status=False),
+            BaseSchema,
+            two,
+            metadata_cache=dict(known),
+        )
+    assert type(failed.value) is type(coffea_failed.value)
+    skip = (OSError, ValueError)  # coffea's True skips OSErrors only; garbage is a ValueError
+    reference = run(
+        files,
+        processor.IterativeExecutor(status=False),
+        BaseSchema,
+        two,
+        metadata_cache=dict(known),
+        skipbadfiles=skip,
+    )
+    out = run(
+        files, hq(chunk_cluster), BaseSchema, two, metadata_cache=dict(known), skipbadfiles=skip
+    )
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+    assert len(out["chunks"]) == ENTRIES // CHUNKSIZE  # a's chunks
+
+
 def without_bytes(chunks: dict[str, str]) -> dict[str, Any]:
-    return {key: {**ast.literal_eval(seen), "bytes": None} for key, seen in chunks.items()}
+    # The slot reads plain paths through uproot's plain file source, coffea through fsspec.
+    return {
+        key: {**ast.literal_eval(seen), "bytes": None, "source": None}
+        for key, seen in chunks.items()
+    }
 
 
 def bytes_read(chunks: dict[str, str]) -> dict[str, int]:
