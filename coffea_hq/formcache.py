@@ -7,9 +7,9 @@ chunk on the AGC analysis, the same result every time for one tree. A slot subpr
 runs many chunks of the same few files, so :func:`install` (called with the file cache,
 see :mod:`coffea_hq.filecache`) keeps both here:
 
-- the base form, keyed by the ROOT file's UUID, the tree's path and the branch options:
-  a file's UUID is new whenever it is written, so a changed file is never served a stale
-  form;
+- the base form, keyed by the ROOT file's UUID and path, the tree's path and number of
+  entries and the branch options: a file's UUID is new whenever it is written, and a copy
+  (same UUID) whose tree was written again in place (same tree path) has another path;
 - for the schemas whose form depends on nothing but the base form (:data:`SCHEMAS`), the
   schema's form, into which each chunk's own metadata (dataset, file, entry range) is put
   exactly where the schema puts it. Any other schema is run again per chunk, on a copy of
@@ -82,7 +82,15 @@ def install() -> None:
 
     def kept_base_form(cls: Any, tree: Any, iteritems_options: Any = {}) -> Any:  # noqa: B006
         try:
-            key = (str(tree.file.uuid), tree.object_path, repr(sorted(iteritems_options.items())))
+            # A file's copy keeps its UUID, and a tree written again in place its path:
+            # the file's own path and the tree's size tell those apart.
+            key = (
+                str(tree.file.uuid),
+                tree.file.file_path,
+                tree.object_path,
+                tree.num_entries,
+                repr(sorted(iteritems_options.items())),
+            )
         except Exception:  # not a plain uproot TTree: nothing stable to key on
             return extract(cls, tree, iteritems_options)
         form = base_forms.hit(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,32 @@ def test_every_chunk_is_the_one_coffea_builds(
     read, reference_read = bytes_read(out["chunks"]), bytes_read(reference["chunks"])
     assert all(0 <= read[key] <= reference_read[key] for key in reference_read)
     assert sum(read.values()) < sum(reference_read.values())
+
+
+def test_a_copy_changed_in_place_gets_its_own_form(
+    chunk_cluster: LocalCluster, tmp_path: Path, files: dict[str, str]
+) -> None:
+    # A copy keeps the file's UUID; its tree, written again in place, keeps its path
+    # ("/Events;1") but not its branches.
+    copy = tmp_path / "copy.root"
+    shutil.copy(files["a"], copy)
+    with uproot.update(copy) as f:
+        del f["Events"]
+        f["Events"] = {
+            "run": np.ones(ENTRIES, dtype=np.uint32),
+            "luminosityBlock": np.ones(ENTRIES, dtype=np.uint32),
+            "event": np.arange(ENTRIES, dtype=np.uint64),
+            "x": np.arange(ENTRIES, dtype=np.int64) * 5,
+            "z": np.ones(ENTRIES),
+        }
+
+    def both(files: dict[str, str]) -> dict[str, Any]:
+        return {"one": {"files": {files["a"]: "Events", str(copy): "Events"}}}
+
+    reference = run(files, processor.IterativeExecutor(status=False), NanoAODSchema, both)
+    out = run(files, hq(chunk_cluster), NanoAODSchema, both)
+    assert len(out["chunks"]) == 2 * ENTRIES // CHUNKSIZE
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
 
 
 class ByDataset(NanoAODSchema):  # type: ignore[misc]
