@@ -22,7 +22,7 @@ uproot = pytest.importorskip("uproot")
 from coffea import processor  # noqa: E402
 from coffea.nanoevents import BaseSchema, NanoAODSchema, PFNanoAODSchema  # noqa: E402
 
-from coffea_hq import HQExecutor, LocalCluster  # noqa: E402
+from coffea_hq import HQExecutor, LocalCluster, formcache  # noqa: E402
 
 ENTRIES = 1_200
 CHUNKSIZE = 400  # three chunks per tree: chunks 2 and 3 reuse what chunk 1 built
@@ -55,6 +55,7 @@ class Probe(processor.ProcessorABC):
             "other_arrays": other_arrays,
             "bytes": file.source.num_requested_bytes,
             "source": type(file.source).__name__,
+            "pid": os.getpid(),
         }
         events.metadata["dataset"] = "changed by chunk"
         events.metadata["leak"] = meta["entrystart"]
@@ -205,6 +206,21 @@ def test_a_file_rewritten_between_runs_is_read_anew(
     out = run(files, hq(chunk_cluster), NanoAODSchema)
     assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
     assert without_bytes(out["chunks"]) != without_bytes(first["chunks"])
+    # Each job has its own slot subprocess: nothing the first one kept reaches the second.
+    assert len(pids(first) | pids(out)) == 2
+
+
+def pids(out: dict[str, Any]) -> set[int]:
+    return {ast.literal_eval(seen)["pid"] for seen in out["chunks"].values()}
+
+
+def test_kept_forms_are_bounded() -> None:
+    kept = formcache._Lru()
+    for i in range(formcache.FORMS_KEPT + 5):
+        kept.keep(i, {"form": i})
+        assert kept.hit(0) is not None  # the one used each time stays
+    assert len(kept) == formcache.FORMS_KEPT
+    assert kept.hit(1) is None  # the least recently used went first
 
 
 def test_the_analysis_handler_is_kept(chunk_cluster: LocalCluster, files: dict[str, str]) -> None:
@@ -281,7 +297,7 @@ def test_a_bad_file_is_named_and_skipped(
 def without_bytes(chunks: dict[str, str]) -> dict[str, Any]:
     # The slot reads plain paths through uproot's plain file source, coffea through fsspec.
     return {
-        key: {**ast.literal_eval(seen), "bytes": None, "source": None}
+        key: {**ast.literal_eval(seen), "bytes": None, "source": None, "pid": None}
         for key, seen in chunks.items()
     }
 
