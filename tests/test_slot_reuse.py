@@ -45,6 +45,9 @@ class Probe(processor.ProcessorABC):
                 other_arrays += len(directory.file.array_cache)
         x = np.asarray(events.x)
         jets = events.Jet.pt if "Jet" in events.fields else events.z
+        matched = 0.0  # NanoAOD's cross-references: each chunk's own global indices
+        if "Electron" in events.fields and "matched_jet" in dir(events.Electron):
+            matched = float(ak.sum(ak.fill_none(events.Electron.matched_jet.pt, 0.0)))
         form = events.layout.form
         seen = {
             "meta": sorted((k, repr(v)) for k, v in meta.items()),
@@ -52,6 +55,7 @@ class Probe(processor.ProcessorABC):
             "form": sorted(zip(form.fields, (str(c.type) for c in form.contents), strict=True)),
             "sum": int(x.sum()),
             "jets": float(ak.sum(jets)),
+            "matched": matched,
             "other_arrays": other_arrays,
             "bytes": file.source.num_requested_bytes,
             "source": type(file.source).__name__,
@@ -80,6 +84,13 @@ def write(path: Path, scale: int = 1, extra: bool = False) -> None:
             "x": np.arange(ENTRIES, dtype=np.int64) * scale,
             "w": np.full(ENTRIES, 0.5),
             "Jet": ak.zip({"pt": ak.unflatten(pt, counts)}),
+            # one electron per event, matched to its event's first jet if it has one
+            "Electron": ak.zip(
+                {
+                    "pt": ak.unflatten(np.full(ENTRIES, 2.0 * scale, dtype=np.float32), 1),
+                    "jetIdx": ak.unflatten(np.where(counts > 0, 0, -1).astype(np.int32), 1),
+                }
+            ),
         }
         if extra:
             tree["y"] = np.ones(ENTRIES)
@@ -142,6 +153,9 @@ def test_every_chunk_is_the_one_coffea_builds(
     assert 0 < metrics["bytesread"] < reference_metrics["bytesread"]
     assert metrics["bytesread"] == sum(bytes_read(out["chunks"]).values())
     assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
+    if schema is NanoAODSchema:  # the cross-references were followed
+        seen = without_bytes(out["chunks"])
+        assert all(seen[key]["matched"] > 0 for key in seen if "|Events|" in key)
     # A kept file's header and TTree are not read again, nor a basket two chunks share.
     read, reference_read = bytes_read(out["chunks"]), bytes_read(reference["chunks"])
     assert all(0 <= read[key] <= reference_read[key] for key in reference_read)
