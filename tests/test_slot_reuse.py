@@ -44,7 +44,10 @@ class Probe(processor.ProcessorABC):
             if directory.file is not file and directory.file.array_cache is not None:
                 other_arrays += len(directory.file.array_cache)
         x = np.asarray(events.x)
-        jets = events.Jet.pt if "Jet" in events.fields else events.z
+        fields = events.fields
+        jets = (
+            events.Jet.pt if "Jet" in fields else events.Jet_pt if "Jet_pt" in fields else events.z
+        )
         matched = 0.0  # NanoAOD's cross-references: each chunk's own global indices
         if "Electron" in events.fields and "matched_jet" in dir(events.Electron):
             matched = float(ak.sum(ak.fill_none(events.Electron.matched_jet.pt, 0.0)))
@@ -70,31 +73,40 @@ class Probe(processor.ProcessorABC):
         return accumulator
 
 
+def collection(counts: np.ndarray, pt: np.ndarray, **more: np.ndarray) -> ak.Array:
+    """A NanoAOD collection: four-momenta (``pt`` given) and ``more``, ``counts`` per event."""
+    flat = {"pt": pt, **{k: np.zeros(len(pt), np.float32) for k in ("eta", "phi", "mass")}}
+    return ak.zip({k: ak.unflatten(v, counts) for k, v in {**flat, **more}.items()})
+
+
 def write(path: Path, scale: int = 1, extra: bool = False) -> None:
     counts = np.arange(ENTRIES) % 3
-    pt = np.arange(counts.sum(), dtype=np.float32) * scale
+    one = np.ones(ENTRIES, dtype=np.int64)
     ids = {  # NanoAODSchema requires them
         "run": np.ones(ENTRIES, dtype=np.uint32),
         "luminosityBlock": np.ones(ENTRIES, dtype=np.uint32),
         "event": np.arange(ENTRIES, dtype=np.uint64),
     }
+    tree: dict[str, Any] = {
+        **ids,
+        "x": np.arange(ENTRIES, dtype=np.int64) * scale,
+        "w": np.full(ENTRIES, 0.5),
+        "Jet": collection(counts, np.arange(counts.sum(), dtype=np.float32) * scale),
+        # one electron per event, matched to its event's first jet if it has one
+        "Electron": collection(
+            one,
+            np.full(ENTRIES, 2.0 * scale, dtype=np.float32),
+            charge=np.ones(ENTRIES, dtype=np.int32),
+            jetIdx=np.where(counts > 0, 0, -1).astype(np.int32),
+        ),
+    }
+    if extra:
+        tree["y"] = np.ones(ENTRIES)
     with uproot.recreate(path) as f:
-        tree: dict[str, Any] = {
-            **ids,
-            "x": np.arange(ENTRIES, dtype=np.int64) * scale,
-            "w": np.full(ENTRIES, 0.5),
-            "Jet": ak.zip({"pt": ak.unflatten(pt, counts)}),
-            # one electron per event, matched to its event's first jet if it has one
-            "Electron": ak.zip(
-                {
-                    "pt": ak.unflatten(np.full(ENTRIES, 2.0 * scale, dtype=np.float32), 1),
-                    "jetIdx": ak.unflatten(np.where(counts > 0, 0, -1).astype(np.int32), 1),
-                }
-            ),
-        }
-        if extra:
-            tree["y"] = np.ones(ENTRIES)
-        f["Events"] = tree
+        types = {k: v.type.content if isinstance(v, ak.Array) else v.dtype for k, v in tree.items()}
+        # NanoAOD's branch names: nJet, Jet_pt, ...
+        f.mktree("Events", types, field_name=lambda outer, inner: f"{outer}_{inner}")
+        f["Events"].extend(tree)
         f["Other"] = {"x": np.arange(ENTRIES, dtype=np.int64) + 7, "z": np.zeros(ENTRIES), **ids}
 
 
