@@ -23,6 +23,7 @@ touched (it serves one job and ends), never the analysis session.
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -32,6 +33,7 @@ FORMS_KEPT = 64  # trees per slot subprocess; a NanoAOD form is some hundreds of
 
 _STATS = {"built": 0, "reused": 0}
 _INSTALLED = False
+_sharing = threading.local()  # .on: inside the executor's own from_root
 
 
 def stats() -> dict[str, int]:
@@ -100,10 +102,21 @@ def install() -> None:
             _STATS["built"] += 1
         else:
             _STATS["reused"] += 1
-        return form
+        # Only the executor's factory below leaves the kept form as it is; anyone else
+        # (a processor building its own events with coffea's factory) gets a copy to
+        # change: coffea's _from_mapping writes the caller's metadata into it.
+        return form if getattr(_sharing, "on", False) else copy.deepcopy(form)
 
     class FormCachingFactory(NanoEventsFactory):  # type: ignore[misc]
         """coffea's factory, with the schema's form kept per base form."""
+
+        @classmethod
+        def from_root(cls, *args: Any, **kwargs: Any) -> Any:
+            _sharing.on = True
+            try:
+                return super().from_root(*args, **kwargs)
+            finally:
+                _sharing.on = False
 
         @classmethod
         def _from_mapping(

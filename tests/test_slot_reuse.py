@@ -32,6 +32,9 @@ class Probe(processor.ProcessorABC):
     """Notes, per chunk, what the analysis sees: its metadata, its form, its values and
     the file's state; then changes ``events.metadata`` (must not reach the next chunk)."""
 
+    def __init__(self, reopen: bool = False) -> None:
+        self.reopen = reopen  # also build events of the chunk's tree with coffea's factory
+
     def process(self, events: Any) -> dict[str, Any]:
         from coffea_hq import filecache
 
@@ -64,6 +67,8 @@ class Probe(processor.ProcessorABC):
             "source": type(file.source).__name__,
             "pid": os.getpid(),
         }
+        if self.reopen:
+            seen["own_opens"] = own_opens(meta["filename"], meta["treename"], meta["entrystart"])
         events.metadata["dataset"] = "changed by chunk"
         events.metadata["leak"] = meta["entrystart"]
         key = f"{meta['dataset']}|{os.path.basename(meta['filename'])}|{meta['treename']}"
@@ -77,6 +82,18 @@ def collection(counts: np.ndarray, pt: np.ndarray, **more: np.ndarray) -> ak.Arr
     """A NanoAOD collection: four-momenta (``pt`` given) and ``more``, ``counts`` per event."""
     flat = {"pt": pt, **{k: np.zeros(len(pt), np.float32) for k in ("eta", "phi", "mass")}}
     return ak.zip({k: ak.unflatten(v, counts) for k, v in {**flat, **more}.items()})
+
+
+def own_opens(filename: str, treename: str, start: int) -> Any:
+    """The metadata of events a processor builds itself (coffea's own factory, not the
+    executor's), the second time without metadata."""
+    from coffea.nanoevents import NanoEventsFactory
+
+    for metadata in ({"mine": start}, None):
+        events = NanoEventsFactory.from_root(
+            {filename: treename}, schemaclass=BaseSchema, metadata=metadata, entry_stop=10
+        ).events()
+    return dict(events.metadata)
 
 
 def write(path: Path, scale: int = 1, extra: bool = False) -> None:
@@ -137,6 +154,7 @@ def run(
     files: dict[str, str], executor: Any, schema: Any, fileset: Any = fileset, **options: Any
 ) -> Any:
     uproot_options = options.pop("uproot_options", {})
+    probe = Probe(options.pop("reopen", False))
     runner = processor.Runner(
         executor=executor,
         pre_executor=processor.IterativeExecutor(status=False),  # one job per run
@@ -144,7 +162,7 @@ def run(
         chunksize=CHUNKSIZE,
         **{"metadata_cache": {}, **options},
     )
-    return runner(fileset(files), processor_instance=Probe(), uproot_options=uproot_options)
+    return runner(fileset(files), processor_instance=probe, uproot_options=uproot_options)
 
 
 def hq(cluster: LocalCluster) -> HQExecutor:
@@ -156,9 +174,9 @@ def test_every_chunk_is_the_one_coffea_builds(
     chunk_cluster: LocalCluster, files: dict[str, str], schema: Any
 ) -> None:
     reference, reference_metrics = run(
-        files, processor.IterativeExecutor(status=False), schema, savemetrics=True
+        files, processor.IterativeExecutor(status=False), schema, savemetrics=True, reopen=True
     )
-    out, metrics = run(files, hq(chunk_cluster), schema, savemetrics=True)
+    out, metrics = run(files, hq(chunk_cluster), schema, savemetrics=True, reopen=True)
     assert len(reference["chunks"]) == 4 * ENTRIES // CHUNKSIZE
     assert sorted(metrics["columns"]) == sorted(reference_metrics["columns"])
     assert metrics["entries"] == reference_metrics["entries"]
