@@ -14,6 +14,11 @@ uproot's default for them goes through fsspec and a background thread for every 
 request, which cost the AGC analysis 15% of its CPU time per chunk. The bytes read are the
 same. Remote files (``root://``, ``https://``) keep uproot's own choice.
 
+uproot keeps the baskets it read in each open file's array cache (up to 100 MB, freed
+when coffea closes the file after the chunk). Only the file the current chunk reads keeps
+them, so its next chunk gets the basket two chunks share without reading it again; coffea's
+``bytesread`` counts what each chunk really read, less than when every chunk reopens.
+
 The cache lives only in the slot subprocess (the analysis session's own ``uproot`` is
 never touched): it is keyed by the file name(s) and every open option, holds at most
 :data:`FILES_KEPT` files (the least recently used one is closed first), and its files
