@@ -18,9 +18,9 @@ see :mod:`coffea_hq.filecache`) keeps both here:
 Only the executor's own factory shares a kept base form; events a processor builds itself
 with coffea's ``NanoEventsFactory`` get a copy of it (coffea's factory writes the caller's
 metadata into the form it is given). The chunk's mapping, entry range and columns are
-built per chunk as before, so the events
-and every output are those coffea builds without the cache. Only the slot subprocess is
-touched (it serves one job and ends), never the analysis session.
+built per chunk as before, so the events and every output are those coffea builds without
+the cache. Only the slot subprocess is touched (it serves one job and ends), never the
+analysis session.
 """
 
 from __future__ import annotations
