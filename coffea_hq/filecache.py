@@ -41,12 +41,14 @@ FILES_KEPT = 8  # open files per slot subprocess: each holds a descriptor and so
 
 class _Kept:
     """What the cached ``uproot.open`` returns: ``with`` gives the open directory and
-    leaves it open for the next chunk."""
+    leaves it open for the next chunk, unless the chunk failed."""
 
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "cache", "key")
 
-    def __init__(self, directory: Any) -> None:
+    def __init__(self, directory: Any, cache: FileCache, key: str) -> None:
         self.directory = directory
+        self.cache = cache
+        self.key = key
 
     def __enter__(self) -> Any:
         # coffea reports a chunk's bytesread from the source's counter: count this chunk's.
@@ -55,7 +57,11 @@ class _Kept:
             source._num_requested_bytes = 0
         return self.directory
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            # The file may be what failed (a lost connection, a bad read): coffea's retry
+            # of this chunk, and the next chunk, open it afresh, as coffea itself would.
+            self.cache.drop(self.key)
         return None
 
 
@@ -93,7 +99,7 @@ class FileCache:
         if directory is not None and not _closed(directory):
             self._open.move_to_end(key)
             self.reused += 1
-            return _Kept(directory)
+            return _Kept(directory, self, key)
         directory = self._open_function(files, **_local_source(files, options))
         self.opened += 1
         self._open[key] = directory
@@ -103,7 +109,14 @@ class FileCache:
             oldest_key, oldest = self._open.popitem(last=False)
             self._own_arrays.discard(oldest_key)
             _close(oldest)
-        return _Kept(directory)
+        return _Kept(directory, self, key)
+
+    def drop(self, key: str) -> None:
+        """Close the file held under ``key``, if any: the next open of it opens it again."""
+        directory = self._open.pop(key, None)
+        self._own_arrays.discard(key)
+        if directory is not None:
+            _close(directory)
 
     def close(self) -> None:
         """Close every file held."""

@@ -110,7 +110,7 @@ def install() -> None:
         # change: coffea's _from_mapping writes the caller's metadata into it.
         return form if getattr(_sharing, "on", False) else copy.deepcopy(form)
 
-    class FormCachingFactory(NanoEventsFactory):  # type: ignore[misc]
+    class FormCachingFactory(NanoEventsFactory):
         """coffea's factory, with the schema's form kept per base form."""
 
         @classmethod

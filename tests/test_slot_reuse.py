@@ -218,6 +218,50 @@ def test_a_copy_changed_in_place_gets_its_own_form(
     assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
 
 
+class BreaksOnce(processor.ProcessorABC):
+    """On its first chunk, leaves the slot's open file reading garbage, as a dropped
+    connection or a failing disk leaves a file handle, and fails with an OSError."""
+
+    def __init__(self, marker: str, garbage: str) -> None:
+        self.marker = marker
+        self.garbage = garbage
+
+    def process(self, events: Any) -> dict[str, Any]:
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            source = events.attrs["@events_factory"].file_handle.file.source
+            for resource in vars(source._executor).values():
+                if hasattr(resource, "_file"):  # uproot's FileResource: its open file
+                    resource._file = open(self.garbage, "rb")  # noqa: SIM115
+            raise OSError("the file's connection was lost")
+        x = np.asarray(events.x)
+        return {"n": len(x), "sum": int(x.sum())}
+
+    def postprocess(self, accumulator: Any) -> Any:
+        return accumulator
+
+
+def test_a_chunk_that_failed_reopens_its_file(
+    chunk_cluster: LocalCluster, tmp_path: Path, files: dict[str, str]
+) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(bytes(range(256)) * 1000)
+    runner = processor.Runner(
+        executor=hq(chunk_cluster),  # coffea retries a failed chunk 3 times, in its slot
+        pre_executor=processor.IterativeExecutor(status=False),
+        schema=BaseSchema,
+        chunksize=CHUNKSIZE,
+        metadata_cache={},
+    )
+    out = runner(
+        {"one": {"files": {files["a"]: "Events"}}},
+        processor_instance=BreaksOnce(str(tmp_path / "broke"), str(garbage)),
+        uproot_options={"array_cache": None},  # every chunk reads its baskets
+    )
+    assert (tmp_path / "broke").exists()
+    assert out == {"n": ENTRIES, "sum": int(np.arange(ENTRIES).sum())}
+
+
 class ByDataset(NanoAODSchema):  # type: ignore[misc]
     """A schema whose form depends on the chunk's metadata: never kept."""
 
