@@ -282,6 +282,7 @@ def test_schemas_not_kept_run_per_chunk(
     assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
 
 
+@pytest.mark.slow
 def test_a_file_rewritten_between_runs_is_read_anew(
     chunk_cluster: LocalCluster, tmp_path: Path
 ) -> None:
