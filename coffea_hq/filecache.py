@@ -151,9 +151,9 @@ def _local_source(files: Any, options: dict[str, Any]) -> dict[str, Any]:
     import uproot.source.file
 
     return {
-        **options,
-        "handler": uproot.source.file.MultithreadedFileSource,
         "use_threads": False,  # a slot runs one chunk at a time: no thread to hand reads to
+        **options,  # unless the analysis asked for threads
+        "handler": uproot.source.file.MultithreadedFileSource,
     }
 
 

@@ -23,6 +23,7 @@ from coffea import processor  # noqa: E402
 from coffea.nanoevents import BaseSchema, NanoAODSchema, PFNanoAODSchema  # noqa: E402
 
 from coffea_hq import HQExecutor, LocalCluster, formcache  # noqa: E402
+from coffea_hq.filecache import FileCache  # noqa: E402
 
 ENTRIES = 1_200
 CHUNKSIZE = 400  # three chunks per tree: chunks 2 and 3 reuse what chunk 1 built
@@ -301,6 +302,18 @@ def test_a_file_rewritten_between_runs_is_read_anew(
 
 def pids(out: dict[str, Any]) -> set[int]:
     return {ast.literal_eval(seen)["pid"] for seen in out["chunks"].values()}
+
+
+def test_plain_paths_read_in_the_calling_thread_unless_asked(files: dict[str, str]) -> None:
+    cache = FileCache(uproot.open)
+    with cache.open({files["a"]: None}) as plain:
+        assert type(plain.file.source) is uproot.source.file.MultithreadedFileSource
+        assert plain.file.source._use_threads is False
+    with cache.open({files["a"]: None}, use_threads=True, num_workers=2) as threaded:
+        assert threaded.file.source._use_threads is True
+    with cache.open({files["b"]: None}, handler=uproot.source.file.MemmapSource) as chosen:
+        assert type(chosen.file.source) is uproot.source.file.MemmapSource
+    cache.close()
 
 
 def test_kept_forms_are_bounded() -> None:
