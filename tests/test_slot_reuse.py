@@ -158,10 +158,13 @@ def run(
     probe = Probe(options.pop("reopen", False))
     runner = processor.Runner(
         executor=executor,
-        pre_executor=processor.IterativeExecutor(status=False),  # one job per run
         schema=schema,
         chunksize=CHUNKSIZE,
-        **{"metadata_cache": {}, **options},
+        **{
+            "metadata_cache": {},
+            "pre_executor": processor.IterativeExecutor(status=False),  # one job per run
+            **options,
+        },
     )
     return runner(fileset(files), processor_instance=probe, uproot_options=uproot_options)
 
@@ -261,6 +264,16 @@ def test_a_chunk_that_failed_reopens_its_file(
     )
     assert (tmp_path / "broke").exists()
     assert out == {"n": ENTRIES, "sum": int(np.arange(ENTRIES).sum())}
+
+
+@pytest.mark.slow
+def test_preprocessing_on_the_workers_too(
+    chunk_cluster: LocalCluster, files: dict[str, str]
+) -> None:
+    # The preprocessing job's slot keeps the files it opened too (then ends).
+    reference = run(files, processor.IterativeExecutor(status=False), NanoAODSchema)
+    out = run(files, hq(chunk_cluster), NanoAODSchema, pre_executor=hq(chunk_cluster))
+    assert without_bytes(out["chunks"]) == without_bytes(reference["chunks"])
 
 
 class ByDataset(NanoAODSchema):  # type: ignore[misc]
