@@ -51,10 +51,6 @@ class _Kept:
         self.key = key
 
     def __enter__(self) -> Any:
-        # coffea reports a chunk's bytesread from the source's counter: count this chunk's.
-        source = getattr(getattr(self.directory, "file", None), "source", None)
-        if source is not None and hasattr(source, "_num_requested_bytes"):
-            source._num_requested_bytes = 0
         return self.directory
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -99,6 +95,11 @@ class FileCache:
         if directory is not None and not _closed(directory):
             self._open.move_to_end(key)
             self.reused += 1
+            # coffea reports a chunk's bytesread from the source's counter: count from
+            # here (a file opened for this chunk counts its opening too, as in coffea).
+            source = getattr(getattr(directory, "file", None), "source", None)
+            if source is not None and hasattr(source, "_num_requested_bytes"):
+                source._num_requested_bytes = 0
             return _Kept(directory, self, key)
         directory = self._open_function(files, **_local_source(files, options))
         self.opened += 1

@@ -193,6 +193,8 @@ def test_every_chunk_is_the_one_coffea_builds(
     # A kept file's header and TTree are not read again, nor a basket two chunks share.
     read, reference_read = bytes_read(out["chunks"]), bytes_read(reference["chunks"])
     assert all(0 <= read[key] <= reference_read[key] for key in reference_read)
+    for name in ("a.root", "b.root"):  # the chunk that opened the file read what coffea's did
+        assert any(read[k] == reference_read[k] for k in read if f"|{name}|" in k)
     assert sum(read.values()) < sum(reference_read.values())
 
 
