@@ -14,6 +14,11 @@ uproot's default for them goes through fsspec and a background thread for every 
 request, which cost the AGC analysis 15% of its CPU time per chunk. The bytes read are the
 same. Remote files (``root://``, ``https://``) keep uproot's own choice.
 
+uproot keeps the baskets it read in each open file's array cache (up to 100 MB, freed
+when coffea closes the file after the chunk). Only the file the current chunk reads keeps
+them, so its next chunk gets the basket two chunks share without reading it again; coffea's
+``bytesread`` counts what each chunk really read, less than when every chunk reopens.
+
 The cache lives only in the slot subprocess (the analysis session's own ``uproot`` is
 never touched): it is keyed by the file name(s) and every open option, holds at most
 :data:`FILES_KEPT` files (the least recently used one is closed first), and its files
@@ -36,21 +41,23 @@ FILES_KEPT = 8  # open files per slot subprocess: each holds a descriptor and so
 
 class _Kept:
     """What the cached ``uproot.open`` returns: ``with`` gives the open directory and
-    leaves it open for the next chunk."""
+    leaves it open for the next chunk, unless the chunk failed."""
 
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "cache", "key")
 
-    def __init__(self, directory: Any) -> None:
+    def __init__(self, directory: Any, cache: FileCache, key: str) -> None:
         self.directory = directory
+        self.cache = cache
+        self.key = key
 
     def __enter__(self) -> Any:
-        # coffea reports a chunk's bytesread from the source's counter: count this chunk's.
-        source = getattr(getattr(self.directory, "file", None), "source", None)
-        if source is not None and hasattr(source, "_num_requested_bytes"):
-            source._num_requested_bytes = 0
         return self.directory
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            # The file may be what failed (a lost connection, a bad read): coffea's retry
+            # of this chunk, and the next chunk, open it afresh, as coffea itself would.
+            self.cache.drop(self.key)
         return None
 
 
@@ -63,28 +70,61 @@ class FileCache:
         self._open: OrderedDict[str, Any] = OrderedDict()
         self.opened = 0  # files really opened (misses), for tests and profiles
         self.reused = 0
+        self._own_arrays: set[str] = set()  # files whose array cache uproot made for them
+        self._last: str | None = None
+
+    def _forget_arrays_but(self, key: str) -> None:
+        """Empty the array caches of the kept files other than ``key``'s. uproot keeps up
+        to 100 MB of baskets per open file, which coffea frees with the file after each
+        chunk; a slot holding :data:`FILES_KEPT` files must not hold that for each of them
+        (a chunk's memory limit counts it). The current file's baskets stay: the next
+        chunk of the same file reads the basket it shares with this one from there."""
+        if key == self._last:
+            return
+        self._last = key
+        for other in self._own_arrays:
+            if other != key and other in self._open:
+                _clear_arrays(self._open[other])
 
     def open(self, files: Any, **options: Any) -> Any:
         key = _key(files, options)
         if key is None:  # a file object or something else without a stable name
             return self._open_function(files, **options)
+        self._forget_arrays_but(key)
         directory = self._open.get(key)
         if directory is not None and not _closed(directory):
             self._open.move_to_end(key)
             self.reused += 1
-            return _Kept(directory)
+            # coffea reports a chunk's bytesread from the source's counter: count from
+            # here (a file opened for this chunk counts its opening too, as in coffea).
+            source = getattr(getattr(directory, "file", None), "source", None)
+            if source is not None and hasattr(source, "_num_requested_bytes"):
+                source._num_requested_bytes = 0
+            return _Kept(directory, self, key)
         directory = self._open_function(files, **_local_source(files, options))
         self.opened += 1
         self._open[key] = directory
+        if "array_cache" not in options:  # the analysis's own cache is left as it is
+            self._own_arrays.add(key)
         while len(self._open) > self.size:
-            _, oldest = self._open.popitem(last=False)
+            oldest_key, oldest = self._open.popitem(last=False)
+            self._own_arrays.discard(oldest_key)
             _close(oldest)
-        return _Kept(directory)
+        return _Kept(directory, self, key)
+
+    def drop(self, key: str) -> None:
+        """Close the file held under ``key``, if any: the next open of it opens it again."""
+        directory = self._open.pop(key, None)
+        self._own_arrays.discard(key)
+        if directory is not None:
+            _close(directory)
 
     def close(self) -> None:
         """Close every file held."""
         while self._open:
             _close(self._open.popitem()[1])
+        self._own_arrays.clear()
+        self._last = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -112,15 +152,21 @@ def _local_source(files: Any, options: dict[str, Any]) -> dict[str, Any]:
     import uproot.source.file
 
     return {
-        **options,
-        "handler": uproot.source.file.MultithreadedFileSource,
         "use_threads": False,  # a slot runs one chunk at a time: no thread to hand reads to
+        **options,  # unless the analysis asked for threads
+        "handler": uproot.source.file.MultithreadedFileSource,
     }
 
 
 def _closed(directory: Any) -> bool:
     file = getattr(directory, "file", None)
     return bool(getattr(file, "closed", False))
+
+
+def _clear_arrays(directory: Any) -> None:
+    arrays = getattr(getattr(directory, "file", None), "array_cache", None)
+    if arrays is not None:
+        arrays.clear()
 
 
 def _close(directory: Any) -> None:

@@ -7,22 +7,26 @@ chunk on the AGC analysis, the same result every time for one tree. A slot subpr
 runs many chunks of the same few files, so :func:`install` (called with the file cache,
 see :mod:`coffea_hq.filecache`) keeps both here:
 
-- the base form, keyed by the ROOT file's UUID, the tree's path and the branch options:
-  a file's UUID is new whenever it is written, so a changed file is never served a stale
-  form;
+- the base form, keyed by the ROOT file's UUID and path, the tree's path and number of
+  entries and the branch options: a file's UUID is new whenever it is written, and a copy
+  (same UUID) whose tree was written again in place (same tree path) has another path;
 - for the schemas whose form depends on nothing but the base form (:data:`SCHEMAS`), the
   schema's form, into which each chunk's own metadata (dataset, file, entry range) is put
   exactly where the schema puts it. Any other schema is run again per chunk, on a copy of
   the kept base form.
 
-The chunk's mapping, entry range and columns are built per chunk as before, so the events
-and every output are those coffea builds without the cache. Only the slot subprocess is
-touched (it serves one job and ends), never the analysis session.
+Only the executor's own factory shares a kept base form; events a processor builds itself
+with coffea's ``NanoEventsFactory`` get a copy of it (coffea's factory writes the caller's
+metadata into the form it is given). The chunk's mapping, entry range and columns are
+built per chunk as before, so the events and every output are those coffea builds without
+the cache. Only the slot subprocess is touched (it serves one job and ends), never the
+analysis session.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -32,6 +36,7 @@ FORMS_KEPT = 64  # trees per slot subprocess; a NanoAOD form is some hundreds of
 
 _STATS = {"built": 0, "reused": 0}
 _INSTALLED = False
+_sharing = threading.local()  # .on: inside the executor's own from_root
 
 
 def stats() -> dict[str, int]:
@@ -82,7 +87,15 @@ def install() -> None:
 
     def kept_base_form(cls: Any, tree: Any, iteritems_options: Any = {}) -> Any:  # noqa: B006
         try:
-            key = (str(tree.file.uuid), tree.object_path, repr(sorted(iteritems_options.items())))
+            # A file's copy keeps its UUID, and a tree written again in place its path:
+            # the file's own path and the tree's size tell those apart.
+            key = (
+                str(tree.file.uuid),
+                tree.file.file_path,
+                tree.object_path,
+                tree.num_entries,
+                repr(sorted(iteritems_options.items())),
+            )
         except Exception:  # not a plain uproot TTree: nothing stable to key on
             return extract(cls, tree, iteritems_options)
         form = base_forms.hit(key)
@@ -92,10 +105,21 @@ def install() -> None:
             _STATS["built"] += 1
         else:
             _STATS["reused"] += 1
-        return form
+        # Only the executor's factory below leaves the kept form as it is; anyone else
+        # (a processor building its own events with coffea's factory) gets a copy to
+        # change: coffea's _from_mapping writes the caller's metadata into it.
+        return form if getattr(_sharing, "on", False) else copy.deepcopy(form)
 
     class FormCachingFactory(NanoEventsFactory):
         """coffea's factory, with the schema's form kept per base form."""
+
+        @classmethod
+        def from_root(cls, *args: Any, **kwargs: Any) -> Any:
+            _sharing.on = True
+            try:
+                return super().from_root(*args, **kwargs)
+            finally:
+                _sharing.on = False
 
         @classmethod
         def _from_mapping(
@@ -115,14 +139,14 @@ def install() -> None:
             key = (id(base_form), schemaclass)
             template = templates.hit(key)
             if template is None or template.base_form is not base_form:
-                given = dict(metadata) if metadata is not None else {}
-                factory = super()._from_mapping(
-                    mapping, partition_key, copy.deepcopy(base_form), schemaclass, metadata, mode
-                )
-                built = factory._schema.form["parameters"]["metadata"]
-                added = {k: v for k, v in built.items() if k not in given}
-                templates.keep(key, _Template(base_form, factory._schema, added))
-                return factory
+                # Built on empty metadata, what the schema puts in is exactly what it adds:
+                # NanoAODSchema sets "version" even over a "version" the fileset gave.
+                probe = copy.deepcopy(base_form)
+                probe["parameters"]["metadata"] = {}
+                schema = schemaclass(probe)
+                added = dict(schema.form["parameters"]["metadata"])
+                template = _Template(base_form, schema, added)
+                templates.keep(key, template)
             schema = copy.copy(template.schema)
             form = dict(template.schema.form)
             parameters = dict(form["parameters"])
