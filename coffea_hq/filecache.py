@@ -107,9 +107,7 @@ class FileCache:
         if "array_cache" not in options:  # the analysis's own cache is left as it is
             self._own_arrays.add(key)
         while len(self._open) > self.size:
-            oldest_key, oldest = self._open.popitem(last=False)
-            self._own_arrays.discard(oldest_key)
-            _close(oldest)
+            self.drop(next(iter(self._open)))  # the least recently used
         return _Kept(directory, self, key)
 
     def drop(self, key: str) -> None:

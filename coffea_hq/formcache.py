@@ -10,10 +10,10 @@ see :mod:`coffea_hq.filecache`) keeps both here:
 - the base form, keyed by the ROOT file's UUID and path, the tree's path and number of
   entries and the branch options: a file's UUID is new whenever it is written, and a copy
   (same UUID) whose tree was written again in place (same tree path) has another path;
-- for the schemas whose form depends on nothing but the base form (:data:`SCHEMAS`), the
-  schema's form, into which each chunk's own metadata (dataset, file, entry range) is put
-  exactly where the schema puts it. Any other schema is run again per chunk, on a copy of
-  the kept base form.
+- for the schemas whose form depends on nothing but the base form (``BaseSchema`` and
+  ``NanoAODSchema``), the schema's form, into which each chunk's own metadata (dataset,
+  file, entry range) is put exactly where the schema puts it. Any other schema is run
+  again per chunk, on a copy of the kept base form.
 
 Only the executor's own factory shares a kept base form; events a processor builds itself
 with coffea's ``NanoEventsFactory`` get a copy of it (coffea's factory writes the caller's
@@ -30,18 +30,12 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["FORMS_KEPT", "install", "stats"]
+__all__ = ["FORMS_KEPT", "install"]
 
 FORMS_KEPT = 64  # trees per slot subprocess; a NanoAOD form is some hundreds of kB at most
 
-_STATS = {"built": 0, "reused": 0}
 _INSTALLED = False
 _sharing = threading.local()  # .on: inside the executor's own from_root
-
-
-def stats() -> dict[str, int]:
-    """How many base forms were built and how many chunks reused one, in this process."""
-    return dict(_STATS)
 
 
 class _Lru(OrderedDict[Any, Any]):
@@ -102,9 +96,6 @@ def install() -> None:
         if form is None:
             form = extract(cls, tree, iteritems_options)
             base_forms.keep(key, form)
-            _STATS["built"] += 1
-        else:
-            _STATS["reused"] += 1
         # Only the executor's factory below leaves the kept form as it is; anyone else
         # (a processor building its own events with coffea's factory) gets a copy to
         # change: coffea's _from_mapping writes the caller's metadata into it.

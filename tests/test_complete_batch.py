@@ -21,15 +21,10 @@ FN = protocol.blob_name(FUNCTION_BLOB)
 RSS = 30_000_000
 
 
-async def new_job(store: Store, job: str, n: int, *, resources: bool = False) -> None:
+async def new_job(store: Store, job: str, n: int, **options: Any) -> None:
+    """A sealed job of ``n`` tasks; ``options`` for ``create_job`` (resources, reducer)."""
     await store.create_job(
-        job,
-        function=FN,
-        max_attempts=3,
-        fail_fast=False,
-        label="",
-        user="",
-        resources=resources,
+        job, function=FN, max_attempts=3, fail_fast=False, label="", user="", **options
     )
     await store.submit(job, [str(i) for i in range(n)], [b"p%d" % i for i in range(n)])
     await store.seal(job, n)

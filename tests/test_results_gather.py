@@ -17,6 +17,7 @@ from coffea_hq import protocol
 from coffea_hq.protocol import CompleteStatus, Outcome
 
 from .conftest import FUNCTION_BLOB
+from .test_complete_batch import new_job
 
 FN = protocol.blob_name(FUNCTION_BLOB)
 N = 4
@@ -24,11 +25,7 @@ N = 4
 
 async def reducing_job(store: Store, job: str) -> list[object]:
     """A sealed reducing job of N tasks, every one leased by worker w1."""
-    await store.create_job(
-        job, function=FN, max_attempts=3, fail_fast=False, label="", user="", reducer=FN, fanin=64
-    )
-    await store.submit(job, [str(i) for i in range(N)], [b"p%d" % i for i in range(N)])
-    await store.seal(job, N)
+    await new_job(store, job, N, reducer=FN, fanin=64)
     leased = await store.lease("w1", N)
     assert len(leased) == N
     return leased
